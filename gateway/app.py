@@ -1,0 +1,207 @@
+"""create_app(settings): the ASGI app. The proxy endpoints are raw ASGI; the rest is FastAPI."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from gateway.asgi import ASGIApp, Receive, Reply, Scope, Send
+from gateway.auth import ApiKeys, bearer_token
+from gateway.errors import GatewayError, MethodNotAllowed, ModelNotFound, error_body
+from gateway.proxy import Proxy
+from gateway.route import Route, RouteArm
+from gateway.routetable import RouteTable
+from gateway.settings import Settings
+from gateway.tasks import Spawner
+from gateway.upstream import Upstream
+
+log = logging.getLogger("gateway")
+
+PROXY_PATHS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/chat/completions": "chat",
+    "/completions": "completions",
+    "/embeddings": "embeddings",
+}
+
+
+class Services:
+    """What the lifespan opens and closes; typed, so handlers never reach into string-keyed state."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.routes = RouteTable(settings.policy_dir)
+        self.upstream = Upstream(settings.upstream_max_connections)
+        self.api_keys = ApiKeys(settings.api_keys)
+        self.spawner = Spawner()
+        self.proxy = Proxy(self.routes.get, self.upstream, self.api_keys, settings.max_body_bytes)
+        self.started_at = time.time()
+
+    async def start(self) -> None:
+        self.routes.load()
+        await self.upstream.start()
+        if self.settings.watch_policies:
+            self.spawner.spawn(self.routes.watch(), name="policy-watch")
+        log.info(
+            "serving %d routes from %s: %s",
+            len(self.routes.routes()),
+            self.settings.policy_dir,
+            ", ".join(r.name for r in self.routes.routes()),
+        )
+        if not self.api_keys.enabled:
+            log.warning("client authentication is off: set CANARYGATE_API_KEYS or CANARYGATE_API_KEYS_FILE")
+
+    async def close(self) -> None:
+        await self.spawner.close()
+        await self.upstream.close()
+
+
+def create_app(settings: Settings) -> ASGIApp:
+    services = Services(settings)
+    api = _api(services)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            endpoint = PROXY_PATHS.get(scope["path"])
+            if endpoint is not None:
+                if scope["method"] == "POST":
+                    await services.proxy.handle(scope, receive, send, endpoint)
+                else:
+                    await Reply(send, "-").error(MethodNotAllowed(f"use POST for {scope['path']}"))
+                return
+        await api(scope, receive, send)
+
+    app.services = services  # type: ignore[attr-defined]  # for tests and embedding
+    return app
+
+
+def create_app_from_env() -> ASGIApp:
+    """Entry point for `uvicorn --factory` and `canarygate serve --workers N`."""
+    settings = Settings.from_env()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    return create_app(settings)
+
+
+def _api(services: Services) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await services.start()
+        hup = _install_sighup(services.routes)
+        try:
+            yield
+        finally:
+            if hup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            await services.close()
+
+    api = FastAPI(title="canarygate", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    async def authenticated(request: Request) -> None:
+        services.api_keys.authenticate(bearer_token(request.headers.get("authorization")))
+
+    @api.exception_handler(GatewayError)
+    async def gateway_error(_: Request, exc: GatewayError) -> Response:
+        return Response(exc.body(), status_code=exc.status_code(), media_type="application/json")
+
+    @api.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        return Response(
+            error_body(str(exc.detail), "invalid_request_error", code),
+            exc.status_code,
+            media_type="application/json",
+        )
+
+    @api.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return Response(
+            error_body(str(exc.errors()[:3]), "invalid_request_error", "invalid_request"),
+            400,
+            media_type="application/json",
+        )
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz() -> JSONResponse:
+        return await _readiness(services)
+
+    @api.get("/v1/models", dependencies=[Depends(authenticated)])
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(r) for r in services.routes.routes()]}
+
+    @api.get("/v1/models/{model:path}", dependencies=[Depends(authenticated)])
+    async def model(model: str) -> dict[str, Any]:
+        route = services.routes.get(model)
+        if route is None:
+            raise ModelNotFound(f"the model {model[:100]!r} does not exist on this gateway", param="model")
+        return _model_card(route)
+
+    return api
+
+
+def _model_card(route: Route) -> dict[str, Any]:
+    return {
+        "id": route.name,
+        "object": "model",
+        "created": int(route.source.stat().st_mtime) if route.source.exists() else 0,
+        "owned_by": "canarygate",
+    }
+
+
+async def _readiness(services: Services) -> JSONResponse:
+    """Ready once policies are loaded. Upstreams are probed for detail only: an unreachable model
+    server must not take every gateway replica out of service (fallback may still answer)."""
+    routes = services.routes.routes()
+    timeout = services.settings.readyz_probe_timeout_s
+    arms = [(route, arm) for route in routes for arm in route.arms()]
+    results = await asyncio.gather(*(_probe(services.upstream, arm, timeout) for _, arm in arms))
+    detail: dict[str, dict[str, Any]] = {}
+    for (route, arm), result in zip(arms, results, strict=True):
+        detail.setdefault(route.name, {})[arm.name] = {"model": arm.model, **result}
+    all_up = all(r["ok"] for r in results)
+    body = {
+        "status": "ready" if all_up else "degraded",
+        "routes": detail,
+        "policies": {
+            "directory": str(services.routes.policy_dir),
+            "loaded_at": services.routes.loaded_at,
+            "reloads": services.routes.reloads,
+            "last_reload_errors": [str(p) for p in services.routes.last_problems],
+        },
+    }
+    return JSONResponse(body, status_code=200 if routes else 503)
+
+
+async def _probe(upstream: Upstream, arm: RouteArm, limit_s: float) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        status = await upstream.probe(arm, limit_s)
+    except GatewayError as exc:
+        return {"ok": False, "error": exc.message}
+    latency_ms = round((time.perf_counter() - started) * 1000, 1)
+    return {"ok": status < 500, "status": status, "latency_ms": latency_ms}
+
+
+def _install_sighup(routes: RouteTable) -> bool:
+    if threading.current_thread() is not threading.main_thread():
+        return False  # signals reach only the main thread (embedded servers in tests run elsewhere)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, routes.reload)
+    return True

@@ -1,0 +1,151 @@
+"""Raw ASGI helpers for the hot path: headers, bounded body reading, replies, disconnect watching."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, MutableMapping
+from types import TracebackType
+from typing import Any
+
+from gateway.errors import GatewayError, PayloadTooLarge
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+JSON = b"application/json"
+EVENT_STREAM = b"text/event-stream"
+
+
+class ClientGone(Exception):
+    """The client disconnected before the response was complete."""
+
+
+def header_map(scope: Scope) -> dict[str, str]:
+    # ASGI servers give lower-cased names; the last value of a repeated header wins.
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+async def read_body(receive: Receive, declared_length: str | None, limit: int) -> bytes:
+    if declared_length is not None and declared_length.isdigit() and int(declared_length) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"request body exceeds the gateway's limit of {limit} bytes; send a smaller request"
+    )
+
+
+class Reply:
+    """Writes one response; remembers whether it started so a late error becomes an SSE error event."""
+
+    __slots__ = ("arm", "request_id", "route", "send", "started")
+
+    def __init__(self, send: Send, request_id: str) -> None:
+        self.send = send
+        self.request_id = request_id
+        self.route: str | None = None
+        self.arm: str | None = None
+        self.started = False
+
+    def headers(
+        self, content_type: bytes, extra: list[tuple[bytes, bytes]] | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        out = [(b"content-type", content_type), (b"x-request-id", self.request_id.encode("latin-1"))]
+        if self.route is not None:
+            out.append((b"x-canarygate-route", self.route.encode("latin-1")))
+        if self.arm is not None:
+            out.append((b"x-canarygate-arm", self.arm.encode("latin-1")))
+        if extra:
+            out.extend(extra)
+        return out
+
+    async def complete(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes = JSON,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        headers = self.headers(content_type, extra)
+        headers.append((b"content-length", str(len(body)).encode()))
+        self.started = True
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def start_stream(self, status: int, content_type: bytes) -> None:
+        headers = self.headers(content_type, [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")])
+        self.started = True
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def chunk(self, data: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end_stream(self) -> None:
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def error(self, exc: GatewayError) -> None:
+        if not self.started:
+            await self.complete(exc.status_code(), exc.body(), JSON, exc.headers())
+            return
+        # Headers are gone: tell a streaming client the way OpenAI does, with an error event.
+        await self.chunk(b"data: " + exc.body() + b"\n\n")
+        await self.end_stream()
+
+
+class DisconnectWatch:
+    """Cancels the request's task when the client disconnects, so the upstream call is abandoned too."""
+
+    __slots__ = ("_finishing", "_receive", "_task", "_watcher", "gone")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._task: asyncio.Task[Any] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._finishing = False
+        self.gone = False
+
+    def finishing(self) -> None:
+        """Call before the last body message: the server reports a completed response as a disconnect."""
+        self._finishing = True
+
+    async def __aenter__(self) -> DisconnectWatch:
+        self._task = asyncio.current_task()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        return self
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                if not self._finishing and self._task is not None:
+                    self.gone = True
+                    self._task.cancel()
+                return
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if self._watcher is not None and not self._watcher.done():
+            self._watcher.cancel()
+        if self.gone and exc_type is asyncio.CancelledError and self._task is not None:
+            self._task.uncancel()
+            raise ClientGone
+        return False

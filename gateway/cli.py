@@ -1,0 +1,190 @@
+"""The `canarygate` command: serve, check, simulate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import threading
+from dataclasses import fields, replace
+from pathlib import Path
+
+from gateway.loader import load_dir
+from gateway.settings import Settings, SettingsError
+from gateway.synth import Knobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except SettingsError as exc:
+        print(f"canarygate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="canarygate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument(
+        "--policies",
+        type=Path,
+        default=Path(os.environ.get("CANARYGATE_POLICY_DIR", "policies")),
+        help="directory of route policy files (env CANARYGATE_POLICY_DIR)",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("CANARYGATE_WORKERS", "1")),
+        help="worker processes sharing the port (env CANARYGATE_WORKERS)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=os.environ.get("CANARYGATE_LOG_LEVEL", "info"),
+        choices=["critical", "error", "warning", "info", "debug"],
+    )
+    serve.set_defaults(func=_serve)
+
+    check = sub.add_parser("check", help="validate policy files; exit 2 when any is invalid")
+    check.add_argument("policies", type=Path, nargs="?", default=Path("policies"))
+    check.add_argument(
+        "--strict", action="store_true", help="treat unset api_key_env variables as errors (as serve does)"
+    )
+    check.set_defaults(func=_check)
+
+    simulate = sub.add_parser("simulate", help="run the simulated OpenAI-compatible model server")
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, default=9000)
+    simulate.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME:KNOB=VALUE,...",
+        help="knobs for one model name, e.g. tuned:invalid_json_rate=0.2,latency_s=0.05",
+    )
+    simulate.add_argument("--served-models", default="", help="comma-separated names listed by /v1/models")
+    for knob in fields(Knobs):
+        default: int | float = knob.default  # type: ignore[assignment]
+        simulate.add_argument(
+            f"--{knob.name.replace('_', '-')}",
+            type=type(default),
+            default=default,
+            metavar=type(default).__name__.upper(),
+            help=f"default {default}",
+        )
+    simulate.set_defaults(func=_simulate)
+
+    demo = sub.add_parser("demo", help="simulated base and candidate behind the gateway, with traffic")
+    demo.add_argument("--policies", type=Path, default=Path("policies"))
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--duration", type=float, default=15.0, help="seconds of traffic")
+    demo.add_argument("--users", type=int, default=40, help="simulated users (sticky keys)")
+    demo.add_argument("--keep-serving", action="store_true", help="keep the servers up after the traffic")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway import server
+
+    policy_dir = args.policies.resolve()
+    os.environ["CANARYGATE_POLICY_DIR"] = str(policy_dir)
+    os.environ["CANARYGATE_LOG_LEVEL"] = args.log_level
+    Settings.from_env()  # fail on bad settings here, once, rather than in every worker
+    _, problems = load_dir(policy_dir)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        for problem in errors:
+            print(problem, file=sys.stderr)
+        print(f"canarygate: not serving: {len(errors)} problem(s) in {policy_dir}", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print("canarygate: --workers must be at least 1", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(
+        "gateway.app:create_app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=30,
+        **server.SERVER_OPTIONS,
+    )
+    server.run(config)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    routes, problems = load_dir(args.policies, require_secrets=args.strict)
+    for problem in problems:
+        print(problem)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        print(f"{len(errors)} problem(s); fix them before serving", file=sys.stderr)
+        return 2
+    for route in routes.values():
+        candidate = f"{route.candidate.model} at {route.weight:g}%" if route.candidate else "none"
+        print(f"ok  {route.name:<28} base={route.base.model}  candidate={candidate}  ({route.source.name})")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from gateway.server import BackgroundServer
+    from gateway.simulator import Simulator
+
+    try:
+        default = Knobs(**{k.name: getattr(args, k.name) for k in fields(Knobs)})
+        models = dict(_model_knobs(spec, default) for spec in args.model)
+    except ValueError as exc:
+        print(f"canarygate simulate: {exc}", file=sys.stderr)
+        return 2
+    served = [m for m in args.served_models.split(",") if m]
+    sim = Simulator(default, models, served)
+    with BackgroundServer(sim.app(), args.host, args.port, log_level="info") as running:
+        print(f"simulated model server on {running.url}/v1 (knobs: {running.url}/sim/knobs)", flush=True)
+        _wait_forever()
+    return 0
+
+
+def _model_knobs(spec: str, default: Knobs) -> tuple[str, Knobs]:
+    name, _, settings = spec.partition(":")
+    if not name or not settings:
+        raise ValueError(f"--model expects NAME:KNOB=VALUE[,KNOB=VALUE], got {spec!r}")
+    types = {f.name: type(getattr(default, f.name)) for f in fields(Knobs)}
+    values: dict[str, object] = {}
+    for pair in settings.split(","):
+        key, _, raw = pair.partition("=")
+        if key not in types:
+            raise ValueError(f"unknown knob {key!r}; known: {', '.join(types)}")
+        try:
+            values[key] = types[key](raw)
+        except ValueError:
+            raise ValueError(f"knob {key} expects a {types[key].__name__}, got {raw!r}") from None
+    return name, replace(default, **values)  # type: ignore[arg-type]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(args.policies, args.port, args.duration, args.users, args.keep_serving)
+
+
+def _wait_forever() -> None:
+    with contextlib.suppress(KeyboardInterrupt):
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""Policy files: YAML parsing with line numbers, schema problems as file:line: field: what to fix."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from gateway.policy import Policy
+from gateway.route import Route, compile_policy
+
+Severity = Literal["error", "warning"]
+PathPart = str | int
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: Path
+    line: int | None
+    path: str
+    message: str
+    severity: Severity = "error"
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else str(self.file)
+        field = f" {self.path}:" if self.path else ""
+        tag = "" if self.severity == "error" else " (warning)"
+        return f"{where}:{field} {self.message}{tag}"
+
+
+class PolicyError(Exception):
+    """A policy directory that cannot be served; carries every problem found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+def load_dir(
+    directory: Path, environ: Mapping[str, str] | None = None, *, require_secrets: bool = True
+) -> tuple[dict[str, Route], list[Problem]]:
+    """Load and compile every *.yaml / *.yml policy; problems of severity error make the set unusable."""
+    env = os.environ if environ is None else environ
+    if not directory.is_dir():
+        return {}, [Problem(directory, None, "", "is not a directory of policy files")]
+    files = sorted(
+        p for p in directory.iterdir() if p.suffix in {".yaml", ".yml"} and not p.name.startswith(".")
+    )
+    if not files:
+        return {}, [Problem(directory, None, "", "holds no policy files (*.yaml or *.yml)")]
+    routes: dict[str, Route] = {}
+    problems: list[Problem] = []
+    for file in files:
+        policy, file_problems = load_file(file)
+        problems.extend(file_problems)
+        if policy is None:
+            continue
+        if policy.route in routes:
+            first = routes[policy.route].source
+            problems.append(Problem(file, None, "route", f"{policy.route!r} is already defined in {first}"))
+            continue
+        route, missing = compile_policy(policy, file, env)
+        severity: Severity = "error" if require_secrets else "warning"
+        problems.extend(Problem(file, None, path, msg, severity) for path, msg in missing)
+        routes[policy.route] = route
+    return routes, problems
+
+
+def load_file(file: Path) -> tuple[Policy | None, list[Problem]]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [Problem(file, None, "", f"cannot be read: {exc}")]
+    try:
+        node, data = _parse(text)
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        return None, [Problem(file, line, "", f"is not valid YAML: {exc.problem}")]
+    except _DuplicateKey as exc:
+        return None, [Problem(file, exc.line, exc.path, "is defined twice in the same mapping")]
+    if not isinstance(data, dict):
+        return None, [Problem(file, 1, "", "must be a mapping with at least `route` and `arms.base`")]
+    try:
+        return Policy.model_validate(data), []
+    except ValidationError as exc:
+        problems = [_problem(file, node, err) for err in exc.errors()]
+        return None, sorted(problems, key=lambda p: p.line or 0)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, path: str, line: int) -> None:
+        self.path, self.line = path, line
+
+
+def _parse(text: str) -> tuple[yaml.Node | None, Any]:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        _check_duplicates(node, ())
+        return node, loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_duplicates(node: yaml.Node, path: tuple[PathPart, ...]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[Any] = set()
+        for key, value in node.value:
+            here = (*path, key.value)
+            if key.value in seen:
+                raise _DuplicateKey(_dotted(here), key.start_mark.line + 1)
+            seen.add(key.value)
+            _check_duplicates(value, here)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_duplicates(item, (*path, index))
+
+
+def _problem(file: Path, root: yaml.Node | None, err: Mapping[str, Any]) -> Problem:
+    loc: tuple[PathPart, ...] = tuple(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        message = _unknown_field(loc)
+    elif kind == "missing":
+        message = f"is required but missing ({_field_hint(loc)})"
+    else:
+        message = str(err["msg"]).removeprefix("Value error, ")
+        value = err.get("input")
+        if isinstance(value, str | int | float | bool) and kind != "value_error":
+            message += f" (got {value!r})"
+    line = _line(root, loc, stop_at_parent=kind == "missing")
+    return Problem(file, line, _dotted(loc), message)
+
+
+def _unknown_field(loc: tuple[PathPart, ...]) -> str:
+    model = _model_at(loc[:-1])
+    allowed = sorted(model.model_fields) if model else []
+    message = "is not a known field"
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    if close:
+        message += f"; did you mean {close[0]!r}?"
+    if allowed:
+        message += f" Allowed here: {', '.join(allowed)}"
+    return message
+
+
+def _field_hint(loc: tuple[PathPart, ...]) -> str:
+    model = _model_at(loc[:-1])
+    field = model.model_fields.get(str(loc[-1])) if model else None
+    if field is not None and field.description:
+        return field.description
+    return "add it"
+
+
+def _model_at(loc: tuple[PathPart, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Policy
+    for part in loc:
+        if model is None or isinstance(part, int):
+            return None
+        field = model.model_fields.get(part)
+        model = _unwrap_model(field.annotation) if field else None
+    return model
+
+
+def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _unwrap_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _line(root: yaml.Node | None, loc: tuple[PathPart, ...], *, stop_at_parent: bool) -> int | None:
+    """Line of the deepest YAML node on the error's path (for a missing field: its parent mapping)."""
+    if root is None:
+        return None
+    node = root
+    parts = loc[:-1] if stop_at_parent and loc else loc
+    for index, part in enumerate(parts):
+        if isinstance(node, yaml.MappingNode):
+            entry = next(((k, v) for k, v in node.value if k.value == part), None)
+            if entry is None:
+                break
+            key, value = entry
+            node = key if index == len(parts) - 1 else value
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            break
+    return int(node.start_mark.line) + 1
+
+
+def _dotted(loc: tuple[PathPart, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out

@@ -1,0 +1,193 @@
+"""Route policies: the serialisable schema (pydantic, extra="forbid") checked completely at load."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+STICKY_SOURCE = re.compile(r"^(header:[A-Za-z0-9!#$%&'*+.^_`|~-]+|body:[A-Za-z_][A-Za-z0-9_]*|api_key)$")
+# Headers the gateway owns on the upstream hop; a policy cannot set them.
+RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "authorization",
+        "accept-encoding",
+        "te",
+        "upgrade",
+        "keep-alive",
+        "proxy-authorization",
+        "x-request-id",
+    }
+)
+DEFAULT_STICKY_KEYS = ("header:x-session-id", "header:x-user-id", "body:user")
+
+Seconds = Annotated[float, Field(gt=0, le=3600)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(Strict):
+    """connect_s: TCP connect; first_token_s: until the first streamed token; total_s: whole exchange."""
+
+    connect_s: Seconds = 2.0
+    first_token_s: Seconds = 30.0
+    total_s: Seconds = 300.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Timeouts:
+        problem = timeout_order_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def timeout_order_problem(t: Timeouts) -> str | None:
+    if t.connect_s > t.total_s:
+        return f"connect_s ({t.connect_s}) cannot exceed total_s ({t.total_s})"
+    if t.first_token_s > t.total_s:
+        return f"first_token_s ({t.first_token_s}) cannot exceed total_s ({t.total_s})"
+    return None
+
+
+class TimeoutOverrides(Strict):
+    connect_s: Seconds | None = None
+    first_token_s: Seconds | None = None
+    total_s: Seconds | None = None
+
+
+class Arm(Strict):
+    url: str = Field(description="Base URL of the OpenAI-compatible API, e.g. http://vllm:8000/v1")
+    model: str = Field(min_length=1, max_length=256, description="Model name the upstream expects")
+    api_key_env: str | None = Field(default=None, description="Environment variable holding the key")
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra headers sent upstream")
+    forward_client_auth: bool = Field(
+        default=False, description="Pass the client's Authorization header upstream (off by default)"
+    )
+    timeouts: TimeoutOverrides | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"}:
+            raise ValueError(f"must start with http:// or https://, got {value!r}")
+        if not parts.hostname:
+            raise ValueError(f"has no host: {value!r}")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query string or fragment")
+        if parts.username or parts.password:
+            raise ValueError("must not embed credentials; use api_key_env")
+        try:
+            parts.port  # noqa: B018 - raises on an invalid port
+        except ValueError:
+            raise ValueError(f"has an invalid port: {value!r}") from None
+        return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_NAME.match(value):
+            raise ValueError(f"{value!r} is not an environment variable name (letters, digits, _)")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, header_value in value.items():
+            if not HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by the gateway; use api_key_env for credentials")
+            if "\r" in header_value or "\n" in header_value:
+                raise ValueError(f"value of header {name!r} contains a line break")
+        return value
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> Arm:
+        if self.api_key_env and self.forward_client_auth:
+            raise ValueError("set either api_key_env or forward_client_auth, not both")
+        return self
+
+
+class Arms(Strict):
+    base: Arm
+    candidate: Arm | None = None
+
+
+class Assignment(Strict):
+    sticky_keys: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_STICKY_KEYS),
+        description="Sources of the unit key, first present wins: header:NAME, body:FIELD, api_key",
+    )
+    salt: str | None = Field(default=None, min_length=1, description="Defaults to the candidate's model")
+    allow_override_header: bool = Field(default=False, description="Honour x-canary: base|candidate")
+
+    @field_validator("sticky_keys")
+    @classmethod
+    def _sources(cls, value: list[str]) -> list[str]:
+        for source in value:
+            if not STICKY_SOURCE.match(source):
+                raise ValueError(f"{source!r} is not a key source; use header:NAME, body:FIELD or api_key")
+        duplicates = {s for s in value if value.count(s) > 1}
+        if duplicates:
+            raise ValueError(f"listed twice: {', '.join(sorted(duplicates))}")
+        return [s.lower() if s.startswith("header:") else s for s in value]
+
+
+class Rollout(Strict):
+    weight: float = Field(default=0, ge=0, le=100, description="Percent of units served by the candidate")
+
+
+class Policy(Strict):
+    route: str = Field(description="The name clients send as model=")
+    description: str | None = None
+    arms: Arms
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    assignment: Assignment = Field(default_factory=Assignment)
+    rollout: Rollout = Field(default_factory=Rollout)
+
+    @field_validator("route")
+    @classmethod
+    def _route(cls, value: str) -> str:
+        if not ROUTE_NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a route name: 1-128 characters, letters, digits and . _ : / @ + -"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _candidate_needed(self) -> Policy:
+        if self.arms.candidate is None:
+            if self.rollout.weight > 0:
+                raise ValueError("rollout.weight is above 0 but arms.candidate is not defined")
+            if self.assignment.allow_override_header:
+                raise ValueError("assignment.allow_override_header needs arms.candidate")
+        for name in ("base", "candidate"):
+            arm = getattr(self.arms, name)
+            if arm is not None and arm.timeouts is not None:
+                problem = timeout_order_problem(merge_timeouts(self.timeouts, arm.timeouts))
+                if problem:
+                    raise ValueError(f"arms.{name}.timeouts merged with timeouts: {problem}")
+        return self
+
+
+def merge_timeouts(route: Timeouts, arm: TimeoutOverrides | None) -> Timeouts:
+    if arm is None:
+        return route
+    overrides = {k: v for k, v in arm.model_dump().items() if v is not None}
+    return Timeouts.model_construct(**{**route.model_dump(), **overrides})
+
+
+ArmName = Literal["base", "candidate"]

@@ -1,0 +1,112 @@
+"""Compiled routes: what a policy becomes at load time, ready for the request hot path."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from yarl import URL
+
+from gateway.policy import Arm as ArmPolicy
+from gateway.policy import ArmName, Policy, Timeouts, merge_timeouts
+
+ENDPOINT_PATHS: Mapping[str, str] = {
+    "chat": "/chat/completions",
+    "completions": "/completions",
+    "embeddings": "/embeddings",
+    "models": "/models",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RouteArm:
+    name: ArmName
+    model: str
+    url: str
+    urls: Mapping[str, URL]
+    headers: Mapping[str, str]
+    forward_client_auth: bool
+    secret: str | None
+    timeouts: Timeouts
+    client_timeout: aiohttp.ClientTimeout
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    base: RouteArm
+    candidate: RouteArm | None
+    weight: float
+    salt: str
+    sticky_sources: tuple[tuple[str, str], ...]
+    allow_override: bool
+    source: Path
+    policy: Policy
+
+    def arm(self, name: ArmName) -> RouteArm:
+        if name == "candidate" and self.candidate is not None:
+            return self.candidate
+        return self.base
+
+    def arms(self) -> tuple[RouteArm, ...]:
+        return (self.base,) if self.candidate is None else (self.base, self.candidate)
+
+
+def compile_policy(
+    policy: Policy, source: Path, environ: Mapping[str, str]
+) -> tuple[Route, list[tuple[str, str]]]:
+    """Build the runtime route; also returns (field path, message) for secrets missing from the env."""
+    missing: list[tuple[str, str]] = []
+    base = _compile_arm("base", policy.arms.base, policy.timeouts, environ, missing)
+    candidate = (
+        _compile_arm("candidate", policy.arms.candidate, policy.timeouts, environ, missing)
+        if policy.arms.candidate
+        else None
+    )
+    salt = policy.assignment.salt or (policy.arms.candidate.model if policy.arms.candidate else policy.route)
+    sources = tuple(
+        (kind, name) for kind, _, name in (s.partition(":") for s in policy.assignment.sticky_keys)
+    )
+    route = Route(
+        name=policy.route,
+        base=base,
+        candidate=candidate,
+        weight=policy.rollout.weight,
+        salt=salt,
+        sticky_sources=sources,
+        allow_override=policy.assignment.allow_override_header,
+        source=source,
+        policy=policy,
+    )
+    return route, missing
+
+
+def _compile_arm(
+    name: ArmName,
+    arm: ArmPolicy,
+    route_timeouts: Timeouts,
+    environ: Mapping[str, str],
+    missing: list[tuple[str, str]],
+) -> RouteArm:
+    headers = dict(arm.headers)
+    secret = None
+    if arm.api_key_env:
+        secret = environ.get(arm.api_key_env) or None
+        if secret is None:
+            missing.append((f"arms.{name}.api_key_env", f"environment variable {arm.api_key_env} is not set"))
+        else:
+            headers["Authorization"] = f"Bearer {secret}"
+    timeouts = merge_timeouts(route_timeouts, arm.timeouts)
+    return RouteArm(
+        name=name,
+        model=arm.model,
+        url=arm.url,
+        urls={key: URL(arm.url + path) for key, path in ENDPOINT_PATHS.items()},
+        headers=headers,
+        forward_client_auth=arm.forward_client_auth,
+        secret=secret,
+        timeouts=timeouts,
+        client_timeout=aiohttp.ClientTimeout(total=timeouts.total_s, sock_connect=timeouts.connect_s),
+    )

@@ -1,0 +1,76 @@
+"""The live set of routes: loaded from the policy directory, swapped atomically, kept on a bad reload."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from watchfiles import awatch
+
+from gateway.loader import PolicyError, Problem, load_dir
+from gateway.route import Route
+
+log = logging.getLogger("gateway.policies")
+
+
+class RouteTable:
+    def __init__(self, policy_dir: Path, environ: Mapping[str, str] | None = None) -> None:
+        self.policy_dir = policy_dir
+        self._environ = environ
+        self._routes: dict[str, Route] = {}
+        self.loaded_at: float | None = None
+        self.reloads = 0
+        self.last_problems: list[Problem] = []
+
+    def get(self, name: str) -> Route | None:
+        return self._routes.get(name)
+
+    def routes(self) -> list[Route]:
+        return list(self._routes.values())
+
+    def load(self) -> None:
+        """First load: raises PolicyError when the directory cannot be served."""
+        routes, problems = load_dir(self.policy_dir, self._environ)
+        errors = [p for p in problems if p.severity == "error"]
+        if errors:
+            raise PolicyError(errors)
+        self._swap(routes)
+
+    def reload(self) -> bool:
+        """Later loads: an invalid directory is reported and the current routes keep serving."""
+        routes, problems = load_dir(self.policy_dir, self._environ)
+        errors = [p for p in problems if p.severity == "error"]
+        self.last_problems = errors
+        if errors:
+            for problem in errors:
+                log.error("policy reload rejected, keeping the previous policies: %s", problem)
+            return False
+        changed = sorted(
+            name
+            for name in routes.keys() | self._routes.keys()
+            if name not in self._routes
+            or name not in routes
+            or routes[name].policy != self._routes[name].policy
+        )
+        self._swap(routes)
+        self.reloads += 1
+        log.info(
+            "policies reloaded from %s: %d routes (changed: %s)",
+            self.policy_dir,
+            len(routes),
+            ", ".join(changed) or "none",
+        )
+        return True
+
+    def _swap(self, routes: dict[str, Route]) -> None:
+        self._routes = routes  # one assignment: a request sees the old table or the new one, never a mix
+        self.loaded_at = time.time()
+
+    async def watch(self, debounce_ms: int = 300) -> None:
+        """Reload whenever a file in the policy directory changes (ConfigMap symlink swaps included)."""
+        async for _ in awatch(self.policy_dir, debounce=debounce_ms, step=50, watch_filter=None):
+            await asyncio.sleep(0)
+            self.reload()

@@ -1,0 +1,70 @@
+"""Sticky canary assignment: unit key -> bucket -> arm. Pure functions, no I/O."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from hashlib import sha256
+from typing import Any
+
+from gateway.errors import InvalidRequest
+from gateway.policy import ArmName
+from gateway.route import Route
+
+OVERRIDE_HEADER = "x-canary"
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    arm: ArmName
+    bucket: float | None  # None when the arm was forced by the override header
+    sticky: bool  # False when no unit key was present (random bucket per request)
+
+
+def unit_key(
+    sources: tuple[tuple[str, str], ...],
+    headers: Mapping[str, str],
+    body: Mapping[str, Any],
+    api_key: str | None,
+) -> str | None:
+    """The bare value of the first configured source that is present."""
+    for kind, name in sources:
+        if kind == "header":
+            value = headers.get(name)
+        elif kind == "body":
+            raw = body.get(name)
+            value = raw if isinstance(raw, str) else None
+        else:
+            value = api_key
+        if value:
+            return value
+    return None
+
+
+def bucket(route: str, salt: str, key: str) -> float:
+    # The first 8 bytes of sha256 as an integer over 2**64: uniform in [0, 1), identical in every
+    # process and language, so replicas agree and a unit stays on its arm while the weight only grows.
+    return int.from_bytes(sha256(f"{route}:{salt}:{key}".encode()).digest()[:8], "big") / 2**64
+
+
+def choose_arm(
+    route: Route,
+    key: str | None,
+    override: str | None = None,
+    rand: Callable[[], float] = random.random,
+) -> Assignment:
+    if override is not None and route.allow_override:
+        forced = override.strip().lower()
+        if forced not in ("base", "candidate"):
+            raise InvalidRequest(
+                f"{OVERRIDE_HEADER} must be 'base' or 'candidate', got {override[:40]!r}",
+                code="invalid_header",
+                param=OVERRIDE_HEADER,
+            )
+        return Assignment("base" if forced == "base" else "candidate", None, key is not None)
+    if route.candidate is None or route.weight <= 0:
+        return Assignment("base", None, key is not None)
+    point = bucket(route.name, route.salt, key) if key is not None else rand()
+    arm: ArmName = "candidate" if point < route.weight / 100 else "base"
+    return Assignment(arm, point, key is not None)

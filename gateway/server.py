@@ -1,0 +1,85 @@
+"""Run ASGI apps with uvicorn: in the foreground (serve), or in a background thread (demo, tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from typing import Any
+
+import uvicorn
+from uvicorn.supervisors import Multiprocess
+
+from gateway.asgi import ASGIApp
+
+SERVER_OPTIONS: dict[str, Any] = {
+    "loop": "uvloop",
+    "http": "httptools",
+    "access_log": False,
+    "lifespan": "on",
+}
+
+
+class ReloadingMultiprocess(Multiprocess):
+    """uvicorn's supervisor, except that SIGHUP is passed to every worker, which reloads its policies in
+    place and keeps its last good ones, instead of restarting the workers."""
+
+    def handle_hup(self) -> None:
+        for process in self.processes:
+            if process.pid is not None:
+                os.kill(process.pid, signal.SIGHUP)
+
+
+def run(config: uvicorn.Config) -> None:
+    if config.workers > 1:
+        sock = config.bind_socket()
+        ReloadingMultiprocess(config, sockets=[sock]).run()
+    else:
+        uvicorn.Server(config).run()
+
+
+class BackgroundServer:
+    """An app served on 127.0.0.1 at an ephemeral (or given) port from a thread with its own loop."""
+
+    def __init__(
+        self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+    ) -> None:
+        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.host = host
+        self.port = self._sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, **SERVER_OPTIONS)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name=f"server-{self.port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _run(self) -> None:
+        self._server.run(sockets=[self._sock])
+
+    def start(self, timeout: float = 10) -> BackgroundServer:
+        self._thread.start()
+        waited = 0.0
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"server on port {self.port} failed to start")
+            if waited > timeout:
+                raise RuntimeError(f"server on port {self.port} did not start within {timeout}s")
+            threading.Event().wait(0.02)
+            waited += 0.02
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=15)
+        self._sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

@@ -1,0 +1,85 @@
+"""Process settings, read from CANARYGATE_* environment variables (secrets never come from flags)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    policy_dir: Path = Path("policies")
+    max_body_bytes: int = 10 * 1024 * 1024
+    api_keys: frozenset[str] = field(default_factory=frozenset, repr=False)
+    watch_policies: bool = True
+    upstream_max_connections: int = 1000
+    readyz_probe_timeout_s: float = 1.0
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        return cls(
+            policy_dir=Path(env.get("CANARYGATE_POLICY_DIR", "policies")),
+            max_body_bytes=_int(env, "CANARYGATE_MAX_BODY_BYTES", 10 * 1024 * 1024),
+            api_keys=_api_keys(env),
+            watch_policies=_bool(env, "CANARYGATE_WATCH_POLICIES", True),
+            upstream_max_connections=_int(env, "CANARYGATE_UPSTREAM_MAX_CONNECTIONS", 1000),
+            readyz_probe_timeout_s=_float(env, "CANARYGATE_READYZ_PROBE_TIMEOUT_S", 1.0),
+            log_level=env.get("CANARYGATE_LOG_LEVEL", "info").lower(),
+        )
+
+
+def _api_keys(env: Mapping[str, str]) -> frozenset[str]:
+    keys = {k.strip() for k in env.get("CANARYGATE_API_KEYS", "").split(",") if k.strip()}
+    path = env.get("CANARYGATE_API_KEYS_FILE")
+    if path:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            raise SettingsError(f"CANARYGATE_API_KEYS_FILE: cannot read {path}: {exc.strerror}") from None
+        keys.update(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    return frozenset(keys)
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: expected a whole number, got {raw!r}") from None
+    if value <= 0:
+        raise SettingsError(f"{name}: must be positive, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: expected a number, got {raw!r}") from None
+    if value <= 0:
+        raise SettingsError(f"{name}: must be positive, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if raw.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name}: expected true or false, got {raw!r}")

@@ -1,0 +1,406 @@
+"""A simulated OpenAI-compatible model server (vLLM-shaped) with failure knobs, for tests, demo and bench.
+
+Knobs are set per instance and per model name; GET/PUT /sim/knobs changes them live, /sim/stats and
+/sim/requests show what arrived (tests use them to see what the gateway really sent upstream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import struct
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import AsyncIterator
+from dataclasses import asdict, fields, replace
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from gateway import synth
+from gateway.synth import Generation, Knobs
+
+
+class Simulator:
+    def __init__(
+        self,
+        default: Knobs | None = None,
+        models: dict[str, Knobs] | None = None,
+        served_models: list[str] | None = None,
+    ) -> None:
+        self.default = default or Knobs()
+        self.models: dict[str, Knobs] = dict(models or {})
+        self.served_models = served_models or []
+        self.requests: Counter[str] = Counter()
+        self.streams = Counter({"started": 0, "completed": 0, "cancelled": 0})
+        self.active_streams = 0
+        self.recent: deque[dict[str, Any]] = deque(maxlen=200)
+
+    def knobs(self, model: str) -> Knobs:
+        return self.models.get(model, self.default)
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/completions", self._completions, methods=["POST"]),
+                Route("/v1/embeddings", self._embeddings, methods=["POST"]),
+                Route("/v1/models", self._models, methods=["GET"]),
+                Route("/health", self._health, methods=["GET"]),
+                Route("/sim/knobs", self._get_knobs, methods=["GET"]),
+                Route("/sim/knobs", self._put_knobs, methods=["PUT"]),
+                Route("/sim/stats", self._stats, methods=["GET"]),
+                Route("/sim/requests", self._recent, methods=["GET"]),
+                Route("/sim/reset", self._reset, methods=["POST"]),
+            ]
+        )
+
+    # --- OpenAI endpoints -------------------------------------------------------------------------
+
+    async def _chat(self, request: Request) -> Response:
+        body, failure = await self._admit(request, "chat", "messages")
+        if failure is not None:
+            return failure
+        model, knobs = body["model"], self.knobs(body["model"])
+        prompt = synth.prompt_text(body)
+        rng = synth.rng_for(body, model, prompt)
+        n = body["n"] if isinstance(body.get("n"), int) and body["n"] > 0 else 1
+        choices = [synth.chat(body, knobs, rng) for _ in range(min(n, 16))]
+        usage = _usage(prompt, choices)
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return self._stream(
+                request, _chat_chunks(model, choices, usage if include_usage else None), knobs
+            )
+        await asyncio.sleep(knobs.latency_s + knobs.time_per_token_s * usage["completion_tokens"])
+        return _json(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [_chat_choice(i, g) for i, g in enumerate(choices)],
+                "usage": usage,
+            }
+        )
+
+    async def _completions(self, request: Request) -> Response:
+        body, failure = await self._admit(request, "completions", "prompt")
+        if failure is not None:
+            return failure
+        model, knobs = body["model"], self.knobs(body["model"])
+        prompt = synth.prompt_text(body)
+        choices = [synth.text(body, knobs, synth.rng_for(body, model, prompt))]
+        usage = _usage(prompt, choices)
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return self._stream(
+                request, _completion_chunks(model, choices, usage if include_usage else None), knobs
+            )
+        await asyncio.sleep(knobs.latency_s + knobs.time_per_token_s * usage["completion_tokens"])
+        return _json(
+            {
+                "id": f"cmpl-{uuid.uuid4().hex}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model,
+                "usage": usage,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": choices[0].text,
+                        "logprobs": None,
+                        "finish_reason": choices[0].finish_reason,
+                    }
+                ],
+            }
+        )
+
+    async def _embeddings(self, request: Request) -> Response:
+        body, failure = await self._admit(request, "embeddings", "input")
+        if failure is not None:
+            return failure
+        model, knobs = body["model"], self.knobs(body["model"])
+        raw = body["input"]
+        inputs = (
+            [raw]
+            if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int))
+            else raw
+        )
+        dim: int = body["dimensions"] if isinstance(body.get("dimensions"), int) else knobs.embedding_dim
+        await asyncio.sleep(knobs.latency_s)
+        data = []
+        tokens = 0
+        for index, item in enumerate(inputs):
+            text = item if isinstance(item, str) else " ".join(map(str, item))
+            tokens += synth.count_tokens(text)
+            vector = synth.embedding(text, model, dim)
+            encoded: Any = vector
+            if body.get("encoding_format") == "base64":
+                encoded = base64.b64encode(struct.pack(f"<{dim}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        return _json(
+            {
+                "object": "list",
+                "data": data,
+                "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    async def _models(self, _: Request) -> Response:
+        names = self.served_models or sorted({"sim-model", *self.models})
+        return _json(
+            {
+                "object": "list",
+                "data": [{"id": n, "object": "model", "created": 0, "owned_by": "simulator"} for n in names],
+            }
+        )
+
+    # --- shared steps -----------------------------------------------------------------------------
+
+    async def _admit(
+        self, request: Request, endpoint: str, field: str
+    ) -> tuple[dict[str, Any], Response | None]:
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            return {}, _error(400, "request body is not valid JSON", "invalid_request_error")
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str) or field not in body:
+            return {}, _error(400, f"'model' and '{field}' are required", "invalid_request_error")
+        self.requests[f"{endpoint}:{body['model']}"] += 1
+        self.recent.append({"endpoint": endpoint, "headers": dict(request.headers), "body": body})
+        knobs = self.knobs(body["model"])
+        rng = random.Random()
+        if rng.random() < knobs.hang_rate:
+            await _hang(request)
+            return body, Response(status_code=504)
+        if rng.random() < knobs.error_rate:
+            await asyncio.sleep(knobs.latency_s)
+            kind = "rate_limit_error" if knobs.error_status == 429 else "server_error"
+            headers = {"retry-after": "0"} if knobs.error_status == 429 else None
+            return body, _error(knobs.error_status, "simulated upstream failure", kind, headers)
+        return body, None
+
+    def _stream(self, request: Request, chunks: list[bytes], knobs: Knobs) -> StreamingResponse:
+        async def events() -> AsyncIterator[bytes]:
+            self.streams["started"] += 1
+            self.active_streams += 1
+            done = False
+            try:
+                await asyncio.sleep(knobs.latency_s)
+                for index, chunk in enumerate(chunks):
+                    if index and knobs.time_per_token_s:
+                        await asyncio.sleep(knobs.time_per_token_s)
+                    yield chunk
+                yield b"data: [DONE]\n\n"
+                done = True
+            finally:
+                self.active_streams -= 1
+                self.streams["completed" if done else "cancelled"] += 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # --- control ----------------------------------------------------------------------------------
+
+    async def _get_knobs(self, _: Request) -> Response:
+        return _json(
+            {"default": asdict(self.default), "models": {k: asdict(v) for k, v in self.models.items()}}
+        )
+
+    async def _put_knobs(self, request: Request) -> Response:
+        try:
+            body = orjson.loads(await request.body())
+            default = replace(self.default, **body.get("default", {}))
+            models = {
+                name: replace(self.models.get(name, default), **values)
+                for name, values in body.get("models", {}).items()
+            }
+        except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
+            allowed = ", ".join(f.name for f in fields(Knobs))
+            return _error(400, f"bad knobs: {exc}; allowed: {allowed}", "invalid_request_error")
+        self.default = default
+        self.models.update(models)
+        return await self._get_knobs(request)
+
+    async def _stats(self, _: Request) -> Response:
+        return _json(
+            {
+                "requests": dict(self.requests),
+                "streams": dict(self.streams),
+                "active_streams": self.active_streams,
+            }
+        )
+
+    async def _recent(self, _: Request) -> Response:
+        return _json(list(self.recent))
+
+    async def _reset(self, _: Request) -> Response:
+        self.requests.clear()
+        self.streams = Counter({"started": 0, "completed": 0, "cancelled": 0})
+        self.recent.clear()
+        return _json({"reset": True})
+
+    async def _health(self, _: Request) -> Response:
+        return _json({"status": "ok"})
+
+
+def _chat_choice(index: int, g: Generation) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": g.text}
+    if g.tool_name is not None and g.legacy_function:
+        message = {
+            "role": "assistant",
+            "content": None,
+            "function_call": {"name": g.tool_name, "arguments": g.text},
+        }
+    elif g.tool_name is not None:
+        message = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": g.tool_call_id,
+                    "type": "function",
+                    "function": {"name": g.tool_name, "arguments": g.text},
+                }
+            ],
+        }
+    return {"index": index, "message": message, "logprobs": None, "finish_reason": g.finish_reason}
+
+
+def _chat_chunks(model: str, choices: list[Generation], usage: dict[str, int] | None) -> list[bytes]:
+    head = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+    }
+    out = [
+        _event(
+            {
+                **head,
+                "choices": [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+            }
+        )
+        for i in range(len(choices))
+    ]
+    for step in range(max(len(g.pieces) for g in choices)):
+        for index, g in enumerate(choices):
+            if step >= len(g.pieces):
+                continue
+            out.append(
+                _event(
+                    {
+                        **head,
+                        "choices": [
+                            {
+                                "index": index,
+                                "delta": _delta(g, step),
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
+                )
+            )
+    for index, g in enumerate(choices):
+        out.append(
+            _event(
+                {
+                    **head,
+                    "choices": [
+                        {"index": index, "delta": {}, "logprobs": None, "finish_reason": g.finish_reason}
+                    ],
+                }
+            )
+        )
+    if usage is not None:
+        out.append(_event({**head, "choices": [], "usage": usage}))
+    return out
+
+
+def _delta(g: Generation, step: int) -> dict[str, Any]:
+    piece = g.pieces[step]
+    if g.tool_name is None:
+        return {"content": piece}
+    if g.legacy_function:
+        return {
+            "function_call": {"name": g.tool_name, "arguments": piece} if step == 0 else {"arguments": piece}
+        }
+    call: dict[str, Any] = {"index": 0, "function": {"arguments": piece}}
+    if step == 0:
+        call = {
+            "index": 0,
+            "id": g.tool_call_id,
+            "type": "function",
+            "function": {"name": g.tool_name, "arguments": piece},
+        }
+    return {"tool_calls": [call]}
+
+
+def _completion_chunks(model: str, choices: list[Generation], usage: dict[str, int] | None) -> list[bytes]:
+    head = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+    }
+    g = choices[0]
+    out = [
+        _event({**head, "choices": [{"index": 0, "text": p, "logprobs": None, "finish_reason": None}]})
+        for p in g.pieces
+    ]
+    out.append(
+        _event(
+            {
+                **head,
+                "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": g.finish_reason}],
+            }
+        )
+    )
+    if usage is not None:
+        out.append(_event({**head, "choices": [], "usage": usage}))
+    return out
+
+
+def _usage(prompt: str, choices: list[Generation]) -> dict[str, int]:
+    prompt_tokens = synth.count_tokens(prompt)
+    completion_tokens = sum(len(g.pieces) for g in choices)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+async def _hang(request: Request) -> None:
+    deadline = time.monotonic() + 3600
+    # Polling is the only way Starlette offers to notice a disconnect while sending nothing.
+    while time.monotonic() < deadline and not await request.is_disconnected():  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)

@@ -1,0 +1,268 @@
+"""What a simulated checkpoint says: text, JSON, schema instances and tool calls, with failure knobs."""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from dataclasses import dataclass, field
+from hashlib import sha256
+from typing import Any
+
+WORDS = [
+    "the",
+    "model",
+    "reviewed",
+    "your",
+    "request",
+    "and",
+    "found",
+    "a",
+    "clear",
+    "answer",
+    "based",
+    "on",
+    "the",
+    "context",
+    "provided",
+    "please",
+    "note",
+    "that",
+    "results",
+    "may",
+    "vary",
+    "with",
+    "more",
+    "detail",
+    "we",
+    "can",
+    "refine",
+    "this",
+    "further",
+    "for",
+    "you",
+    "here",
+    "is",
+    "a",
+    "short",
+    "summary",
+    "of",
+    "the",
+    "key",
+    "points",
+    "and",
+    "the",
+    "next",
+    "steps",
+    "to",
+    "take",
+    "today",
+]
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Behaviour of one simulated model; every rate is a probability in [0, 1]."""
+
+    latency_s: float = 0.0  # before the first token (streams) or the response
+    time_per_token_s: float = 0.0
+    output_tokens: int = 16  # completion length when max_tokens does not cut it
+    error_rate: float = 0.0
+    error_status: int = 500
+    invalid_json_rate: float = 0.0  # JSON mode: truncated, unparseable content
+    wrong_tool_rate: float = 0.0  # calls a tool the request did not declare
+    bad_args_rate: float = 0.0  # tool arguments that do not parse or break the schema
+    hang_rate: float = 0.0  # accept the request, never answer
+    embedding_dim: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("error_rate", "invalid_json_rate", "wrong_tool_rate", "bad_args_rate", "hang_rate"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must be within [0, 1], got {value}")
+        if not 400 <= self.error_status <= 599:
+            raise ValueError(f"error_status must be an HTTP error status, got {self.error_status}")
+        if (
+            self.latency_s < 0
+            or self.time_per_token_s < 0
+            or self.output_tokens < 1
+            or self.embedding_dim < 1
+        ):
+            raise ValueError(
+                "latency_s and time_per_token_s must be >= 0; output_tokens and embedding_dim >= 1"
+            )
+
+
+@dataclass
+class Generation:
+    """One choice: the pieces a stream would send, and how the answer ends."""
+
+    pieces: list[str] = field(default_factory=list)
+    tool_name: str | None = None
+    tool_call_id: str | None = None
+    legacy_function: bool = False
+    finish_reason: str = "stop"
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def rng_for(request: dict[str, Any], model: str, prompt: str) -> random.Random:
+    seed = request.get("seed")
+    temperature = request.get("temperature", 1.0)
+    if isinstance(seed, int):
+        return random.Random(f"{model}:{seed}:{prompt}")
+    if temperature == 0:
+        return random.Random(f"{model}:{prompt}")
+    return random.Random()
+
+
+def prompt_text(request: dict[str, Any]) -> str:
+    parts: list[str] = []
+    for message in request.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(p.get("text", "") for p in content if isinstance(p, dict))
+    prompt = request.get("prompt")
+    if isinstance(prompt, str):
+        parts.append(prompt)
+    elif isinstance(prompt, list):
+        parts.extend(p for p in prompt if isinstance(p, str))
+    return "\n".join(parts)
+
+
+def count_tokens(text: str) -> int:
+    return max(1, len(text.split())) if text else 0
+
+
+def chat(request: dict[str, Any], knobs: Knobs, rng: random.Random) -> Generation:
+    call = _tool_to_call(request, rng)
+    if call is not None:
+        name, parameters, legacy = call
+        return _tool_call(name, parameters, legacy, knobs, rng)
+    fmt = request.get("response_format") or {}
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind in ("json_object", "json_schema"):
+        schema: Any = (fmt.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+        value = (
+            instance(schema, rng)
+            if isinstance(schema, dict)
+            else {"answer": _words(rng, 6), "confidence": 0.9}
+        )
+        content = json.dumps(value)
+        if rng.random() < knobs.invalid_json_rate:
+            content = content[: max(1, len(content) * 2 // 3)]
+        return Generation(pieces=_split(content, 4))
+    return text(request, knobs, rng)
+
+
+def text(request: dict[str, Any], knobs: Knobs, rng: random.Random) -> Generation:
+    limit = request.get("max_completion_tokens") or request.get("max_tokens")
+    count = knobs.output_tokens
+    finish = "stop"
+    if isinstance(limit, int) and 0 < limit < count:
+        count, finish = limit, "length"
+    words = [rng.choice(WORDS) for _ in range(count)]
+    return Generation(pieces=[w if i == 0 else " " + w for i, w in enumerate(words)], finish_reason=finish)
+
+
+def _tool_to_call(request: dict[str, Any], rng: random.Random) -> tuple[str, dict[str, Any], bool] | None:
+    messages = request.get("messages") or []
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") in ("tool", "function"):
+        return None  # the tool already answered: reply in words
+    tools = [t["function"] for t in request.get("tools") or [] if isinstance(t, dict) and "function" in t]
+    choice = request.get("tool_choice", "auto")
+    legacy = False
+    if not tools and request.get("functions"):
+        tools, choice, legacy = list(request["functions"]), request.get("function_call", "auto"), True
+    if not tools or choice == "none":
+        return None
+    if isinstance(choice, dict):
+        wanted = (choice.get("function") or {}).get("name") or choice.get("name")
+        named = [t for t in tools if t.get("name") == wanted]
+        if named:
+            return named[0]["name"], named[0].get("parameters") or {}, legacy
+    picked = rng.choice(tools)
+    return picked["name"], picked.get("parameters") or {}, legacy
+
+
+def _tool_call(
+    name: str, parameters: dict[str, Any], legacy: bool, knobs: Knobs, rng: random.Random
+) -> Generation:
+    args: Any = instance(parameters, rng) if parameters else {}
+    arguments = json.dumps(args)
+    if rng.random() < knobs.wrong_tool_rate:
+        name = f"{name}_undeclared"
+    if rng.random() < knobs.bad_args_rate:
+        if rng.random() < 0.5 or not isinstance(args, dict) or not args:
+            arguments = arguments[: max(1, len(arguments) // 2)]  # does not parse
+        else:
+            first = next(iter(args))
+            broken = {k: v for k, v in args.items() if k != first}
+            broken[first + "_x"] = [1, 2]  # a required key gone, an unexpected one added
+            arguments = json.dumps(broken)
+    return Generation(
+        pieces=_split(arguments, 6),
+        tool_name=name,
+        tool_call_id=f"call_{uuid.UUID(int=rng.getrandbits(128)).hex[:24]}",
+        legacy_function=legacy,
+        finish_reason="function_call" if legacy else "tool_calls",
+    )
+
+
+def instance(schema: dict[str, Any], rng: random.Random, depth: int = 0) -> Any:
+    """A value that satisfies the common subset of JSON Schema that LLM structured output uses."""
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return rng.choice(schema["enum"])
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return instance(schema[key][0], rng, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind is None:
+        kind = "object" if "properties" in schema else "string"
+    if depth > 8:
+        kind = "null" if kind in ("object", "array") else kind
+    if kind == "object":
+        props = schema.get("properties") or {}
+        return {k: instance(v if isinstance(v, dict) else {}, rng, depth + 1) for k, v in props.items()}
+    if kind == "array":
+        items: dict[str, Any] = schema["items"] if isinstance(schema.get("items"), dict) else {}
+        return [instance(items, rng, depth + 1) for _ in range(max(1, int(schema.get("minItems", 1))))]
+    if kind == "integer":
+        low, high = int(schema.get("minimum", 0)), int(schema.get("maximum", 100))
+        return rng.randint(low, max(low, high))
+    if kind == "number":
+        lowf, highf = float(schema.get("minimum", 0)), float(schema.get("maximum", 100))
+        return round(rng.uniform(lowf, max(lowf, highf)), 3)
+    if kind == "boolean":
+        return rng.random() < 0.5
+    if kind == "null":
+        return None
+    word = rng.choice(WORDS)
+    return word * max(1, -(-int(schema.get("minLength", 0)) // len(word)))
+
+
+def embedding(text: str, model: str, dim: int) -> list[float]:
+    raw = b""
+    counter = 0
+    while len(raw) < dim:
+        raw += sha256(f"{model}:{counter}:{text}".encode()).digest()
+        counter += 1
+    vector = [(b - 127.5) / 127.5 for b in raw[:dim]]
+    norm = sum(v * v for v in vector) ** 0.5 or 1.0
+    return [v / norm for v in vector]
+
+
+def _words(rng: random.Random, count: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(count))
+
+
+def _split(data: str, size: int) -> list[str]:
+    return [data[i : i + size] for i in range(0, len(data), size)] or [""]

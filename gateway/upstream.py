@@ -1,0 +1,124 @@
+"""Pooled HTTP to the model servers; transport failures become GatewayError.
+
+aiohttp, not httpx: its pool holds up at 32+ concurrent streams (see bench/ and DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+
+import aiohttp
+import orjson
+
+from gateway.errors import GatewayError, UpstreamError, UpstreamHTTPError, UpstreamTimeout, error_body
+from gateway.route import RouteArm
+
+
+class Upstream:
+    """One aiohttp session (a connection pool per host) shared by every route and arm."""
+
+    def __init__(self, max_connections: int = 1000) -> None:
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=60, keepalive_timeout=30)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("Upstream.start() was not awaited")
+        return self._session
+
+    async def open(
+        self, arm: RouteArm, endpoint: str, body: bytes, headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
+        """POST and return once the response headers are in; the caller reads and releases the body."""
+        try:
+            return await self.session.request(
+                "POST",
+                arm.urls[endpoint],
+                data=body,
+                headers=headers,
+                timeout=arm.client_timeout,
+                allow_redirects=False,
+            )
+        except Exception as exc:
+            raise failure(exc, arm) from exc
+
+    async def probe(self, arm: RouteArm, timeout_s: float) -> int:
+        """GET {url}/models; returns the HTTP status (raises GatewayError when unreachable)."""
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        try:
+            async with self.session.get(arm.urls["models"], headers=arm.headers, timeout=timeout) as resp:
+                await resp.read()
+                return resp.status
+        except Exception as exc:
+            raise failure(exc, arm) from exc
+
+
+def failure(exc: BaseException, arm: RouteArm) -> GatewayError:
+    """Map a transport exception to what the client is told (no upstream URL, no secret)."""
+    who = f"the {arm.name} upstream"
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamTimeout(f"{who} did not accept a connection within {arm.timeouts.connect_s}s")
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamTimeout(f"{who} did not finish within {arm.timeouts.total_s}s (timeouts.total_s)")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = exc.os_error.strerror or type(exc.os_error).__name__
+        return UpstreamError(f"could not connect to {who}: {reason}")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return UpstreamError(
+            f"{who} closed the connection or sent a malformed response", code="upstream_protocol_error"
+        )
+    return UpstreamError(f"{who} failed: {type(exc).__name__}", code="upstream_protocol_error")
+
+
+def scrub(data: bytes, secrets: Iterable[str | None]) -> bytes:
+    for secret in secrets:
+        if secret:
+            data = data.replace(secret.encode(), b"[REDACTED]")
+    return data
+
+
+def http_error(
+    status: int, body: bytes, arm: RouteArm, secrets: Iterable[str | None], retry_after: str | None
+) -> UpstreamHTTPError:
+    """An upstream error status: its OpenAI-format body passes on scrubbed; anything else is wrapped."""
+    clean = scrub(body, secrets)
+    message = f"the {arm.name} upstream answered HTTP {status}"
+    try:
+        parsed = orjson.loads(clean)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return UpstreamHTTPError(status, clean, message, retry_after)
+    detail = _detail(parsed, clean)
+    wrapped = error_body(
+        f"{message}: {detail}" if detail else message, "upstream_error", f"upstream_http_{status}"
+    )
+    return UpstreamHTTPError(status, wrapped, message, retry_after)
+
+
+def _detail(parsed: object, raw: bytes) -> str:
+    if isinstance(parsed, dict):
+        for key in ("error", "message", "detail"):
+            if isinstance(parsed.get(key), str):
+                return str(parsed[key])[:300]
+    if parsed is None and raw.lstrip()[:1] == b"<":
+        return "(an HTML page, not an API response)"
+    return raw[:300].decode("utf-8", "replace").strip()
