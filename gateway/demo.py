@@ -92,9 +92,8 @@ def run_demo(policy_dir: Path, port: int, duration: float, users: int, keep_serv
         tallies = asyncio.run(_traffic(client, [r.name for r in table.routes()], duration, users))
         _report(tallies)
         if keep_serving:
-            print(
-                f"\nstill serving: curl -H 'Authorization: Bearer {DEMO_KEY}' {gateway.url}/v1/models  (Ctrl-C stops)"
-            )
+            auth = f"-H 'Authorization: Bearer {DEMO_KEY}'"
+            print(f"\nstill serving: curl {auth} {gateway.url}/v1/models  (Ctrl-C stops)")
             with suppress(KeyboardInterrupt):
                 threading.Event().wait()
     failed = sum(t.errors for t in tallies.values())
@@ -192,6 +191,5 @@ def _report(tallies: dict[tuple[str, str], Tally]) -> None:
         p50 = statistics.median(lat) * 1000
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
         share = 100 * len(lat) / max(1, totals[route])
-        print(
-            f"{route:<20} {arm:<10} {len(lat):>8} {share:>6.1f}% {len(tally.users):>6} {p50:>8.1f} {p99:>8.1f}"
-        )
+        users = len(tally.users)
+        print(f"{route:<20} {arm:<10} {len(lat):>8} {share:>6.1f}% {users:>6} {p50:>8.1f} {p99:>8.1f}")

@@ -71,8 +71,9 @@ class Proxy:
             self._api_keys.authenticate(token)
             _check_content_type(headers.get("content-type"))
             body = await read_body(receive, headers.get("content-length"), self._max_body)
-            payload = _parse(body, endpoint)
+            payload = _parse(body)
             route = self._route(payload)
+            _check_fields(payload, endpoint)
             reply.route = route.name
             key = unit_key(route.sticky_sources, headers, payload, token)
             override = headers.get(OVERRIDE_HEADER) if route.allow_override else None
@@ -185,7 +186,7 @@ class Proxy:
         return resp, first
 
 
-def _parse(body: bytes, endpoint: str) -> dict[str, Any]:
+def _parse(body: bytes) -> dict[str, Any]:
     if not body:
         raise InvalidRequest("the request body is empty; send a JSON object", code="invalid_json")
     try:
@@ -197,6 +198,10 @@ def _parse(body: bytes, endpoint: str) -> dict[str, Any]:
             f"the request body must be a JSON object, got a JSON {type(payload).__name__}",
             code="invalid_json",
         )
+    return payload
+
+
+def _check_fields(payload: dict[str, Any], endpoint: str) -> None:
     stream = payload.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be true or false", param="stream")
@@ -207,7 +212,6 @@ def _parse(body: bytes, endpoint: str) -> dict[str, Any]:
         raise InvalidRequest(f"'{field}' is required for this endpoint", code="missing_field", param=field)
     if endpoint == "chat" and not isinstance(payload["messages"], list):
         raise InvalidRequest("'messages' must be an array of message objects", param="messages")
-    return payload
 
 
 def _check_content_type(content_type: str | None) -> None:
@@ -235,13 +239,9 @@ def _content_type(resp: aiohttp.ClientResponse, default: bytes) -> bytes:
 
 def _log_error(reply: Reply, exc: GatewayError) -> None:
     level = logging.WARNING if exc.status_code() >= 500 or exc.status_code() == 429 else logging.INFO
+    cause = f" ({exc.__cause__!r})" if exc.__cause__ else ""
     log.log(
         level,
-        "request_id=%s route=%s arm=%s status=%d code=%s %s",
-        reply.request_id,
-        reply.route,
-        reply.arm,
-        exc.status_code(),
-        exc.code,
-        exc.message,
+        "request_id=%s route=%s arm=%s status=%d code=%s %s%s",
+        *(reply.request_id, reply.route, reply.arm, exc.status_code(), exc.code, exc.message, cause),
     )

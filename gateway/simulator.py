@@ -40,6 +40,7 @@ class Simulator:
         self.requests: Counter[str] = Counter()
         self.streams = Counter({"started": 0, "completed": 0, "cancelled": 0})
         self.active_streams = 0
+        self.hangs = Counter({"started": 0, "released": 0})
         self.recent: deque[dict[str, Any]] = deque(maxlen=200)
 
     def knobs(self, model: str) -> Knobs:
@@ -179,7 +180,9 @@ class Simulator:
         knobs = self.knobs(body["model"])
         rng = random.Random()
         if rng.random() < knobs.hang_rate:
+            self.hangs["started"] += 1
             await _hang(request)
+            self.hangs["released"] += 1
             return body, Response(status_code=504)
         if rng.random() < knobs.error_rate:
             await asyncio.sleep(knobs.latency_s)
@@ -235,6 +238,7 @@ class Simulator:
                 "requests": dict(self.requests),
                 "streams": dict(self.streams),
                 "active_streams": self.active_streams,
+                "hangs": dict(self.hangs),
             }
         )
 
@@ -244,6 +248,7 @@ class Simulator:
     async def _reset(self, _: Request) -> Response:
         self.requests.clear()
         self.streams = Counter({"started": 0, "completed": 0, "cancelled": 0})
+        self.hangs = Counter({"started": 0, "released": 0})
         self.recent.clear()
         return _json({"reset": True})
 

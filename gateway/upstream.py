@@ -6,6 +6,8 @@ aiohttp, not httpx: its pool holds up at 32+ concurrent streams (see bench/ and 
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 from collections.abc import Iterable, Mapping
 
 import aiohttp
@@ -79,13 +81,21 @@ def failure(exc: BaseException, arm: RouteArm) -> GatewayError:
     if isinstance(exc, asyncio.TimeoutError):
         return UpstreamTimeout(f"{who} did not finish within {arm.timeouts.total_s}s (timeouts.total_s)")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        reason = exc.os_error.strerror or type(exc.os_error).__name__
-        return UpstreamError(f"could not connect to {who}: {reason}")
+        return UpstreamError(f"could not connect to {who}: {_reason(exc.os_error)}")
     if isinstance(exc, aiohttp.ClientError | OSError):
         return UpstreamError(
             f"{who} closed the connection or sent a malformed response", code="upstream_protocol_error"
         )
     return UpstreamError(f"{who} failed: {type(exc).__name__}", code="upstream_protocol_error")
+
+
+def _reason(error: OSError) -> str:
+    # The OS's own text names the address; clients get only the kind of failure (the log has the rest).
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, socket.gaierror):
+        return "host name did not resolve"
+    return errno.errorcode.get(error.errno or 0, type(error).__name__)
 
 
 def scrub(data: bytes, secrets: Iterable[str | None]) -> bytes:

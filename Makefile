@@ -1,0 +1,37 @@
+# Every target sets up its own virtual environment first, so each works from a clean clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench serve simulate clean
+
+demo: $(STAMP)  ## simulated base + candidate behind the gateway, with traffic from the openai client
+	$(BIN)/canarygate demo
+
+test: $(STAMP) lint  ## lint, type-check and run the whole test suite
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff format --check gateway tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)  ## direct vs reference passthrough vs gateway; needs wrk and nginx (installed via apt if missing)
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk nginx)
+	$(BIN)/python bench/run.py
+
+serve: $(STAMP)
+	$(BIN)/canarygate serve --policies policies
+
+simulate: $(STAMP)
+	$(BIN)/canarygate simulate --port 9001
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

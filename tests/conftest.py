@@ -1,0 +1,143 @@
+"""Fixtures: simulated upstreams and gateways as real uvicorn servers on ephemeral loopback ports."""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from gateway.app import create_app
+from gateway.server import BackgroundServer
+from gateway.settings import Settings
+from gateway.simulator import Simulator
+
+BASE_MODEL = "base-model"
+CANDIDATE_MODEL = "tuned-model"
+
+
+@dataclass
+class Sim:
+    server: BackgroundServer
+    simulator: Simulator
+
+    @property
+    def url(self) -> str:
+        return f"{self.server.url}/v1"
+
+    def set_knobs(self, **knobs: Any) -> None:
+        httpx.put(f"{self.server.url}/sim/knobs", json={"default": knobs}).raise_for_status()
+
+    def requests(self) -> list[dict[str, Any]]:
+        return httpx.get(f"{self.server.url}/sim/requests").json()  # type: ignore[no-any-return]
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(f"{self.server.url}/sim/stats").json()  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def _sim_servers() -> Iterator[tuple[Sim, Sim]]:
+    sims = []
+    for _ in range(2):
+        simulator = Simulator()
+        sims.append(Sim(BackgroundServer(simulator.app()).start(), simulator))
+    yield sims[0], sims[1]
+    for sim in sims:
+        sim.server.stop()
+
+
+@pytest.fixture
+def sims(_sim_servers: tuple[Sim, Sim]) -> tuple[Sim, Sim]:
+    """(base, candidate) simulators, reset to default knobs for each test."""
+    from gateway.synth import Knobs
+
+    for sim in _sim_servers:
+        sim.simulator.default = Knobs()
+        sim.simulator.models.clear()
+        httpx.post(f"{sim.server.url}/sim/reset").raise_for_status()
+    return _sim_servers
+
+
+def policy_yaml(
+    route: str,
+    base_url: str,
+    candidate_url: str | None = None,
+    *,
+    weight: float = 0,
+    extra: str = "",
+    base_extra: str = "",
+    candidate_extra: str = "",
+) -> str:
+    text = f"""
+    route: {route}
+    arms:
+      base:
+        url: {base_url}
+        model: {BASE_MODEL}
+    """
+    text = textwrap.dedent(text)
+    if base_extra:
+        text += textwrap.indent(textwrap.dedent(base_extra).strip() + "\n", "    ")
+    if candidate_url:
+        text += f"  candidate:\n    url: {candidate_url}\n    model: {CANDIDATE_MODEL}\n"
+        if candidate_extra:
+            text += textwrap.indent(textwrap.dedent(candidate_extra).strip() + "\n", "    ")
+    text += f"rollout:\n  weight: {weight}\n"
+    if extra:
+        text += textwrap.dedent(extra).strip() + "\n"
+    return text
+
+
+@dataclass
+class Gateway:
+    server: BackgroundServer
+    policy_dir: Path
+    app: Any
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def client(self, api_key: str = "unused", **kwargs: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.post(f"{self.url}{path}", timeout=30, **kwargs)
+
+
+GatewayFactory = Callable[..., Gateway]
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
+    started: list[Gateway] = []
+
+    def make(policies: dict[str, str], **settings: Any) -> Gateway:
+        policy_dir = tmp_path / f"policies-{len(started)}"
+        policy_dir.mkdir()
+        for name, text in policies.items():
+            (policy_dir / f"{name}.yaml").write_text(text)
+        settings.setdefault("watch_policies", False)
+        app = create_app(Settings(policy_dir=policy_dir, **settings))
+        gateway = Gateway(BackgroundServer(app).start(), policy_dir, app)
+        started.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in started:
+        gateway.server.stop()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0, message: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")

@@ -1,0 +1,202 @@
+"""The CLI as users run it: check, serve (one and several workers), reload on SIGHUP and on file change."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import GatewayFactory, Sim, policy_yaml, wait_for
+from tests.test_faults import closed_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def canarygate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_check_accepts_the_example_policies() -> None:
+    result = canarygate("check", "policies")
+    assert result.returncode == 0, result.stderr
+    assert "support-assistant" in result.stdout and "20%" in result.stdout
+
+
+def test_check_reports_file_line_field_and_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text(
+        "route: r\narms:\n  base: {url: http://b/v1, model: m}\nrollout: {wieght: 5}\n"
+    )
+    result = canarygate("check", str(tmp_path))
+    assert result.returncode == 2
+    assert (
+        f"{tmp_path / 'bad.yaml'}:4: rollout.wieght: is not a known field; did you mean 'weight'?"
+        in result.stdout
+    )
+
+
+def test_check_warns_about_unset_secrets_unless_strict(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(
+        "route: r\narms:\n  base: {url: http://b/v1, model: m, api_key_env: NOPE_KEY}\n"
+    )
+    relaxed = canarygate("check", str(tmp_path))
+    assert relaxed.returncode == 0 and "NOPE_KEY is not set (warning)" in relaxed.stdout
+    assert canarygate("check", "--strict", str(tmp_path)).returncode == 2
+
+
+def test_serve_refuses_an_invalid_policy(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("route: r\narms: {}\n")
+    result = canarygate("serve", "--policies", str(tmp_path), "--port", str(closed_port()))
+    assert result.returncode == 2
+    assert "arms.base: is required but missing" in result.stderr
+    assert "not serving" in result.stderr
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[object]:
+    processes: list[subprocess.Popen[str]] = []
+
+    def start(
+        policy_dir: Path, *args: str, env: dict[str, str] | None = None
+    ) -> tuple[subprocess.Popen[str], str]:
+        port = closed_port()
+        log = open(tmp_path / f"serve-{port}.log", "w+")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--policies",
+                str(policy_dir),
+                "--port",
+                str(port),
+                *args,
+            ],
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        process.log = log  # type: ignore[attr-defined]
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            assert process.poll() is None, Path(log.name).read_text()
+            try:
+                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(healthy, timeout=30, message="gateway to start")
+        return process, url
+
+    yield start
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        process.log.close()  # type: ignore[attr-defined]
+
+
+def model_ids(url: str) -> list[str]:
+    return sorted(m["id"] for m in httpx.get(f"{url}/v1/models", timeout=5).json()["data"])
+
+
+def test_sighup_reloads_and_keeps_the_last_good_policy(
+    sims: tuple[Sim, Sim],
+    serve,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "a.yaml").write_text(policy_yaml("route-a", sims[0].url))
+    process, url = serve(policies, env={"CANARYGATE_WATCH_POLICIES": "false"})
+    chat = {"model": "route-a", "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(f"{url}/v1/chat/completions", json=chat).status_code == 200
+
+    (policies / "b.yaml").write_text(policy_yaml("route-b", sims[0].url))
+    process.send_signal(signal.SIGHUP)
+    wait_for(lambda: model_ids(url) == ["route-a", "route-b"], message="route-b after SIGHUP")
+
+    (policies / "b.yaml").write_text("route: route-b\narms:\n  base: {url: http://x/v1}\n")
+    process.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: bool(httpx.get(f"{url}/readyz").json()["policies"]["last_reload_errors"]),
+        message="the rejected reload to show in /readyz",
+    )
+    assert model_ids(url) == ["route-a", "route-b"]  # the last good policies keep serving
+    assert httpx.post(f"{url}/v1/chat/completions", json=chat).status_code == 200
+    log = Path(process.log.name).read_text()  # type: ignore[attr-defined]
+    assert "policy reload rejected, keeping the previous policies" in log
+    assert "b.yaml:3: arms.base.model: is required but missing" in log
+
+
+def test_several_workers_serve_and_all_reload(
+    sims: tuple[Sim, Sim],
+    serve,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "a.yaml").write_text(policy_yaml("route-a", sims[0].url))
+    process, url = serve(policies, "--workers", "2", env={"CANARYGATE_WATCH_POLICIES": "false"})
+    chat = {"model": "route-a", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(timeout=10) as client:
+        assert all(client.post(f"{url}/v1/chat/completions", json=chat).status_code == 200 for _ in range(20))
+    (policies / "b.yaml").write_text(policy_yaml("route-b", sims[0].url))
+    process.send_signal(signal.SIGHUP)
+
+    def every_worker_reloaded() -> bool:
+        # New connections land on either worker; 20 fresh ones in a row all seeing route-b means both have it.
+        return all(model_ids(url) == ["route-a", "route-b"] for _ in range(20))
+
+    wait_for(every_worker_reloaded, message="both workers to reload")
+    assert process.poll() is None
+
+
+def test_policy_file_change_is_picked_up(sims: tuple[Sim, Sim], make_gateway: GatewayFactory) -> None:
+    base, candidate = sims
+    gw = make_gateway({"chat": policy_yaml("chat", base.url, candidate.url, weight=0)}, watch_policies=True)
+    body = {"model": "chat", "messages": [{"role": "user", "content": "x"}], "user": "alice"}
+
+    def arm() -> str:
+        return gw.post("/v1/chat/completions", json=body).headers["x-canarygate-arm"]
+
+    assert arm() == "base"
+    (gw.policy_dir / "chat.yaml").write_text(policy_yaml("chat", base.url, candidate.url, weight=100))
+    wait_for(lambda: arm() == "candidate", message="weight 100 to apply")
+    (gw.policy_dir / "chat.yaml").write_text("route: chat\narms: nonsense\n")
+    wait_for(lambda: bool(gw.app.services.routes.last_problems), message="the bad file to be seen")
+    assert arm() == "candidate"
+
+
+def test_readyz_reports_each_upstream(sims: tuple[Sim, Sim], make_gateway: GatewayFactory) -> None:
+    dead = f"http://127.0.0.1:{closed_port()}/v1"
+    gw = make_gateway({"chat": policy_yaml("chat", sims[0].url, dead)})
+    response = httpx.get(f"{gw.url}/readyz")
+    assert response.status_code == 200  # a dead candidate must not take the gateway out of service
+    body = response.json()
+    assert body["status"] == "degraded"
+    assert body["routes"]["chat"]["base"]["ok"] is True
+    assert body["routes"]["chat"]["candidate"] == {
+        "model": "tuned-model",
+        "ok": False,
+        "error": "could not connect to the candidate upstream: connection refused",
+    }

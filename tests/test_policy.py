@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.loader import load_dir, load_file
+from gateway.route import Route
+
+REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
+
+VALID = """\
+route: chat
+arms:
+  base: {url: http://base:8000/v1/, model: m}
+  candidate: {url: https://tuned:8000/v1, model: t, timeouts: {first_token_s: 3}}
+timeouts: {connect_s: 1, first_token_s: 10, total_s: 60}
+rollout: {weight: 12.5}
+"""
+
+
+def write(directory: Path, name: str, text: str) -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def only_route(directory: Path, environ: dict[str, str] | None = None) -> Route:
+    routes, problems = load_dir(directory, environ or {})
+    assert problems == []
+    (route,) = routes.values()
+    return route
+
+
+def test_every_example_policy_loads_cleanly() -> None:
+    routes, problems = load_dir(REPO_POLICIES, {})
+    assert [p for p in problems if p.severity == "error"] == []
+    assert {"support-assistant", "extractor", "embed"} <= routes.keys()
+
+
+def test_valid_policy_compiles(tmp_path: Path) -> None:
+    write(tmp_path, "chat.yaml", VALID)
+    route = only_route(tmp_path)
+    assert route.base.url == "http://base:8000/v1"  # trailing slash removed
+    assert str(route.base.urls["chat"]) == "http://base:8000/v1/chat/completions"
+    assert route.weight == 12.5
+    assert route.candidate is not None
+    assert route.candidate.timeouts.first_token_s == 3  # arm override
+    assert route.candidate.timeouts.total_s == 60  # inherited from the route
+    assert route.base.timeouts.first_token_s == 10
+
+
+def test_problems_name_file_line_and_field(tmp_path: Path) -> None:
+    path = write(tmp_path, "bad.yaml", VALID.replace("rollout: {weight: 12.5}", "rollout: {weight: 150}"))
+    _, problems = load_file(path)
+    (problem,) = problems
+    assert (problem.file, problem.line, problem.path) == (path, 6, "rollout.weight")
+    assert "less than or equal to 100" in problem.message and "150" in problem.message
+    assert str(problem).startswith(f"{path}:6: rollout.weight:")
+
+
+def test_unknown_field_suggests_the_right_one(tmp_path: Path) -> None:
+    path = write(tmp_path, "bad.yaml", VALID.replace("  candidate:", "  canddate:"))
+    _, problems = load_file(path)
+    (problem,) = problems
+    assert problem.path == "arms.canddate" and problem.line == 4
+    assert "did you mean 'candidate'" in problem.message
+
+
+def test_missing_field_points_at_its_parent(tmp_path: Path) -> None:
+    path = write(tmp_path, "bad.yaml", "route: r\narms:\n  base:\n    url: http://x/v1\n")
+    _, problems = load_file(path)
+    (problem,) = problems
+    assert problem.path == "arms.base.model" and problem.line == 3
+    assert "required" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "fragment"),
+    [
+        (VALID.replace("http://base:8000/v1/", "ftp://base/v1"), "arms.base.url", "http:// or https://"),
+        (VALID.replace("http://base:8000/v1/", "http://u:p@base/v1"), "arms.base.url", "credentials"),
+        (VALID.replace("connect_s: 1", "connect_s: 100"), "timeouts", "cannot exceed total_s"),
+        (VALID.replace("first_token_s: 3", "first_token_s: 90"), "", "arms.candidate.timeouts"),
+        (VALID.replace("route: chat", "route: 'two words'"), "route", "not a route name"),
+        (VALID + "assignment: {sticky_keys: [cookie:x]}\n", "assignment.sticky_keys", "header:NAME"),
+        (
+            VALID.replace("model: m}", "model: m, headers: {Authorization: x}}"),
+            "arms.base.headers",
+            "api_key_env",
+        ),
+        (
+            VALID.replace("model: m}", "model: m, api_key_env: K, forward_client_auth: true}"),
+            "arms.base",
+            "not both",
+        ),
+        (
+            VALID.replace("model: t,", "model: t, api_key_env: 'no-dash',"),
+            "arms.candidate.api_key_env",
+            "variable",
+        ),
+    ],
+)
+def test_field_checks(tmp_path: Path, text: str, path: str, fragment: str) -> None:
+    _, problems = load_file(write(tmp_path, "p.yaml", text))
+    assert len(problems) == 1, problems
+    assert problems[0].path == path
+    assert fragment in problems[0].message
+
+
+def test_weight_without_candidate_is_rejected(tmp_path: Path) -> None:
+    text = "route: r\narms:\n  base: {url: http://b/v1, model: m}\nrollout: {weight: 5}\n"
+    _, problems = load_file(write(tmp_path, "p.yaml", text))
+    assert "arms.candidate is not defined" in problems[0].message
+
+
+def test_duplicate_keys_and_bad_yaml(tmp_path: Path) -> None:
+    _, dup = load_file(write(tmp_path, "a.yaml", VALID + "rollout: {weight: 1}\n"))
+    assert dup[0].path == "rollout" and dup[0].line == 7 and "twice" in dup[0].message
+    _, broken = load_file(write(tmp_path, "b.yaml", "route: r\narms: [1, 2\n"))
+    assert broken[0].line == 3 and "not valid YAML" in broken[0].message
+    _, scalar = load_file(write(tmp_path, "c.yaml", "just a string\n"))
+    assert "must be a mapping" in scalar[0].message
+
+
+def test_directory_level_problems(tmp_path: Path) -> None:
+    assert "no policy files" in load_dir(tmp_path, {})[1][0].message
+    write(tmp_path, "a.yaml", VALID)
+    write(tmp_path, "b.yml", VALID)
+    routes, problems = load_dir(tmp_path, {})
+    assert list(routes) == ["chat"]
+    assert problems[0].file.name == "b.yml" and "already defined in" in problems[0].message
+
+
+def test_missing_secret_is_an_error_for_serve_and_a_warning_for_check(tmp_path: Path) -> None:
+    write(tmp_path, "p.yaml", VALID.replace("model: m}", "model: m, api_key_env: BASE_KEY}"))
+    _, problems = load_dir(tmp_path, {})
+    assert [(p.severity, p.path) for p in problems] == [("error", "arms.base.api_key_env")]
+    _, relaxed = load_dir(tmp_path, {}, require_secrets=False)
+    assert relaxed[0].severity == "warning"
+    route = only_route(tmp_path, {"BASE_KEY": "sk-secret"})
+    assert route.base.headers["Authorization"] == "Bearer sk-secret"
+    assert "sk-secret" not in repr(route.policy)  # the policy never holds the secret itself
