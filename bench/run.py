@@ -1,5 +1,8 @@
 """Benchmark one proxy hop: direct (nginx fixed upstream) vs reference passthrough vs the gateway.
 
+The reference passthrough runs twice, with aiohttp and with httpx as its upstream client: that pair
+is the measurement behind the gateway's choice of client.
+
 All three are measured in the same run with wrk: p50/p99 latency at 1 connection and req/s at 32
 connections, for a JSON answer and an SSE stream. The gateway runs as `canarygate serve` with one
 uvicorn worker (uvloop + httptools), doing its real work: auth off, route lookup, sticky hashing
@@ -169,7 +172,7 @@ def main() -> int:
         work = Path(tmp)
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (work / sub).mkdir()
-        nginx_port, pass_port, gw_port = free_port(), free_port(), free_port()
+        nginx_port, pass_port, httpx_port, gw_port = free_port(), free_port(), free_port(), free_port()
         (work / "nginx.conf").write_text(
             NGINX_CONF.format(
                 dir=work, port=nginx_port, json=CHAT_JSON.replace("'", "\\'"), sse=SSE.replace("'", "\\'")
@@ -186,51 +189,43 @@ def main() -> int:
         }
         env.pop("CANARYGATE_API_KEYS", None)
         env.pop("CANARYGATE_API_KEYS_FILE", None)
+        uvicorn = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "bench.passthrough:create_app",
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "--port",
+        ]
+        gateway = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--policies",
+            str(policies),
+            "--log-level",
+            "warning",
+        ]
+        commands = [
+            (["nginx", "-c", str(work / "nginx.conf"), "-g", "daemon off;"], env),
+            ([*uvicorn, str(pass_port)], {**env, "PASSTHROUGH_CLIENT": "aiohttp"}),
+            ([*uvicorn, str(httpx_port)], {**env, "PASSTHROUGH_CLIENT": "httpx"}),
+            ([*gateway, "--port", str(gw_port)], env),
+        ]
         try:
-            processes.append(subprocess.Popen(["nginx", "-c", str(work / "nginx.conf"), "-g", "daemon off;"]))
-            processes.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "uvicorn",
-                        "--factory",
-                        "bench.passthrough:create_app",
-                        "--port",
-                        str(pass_port),
-                        "--loop",
-                        "uvloop",
-                        "--http",
-                        "httptools",
-                        "--no-access-log",
-                        "--log-level",
-                        "warning",
-                    ],
-                    cwd=ROOT,
-                    env=env,
-                )
-            )
-            processes.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "gateway",
-                        "serve",
-                        "--policies",
-                        str(policies),
-                        "--port",
-                        str(gw_port),
-                        "--log-level",
-                        "warning",
-                    ],
-                    cwd=ROOT,
-                    env=env,
-                )
-            )
+            processes.extend(subprocess.Popen(cmd, cwd=ROOT, env=cmd_env) for cmd, cmd_env in commands)
             targets = {
                 "direct": (f"http://127.0.0.1:{nginx_port}", "/{kind}/v1/chat/completions"),
                 "passthrough": (f"http://127.0.0.1:{pass_port}", "/{kind}/v1/chat/completions"),
+                "passthrough-httpx": (f"http://127.0.0.1:{httpx_port}", "/{kind}/v1/chat/completions"),
                 "gateway": (f"http://127.0.0.1:{gw_port}", "/v1/chat/completions"),
             }
             for base, path in targets.values():

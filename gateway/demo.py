@@ -141,7 +141,7 @@ async def _traffic(
 
 
 async def _one_request(client: Any, route: str, user: str, rng: random.Random) -> str:
-    headers = {"x-user-id": user, "x-tenant-id": f"tenant-{user[-1]}"}
+    headers = {"x-user-id": user, "x-tenant-id": f"tenant-{int(user[-3:]) % 20:02d}"}
     if route == "embed":
         raw = await client.embeddings.with_raw_response.create(
             model=route, input=["hello", user], extra_headers=headers
