@@ -16,9 +16,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from gateway.asgi import ASGIApp, Receive, Reply, Scope, Send
+from gateway.asgi import ASGIApp, Message, Receive, Reply, Scope, Send, header_map, request_id
 from gateway.auth import ApiKeys, bearer_token
-from gateway.errors import GatewayError, MethodNotAllowed, ModelNotFound, error_body
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+    log_error,
+)
 from gateway.proxy import Proxy
 from gateway.route import Route, RouteArm
 from gateway.routetable import RouteTable
@@ -74,18 +81,33 @@ def create_app(settings: Settings) -> ASGIApp:
     api = _api(services)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            endpoint = PROXY_PATHS.get(scope["path"])
-            if endpoint is not None:
-                if scope["method"] == "POST":
-                    await services.proxy.handle(scope, receive, send, endpoint)
-                else:
-                    await Reply(send, "-").error(MethodNotAllowed(f"use POST for {scope['path']}"))
-                return
-        await api(scope, receive, send)
+        if scope["type"] != "http":
+            await api(scope, receive, send)
+            return
+        endpoint = PROXY_PATHS.get(scope["path"])
+        if endpoint is not None and scope["method"] == "POST":
+            await services.proxy.handle(scope, receive, send, endpoint)
+            return
+        rid = request_id(header_map(scope).get("x-request-id"))
+        if endpoint is not None:
+            error = MethodNotAllowed(f"use POST for {scope['path']}, not {scope['method']}")
+            log_error(error, rid)
+            await Reply(send, rid).error(error)
+            return
+        scope.setdefault("state", {})["request_id"] = rid
+        await api(scope, receive, _tag_request_id(send, rid))
 
     app.services = services  # type: ignore[attr-defined]  # for tests and embedding
     return app
+
+
+def _tag_request_id(send: Send, rid: str) -> Send:
+    async def tagged(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+        await send(message)
+
+    return tagged
 
 
 def create_app_from_env() -> ASGIApp:
@@ -115,25 +137,27 @@ def _api(services: Services) -> FastAPI:
         services.api_keys.authenticate(bearer_token(request.headers.get("authorization")))
 
     @api.exception_handler(GatewayError)
-    async def gateway_error(_: Request, exc: GatewayError) -> Response:
+    async def gateway_error(request: Request, exc: GatewayError) -> Response:
+        log_error(exc, request.state.request_id)
         return Response(exc.body(), status_code=exc.status_code(), media_type="application/json")
 
     @api.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
-        return Response(
-            error_body(str(exc.detail), "invalid_request_error", code),
-            exc.status_code,
-            media_type="application/json",
-        )
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        error: GatewayError
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            error = NotFound(f"no such endpoint: {where}; the API lives under /v1")
+        elif exc.status_code == 405:
+            error = MethodNotAllowed(f"method not allowed: {where}")
+        else:
+            error = InvalidRequest(f"{exc.detail}: {where}")
+        return await gateway_error(request, error)
 
     @api.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
-        return Response(
-            error_body(str(exc.errors()[:3]), "invalid_request_error", "invalid_request"),
-            400,
-            media_type="application/json",
-        )
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return await gateway_error(request, InvalidRequest(f"{where}: {first.get('msg', 'invalid request')}"))
 
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:

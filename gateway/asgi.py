@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
 from typing import Any
@@ -17,6 +19,14 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 JSON = b"application/json"
 EVENT_STREAM = b"text/event-stream"
+
+
+REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def request_id(given: str | None) -> str:
+    """The client's x-request-id when it is sane (1-128 visible ASCII), a new one otherwise."""
+    return given if given and REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
 class ClientGone(Exception):
@@ -64,6 +74,10 @@ class Reply:
         self.route: str | None = None
         self.arm: str | None = None
         self.started = False
+
+    def context(self) -> tuple[str, str | None, str | None]:
+        """(request id, route, arm): what every log line about this request carries."""
+        return self.request_id, self.route, self.arm
 
     def headers(
         self, content_type: bytes, extra: list[tuple[bytes, bytes]] | None = None

@@ -16,9 +16,12 @@ GatewayError                      status  type                    code
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 import orjson
+
+log = logging.getLogger("gateway.errors")
 
 
 class GatewayError(Exception):
@@ -127,3 +130,16 @@ class InternalError(GatewayError):
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
     error: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": code}
     return orjson.dumps({"error": error})
+
+
+def log_error(exc: GatewayError, request_id: str, route: str | None = None, arm: str | None = None) -> None:
+    """Every error answered is logged exactly once, here, with its request id (and its cause, which
+    the client is not told)."""
+    status = exc.status_code()
+    level = logging.WARNING if status >= 500 or status == 429 else logging.INFO
+    cause = f" ({exc.__cause__!r})" if exc.__cause__ else ""
+    log.log(
+        level,
+        "request_id=%s route=%s arm=%s status=%d code=%s %s%s",
+        *(request_id, route, arm, status, exc.code, exc.message, cause),
+    )

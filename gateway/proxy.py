@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +24,7 @@ from gateway.asgi import (
     Send,
     header_map,
     read_body,
+    request_id,
 )
 from gateway.auth import ApiKeys, bearer_token
 from gateway.errors import (
@@ -35,6 +34,7 @@ from gateway.errors import (
     ModelNotFound,
     UnsupportedMediaType,
     UpstreamTimeout,
+    log_error,
 )
 from gateway.route import Route, RouteArm
 from gateway.routing import OVERRIDE_HEADER, choose_arm, unit_key
@@ -43,7 +43,6 @@ from gateway.upstream import Upstream, failure, http_error
 
 log = logging.getLogger("gateway.proxy")
 
-REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 # Fields each endpoint cannot do without; checked here so the client hears it from us, clearly.
 REQUIRED_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 
@@ -63,9 +62,7 @@ class Proxy:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         headers = header_map(scope)
-        given_id = headers.get("x-request-id")
-        request_id = given_id if given_id and REQUEST_ID.match(given_id) else uuid.uuid4().hex
-        reply = Reply(send, request_id)
+        reply = Reply(send, request_id(headers.get("x-request-id")))
         try:
             token = bearer_token(headers.get("authorization"))
             self._api_keys.authenticate(token)
@@ -81,7 +78,7 @@ class Proxy:
             reply.arm = arm.name
             payload["model"] = arm.model
             upstream_body = orjson.dumps(payload)
-            upstream_headers = _upstream_headers(arm, headers, request_id)
+            upstream_headers = _upstream_headers(arm, headers, reply.request_id)
             async with DisconnectWatch(receive) as watch:
                 if payload.get("stream"):
                     await self._stream(arm, endpoint, upstream_body, upstream_headers, token, reply, watch)
@@ -91,10 +88,14 @@ class Proxy:
             _log_error(reply, exc)
             await reply.error(exc)
         except ClientGone:
-            log.info("request_id=%s route=%s arm=%s client disconnected", request_id, reply.route, reply.arm)
+            log.info(
+                "request_id=%s route=%s arm=%s client disconnected", reply.request_id, reply.route, reply.arm
+            )
         except Exception:
-            log.exception("request_id=%s route=%s arm=%s internal error", request_id, reply.route, reply.arm)
-            await reply.error(InternalError(f"internal gateway error; quote request id {request_id}"))
+            log.exception(
+                "request_id=%s route=%s arm=%s internal error", reply.request_id, reply.route, reply.arm
+            )
+            await reply.error(InternalError(f"internal gateway error; quote request id {reply.request_id}"))
 
     def _route(self, payload: dict[str, Any]) -> Route:
         model = payload.get("model")
@@ -238,10 +239,4 @@ def _content_type(resp: aiohttp.ClientResponse, default: bytes) -> bytes:
 
 
 def _log_error(reply: Reply, exc: GatewayError) -> None:
-    level = logging.WARNING if exc.status_code() >= 500 or exc.status_code() == 429 else logging.INFO
-    cause = f" ({exc.__cause__!r})" if exc.__cause__ else ""
-    log.log(
-        level,
-        "request_id=%s route=%s arm=%s status=%d code=%s %s%s",
-        *(reply.request_id, reply.route, reply.arm, exc.status_code(), exc.code, exc.message, cause),
-    )
+    log_error(exc, *reply.context())

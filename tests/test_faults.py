@@ -275,3 +275,28 @@ def test_client_disconnect_while_waiting_for_a_non_streamed_answer(
         timeout=5,
         message="upstream request abandoned",
     )
+
+
+def test_every_error_is_logged_once_with_its_request_id(
+    chat_gateway,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+) -> None:
+    caplog.set_level("INFO", logger="gateway")
+    chat_gateway.post(
+        "/v1/chat/completions", json={**CHAT, "model": "nope"}, headers={"x-request-id": "trace-1"}
+    )
+    httpx.get(f"{chat_gateway.url}/v1/chat/completions", headers={"x-request-id": "trace-2"})
+    httpx.get(f"{chat_gateway.url}/v2/unknown", headers={"x-request-id": "trace-3"})
+    for rid in ("trace-1", "trace-2", "trace-3"):
+        lines = [r.getMessage() for r in caplog.records if f"request_id={rid} " in r.getMessage()]
+        assert len(lines) == 1, lines
+
+
+def test_non_proxy_endpoints_return_a_request_id(chat_gateway) -> None:  # type: ignore[no-untyped-def]
+    response = httpx.get(f"{chat_gateway.url}/v2/unknown")
+    error = assert_openai_error(response, 404, "not_found")
+    assert "GET /v2/unknown" in str(error["message"])
+    assert (
+        httpx.get(f"{chat_gateway.url}/v1/models", headers={"x-request-id": "abc"}).headers["x-request-id"]
+        == "abc"
+    )
