@@ -39,7 +39,7 @@ from gateway.errors import (
 from gateway.route import Route, RouteArm
 from gateway.routing import OVERRIDE_HEADER, choose_arm, unit_key
 from gateway.streaming import relay
-from gateway.upstream import Upstream, failure, http_error
+from gateway.upstream import Call, Upstream, failure
 
 log = logging.getLogger("gateway.proxy")
 
@@ -77,13 +77,14 @@ class Proxy:
             arm = route.arm(choose_arm(route, key, override).arm)
             reply.arm = arm.name
             payload["model"] = arm.model
-            upstream_body = orjson.dumps(payload)
-            upstream_headers = _upstream_headers(arm, headers, reply.request_id)
+            call = Call(
+                arm, endpoint, orjson.dumps(payload), _upstream_headers(arm, headers, reply.request_id), token
+            )
             async with DisconnectWatch(receive) as watch:
                 if payload.get("stream"):
-                    await self._stream(arm, endpoint, upstream_body, upstream_headers, token, reply, watch)
+                    await self._stream(call, reply, watch)
                 else:
-                    await self._forward(arm, endpoint, upstream_body, upstream_headers, token, reply, watch)
+                    await self._forward(call, reply, watch)
         except GatewayError as exc:
             _log_error(reply, exc)
             await reply.error(exc)
@@ -113,50 +114,30 @@ class Proxy:
             )
         return route
 
-    async def _forward(
-        self,
-        arm: RouteArm,
-        endpoint: str,
-        body: bytes,
-        headers: dict[str, str],
-        token: str | None,
-        reply: Reply,
-        watch: DisconnectWatch,
-    ) -> None:
-        resp = await self._upstream.open(arm, endpoint, body, headers)
+    async def _forward(self, call: Call, reply: Reply, watch: DisconnectWatch) -> None:
+        resp = await self._upstream.open(call)
         try:
             data = await resp.read()
         except Exception as exc:
-            raise failure(exc, arm) from exc
+            raise failure(exc, call.arm) from exc
         finally:
             resp.release()
         if resp.status >= 400:
-            raise http_error(resp.status, data, arm, (arm.secret, token), resp.headers.get("retry-after"))
+            raise call.http_error(resp, data)
         watch.finishing()
         await reply.complete(resp.status, data, _content_type(resp, JSON))
 
-    async def _stream(
-        self,
-        arm: RouteArm,
-        endpoint: str,
-        body: bytes,
-        headers: dict[str, str],
-        token: str | None,
-        reply: Reply,
-        watch: DisconnectWatch,
-    ) -> None:
-        limit = arm.timeouts.first_token_s
+    async def _stream(self, call: Call, reply: Reply, watch: DisconnectWatch) -> None:
+        limit = call.arm.timeouts.first_token_s
         try:
-            resp, first = await asyncio.wait_for(
-                self._first_chunk(arm, endpoint, body, headers, token), limit
-            )
+            resp, first = await asyncio.wait_for(self._first_chunk(call), limit)
         except TimeoutError:
             raise UpstreamTimeout(
-                f"the {arm.name} upstream sent no token within {limit}s (timeouts.first_token_s)"
+                f"the {call.arm.name} upstream sent no token within {limit}s (timeouts.first_token_s)"
             ) from None
         try:
             await reply.start_stream(resp.status, _content_type(resp, EVENT_STREAM))
-            error = await relay(resp, reply, first, lambda exc: failure(exc, arm))
+            error = await relay(resp, reply, first, lambda exc: failure(exc, call.arm))
             if error is not None:
                 _log_error(reply, error)
                 return
@@ -165,26 +146,25 @@ class Proxy:
         finally:
             resp.close()
 
-    async def _first_chunk(
-        self, arm: RouteArm, endpoint: str, body: bytes, headers: dict[str, str], token: str | None
-    ) -> tuple[aiohttp.ClientResponse, bytes]:
-        resp = await self._upstream.open(arm, endpoint, body, headers)
+    async def _first_chunk(self, call: Call) -> tuple[aiohttp.ClientResponse, bytes]:
+        """Open the stream and wait for its first bytes: only then is the client's response started."""
+        resp = await self._upstream.open(call)
+        handed_over = False
         try:
             if resp.status >= 400:
-                data = await resp.read()
-                raise http_error(resp.status, data, arm, (arm.secret, token), resp.headers.get("retry-after"))
+                raise call.http_error(resp, await resp.read())
             first = await resp.content.readany()
+            if not first:
+                raise aiohttp.ServerDisconnectedError()
+            handed_over = True
+            return resp, first
         except GatewayError:
-            resp.close()
             raise
-        except BaseException as exc:
-            resp.close()
-            if isinstance(exc, Exception):
-                raise failure(exc, arm) from exc
-            raise
-        if not first:
-            raise failure(aiohttp.ServerDisconnectedError(), arm)
-        return resp, first
+        except Exception as exc:
+            raise failure(exc, call.arm) from exc
+        finally:
+            if not handed_over:
+                resp.close()
 
 
 def _parse(body: bytes) -> dict[str, Any]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+N = TypeVar("N", int, float)
 
 
 class SettingsError(ValueError):
@@ -49,26 +52,21 @@ def _api_keys(env: Mapping[str, str]) -> frozenset[str]:
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name}: expected a whole number, got {raw!r}") from None
-    if value <= 0:
-        raise SettingsError(f"{name}: must be positive, got {value}")
-    return value
+    return _positive(env, name, default, int, "a whole number")
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    return _positive(env, name, default, float, "a number")
+
+
+def _positive(env: Mapping[str, str], name: str, default: N, parse: Callable[[str], N], what: str) -> N:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = float(raw)
+        value = parse(raw)
     except ValueError:
-        raise SettingsError(f"{name}: expected a number, got {raw!r}") from None
+        raise SettingsError(f"{name}: expected {what}, got {raw!r}") from None
     if value <= 0:
         raise SettingsError(f"{name}: must be positive, got {value}")
     return value

@@ -8,13 +8,29 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
 
 from gateway.errors import GatewayError, UpstreamError, UpstreamHTTPError, UpstreamTimeout, error_body
 from gateway.route import RouteArm
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One upstream call: where it goes, what it sends, and whose secrets its errors must not echo."""
+
+    arm: RouteArm
+    endpoint: str
+    body: bytes
+    headers: dict[str, str]
+    client_token: str | None
+
+    def http_error(self, resp: aiohttp.ClientResponse, data: bytes) -> UpstreamHTTPError:
+        secrets = (self.arm.secret, self.client_token)
+        return http_error(resp.status, data, self.arm, secrets, resp.headers.get("retry-after"))
 
 
 class Upstream:
@@ -44,21 +60,19 @@ class Upstream:
             raise RuntimeError("Upstream.start() was not awaited")
         return self._session
 
-    async def open(
-        self, arm: RouteArm, endpoint: str, body: bytes, headers: Mapping[str, str]
-    ) -> aiohttp.ClientResponse:
+    async def open(self, call: Call) -> aiohttp.ClientResponse:
         """POST and return once the response headers are in; the caller reads and releases the body."""
         try:
             return await self.session.request(
                 "POST",
-                arm.urls[endpoint],
-                data=body,
-                headers=headers,
-                timeout=arm.client_timeout,
+                call.arm.urls[call.endpoint],
+                data=call.body,
+                headers=call.headers,
+                timeout=call.arm.client_timeout,
                 allow_redirects=False,
             )
         except Exception as exc:
-            raise failure(exc, arm) from exc
+            raise failure(exc, call.arm) from exc
 
     async def probe(self, arm: RouteArm, timeout_s: float) -> int:
         """GET {url}/models; returns the HTTP status (raises GatewayError when unreachable)."""

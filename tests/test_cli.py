@@ -115,6 +115,13 @@ def serve(tmp_path: Path) -> Iterator[object]:
         process.log.close()  # type: ignore[attr-defined]
 
 
+def route_a_dir(tmp_path: Path, sim: Sim) -> Path:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "a.yaml").write_text(policy_yaml("route-a", sim.url))
+    return policies
+
+
 def model_ids(url: str) -> list[str]:
     return sorted(m["id"] for m in httpx.get(f"{url}/v1/models", timeout=5).json()["data"])
 
@@ -124,9 +131,7 @@ def test_sighup_reloads_and_keeps_the_last_good_policy(
     serve,
     tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "a.yaml").write_text(policy_yaml("route-a", sims[0].url))
+    policies = route_a_dir(tmp_path, sims[0])
     process, url = serve(policies, env={"CANARYGATE_WATCH_POLICIES": "false"})
     chat = {"model": "route-a", "messages": [{"role": "user", "content": "hi"}]}
     assert httpx.post(f"{url}/v1/chat/completions", json=chat).status_code == 200
@@ -153,9 +158,7 @@ def test_several_workers_serve_and_all_reload(
     serve,
     tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "a.yaml").write_text(policy_yaml("route-a", sims[0].url))
+    policies = route_a_dir(tmp_path, sims[0])
     process, url = serve(policies, "--workers", "2", env={"CANARYGATE_WATCH_POLICIES": "false"})
     chat = {"model": "route-a", "messages": [{"role": "user", "content": "hi"}]}
     with httpx.Client(timeout=10) as client:
