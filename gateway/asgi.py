@@ -66,7 +66,7 @@ def _too_large(limit: int) -> PayloadTooLarge:
 class Reply:
     """Writes one response; remembers whether it started so a late error becomes an SSE error event."""
 
-    __slots__ = ("arm", "request_id", "route", "send", "started")
+    __slots__ = ("arm", "finished", "request_id", "route", "send", "started")
 
     def __init__(self, send: Send, request_id: str) -> None:
         self.send = send
@@ -74,6 +74,7 @@ class Reply:
         self.route: str | None = None
         self.arm: str | None = None
         self.started = False
+        self.finished = False
 
     def context(self) -> tuple[str, str | None, str | None]:
         """(request id, route, arm): what every log line about this request carries."""
@@ -102,6 +103,7 @@ class Reply:
         headers.append((b"content-length", str(len(body)).encode()))
         self.started = True
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        self.finished = True
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def start_stream(self, status: int, content_type: bytes) -> None:
@@ -113,9 +115,12 @@ class Reply:
         await self.send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def end_stream(self) -> None:
+        self.finished = True
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def error(self, exc: GatewayError) -> None:
+        if self.finished:
+            return  # the answer is out; the error is in the log only
         if not self.started:
             await self.complete(exc.status_code(), exc.body(), JSON, exc.headers())
             return

@@ -89,13 +89,9 @@ class Proxy:
             _log_error(reply, exc)
             await reply.error(exc)
         except ClientGone:
-            log.info(
-                "request_id=%s route=%s arm=%s client disconnected", reply.request_id, reply.route, reply.arm
-            )
+            log.info("request_id=%s route=%s arm=%s client disconnected", *reply.context())
         except Exception:
-            log.exception(
-                "request_id=%s route=%s arm=%s internal error", reply.request_id, reply.route, reply.arm
-            )
+            log.exception("request_id=%s route=%s arm=%s internal error", *reply.context())
             await reply.error(InternalError(f"internal gateway error; quote request id {reply.request_id}"))
 
     def _route(self, payload: dict[str, Any]) -> Route:

@@ -9,6 +9,9 @@ import aiohttp
 from gateway.asgi import Reply
 from gateway.errors import GatewayError
 
+# An upstream that never ends an event must not make the gateway hold its output without bound.
+MAX_PENDING = 1024 * 1024
+
 
 def event_end(data: bytes) -> int:
     """Index just past the last complete SSE event in data (0 when none is complete)."""
@@ -33,7 +36,7 @@ async def relay(
         while data:
             pending = pending + data if pending else data
             cut = event_end(pending)
-            if cut == len(pending):
+            if cut == len(pending) or len(pending) > MAX_PENDING:
                 await reply.chunk(pending)
                 pending = b""
             elif cut:
