@@ -11,6 +11,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from gateway.loader import load_dir
+from gateway.server import PortUnavailable
 from gateway.settings import Settings, SettingsError
 from gateway.synth import Knobs
 
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
-    except SettingsError as exc:
+    except (SettingsError, PortUnavailable) as exc:
         print(f"canarygate: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,6 +21,10 @@ SERVER_OPTIONS: dict[str, Any] = {
 }
 
 
+class PortUnavailable(OSError):
+    pass
+
+
 class ReloadingMultiprocess(Multiprocess):
     """uvicorn's supervisor, except that SIGHUP is passed to every worker, which reloads its policies in
     place and keeps its last good ones, instead of restarting the workers."""
@@ -47,7 +51,11 @@ class BackgroundServer:
     ) -> None:
         self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
+        try:
+            self._sock.bind((host, port))
+        except OSError as exc:
+            self._sock.close()
+            raise PortUnavailable(f"cannot listen on {host}:{port}: {exc.strerror}") from None
         self.host = host
         self.port = self._sock.getsockname()[1]
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, **SERVER_OPTIONS)

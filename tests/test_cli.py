@@ -97,10 +97,7 @@ def serve(tmp_path: Path) -> Iterator[object]:
 
         def healthy() -> bool:
             assert process.poll() is None, Path(log.name).read_text()
-            try:
-                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
+            return _up(f"{url}/healthz")
 
         wait_for(healthy, timeout=30, message="gateway to start")
         return process, url
@@ -203,3 +200,47 @@ def test_readyz_reports_each_upstream(sims: tuple[Sim, Sim], make_gateway: Gatew
         "ok": False,
         "error": "could not connect to the candidate upstream: connection refused",
     }
+
+
+def test_simulate_serves_with_per_model_knobs() -> None:
+    port = closed_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "simulate",
+            "--port",
+            str(port),
+            "--output-tokens",
+            "3",
+            "--model",
+            "broken:error_rate=1,error_status=503",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _up(f"{url}/health"), timeout=20, message="simulator to start")
+        ok = httpx.post(
+            f"{url}/v1/chat/completions", json={"model": "fine", "messages": [], "temperature": 0}
+        )
+        assert ok.json()["usage"]["completion_tokens"] == 3
+        broken = httpx.post(f"{url}/v1/chat/completions", json={"model": "broken", "messages": []})
+        assert broken.status_code == 503
+        taken = canarygate("simulate", "--port", str(port))
+        assert taken.returncode == 2
+        assert f"cannot listen on 127.0.0.1:{port}" in taken.stderr
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
