@@ -66,13 +66,15 @@ def _too_large(limit: int) -> PayloadTooLarge:
 class Reply:
     """Writes one response; remembers whether it started so a late error becomes an SSE error event."""
 
-    __slots__ = ("arm", "finished", "request_id", "route", "send", "started")
+    __slots__ = ("arm", "fallback", "fallback_denied", "finished", "request_id", "route", "send", "started")
 
     def __init__(self, send: Send, request_id: str) -> None:
         self.send = send
         self.request_id = request_id
         self.route: str | None = None
         self.arm: str | None = None
+        self.fallback: str | None = None  # why base answers instead of the candidate
+        self.fallback_denied: str | None = None  # why a fallback that was due did not happen
         self.started = False
         self.finished = False
 
@@ -88,6 +90,10 @@ class Reply:
             out.append((b"x-canarygate-route", self.route.encode("latin-1")))
         if self.arm is not None:
             out.append((b"x-canarygate-arm", self.arm.encode("latin-1")))
+        if self.fallback is not None:
+            out.append((b"x-canarygate-fallback", self.fallback.encode("latin-1")))
+        if self.fallback_denied is not None:
+            out.append((b"x-canarygate-fallback-denied", self.fallback_denied.encode("latin-1")))
         if extra:
             out.extend(extra)
         return out

@@ -10,6 +10,7 @@ GatewayError                      status  type                    code
 ├── UnsupportedMediaType          415     invalid_request_error   unsupported_media_type
 ├── UpstreamError (retryable)     502     upstream_error          upstream_connect_error, *_protocol_error
 │   └── UpstreamTimeout           504     upstream_error          upstream_timeout
+├── InvalidOutput                 502     upstream_error          invalid_output (failed validation)
 ├── UpstreamHTTPError             (the upstream's status, its OpenAI error passed on, secrets scrubbed)
 └── InternalError                 500     server_error            internal_error
 """
@@ -17,9 +18,12 @@ GatewayError                      status  type                    code
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
+
+if TYPE_CHECKING:
+    from gateway.validation import Kind
 
 log = logging.getLogger("gateway.errors")
 
@@ -121,6 +125,19 @@ class UpstreamHTTPError(GatewayError):
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"retry-after", self.retry_after.encode("latin-1"))] if self.retry_after else []
+
+
+class InvalidOutput(GatewayError):
+    """The upstream answered, but its output broke the JSON or tool-call contract."""
+
+    status = 502
+    type = "upstream_error"
+    default_code = "invalid_output"
+
+    def __init__(self, kind: Kind, message: str, arm: str) -> None:
+        super().__init__(f"the {arm} model's output failed validation ({kind}): {message}")
+        self.kind = kind
+        self.detail = message
 
 
 class InternalError(GatewayError):

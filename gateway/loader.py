@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from gateway.policy import Policy
 from gateway.route import Route, compile_policy
@@ -142,7 +143,7 @@ def _problem(file: Path, root: yaml.Node | None, err: Mapping[str, Any]) -> Prob
 
 def _unknown_field(loc: tuple[PathPart, ...]) -> str:
     model = _model_at(loc[:-1])
-    allowed = sorted(model.model_fields) if model else []
+    allowed = sorted(field.alias or name for name, field in model.model_fields.items()) if model else []
     message = "is not a known field"
     close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
     if close:
@@ -153,8 +154,7 @@ def _unknown_field(loc: tuple[PathPart, ...]) -> str:
 
 
 def _field_hint(loc: tuple[PathPart, ...]) -> str:
-    model = _model_at(loc[:-1])
-    field = model.model_fields.get(str(loc[-1])) if model else None
+    field = _field(_model_at(loc[:-1]), str(loc[-1]))
     if field is not None and field.description:
         return field.description
     return "add it"
@@ -165,9 +165,16 @@ def _model_at(loc: tuple[PathPart, ...]) -> type[BaseModel] | None:
     for part in loc:
         if model is None or isinstance(part, int):
             return None
-        field = model.model_fields.get(part)
+        field = _field(model, part)
         model = _unwrap_model(field.annotation) if field else None
     return model
+
+
+def _field(model: type[BaseModel] | None, name: str) -> FieldInfo | None:
+    """A model's field by its name in the file (its alias, where it has one)."""
+    if model is None:
+        return None
+    return next((f for n, f in model.model_fields.items() if (f.alias or n) == name), None)
 
 
 def _unwrap_model(annotation: Any) -> type[BaseModel] | None:

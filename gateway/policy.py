@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gateway.validation import SchemaError, compile_schema
 
 ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -39,11 +41,15 @@ class Strict(BaseModel):
 
 
 class Timeouts(Strict):
-    """connect_s: TCP connect; first_token_s: until the first streamed token; total_s: whole exchange."""
+    """connect_s: TCP connect; first_token_s: until the first streamed chunk; total_s: one upstream
+    exchange; deadline_s: the whole request, the candidate attempt and its fallback together."""
 
     connect_s: Seconds = 2.0
     first_token_s: Seconds = 30.0
     total_s: Seconds = 300.0
+    deadline_s: Seconds | None = Field(
+        default=None, description="Defaults to the candidate's total_s plus the base's total_s"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> Timeouts:
@@ -54,6 +60,8 @@ class Timeouts(Strict):
 
 
 def timeout_order_problem(t: Timeouts) -> str | None:
+    if t.deadline_s is not None and t.first_token_s > t.deadline_s:
+        return f"first_token_s ({t.first_token_s}) cannot exceed deadline_s ({t.deadline_s})"
     if t.connect_s > t.total_s:
         return f"connect_s ({t.connect_s}) cannot exceed total_s ({t.total_s})"
     if t.first_token_s > t.total_s:
@@ -146,6 +154,88 @@ class Assignment(Strict):
         return [s.lower() if s.startswith("header:") else s for s in value]
 
 
+class Validation(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    json_: Literal["auto", "always", "off"] = Field(
+        default="auto",
+        alias="json",
+        description="auto: when response_format asks for JSON; always: every answer; off",
+    )
+    schema_: dict[str, Any] | None = Field(
+        default=None, alias="schema", description="A JSON Schema every answer's content must match"
+    )
+    tool_calls: bool = Field(default=True, description="Check tool names, arguments and tool_choice")
+    stream: Literal["buffer", "passthrough"] = Field(
+        default="buffer",
+        description="buffer: validate a stream before releasing it; passthrough: record only",
+    )
+    enforce_on_base: bool = Field(
+        default=False, description="Answer 502 invalid_output for invalid base output"
+    )
+    max_buffer_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+
+    @field_validator("schema_")
+    @classmethod
+    def _compiles(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                compile_schema(value, "the schema")
+            except SchemaError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Validation:
+        if self.schema_ is not None and self.json_ == "off":
+            raise ValueError("schema is set but json is off; remove one of them")
+        return self
+
+
+class Budget(Strict):
+    ratio: float = Field(default=0.2, gt=0, le=1, description="Fallbacks per request of the route, at most")
+    window_s: float = Field(default=10, gt=0, le=3600)
+    min_per_window: int = Field(default=5, ge=0, le=1_000_000)
+
+
+class CircuitBreaker(Strict):
+    enabled: bool = True
+    window: int = Field(default=100, ge=1, le=100_000)
+    min_requests: int = Field(default=20, ge=1, le=100_000)
+    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    open_s: float = Field(default=30, gt=0, le=86_400)
+    half_open_requests: int = Field(default=5, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _window(self) -> CircuitBreaker:
+        if self.min_requests > self.window:
+            raise ValueError(f"min_requests ({self.min_requests}) cannot exceed window ({self.window})")
+        return self
+
+
+FallbackReason = Literal[
+    "connect_error", "timeout", "http_5xx", "http_429",
+    "json_parse", "json_schema", "tool_unknown", "tool_args_parse", "tool_args_schema", "tool_choice",
+]  # fmt: skip
+
+
+class Fallback(Strict):
+    on: list[FallbackReason] = Field(
+        default_factory=lambda: list(get_args(FallbackReason)),
+        description="Candidate failures answered by base instead",
+    )
+    budget: Budget = Field(default_factory=Budget)
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
+
+    @field_validator("on")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        duplicates = {r for r in value if value.count(r) > 1}
+        if duplicates:
+            raise ValueError(f"listed twice: {', '.join(sorted(duplicates))}")
+        return value
+
+
 class Rollout(Strict):
     weight: float = Field(default=0, ge=0, le=100, description="Percent of units served by the candidate")
 
@@ -157,6 +247,8 @@ class Policy(Strict):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     assignment: Assignment = Field(default_factory=Assignment)
     rollout: Rollout = Field(default_factory=Rollout)
+    validation: Validation = Field(default_factory=Validation)
+    fallback: Fallback = Field(default_factory=Fallback)
 
     @field_validator("route")
     @classmethod

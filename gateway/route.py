@@ -9,8 +9,11 @@ from pathlib import Path
 import aiohttp
 from yarl import URL
 
+from gateway.breaker import BreakerSettings
+from gateway.budget import BudgetSettings
 from gateway.policy import Arm as ArmPolicy
 from gateway.policy import ArmName, Policy, Timeouts, merge_timeouts
+from gateway.validation import RoutePolicy, compile_schema
 
 ENDPOINT_PATHS: Mapping[str, str] = {
     "chat": "/chat/completions",
@@ -42,6 +45,14 @@ class Route:
     salt: str
     sticky_sources: tuple[tuple[str, str], ...]
     allow_override: bool
+    validation: RoutePolicy
+    buffer_streams: bool  # validation.stream == "buffer"
+    enforce_on_base: bool
+    max_buffer_bytes: int
+    fallback_on: frozenset[str]
+    budget: BudgetSettings
+    breaker: BreakerSettings | None
+    deadline_s: float
     source: Path
     policy: Policy
 
@@ -69,6 +80,10 @@ def compile_policy(
     sources = tuple(
         (kind, name) for kind, _, name in (s.partition(":") for s in policy.assignment.sticky_keys)
     )
+    checks = policy.validation
+    fallback = policy.fallback
+    breaker = fallback.circuit_breaker
+    deadline = policy.timeouts.deadline_s or sum(arm.timeouts.total_s for arm in (base, candidate) if arm)
     route = Route(
         name=policy.route,
         base=base,
@@ -77,6 +92,30 @@ def compile_policy(
         salt=salt,
         sticky_sources=sources,
         allow_override=policy.assignment.allow_override_header,
+        validation=RoutePolicy(
+            json=checks.json_,
+            schema=compile_schema(checks.schema_, "validation.schema")
+            if checks.schema_ is not None
+            else None,
+            tool_calls=checks.tool_calls,
+        ),
+        buffer_streams=checks.stream == "buffer",
+        enforce_on_base=checks.enforce_on_base,
+        max_buffer_bytes=checks.max_buffer_bytes,
+        fallback_on=frozenset(fallback.on),
+        budget=BudgetSettings(
+            fallback.budget.ratio, fallback.budget.window_s, fallback.budget.min_per_window
+        ),
+        breaker=BreakerSettings(
+            breaker.window,
+            breaker.min_requests,
+            breaker.failure_rate,
+            breaker.open_s,
+            breaker.half_open_requests,
+        )
+        if breaker.enabled
+        else None,
+        deadline_s=deadline,
         source=source,
         policy=policy,
     )

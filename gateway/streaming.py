@@ -1,10 +1,13 @@
-"""SSE relay: forwards whole events as they arrive; a failure mid-stream becomes an SSE error event."""
+"""SSE: the relay (whole events, as they arrive; a failure mid-stream becomes an SSE error event),
+event parsing, and delta accumulation into a complete answer for validation."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
+import orjson
 
 from gateway.asgi import Reply
 from gateway.errors import GatewayError
@@ -25,8 +28,10 @@ async def relay(
     reply: Reply,
     first: bytes,
     on_failure: Callable[[BaseException], GatewayError],
+    observe: Callable[[bytes], object] | None = None,
 ) -> GatewayError | None:
     """Send first and every later chunk, cut at event boundaries so an error event never splits one.
+    observe, when given, sees every chunk too (to validate what passes through).
 
     Returns the failure that ended the stream early (already sent to the client), or None.
     """
@@ -34,6 +39,8 @@ async def relay(
     data = first
     try:
         while data:
+            if observe is not None:
+                observe(data)
             pending = pending + data if pending else data
             cut = event_end(pending)
             if cut == len(pending) or len(pending) > MAX_PENDING:
@@ -50,3 +57,111 @@ async def relay(
     if pending:
         await reply.chunk(pending)
     return None
+
+
+class EventParser:
+    """Splits an SSE byte stream into the parsed JSON of its data events ([DONE] is dropped)."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self.malformed = 0
+
+    def feed(self, data: bytes) -> list[Any]:
+        self._pending += data
+        cut = event_end(self._pending)
+        if not cut:
+            return []
+        complete, self._pending = self._pending[:cut], self._pending[cut:]
+        events = []
+        for block in complete.replace(b"\r\n", b"\n").split(b"\n\n"):
+            payload = b"\n".join(
+                line[5:].lstrip(b" ") for line in block.split(b"\n") if line.startswith(b"data:")
+            )
+            if not payload or payload == b"[DONE]":
+                continue
+            try:
+                events.append(orjson.loads(payload))
+            except orjson.JSONDecodeError:
+                self.malformed += 1
+        return events
+
+
+class Accumulator:
+    """Rebuilds a streamed answer (chat deltas or completion texts) into the shape of a complete one,
+    so the same checks apply to streamed and non-streamed answers."""
+
+    def __init__(self) -> None:
+        self._choices: dict[int, dict[str, Any]] = {}
+        self._calls: dict[int, dict[int, dict[str, Any]]] = {}
+        self.error: Any = None
+
+    def add(self, event: Any) -> None:
+        if not isinstance(event, dict):
+            return
+        if "error" in event:
+            self.error = event["error"]
+        for choice in event.get("choices") or ():
+            if isinstance(choice, dict):
+                self._add_choice(choice)
+
+    def _add_choice(self, choice: dict[str, Any]) -> None:
+        index = choice.get("index", 0) if isinstance(choice.get("index"), int) else 0
+        entry = self._choices.setdefault(index, {"index": index, "content": None, "text": None})
+        if isinstance(choice.get("text"), str):
+            entry["text"] = (entry["text"] or "") + choice["text"]
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            return
+        if isinstance(delta.get("content"), str):
+            entry["content"] = (entry["content"] or "") + delta["content"]
+        if isinstance(delta.get("function_call"), dict):
+            call = entry.setdefault("function_call", {"name": "", "arguments": ""})
+            _merge_function(call, delta["function_call"])
+        for piece in delta.get("tool_calls") or ():
+            if not isinstance(piece, dict):
+                continue
+            position = piece.get("index", 0) if isinstance(piece.get("index"), int) else 0
+            calls = self._calls.setdefault(index, {})
+            call = calls.setdefault(
+                position, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+            call["id"] = call["id"] or piece.get("id")
+            if isinstance(piece.get("function"), dict):
+                _merge_function(call["function"], piece["function"])
+
+    def chat_body(self) -> dict[str, Any]:
+        choices = []
+        for index, entry in sorted(self._choices.items()):
+            message: dict[str, Any] = {"role": "assistant", "content": entry["content"]}
+            if index in self._calls:
+                message["tool_calls"] = [call for _, call in sorted(self._calls[index].items())]
+            if "function_call" in entry:
+                message["function_call"] = entry["function_call"]
+            choices.append({"index": index, "message": message})
+        return {"choices": choices}
+
+    def completion_body(self) -> dict[str, Any]:
+        return {"choices": [{"index": i, "text": e["text"]} for i, e in sorted(self._choices.items())]}
+
+
+def _merge_function(call: dict[str, Any], piece: dict[str, Any]) -> None:
+    name = piece.get("name")
+    # Servers send the name once; some repeat it whole in every delta. Never double it.
+    if isinstance(name, str) and name and name != call["name"]:
+        call["name"] += name
+    if isinstance(piece.get("arguments"), str):
+        call["arguments"] += piece["arguments"]
+
+
+async def collect(resp: aiohttp.ClientResponse, first: bytes, limit: int) -> tuple[bytes, bool]:
+    """Read a stream into memory, for validation before release. Returns (bytes, complete): past limit
+    bytes it stops early, and the caller relays the rest unvalidated."""
+    chunks = [first]
+    size = len(first)
+    while size <= limit:
+        data = await resp.content.readany()
+        if not data:
+            return b"".join(chunks), True
+        size += len(data)
+        chunks.append(data)
+    return b"".join(chunks), False

@@ -27,6 +27,11 @@ class Call:
     body: bytes
     headers: dict[str, str]
     client_token: str | None
+    timeout: aiohttp.ClientTimeout  # the arm's, or less when the request's deadline is nearer
+    first_token_s: float
+
+    def failure(self, exc: BaseException) -> GatewayError:
+        return failure(exc, self.arm, self.timeout.total)
 
     def http_error(self, resp: aiohttp.ClientResponse, data: bytes) -> UpstreamHTTPError:
         secrets = (self.arm.secret, self.client_token)
@@ -68,11 +73,11 @@ class Upstream:
                 call.arm.urls[call.endpoint],
                 data=call.body,
                 headers=call.headers,
-                timeout=call.arm.client_timeout,
+                timeout=call.timeout,
                 allow_redirects=False,
             )
         except Exception as exc:
-            raise failure(exc, call.arm) from exc
+            raise call.failure(exc) from exc
 
     async def probe(self, arm: RouteArm, timeout_s: float) -> int:
         """GET {url}/models; returns the HTTP status (raises GatewayError when unreachable)."""
@@ -85,7 +90,7 @@ class Upstream:
             raise failure(exc, arm) from exc
 
 
-def failure(exc: BaseException, arm: RouteArm) -> GatewayError:
+def failure(exc: BaseException, arm: RouteArm, total_s: float | None = None) -> GatewayError:
     """Map a transport exception to what the client is told (no upstream URL, no secret)."""
     who = f"the {arm.name} upstream"
     if isinstance(exc, GatewayError):
@@ -93,7 +98,8 @@ def failure(exc: BaseException, arm: RouteArm) -> GatewayError:
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamTimeout(f"{who} did not accept a connection within {arm.timeouts.connect_s}s")
     if isinstance(exc, asyncio.TimeoutError):
-        return UpstreamTimeout(f"{who} did not finish within {arm.timeouts.total_s}s (timeouts.total_s)")
+        limit = total_s if total_s is not None else arm.timeouts.total_s
+        return UpstreamTimeout(f"{who} did not finish within {limit:g}s (timeouts.total_s / deadline_s)")
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamError(f"could not connect to {who}: {_reason(exc.os_error)}")
     if isinstance(exc, aiohttp.ClientError | OSError):
