@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,13 +95,27 @@ def load_file(file: Path) -> tuple[Policy | None, list[Problem]]:
         return None, sorted(problems, key=lambda p: p.line or 0)
 
 
+class PolicyYAMLLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. Under YAML 1.1 rules (PyYAML's default) `on`, `off`, `yes`
+    and `no` are booleans too, which would turn `fallback: {on: [...]}` and `json: off` into nonsense."""
+
+
+PolicyYAMLLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+PolicyYAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
 class _DuplicateKey(Exception):
     def __init__(self, path: str, line: int) -> None:
         self.path, self.line = path, line
 
 
 def _parse(text: str) -> tuple[yaml.Node | None, Any]:
-    loader = yaml.SafeLoader(text)
+    loader = PolicyYAMLLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:

@@ -70,13 +70,27 @@ class Knobs:
     error_rate: float = 0.0
     error_status: int = 500
     invalid_json_rate: float = 0.0  # JSON mode: truncated, unparseable content
+    schema_mismatch_rate: float = 0.0  # JSON mode: valid JSON that breaks the requested schema
+    ignore_tool_choice_rate: float = (
+        0.0  # calls a tool when told not to, or answers in words when told to call
+    )
     wrong_tool_rate: float = 0.0  # calls a tool the request did not declare
-    bad_args_rate: float = 0.0  # tool arguments that do not parse or break the schema
+    bad_args_rate: float = 0.0  # tool arguments that are not valid JSON
+    args_mismatch_rate: float = 0.0  # tool arguments that parse but break the tool's schema
     hang_rate: float = 0.0  # accept the request, never answer
     embedding_dim: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("error_rate", "invalid_json_rate", "wrong_tool_rate", "bad_args_rate", "hang_rate"):
+        rates = (
+            "error_rate",
+            "invalid_json_rate",
+            "schema_mismatch_rate",
+            "ignore_tool_choice_rate",
+            "wrong_tool_rate",
+            "bad_args_rate",
+            "hang_rate",
+        )
+        for name in rates:
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must be within [0, 1], got {value}")
@@ -139,7 +153,7 @@ def count_tokens(text: str) -> int:
 
 
 def chat(request: dict[str, Any], knobs: Knobs, rng: random.Random) -> Generation:
-    call = _tool_to_call(request, rng)
+    call = _tool_to_call(request, rng, rng.random() < knobs.ignore_tool_choice_rate)
     if call is not None:
         name, parameters, legacy = call
         return _tool_call(name, parameters, legacy, knobs, rng)
@@ -152,6 +166,8 @@ def chat(request: dict[str, Any], knobs: Knobs, rng: random.Random) -> Generatio
             if isinstance(schema, dict)
             else {"answer": _words(rng, 6), "confidence": 0.9}
         )
+        if rng.random() < knobs.schema_mismatch_rate:
+            value = {"unexpected": True, "note": "this object ignores the requested schema"}
         content = json.dumps(value)
         if rng.random() < knobs.invalid_json_rate:
             content = content[: max(1, len(content) * 2 // 3)]
@@ -169,7 +185,10 @@ def text(request: dict[str, Any], knobs: Knobs, rng: random.Random) -> Generatio
     return Generation(pieces=[w if i == 0 else " " + w for i, w in enumerate(words)], finish_reason=finish)
 
 
-def _tool_to_call(request: dict[str, Any], rng: random.Random) -> tuple[str, dict[str, Any], bool] | None:
+def _tool_to_call(
+    request: dict[str, Any], rng: random.Random, defy: bool = False
+) -> tuple[str, dict[str, Any], bool] | None:
+    """The tool the model calls, if any; defy makes it do the opposite of what tool_choice says."""
     messages = request.get("messages") or []
     if messages and isinstance(messages[-1], dict) and messages[-1].get("role") in ("tool", "function"):
         return None  # the tool already answered: reply in words
@@ -178,7 +197,15 @@ def _tool_to_call(request: dict[str, Any], rng: random.Random) -> tuple[str, dic
     legacy = False
     if not tools and request.get("functions"):
         tools, choice, legacy = list(request["functions"]), request.get("function_call", "auto"), True
-    if not tools or choice == "none":
+    if not tools:
+        return None
+    if defy:
+        if choice == "none":
+            picked = rng.choice(tools)
+            return picked["name"], picked.get("parameters") or {}, legacy
+        if choice == "required" or isinstance(choice, dict):
+            return None
+    if choice == "none":
         return None
     if isinstance(choice, dict):
         wanted = (choice.get("function") or {}).get("name") or choice.get("name")
@@ -196,14 +223,13 @@ def _tool_call(
     arguments = json.dumps(args)
     if rng.random() < knobs.wrong_tool_rate:
         name = f"{name}_undeclared"
+    if rng.random() < knobs.args_mismatch_rate:
+        first = next(iter(args), "value") if isinstance(args, dict) else "value"
+        broken = {k: v for k, v in args.items() if k != first} if isinstance(args, dict) else {}
+        broken[first + "_x"] = [1, 2]  # a declared key gone, an unexpected one added
+        arguments = json.dumps(broken)
     if rng.random() < knobs.bad_args_rate:
-        if rng.random() < 0.5 or not isinstance(args, dict) or not args:
-            arguments = arguments[: max(1, len(arguments) // 2)]  # does not parse
-        else:
-            first = next(iter(args))
-            broken = {k: v for k, v in args.items() if k != first}
-            broken[first + "_x"] = [1, 2]  # a required key gone, an unexpected one added
-            arguments = json.dumps(broken)
+        arguments = arguments[: max(1, len(arguments) // 2)]  # does not parse
     return Generation(
         pieces=_split(arguments, 6),
         tool_name=name,

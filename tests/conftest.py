@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from gateway.app import create_app
+from gateway.loader import load_dir
 from gateway.server import BackgroundServer
 from gateway.settings import Settings
 from gateway.simulator import Simulator
@@ -124,6 +125,8 @@ def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
         for name, text in policies.items():
             (policy_dir / f"{name}.yaml").write_text(text)
         settings.setdefault("watch_policies", False)
+        problems = [str(p) for p in load_dir(policy_dir)[1] if p.severity == "error"]
+        assert not problems, "\n".join(problems)
         app = create_app(Settings(policy_dir=policy_dir, **settings))
         gateway = Gateway(BackgroundServer(app).start(), policy_dir, app)
         started.append(gateway)

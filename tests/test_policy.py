@@ -141,3 +141,39 @@ def test_missing_secret_is_an_error_for_serve_and_a_warning_for_check(tmp_path: 
     route = only_route(tmp_path, {"BASE_KEY": "sk-secret"})
     assert route.base.headers["Authorization"] == "Bearer sk-secret"
     assert "sk-secret" not in repr(route.policy)  # the policy never holds the secret itself
+
+
+def test_yaml_1_2_booleans_keep_on_and_off_as_words(tmp_path: Path) -> None:
+    text = VALID + "validation: {json: off, tool_calls: false}\nfallback: {on: [timeout, http_5xx]}\n"
+    policy, problems = load_file(write(tmp_path, "p.yaml", text))
+    assert problems == []
+    assert policy is not None
+    assert policy.validation.json_ == "off" and policy.validation.tool_calls is False
+    assert policy.fallback.on == ["timeout", "http_5xx"]
+
+
+def test_validation_and_fallback_checks(tmp_path: Path) -> None:
+    cases = {
+        "validation: {schema: {type: nope}}": ("validation.schema", "not a valid JSON Schema"),
+        "validation: {json: off, schema: {type: object}}": ("validation", "schema is set but json is off"),
+        "fallback: {on: [timeout, oops]}": ("fallback.on[1]", "Input should be"),
+        "fallback: {on: [timeout, timeout]}": ("fallback.on", "listed twice"),
+        "fallback: {circuit_breaker: {window: 5, min_requests: 10}}": (
+            "fallback.circuit_breaker",
+            "cannot exceed",
+        ),
+        "fallback: {budget: {ratio: 2}}": ("fallback.budget.ratio", "less than or equal to 1"),
+        "validation: {strem: buffer}": ("validation.strem", "did you mean 'stream'"),
+    }
+    for extra, (path, fragment) in cases.items():
+        _, problems = load_file(write(tmp_path, "p.yaml", VALID + extra + "\n"))
+        assert [p.path for p in problems] == [path], (extra, problems)
+        assert fragment in problems[0].message, (extra, problems[0].message)
+        assert problems[0].line == 7
+
+
+def test_deadline_defaults_to_the_sum_of_the_attempts(tmp_path: Path) -> None:
+    write(tmp_path, "chat.yaml", VALID)
+    assert only_route(tmp_path).deadline_s == 120  # candidate 60 + base 60
+    write(tmp_path, "chat.yaml", VALID.replace("total_s: 60}", "total_s: 60, deadline_s: 90}"))
+    assert only_route(tmp_path).deadline_s == 90

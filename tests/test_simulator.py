@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -81,26 +82,34 @@ def test_legacy_function_call_and_tool_choice_none(sim) -> None:  # type: ignore
 
 def test_failure_knobs(sim) -> None:  # type: ignore[no-untyped-def]
     simulator, client, _ = sim
-    simulator.default = Knobs(invalid_json_rate=1, wrong_tool_rate=1, bad_args_rate=1)
-    content = (
-        client.chat.completions.create(model="m", messages=ASK, response_format={"type": "json_object"})
-        .choices[0]
-        .message.content
-        or ""
-    )
+
+    def first_call(**extra: Any) -> Any:
+        calls = client.chat.completions.create(model="m", messages=ASK, **extra).choices[0].message.tool_calls
+        return (calls or [None])[0]
+
+    def content(**extra: Any) -> str:
+        return (
+            client.chat.completions.create(model="m", messages=ASK, **extra).choices[0].message.content or ""
+        )
+
+    simulator.default = Knobs(invalid_json_rate=1)
     with pytest.raises(json.JSONDecodeError):
-        json.loads(content)
-    for _ in range(10):
-        call = (
-            client.chat.completions.create(model="m", messages=ASK, tools=TOOLS).choices[0].message.tool_calls
-            or []
-        )[0]
-        assert call.function.name == "search_undeclared"
-        try:
-            arguments = json.loads(call.function.arguments)
-        except json.JSONDecodeError:
-            continue
-        assert not {"query", "limit"} <= arguments.keys()
+        json.loads(content(response_format={"type": "json_object"}))
+    simulator.default = Knobs(schema_mismatch_rate=1)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    assert "a" not in json.loads(
+        content(response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    )
+    simulator.default = Knobs(wrong_tool_rate=1, args_mismatch_rate=1)
+    call = first_call(tools=TOOLS)
+    assert call.function.name == "search_undeclared"
+    assert not {"query", "limit"} <= json.loads(call.function.arguments).keys()
+    simulator.default = Knobs(bad_args_rate=1)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(first_call(tools=TOOLS).function.arguments)
+    simulator.default = Knobs(ignore_tool_choice_rate=1)
+    assert first_call(tools=TOOLS, tool_choice="required") is None
+    assert first_call(tools=TOOLS, tool_choice="none") is not None
 
 
 def test_per_model_knobs_and_live_changes(sim) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,197 @@
+"""Output validation alone: pure functions over requests and answers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from gateway.validation import (
+    RoutePolicy,
+    SchemaCache,
+    SchemaError,
+    check_chat,
+    check_completion,
+    compile_schema,
+    rules_for,
+)
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"total": {"type": "number"}, "items": {"type": "array"}},
+    "required": ["total"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "search",
+            "parameters": {
+                "type": "object",
+                "properties": {"query": {"type": "string"}},
+                "required": ["query"],
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "now"}},
+]
+AUTO = RoutePolicy()
+
+
+def answer(content: str | None = None, calls: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls is not None:
+        message["tool_calls"] = [
+            {"id": f"c{i}", "type": "function", "function": {"name": n, "arguments": a}}
+            for i, (n, a) in enumerate(calls)
+        ]
+    return {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+
+
+def rules(request: dict[str, Any], policy: RoutePolicy = AUTO):  # type: ignore[no-untyped-def]
+    return rules_for({"messages": [], **request}, policy, SchemaCache())
+
+
+def kind(request: dict[str, Any], body: dict[str, Any], policy: RoutePolicy = AUTO) -> str | None:
+    failure = check_chat(body, rules(request, policy))
+    return failure.kind if failure else None
+
+
+def test_plain_requests_have_no_rules() -> None:
+    assert rules({}) is None
+    assert rules({"response_format": {"type": "text"}}) is None
+    assert rules({"tools": TOOLS}, RoutePolicy(tool_calls=False)) is None
+    assert rules({"response_format": {"type": "json_object"}}, RoutePolicy(json="off")) is None
+
+
+def test_json_object() -> None:
+    req = {"response_format": {"type": "json_object"}}
+    assert kind(req, answer('{"a": 1}')) is None
+    assert kind(req, answer('{"a": 1')) == "json_parse"
+    assert kind(req, answer("[1, 2]")) == "json_parse"
+    assert kind(req, answer("")) == "json_parse"
+    assert kind(req, answer(None)) == "json_parse"
+
+
+def test_json_schema_message_names_the_field() -> None:
+    req = {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}}
+    assert kind(req, answer('{"total": 3.5}')) is None
+    failure = check_chat(answer('{"total": "3.5"}'), rules(req))
+    assert failure is not None and failure.kind == "json_schema"
+    assert failure.message.startswith("choices[0].message.content.total: ")
+    assert 'not of type "number"' in failure.message
+    assert kind(req, answer('{"total": 1, "extra": 2}')) == "json_schema"
+
+
+def test_policy_always_and_policy_schema() -> None:
+    always = RoutePolicy(json="always")
+    assert kind({}, answer("plain words"), always) == "json_parse"
+    strict = RoutePolicy(schema=compile_schema(SCHEMA, "validation.schema"))
+    assert kind({}, answer('{"total": 1}'), strict) is None
+    failure = check_chat(answer('{"items": []}'), rules({}, strict))
+    assert failure is not None and "the route's validation.schema" in failure.message
+
+
+def test_every_choice_is_checked() -> None:
+    req = {"response_format": {"type": "json_object"}}
+    body = answer('{"ok": true}')
+    body["choices"].append({"index": 1, "message": {"role": "assistant", "content": "nope"}})
+    failure = check_chat(body, rules(req))
+    assert failure is not None and failure.message.startswith("choices[1]")
+    assert check_chat({"object": "error"}, rules(req)) is not None  # no choices at all
+
+
+def test_tool_calls() -> None:
+    req = {"tools": TOOLS}
+    assert kind(req, answer(calls=[("search", '{"query": "shoes"}')])) is None
+    assert kind(req, answer(calls=[("now", "{}")])) is None  # a tool without parameters
+    assert kind(req, answer("just words")) is None  # auto: no call is fine
+    assert kind(req, answer(calls=[("delete_all", "{}")])) == "tool_unknown"
+    assert kind(req, answer(calls=[("search", '{"query": ')])) == "tool_args_parse"
+    assert kind(req, answer(calls=[("search", '"shoes"')])) == "tool_args_parse"
+    assert kind(req, answer(calls=[("search", '{"q": "shoes"}')])) == "tool_args_schema"
+    failure = check_chat(answer(calls=[("search", "{}"), ("nope", "{}")]), rules(req))
+    assert failure is not None and "tool_calls[0].function.arguments" in failure.message
+
+
+def test_tool_choice() -> None:
+    call = answer(calls=[("search", '{"query": "x"}')])
+    assert kind({"tools": TOOLS, "tool_choice": "none"}, call) == "tool_choice"
+    assert kind({"tools": TOOLS, "tool_choice": "required"}, answer("words")) == "tool_choice"
+    assert kind({"tools": TOOLS, "tool_choice": "required"}, call) is None
+    named = {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "now"}}}
+    assert kind(named, call) == "tool_choice"
+    assert kind(named, answer("words")) == "tool_choice"
+    assert kind(named, answer(calls=[("now", "{}")])) is None
+
+
+def test_tool_call_skips_json_content_checks() -> None:
+    req = {"tools": TOOLS, "response_format": {"type": "json_object"}}
+    assert kind(req, answer(None, calls=[("search", '{"query": "x"}')])) is None
+
+
+def test_legacy_function_call() -> None:
+    req = {"functions": [t["function"] for t in TOOLS], "function_call": {"name": "search"}}
+    good = {
+        "choices": [
+            {
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "function_call": {"name": "search", "arguments": '{"query": "a"}'},
+                }
+            }
+        ]
+    }
+    assert kind(req, good) is None
+    bad = json.loads(json.dumps(good))
+    bad["choices"][0]["message"]["function_call"]["arguments"] = '{"query": 5}'
+    assert kind(req, bad) == "tool_args_schema"
+    assert kind(req, answer("words")) == "tool_choice"
+
+
+def test_completions_text() -> None:
+    policy_rules = rules({}, RoutePolicy(json="always"))
+    assert policy_rules is not None
+    assert check_completion({"choices": [{"text": '{"a": 1}'}]}, policy_rules) is None
+    failure = check_completion({"choices": [{"text": "words"}]}, policy_rules)
+    assert failure is not None and failure.message.startswith("choices[0].text")
+
+
+def test_schemas_compile_once_per_distinct_schema() -> None:
+    cache = SchemaCache(size=2)
+    first = cache.get(SCHEMA, "x")
+    assert cache.get(json.loads(json.dumps(SCHEMA)), "x") is first  # equal schema, same validator
+    reordered = dict(reversed(list(SCHEMA.items())))
+    assert cache.get(reordered, "x") is first  # key order does not matter
+    cache.get({"type": "string"}, "x")
+    cache.get({"type": "integer"}, "x")
+    assert len(cache) == 2  # bounded
+
+
+@pytest.mark.parametrize(
+    ("schema", "fragment"),
+    [
+        ({"type": "nope"}, "not a valid JSON Schema"),
+        ({"$ref": "https://attacker.example/schema.json"}, "remote $ref is not allowed"),
+        ("a string", "must be a JSON Schema object"),
+    ],
+)
+def test_bad_schemas_are_the_clients_error(schema: Any, fragment: str) -> None:
+    req = {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+    with pytest.raises(SchemaError, match=fragment.replace("$", r"\$")):
+        rules(req)
+
+
+def test_local_refs_and_metaschema_resolve() -> None:
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$defs": {"n": {"type": "integer"}},
+        "type": "object",
+        "properties": {"n": {"$ref": "#/$defs/n"}},
+    }
+    req = {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+    assert kind(req, answer('{"n": 1}')) is None
+    assert kind(req, answer('{"n": "1"}')) == "json_schema"
