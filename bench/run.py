@@ -1,14 +1,16 @@
-"""Benchmark one proxy hop: direct (nginx fixed upstream) vs reference passthrough vs the gateway.
+"""Benchmarks of the request hot path, every figure measured with wrk in one run.
 
-The reference passthrough runs twice, with aiohttp and with httpx as its upstream client: that pair
-is the measurement behind the gateway's choice of client.
+proxy suite: one hop, direct (nginx fixed upstream) vs reference passthrough vs the gateway. The
+passthrough runs twice, with aiohttp and with httpx as its upstream client: that pair is the
+measurement behind the gateway's choice of client. The gateway runs as `canarygate serve`, one uvicorn
+worker (uvloop + httptools), doing its real work: route lookup, sticky hashing (a different user per
+request, candidate weight 50%), body parse and model rewrite.
 
-All three are measured in the same run with wrk: p50/p99 latency at 1 connection and req/s at 32
-connections, for a JSON answer and an SSE stream. The gateway runs as `canarygate serve` with one
-uvicorn worker (uvloop + httptools), doing its real work: auth off, route lookup, sticky hashing
-(a different user per request, candidate weight 50%), body parse and model rewrite.
+validation suite: the gateway with output validation on vs off, same request bodies, against fixed
+answers: a JSON-schema answer and a tool call (candidate weight 100%, so validation is enforced).
 
-Usage: python bench/run.py [--duration 8] [--json bench/results/latest.json]
+Targets: p50 overhead over direct <= 1.0 ms and >= 50% of the passthrough's req/s at 32 connections;
+validation adds <= 0.2 ms p50. Usage: python bench/run.py [--suite all|proxy|validation] [--duration 6]
 """
 
 from __future__ import annotations
@@ -23,44 +25,67 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-CHAT_JSON = json.dumps(
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "customer": {"type": "string"},
+        "order_id": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{4,}$"},
+        "items": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["sku", "qty"], "additionalProperties": False,
+            "properties": {"sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1},
+                           "price": {"type": "number"}}}},
+        "priority": {"enum": ["low", "normal", "high"]},
+    },
+    "required": ["customer", "order_id", "items", "priority"],
+    "additionalProperties": False,
+}  # fmt: skip
+ORDER_PARAMETERS = {
+    "type": "object",
+    "required": ["order_id"],
+    "additionalProperties": False,
+    "properties": {"order_id": {"type": "string"}, "include_items": {"type": "boolean"}},
+}
+TOOLS = [
     {
-        "id": "chatcmpl-bench",
-        "object": "chat.completion",
-        "created": 0,
-        "model": "fixed",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog."},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": 12, "completion_tokens": 10, "total_tokens": 22},
+        "type": "function",
+        "function": {"name": "lookup_order", "description": "Find an order", "parameters": ORDER_PARAMETERS},
     }
-)
-SSE = (
-    "".join(
-        "data: "
-        + json.dumps(
-            {
-                "id": "c",
-                "object": "chat.completion.chunk",
-                "created": 0,
-                "model": "fixed",
-                "choices": [{"index": 0, "delta": {"content": w + " "}, "finish_reason": None}],
-            }
-        )
-        + "\n\n"
-        for w in ["The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "."]
-    )
-    + "data: [DONE]\n\n"
-)
+]
+PROMPT = [{"role": "user", "content": "Summarise the quarterly report in three bullet points."}]
+
+
+def completion(message: dict[str, Any], finish: str = "stop") -> str:
+    return json.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "fixed",
+        "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 40, "total_tokens": 52},
+    })  # fmt: skip
+
+
+WORDS = ["The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "."]
+ANSWERS = {
+    "json": ("application/json", completion({"content": "The quick brown fox jumps over the lazy dog."})),
+    "sse": ("text/event-stream", "".join(
+        "data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "fixed",
+                               "choices": [{"index": 0, "delta": {"content": w + " "},
+                                            "finish_reason": None}]}) + "\n\n" for w in WORDS
+    ) + "data: [DONE]\n\n"),
+    "valjson": ("application/json", completion({"content": json.dumps({
+        "customer": "Ada Lovelace", "order_id": "UK-12345", "priority": "high",
+        "items": [{"sku": "A1", "qty": 2, "price": 9.5}, {"sku": "B7", "qty": 1, "price": 120.0}]})})),
+    "valtool": ("application/json", completion({"content": None, "tool_calls": [{
+        "id": "call_1", "type": "function",
+        "function": {"name": "lookup_order",
+                     "arguments": json.dumps({"order_id": "UK-12345", "include_items": True})},
+    }]}, "tool_calls")),
+}  # fmt: skip
 
 NGINX_CONF = """
 worker_processes 1;
@@ -77,19 +102,19 @@ http {{
     keepalive_requests 1000000;
     server {{
         listen 127.0.0.1:{port};
-        location = /json/v1/chat/completions {{ default_type application/json; return 200 '{json}'; }}
-        location = /sse/v1/chat/completions {{ default_type text/event-stream; return 200 '{sse}'; }}
+{locations}
     }}
 }}
 """
 
 POLICY = """
-route: bench-{kind}
+route: {route}
 arms:
   base: {{url: "http://127.0.0.1:{port}/{kind}/v1", model: fixed-base}}
   candidate: {{url: "http://127.0.0.1:{port}/{kind}/v1", model: fixed-candidate}}
 assignment: {{sticky_keys: [body:user]}}
-rollout: {{weight: 50}}
+rollout: {{weight: {weight}}}
+{extra}
 """
 
 WRK_SCRIPT = """
@@ -98,11 +123,22 @@ wrk.headers["Content-Type"] = "application/json"
 local n = 0
 request = function()
   n = n + 1
-  local body = '{{"model":"{model}","user":"user-' .. (n % 1000) .. '","stream":{stream},' ..
-    '"messages":[{{"role":"user","content":"Summarise the quarterly report in three bullet points."}}]}}'
-  return wrk.format(nil, nil, nil, body)
+  return wrk.format(nil, nil, nil, '{head}' .. (n % 1000) .. '{tail}')
 end
 """
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str
+    body: dict[str, Any]  # the request; "user" gets a different value each time
+
+
+def lua_body(body: dict[str, Any]) -> tuple[str, str]:
+    text = json.dumps({**body, "user": "user-@@"}, separators=(",", ":"))
+    head, tail = text.split("@@")
+    return head.replace("\\", "\\\\").replace("'", "\\'"), tail.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def free_port() -> int:
@@ -115,23 +151,17 @@ def wait_up(url: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            httpx.post(
-                url,
-                content=b'{"model":"bench-json","messages":[{"role":"user","content":"x"}]}',
-                headers={"content-type": "application/json"},
-                timeout=1,
-            )
+            httpx.get(url, timeout=1)
             return
         except httpx.TransportError:
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up")
 
 
-def wrk(
-    url: str, model: str, stream: bool, connections: int, duration: float, workdir: Path
-) -> dict[str, float]:
-    script = workdir / f"{model}-{stream}.lua"
-    script.write_text(WRK_SCRIPT.format(model=model, stream="true" if stream else "false"))
+def wrk(target: Target, connections: int, duration: float, workdir: Path) -> dict[str, float]:
+    script = workdir / f"{target.name}-{connections}.lua"
+    head, tail = lua_body(target.body)
+    script.write_text(WRK_SCRIPT.format(head=head, tail=tail))
     cmd = [
         "wrk",
         "-t1",
@@ -140,55 +170,145 @@ def wrk(
         "--latency",
         "-s",
         str(script),
-        url,
+        target.url,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
     for pct in ("50", "99"):
         value, unit = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
         result[f"p{pct}_ms"] = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    result["errors"] = float(errors.group(1)) if errors else 0.0
+    result["errors"] = float(non_2xx.group(1)) if non_2xx else 0.0
     if socket_errors:
         result["errors"] += sum(float(x) for x in socket_errors.groups())
     return result
+
+
+def measure(target: Target, duration: float, workdir: Path) -> dict[str, float]:
+    wrk(target, 8, 2, workdir)  # warm-up: connection pools, caches
+    one = wrk(target, 1, duration, workdir)
+    many = wrk(target, 32, duration, workdir)
+    result = {
+        "p50_ms": one["p50_ms"],
+        "p99_ms": one["p99_ms"],
+        "rps_32": many["rps"],
+        "errors": one["errors"] + many["errors"],
+    }
+    print(
+        f"  {target.name:<24} p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms  "
+        f"{result['rps_32']:>8.0f} req/s @32  errors {int(result['errors'])}",
+        flush=True,
+    )
+    return result
+
+
+def proxy_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[list[str], bool]:
+    rows = [
+        "| response | target | p50 @1 conn | p99 @1 conn | overhead p50 vs direct | req/s @32 conns | "
+        "% of passthrough req/s | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ok = True
+    for kind in ("json", "sse"):
+        body = {"model": f"bench-{kind}", "stream": kind == "sse", "messages": PROMPT}
+        path = f"/{kind}/v1/chat/completions"
+        targets = [
+            Target("direct", f"http://127.0.0.1:{ports['nginx']}{path}", body),
+            Target("passthrough", f"http://127.0.0.1:{ports['aiohttp']}{path}", body),
+            Target("passthrough-httpx", f"http://127.0.0.1:{ports['httpx']}{path}", body),
+            Target("gateway", f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions", body),
+        ]
+        print(f"proxy, {kind}:")
+        results = {t.name: measure(t, duration, work) for t in targets}
+        direct, reference, gateway = results["direct"], results["passthrough"], results["gateway"]
+        for name, r in results.items():
+            overhead = "—" if name == "direct" else f"{r['p50_ms'] - direct['p50_ms']:.3f} ms"
+            share = "—" if name == "direct" else f"{100 * r['rps_32'] / reference['rps_32']:.0f}%"
+            rows.append(
+                f"| {kind} | {name} | {r['p50_ms']:.3f} ms | {r['p99_ms']:.3f} ms | {overhead} | "
+                f"{r['rps_32']:.0f} | {share} | {int(r['errors'])} |"
+            )
+        ok &= gateway["p50_ms"] - direct["p50_ms"] <= 1.0 and gateway["rps_32"] >= 0.5 * reference["rps_32"]
+        ok &= gateway["errors"] == 0
+    return rows, ok
+
+
+def validation_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[list[str], bool]:
+    rows = [
+        "| answer | validation | p50 @1 conn | p99 @1 conn | added p50 | req/s @32 conns | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ok = True
+    extras = {
+        "valjson": {
+            "response_format": {"type": "json_schema", "json_schema": {"name": "order", "schema": SCHEMA}}
+        },
+        "valtool": {"tools": TOOLS, "tool_choice": "required"},
+    }
+    for kind, label in (("valjson", "JSON schema"), ("valtool", "tool call")):
+        print(f"validation, {label}:")
+        results = {}
+        for mode in ("off", "on"):
+            body = {"model": f"bench-{kind}-{mode}", "messages": PROMPT, **extras[kind]}
+            target = Target(
+                f"{kind}-{mode}", f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions", body
+            )
+            results[mode] = measure(target, duration, work)
+        added = results["on"]["p50_ms"] - results["off"]["p50_ms"]
+        for mode, r in results.items():
+            rows.append(
+                f"| {label} | {mode} | {r['p50_ms']:.3f} ms | {r['p99_ms']:.3f} ms | "
+                f"{'—' if mode == 'off' else f'{added:.3f} ms'} | {r['rps_32']:.0f} | {int(r['errors'])} |"
+            )
+        ok &= added <= 0.2 and results["on"]["errors"] == 0 and results["off"]["errors"] == 0
+    return rows, ok
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
-    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument("--suite", choices=["all", "proxy", "validation"], default="all")
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
     args = parser.parse_args()
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None:
             print(f"bench needs {tool}: apt-get install wrk nginx (make bench does it)", file=sys.stderr)
             return 2
 
-    processes: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="canarygate-bench-") as tmp:
         work = Path(tmp)
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (work / sub).mkdir()
-        nginx_port, pass_port, httpx_port, gw_port = free_port(), free_port(), free_port(), free_port()
+        ports = {name: free_port() for name in ("nginx", "aiohttp", "httpx", "gateway")}
+        locations = "\n".join(
+            f"        location = /{kind}/v1/chat/completions {{ default_type {ctype}; return 200 '{body}'; }}"
+            for kind, (ctype, body) in ((k, (c, b.replace("'", "\\'"))) for k, (c, b) in ANSWERS.items())
+        )
         (work / "nginx.conf").write_text(
-            NGINX_CONF.format(
-                dir=work, port=nginx_port, json=CHAT_JSON.replace("'", "\\'"), sse=SSE.replace("'", "\\'")
-            )
+            NGINX_CONF.format(dir=work, port=ports["nginx"], locations=locations)
         )
         policies = work / "policies"
         policies.mkdir()
         for kind in ("json", "sse"):
-            (policies / f"{kind}.yaml").write_text(POLICY.format(kind=kind, port=nginx_port))
+            (policies / f"{kind}.yaml").write_text(
+                POLICY.format(route=f"bench-{kind}", port=ports["nginx"], kind=kind, weight=50, extra="")
+            )
+        for kind in ("valjson", "valtool"):
+            for mode, extra in (("on", ""), ("off", "validation: {json: off, tool_calls: false}")):
+                (policies / f"{kind}-{mode}.yaml").write_text(
+                    POLICY.format(
+                        route=f"bench-{kind}-{mode}", port=ports["nginx"], kind=kind, weight=100, extra=extra
+                    )
+                )
         env = {
             **os.environ,
-            "UPSTREAM": f"http://127.0.0.1:{nginx_port}",
+            "UPSTREAM": f"http://127.0.0.1:{ports['nginx']}",
             "CANARYGATE_WATCH_POLICIES": "false",
         }
-        env.pop("CANARYGATE_API_KEYS", None)
-        env.pop("CANARYGATE_API_KEYS_FILE", None)
+        for secret in ("CANARYGATE_API_KEYS", "CANARYGATE_API_KEYS_FILE"):
+            env.pop(secret, None)
         uvicorn = [
             sys.executable,
             "-m",
@@ -204,84 +324,48 @@ def main() -> int:
             "warning",
             "--port",
         ]
-        gateway = [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--policies",
-            str(policies),
-            "--log-level",
-            "warning",
-        ]
         commands = [
             (["nginx", "-c", str(work / "nginx.conf"), "-g", "daemon off;"], env),
-            ([*uvicorn, str(pass_port)], {**env, "PASSTHROUGH_CLIENT": "aiohttp"}),
-            ([*uvicorn, str(httpx_port)], {**env, "PASSTHROUGH_CLIENT": "httpx"}),
-            ([*gateway, "--port", str(gw_port)], env),
+            ([*uvicorn, str(ports["aiohttp"])], {**env, "PASSTHROUGH_CLIENT": "aiohttp"}),
+            ([*uvicorn, str(ports["httpx"])], {**env, "PASSTHROUGH_CLIENT": "httpx"}),
+            (
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    "serve",
+                    "--policies",
+                    str(policies),
+                    "--log-level",
+                    "warning",
+                    "--port",
+                    str(ports["gateway"]),
+                ],
+                env,
+            ),
         ]
+        processes: list[subprocess.Popen[bytes]] = []
         try:
             processes.extend(subprocess.Popen(cmd, cwd=ROOT, env=cmd_env) for cmd, cmd_env in commands)
-            targets = {
-                "direct": (f"http://127.0.0.1:{nginx_port}", "/{kind}/v1/chat/completions"),
-                "passthrough": (f"http://127.0.0.1:{pass_port}", "/{kind}/v1/chat/completions"),
-                "passthrough-httpx": (f"http://127.0.0.1:{httpx_port}", "/{kind}/v1/chat/completions"),
-                "gateway": (f"http://127.0.0.1:{gw_port}", "/v1/chat/completions"),
-            }
-            for base, path in targets.values():
-                wait_up(base + path.format(kind="json"))
-            results: dict[str, dict[str, dict[str, float]]] = {}
-            for kind in ("json", "sse"):
-                for name, (base, path) in targets.items():
-                    url = base + path.format(kind=kind)
-                    model = f"bench-{kind}"
-                    wrk(url, model, kind == "sse", 8, 2, work)  # warm-up: pools, caches, JIT-free but still
-                    one = wrk(url, model, kind == "sse", 1, args.duration, work)
-                    many = wrk(url, model, kind == "sse", 32, args.duration, work)
-                    results.setdefault(kind, {})[name] = {
-                        "p50_ms": one["p50_ms"],
-                        "p99_ms": one["p99_ms"],
-                        "rps_32": many["rps"],
-                        "errors": one["errors"] + many["errors"],
-                    }
-                    print(
-                        f"{kind:<5} {name:<12} p50 {one['p50_ms']:.3f} ms  p99 {one['p99_ms']:.3f} ms  "
-                        f"{many['rps']:>8.0f} req/s @32  errors {int(one['errors'] + many['errors'])}",
-                        flush=True,
-                    )
+            for name in ("aiohttp", "httpx", "gateway"):
+                wait_up(f"http://127.0.0.1:{ports[name]}/healthz")
+            tables, ok = [], True
+            if args.suite in ("all", "proxy"):
+                rows, passed = proxy_suite(ports, args.duration, work)
+                tables.append(rows)
+                ok &= passed
+            if args.suite in ("all", "validation"):
+                rows, passed = validation_suite(ports, args.duration, work)
+                tables.append(rows)
+                ok &= passed
         finally:
             for process in reversed(processes):  # the proxies before their upstream: no shutdown noise
                 process.terminate()
                 process.wait(timeout=20)
-
-    print()
-    print(
-        "| response | target | p50 @1 conn | p99 @1 conn | overhead p50 vs direct | req/s @32 conns | "
-        "% of passthrough req/s | errors |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for kind, by_target in results.items():
-        direct, reference = by_target["direct"], by_target["passthrough"]
-        for name, r in by_target.items():
-            overhead = "—" if name == "direct" else f"{r['p50_ms'] - direct['p50_ms']:.3f} ms"
-            share = "—" if name == "direct" else f"{100 * r['rps_32'] / reference['rps_32']:.0f}%"
-            print(
-                f"| {kind} | {name} | {r['p50_ms']:.3f} ms | {r['p99_ms']:.3f} ms | {overhead} | "
-                f"{r['rps_32']:.0f} | {share} | {int(r['errors'])} |"
-            )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
-    gateway_ok = all(
-        by_target["gateway"]["p50_ms"] - by_target["direct"]["p50_ms"] <= 1.0
-        and by_target["gateway"]["rps_32"] >= 0.5 * by_target["passthrough"]["rps_32"]
-        and by_target["gateway"]["errors"] == 0
-        for by_target in results.values()
-    )
-    print(
-        f"\ntargets (p50 overhead <= 1.0 ms, >= 50% of passthrough req/s, no errors): "
-        f"{'met' if gateway_ok else 'NOT met'}"
-    )
-    return 0 if gateway_ok else 1
+    for rows in tables:
+        print("\n" + "\n".join(rows))
+    print(f"\ntargets: {'met' if ok else 'NOT met'}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -19,20 +19,35 @@ SCHEMA = {
     "properties": {
         "customer": {"type": "string", "minLength": 1},
         "order_id": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{4,}$"},
-        "items": {"type": "array", "items": {"type": "object", "properties": {
-            "sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1}, "price": {"type": "number"}},
-            "required": ["sku", "qty"], "additionalProperties": False}, "minItems": 1},
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "sku": {"type": "string"},
+                    "qty": {"type": "integer", "minimum": 1},
+                    "price": {"type": "number"},
+                },
+                "required": ["sku", "qty"],
+                "additionalProperties": False,
+            },
+            "minItems": 1,
+        },
         "priority": {"enum": ["low", "normal", "high"]},
         "notes": {"type": ["string", "null"]},
     },
     "required": ["customer", "order_id", "items", "priority"],
     "additionalProperties": False,
 }
-CONTENT = orjson.dumps({
-    "customer": "Ada Lovelace", "order_id": "UK-12345",
-    "items": [{"sku": "A1", "qty": 2, "price": 9.5}, {"sku": "B7", "qty": 1, "price": 120.0}],
-    "priority": "high", "notes": None,
-})
+CONTENT = orjson.dumps(
+    {
+        "customer": "Ada Lovelace",
+        "order_id": "UK-12345",
+        "items": [{"sku": "A1", "qty": 2, "price": 9.5}, {"sku": "B7", "qty": 1, "price": 120.0}],
+        "priority": "high",
+        "notes": None,
+    }
+)
 
 
 def main() -> None:
