@@ -45,22 +45,33 @@ def reason_for(error: GatewayError) -> Reason | None:
 class Guards:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._breakers: dict[str, tuple[object, CircuitBreaker]] = {}
-        self._budgets: dict[str, tuple[BudgetSettings, RetryBudget]] = {}
+        # route name -> (the Route last seen, its identity key, the guard). Routes are immutable and a
+        # reload builds new ones, so `is` answers the common case without comparing settings.
+        self._breakers: dict[str, tuple[Route, object, CircuitBreaker]] = {}
+        self._budgets: dict[str, tuple[Route, BudgetSettings, RetryBudget]] = {}
 
     def breaker(self, route: Route) -> CircuitBreaker | None:
+        current = self._breakers.get(route.name)
+        if current is not None and current[0] is route:
+            return current[2]
         if route.candidate is None or route.breaker is None:
+            self._breakers.pop(route.name, None)
             return None
         key = (route.candidate.url, route.candidate.model, route.breaker)
-        current = self._breakers.get(route.name)
-        if current is None or current[0] != key:
-            current = (key, CircuitBreaker(f"{route.name}/candidate", route.breaker, self._clock))
-            self._breakers[route.name] = current
-        return current[1]
+        if current is None or current[1] != key:
+            breaker = CircuitBreaker(f"{route.name}/candidate", route.breaker, self._clock)
+        else:
+            breaker = current[2]
+        self._breakers[route.name] = (route, key, breaker)
+        return breaker
 
     def budget(self, route: Route) -> RetryBudget:
         current = self._budgets.get(route.name)
-        if current is None or current[0] != route.budget:
-            current = (route.budget, RetryBudget(route.budget, self._clock))
-            self._budgets[route.name] = current
-        return current[1]
+        if current is not None and current[0] is route:
+            return current[2]
+        if current is None or current[1] != route.budget:
+            budget = RetryBudget(route.budget, self._clock)
+        else:
+            budget = current[2]
+        self._budgets[route.name] = (route, route.budget, budget)
+        return budget

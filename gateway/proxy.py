@@ -115,10 +115,11 @@ class Proxy:
         breaker = self.guards.breaker(route)
         if assigned == "candidate" and route.candidate is not None:
             if breaker is None or breaker.allow():
-                enforce = route.fallback_on.intersection(KINDS)
                 verdict: bool | None = None
                 try:
-                    error = await self._attempt(request, route.candidate, enforce, deadline, reply, watch)
+                    error = await self._attempt(
+                        request, route.candidate, route.enforce_on_candidate, deadline, reply, watch
+                    )
                     verdict = error is not None and reason_for(error) is not None
                 finally:
                     if breaker is not None and verdict is not None:

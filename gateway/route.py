@@ -13,7 +13,7 @@ from gateway.breaker import BreakerSettings
 from gateway.budget import BudgetSettings
 from gateway.policy import Arm as ArmPolicy
 from gateway.policy import ArmName, Policy, Timeouts, merge_timeouts
-from gateway.validation import RoutePolicy, compile_schema
+from gateway.validation import KINDS, RoutePolicy, compile_schema
 
 ENDPOINT_PATHS: Mapping[str, str] = {
     "chat": "/chat/completions",
@@ -50,6 +50,7 @@ class Route:
     enforce_on_base: bool
     max_buffer_bytes: int
     fallback_on: frozenset[str]
+    enforce_on_candidate: frozenset[str]  # the validation kinds in fallback_on
     budget: BudgetSettings
     breaker: BreakerSettings | None
     deadline_s: float
@@ -103,6 +104,7 @@ def compile_policy(
         enforce_on_base=checks.enforce_on_base,
         max_buffer_bytes=checks.max_buffer_bytes,
         fallback_on=frozenset(fallback.on),
+        enforce_on_candidate=frozenset(fallback.on).intersection(KINDS),
         budget=BudgetSettings(
             fallback.budget.ratio, fallback.budget.window_s, fallback.budget.min_per_window
         ),

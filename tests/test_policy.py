@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,14 @@ def test_deadline_defaults_to_the_sum_of_the_attempts(tmp_path: Path) -> None:
     assert only_route(tmp_path).deadline_s == 120  # candidate 60 + base 60
     write(tmp_path, "chat.yaml", VALID.replace("total_s: 60}", "total_s: 60, deadline_s: 90}"))
     assert only_route(tmp_path).deadline_s == 90
+
+
+def test_every_policy_example_in_the_readme_loads(tmp_path: Path) -> None:
+    readme = (REPO_POLICIES.parent / "README.md").read_text()
+    examples = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    assert len(examples) >= 2
+    for index, example in enumerate(examples):
+        write(tmp_path, f"example-{index}.yaml", example)
+    routes, problems = load_dir(tmp_path, {"BASE_KEY": "sk-test"})
+    assert problems == []
+    assert len(routes) == len(examples)
