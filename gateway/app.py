@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException
 
 from gateway.asgi import ASGIApp, Message, Receive, Reply, Scope, Send, header_map, request_id
@@ -31,6 +33,8 @@ from gateway.route import Route, RouteArm
 from gateway.routetable import RouteTable
 from gateway.settings import Settings
 from gateway.tasks import Spawner
+from gateway.telemetry import Metrics
+from gateway.tracing import Tracing
 from gateway.upstream import Upstream
 
 log = logging.getLogger("gateway")
@@ -48,17 +52,29 @@ PROXY_PATHS = {
 class Services:
     """What the lifespan opens and closes; typed, so handlers never reach into string-keyed state."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, registry: CollectorRegistry | None = None, tracing: Tracing | None = None
+    ) -> None:
         self.settings = settings
-        self.routes = RouteTable(settings.policy_dir)
+        self.metrics = Metrics(registry, enabled=settings.metrics)
+        self.tracing = tracing if tracing is not None else Tracing.from_env(os.environ)
+        self.routes = RouteTable(settings.policy_dir, on_reload=self._reloaded)
         self.upstream = Upstream(settings.upstream_max_connections)
         self.api_keys = ApiKeys(settings.api_keys)
         self.spawner = Spawner()
-        self.proxy = Proxy(self.routes.get, self.upstream, self.api_keys, settings.max_body_bytes)
+        self.proxy = Proxy(
+            self.routes.get, self.upstream, self.api_keys, settings.max_body_bytes, self.metrics, self.tracing
+        )
         self.started_at = time.time()
+
+    def _reloaded(self, accepted: bool) -> None:
+        self.metrics.policy_reloads.labels("ok" if accepted else "rejected").inc()
+        if accepted:
+            self.metrics.prepare(self.routes.routes())
 
     async def start(self) -> None:
         self.routes.load()
+        self.metrics.prepare(self.routes.routes())
         await self.upstream.start()
         if self.settings.watch_policies:
             self.spawner.spawn(self.routes.watch(), name="policy-watch")
@@ -74,10 +90,15 @@ class Services:
     async def close(self) -> None:
         await self.spawner.close()
         await self.upstream.close()
+        self.tracing.shutdown()
+        self.metrics.worker_exited(os.getpid())
 
 
-def create_app(settings: Settings) -> ASGIApp:
-    services = Services(settings)
+def create_app(
+    settings: Settings, *, registry: CollectorRegistry | None = None, tracing: Tracing | None = None
+) -> ASGIApp:
+    """registry and tracing are for embedding and tests; by default a private registry and OTEL_* env."""
+    services = Services(settings, registry, tracing)
     api = _api(services)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -162,6 +183,11 @@ def _api(services: Services) -> FastAPI:
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = services.metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @api.get("/readyz")
     async def readyz() -> JSONResponse:

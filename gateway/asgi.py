@@ -66,7 +66,9 @@ def _too_large(limit: int) -> PayloadTooLarge:
 class Reply:
     """Writes one response; remembers whether it started so a late error becomes an SSE error event."""
 
-    __slots__ = ("arm", "fallback", "fallback_denied", "finished", "request_id", "route", "send", "started")
+    __slots__ = (
+        "arm", "fallback", "fallback_denied", "finished", "request_id", "route", "send", "started", "status",
+    )  # fmt: skip
 
     def __init__(self, send: Send, request_id: str) -> None:
         self.send = send
@@ -77,6 +79,7 @@ class Reply:
         self.fallback_denied: str | None = None  # why a fallback that was due did not happen
         self.started = False
         self.finished = False
+        self.status = 499  # until a response starts: the client closed the request (nginx's convention)
 
     def context(self) -> tuple[str, str | None, str | None]:
         """(request id, route, arm): what every log line about this request carries."""
@@ -108,6 +111,7 @@ class Reply:
         headers = self.headers(content_type, extra)
         headers.append((b"content-length", str(len(body)).encode()))
         self.started = True
+        self.status = status
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         self.finished = True
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
@@ -115,6 +119,7 @@ class Reply:
     async def start_stream(self, status: int, content_type: bytes) -> None:
         headers = self.headers(content_type, [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")])
         self.started = True
+        self.status = status
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def chunk(self, data: bytes) -> None:

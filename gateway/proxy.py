@@ -30,11 +30,11 @@ from gateway.asgi import (
     read_body,
     request_id,
 )
+from gateway.attempt import Attempt, Request, outcome
 from gateway.auth import ApiKeys, bearer_token
 from gateway.errors import (
     GatewayError,
     InternalError,
-    InvalidOutput,
     InvalidRequest,
     ModelNotFound,
     UnsupportedMediaType,
@@ -45,18 +45,11 @@ from gateway.errors import (
 from gateway.fallback import CIRCUIT_OPEN, Guards, reason_for
 from gateway.route import Route, RouteArm
 from gateway.routing import OVERRIDE_HEADER, choose_arm, unit_key
-from gateway.streaming import Accumulator, EventParser, collect, relay
+from gateway.streaming import Accumulator, EventParser, Tail, collect, last_event, relay
+from gateway.telemetry import Metrics
+from gateway.tracing import Tracing
 from gateway.upstream import Call, Upstream
-from gateway.validation import (
-    KINDS,
-    Failure,
-    Rules,
-    SchemaCache,
-    SchemaError,
-    check_chat,
-    check_completion,
-    rules_for,
-)
+from gateway.validation import KINDS, Rules, SchemaCache, SchemaError, rules_for
 
 log = logging.getLogger("gateway.proxy")
 
@@ -71,17 +64,25 @@ class Proxy:
         upstream: Upstream,
         api_keys: ApiKeys,
         max_body_bytes: int,
+        metrics: Metrics,
+        tracing: Tracing,
     ) -> None:
         self._routes = routes
         self._upstream = upstream
         self._api_keys = api_keys
         self._max_body = max_body_bytes
+        self._metrics = metrics
+        self._tracing = tracing
         self._schemas = SchemaCache()
         self.guards = Guards()
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
+        started = time.perf_counter()
         headers = header_map(scope)
         reply = Reply(send, request_id(headers.get("x-request-id")))
+        span = self._tracing.server_span(headers, endpoint) if self._tracing.enabled else None
+        request: Request | None = None
+        failure: BaseException | None = None
         try:
             token = bearer_token(headers.get("authorization"))
             self._api_keys.authenticate(token)
@@ -89,23 +90,37 @@ class Proxy:
             body = await read_body(receive, headers.get("content-length"), self._max_body)
             payload = _parse(body)
             route = self._route(payload)
-            _check_fields(payload, endpoint)
             reply.route = route.name
+            if span is not None:
+                self._tracing.name_route(span, endpoint, route.name, payload)
+            _check_fields(payload, endpoint)
             key = unit_key(route.sticky_sources, headers, payload, token)
             override = headers.get(OVERRIDE_HEADER) if route.allow_override else None
             assigned = choose_arm(route, key, override).arm
             rules = self._rules(payload, route, endpoint)
-            request = Request(route, endpoint, payload, headers, token, rules)
+            request = Request(
+                route, endpoint, payload, headers, token, rules, self._metrics.route(route), span
+            )
             async with DisconnectWatch(receive) as watch:
                 await self._serve(request, assigned, reply, watch)
         except GatewayError as exc:
+            failure = exc
+            if request is None:
+                self._metrics.rejected(reply.route or "unknown")
             _log_error(reply, exc)
             await reply.error(exc)
-        except ClientGone:
+        except ClientGone as exc:
+            failure = exc
             log.info("request_id=%s route=%s arm=%s client disconnected", *reply.context())
-        except Exception:
+        except Exception as exc:
+            failure = exc
             log.exception("request_id=%s route=%s arm=%s internal error", *reply.context())
             await reply.error(InternalError(f"internal gateway error; quote request id {reply.request_id}"))
+        finally:
+            if request is not None:
+                request.metrics.overhead.observe(time.perf_counter() - started - request.upstream_s)
+            if span is not None:
+                self._tracing.end_server(span, reply.arm, reply.fallback, reply.status, failure)
 
     async def _serve(self, request: Request, assigned: str, reply: Reply, watch: DisconnectWatch) -> None:
         route = request.route
@@ -122,15 +137,20 @@ class Proxy:
                     )
                     verdict = error is not None and reason_for(error) is not None
                 finally:
-                    if breaker is not None and verdict is not None:
-                        breaker.record(verdict)
-                    elif breaker is not None:
-                        breaker.release()  # the client left: no verdict on the candidate
+                    if breaker is not None:
+                        if verdict is not None:
+                            breaker.record(verdict)
+                        else:
+                            breaker.release()  # the client left: no verdict on the candidate
+                        request.metrics.circuit.set(breaker.state != "closed")
                 if error is None or reply.started:
                     return  # answered (a failure after the first byte was told to the client in the stream)
-                self._check_fallback(route, error, budget.try_spend, deadline, reply)
+                reason = self._check_fallback(route, error, budget.try_spend, deadline, reply)
             else:
-                reply.fallback = CIRCUIT_OPEN
+                reason = CIRCUIT_OPEN
+                request.metrics.circuit.set(1)
+            reply.fallback = reason
+            request.metrics.fallbacks[reason].inc()
         error = await self._attempt(
             request, route.base, KINDS if route.enforce_on_base else (), deadline, reply, watch
         )
@@ -139,8 +159,8 @@ class Proxy:
 
     def _check_fallback(
         self, route: Route, error: GatewayError, spend: Callable[[], bool], deadline: float, reply: Reply
-    ) -> None:
-        """Raises the candidate's error unless base may answer instead; marks the reply when it will."""
+    ) -> str:
+        """The fallback reason when base may answer instead; otherwise raises the candidate's error."""
         reason = reason_for(error)
         if reason is None or reason not in route.fallback_on:
             raise error
@@ -163,7 +183,7 @@ class Proxy:
             reason,
             error.message,
         )
-        reply.fallback = reason
+        return reason
 
     async def _attempt(
         self,
@@ -179,73 +199,107 @@ class Proxy:
         Returns the failure (None on success); when reply.started, the client has already been told.
         """
         reply.arm = arm.name
+        attempt = Attempt(request.metrics.arm(arm.name), enforce)
+        attempt.metrics.inflight.inc()
+        error: GatewayError | None = None
+        result = "client_closed"
         try:
-            call = request.call(arm, reply.request_id, deadline)
-            if not request.stream:
-                await self._forward(call, request, enforce, reply, watch)
-                return None
-            if request.rules is not None and enforce and request.route.buffer_streams:
-                return await self._stream_validated(call, request, enforce, reply, watch)
-            return await self._stream(call, request, enforce, reply, watch)
-        except GatewayError as exc:
-            return exc
+            attempt.call = request.call(arm, reply.request_id, deadline)
+            if request.span is not None:
+                attempt.span = self._tracing.client_span(request.span, request.route.name, attempt.call)
+            try:
+                if not request.stream:
+                    await self._forward(attempt, request, reply, watch)
+                elif request.rules is not None and enforce and request.route.buffer_streams:
+                    error = await self._stream_validated(attempt, request, reply, watch)
+                else:
+                    error = await self._stream(attempt, request, reply, watch)
+            except GatewayError as exc:
+                error = exc
+            result = outcome(error)
+            return error
+        except GatewayError as exc:  # the deadline passed before the call could start
+            error = exc
+            result = outcome(error)
+            return error
+        finally:
+            attempt.metrics.inflight.dec()
+            attempt.metrics.duration.observe(time.perf_counter() - attempt.started)
+            attempt.metrics.outcomes[result].inc()
+            request.upstream_s += attempt.upstream_s
+            if attempt.span is not None:
+                self._tracing.end_client(
+                    attempt.span, attempt.answer, attempt.validation, error, attempt.status
+                )
 
     async def _forward(
-        self, call: Call, request: Request, enforce: Collection[str], reply: Reply, watch: DisconnectWatch
+        self, attempt: Attempt, request: Request, reply: Reply, watch: DisconnectWatch
     ) -> None:
-        resp = await self._upstream.open(call)
+        call = attempt.open()
         try:
-            data = await resp.read()
-        except Exception as exc:
-            raise call.failure(exc) from exc
+            resp = await self._upstream.open(call)
+            attempt.status = resp.status
+            try:
+                data = await resp.read()
+            except Exception as exc:
+                raise call.failure(exc) from exc
+            finally:
+                resp.release()
         finally:
-            resp.release()
+            attempt.closed()
         if resp.status >= 400:
             raise call.http_error(resp, data)
+        try:
+            answer = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            answer = None
+        attempt.answered(answer)
         if request.rules is not None:
-            try:
-                body = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                body = None
-            _judge(request.check(body), enforce, call.arm, reply)
+            invalid = attempt.judge(request.check(answer), reply)
+            if invalid is not None:
+                raise invalid
         watch.finishing()
         await reply.complete(resp.status, data, _content_type(resp, JSON))
 
     async def _stream(
-        self, call: Call, request: Request, enforce: Collection[str], reply: Reply, watch: DisconnectWatch
+        self, attempt: Attempt, request: Request, reply: Reply, watch: DisconnectWatch
     ) -> GatewayError | None:
         """Relay as it arrives; with rules, validate alongside and record (nothing can be taken back)."""
-        resp, first = await self._first_chunk(call)
+        resp, first = await self._first_chunk(attempt)
+        call = attempt.call
+        assert call is not None
         try:
+            tail = Tail()
             accumulator = Accumulator() if request.rules is not None else None
-            observe = _feeder(accumulator) if accumulator is not None else None
             await reply.start_stream(resp.status, _content_type(resp, EVENT_STREAM))
-            error = await relay(resp, reply, first, call.failure, observe)
+            error = await relay(resp, reply, first, call.failure, _observer(tail, accumulator))
+            attempt.closed()
             if error is not None:
                 _log_error(reply, error)
                 return error
             watch.finishing()
             await reply.end_stream()
+            attempt.answered(tail.last_event())
             if accumulator is not None:
-                failure = request.check(accumulator)
-                if failure is not None:
-                    invalid = InvalidOutput(failure.kind, failure.message, call.arm.name)
-                    _record_invalid(reply, invalid)
-                    return invalid if failure.kind in enforce else None
+                return attempt.judge(request.check(accumulator), reply, released=True)
             return None
         finally:
             resp.close()
 
     async def _stream_validated(
-        self, call: Call, request: Request, enforce: Collection[str], reply: Reply, watch: DisconnectWatch
+        self, attempt: Attempt, request: Request, reply: Reply, watch: DisconnectWatch
     ) -> GatewayError | None:
         """Hold the whole stream, validate it, then release it: invalid output never reaches the client."""
-        resp, first = await self._first_chunk(call)
+        resp, first = await self._first_chunk(attempt)
+        call = attempt.call
+        assert call is not None
         try:
             try:
                 data, complete = await collect(resp, first, request.route.max_buffer_bytes)
             except Exception as exc:
                 raise call.failure(exc) from exc
+            finally:
+                attempt.closed()
             if not complete:
                 log.warning(
                     "request_id=%s route=%s arm=%s stream passed validation.max_buffer_bytes; "
@@ -259,13 +313,16 @@ class Proxy:
                     await reply.end_stream()
                 return error
             accumulator = Accumulator()
-            _feeder(accumulator)(data)
+            _observer(None, accumulator)(data)
             if accumulator.error is not None:
                 raise UpstreamError(
                     f"the {call.arm.name} upstream's stream ended with an error event",
                     code="upstream_protocol_error",
                 )
-            _judge(request.check(accumulator), enforce, call.arm, reply)
+            attempt.answered(last_event(data))
+            invalid = attempt.judge(request.check(accumulator), reply)
+            if invalid is not None:
+                raise invalid
             await reply.start_stream(resp.status, _content_type(resp, EVENT_STREAM))
             await reply.chunk(data)
             watch.finishing()
@@ -274,15 +331,23 @@ class Proxy:
         finally:
             resp.close()
 
-    async def _first_chunk(self, call: Call) -> tuple[aiohttp.ClientResponse, bytes]:
+    async def _first_chunk(self, attempt: Attempt) -> tuple[aiohttp.ClientResponse, bytes]:
         """Open the stream and wait for its first bytes: only then is the client's response started."""
+        call = attempt.open()
         try:
-            return await asyncio.wait_for(self._open_stream(call), call.first_token_s)
+            resp, first = await asyncio.wait_for(self._open_stream(call), call.first_token_s)
         except TimeoutError:
+            attempt.closed()
             raise UpstreamTimeout(
                 f"the {call.arm.name} upstream sent no token within {call.first_token_s:g}s "
                 "(timeouts.first_token_s / deadline_s)"
             ) from None
+        except BaseException:
+            attempt.closed()
+            raise
+        attempt.status = resp.status
+        attempt.first_token()
+        return resp, first
 
     async def _open_stream(self, call: Call) -> tuple[aiohttp.ClientResponse, bytes]:
         resp = await self._upstream.open(call)
@@ -328,85 +393,18 @@ class Proxy:
             raise InvalidRequest(str(exc), code="invalid_schema") from None
 
 
-class Request:
-    """What every attempt at one client request shares."""
-
-    __slots__ = ("endpoint", "headers", "payload", "route", "rules", "stream", "token")
-
-    def __init__(
-        self,
-        route: Route,
-        endpoint: str,
-        payload: dict[str, Any],
-        headers: dict[str, str],
-        token: str | None,
-        rules: Rules | None,
-    ) -> None:
-        self.route = route
-        self.endpoint = endpoint
-        self.payload = payload
-        self.headers = headers
-        self.token = token
-        self.rules = rules
-        self.stream = payload.get("stream") is True
-
-    def call(self, arm: RouteArm, rid: str, deadline: float) -> Call:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise UpstreamTimeout(
-                f"the request's deadline ({self.route.deadline_s:g}s, timeouts.deadline_s) passed "
-                f"before the {arm.name} arm could be asked"
-            )
-        timeout = arm.client_timeout
-        if remaining < arm.timeouts.total_s:
-            timeout = aiohttp.ClientTimeout(total=remaining, sock_connect=arm.timeouts.connect_s)
-        self.payload["model"] = arm.model
-        headers = dict(arm.headers)
-        headers["Content-Type"] = "application/json"
-        headers["Accept-Encoding"] = "identity"
-        headers["X-Request-Id"] = rid
-        if arm.forward_client_auth and "authorization" in self.headers:
-            headers["Authorization"] = self.headers["authorization"]
-        body = orjson.dumps(self.payload)
-        first_token_s = min(arm.timeouts.first_token_s, remaining)
-        return Call(arm, self.endpoint, body, headers, self.token, timeout, first_token_s)
-
-    def check(self, answer: dict[str, Any] | Accumulator | None) -> Failure | None:
-        assert self.rules is not None
-        if isinstance(answer, Accumulator):
-            answer = answer.chat_body() if self.endpoint == "chat" else answer.completion_body()
-        if self.endpoint == "chat":
-            return check_chat(answer, self.rules)
-        return check_completion(answer, self.rules)
-
-
-def _judge(failure: Failure | None, enforce: Collection[str], arm: RouteArm, reply: Reply) -> None:
-    """Raise InvalidOutput for an enforced failure; record (and let through) any other."""
-    if failure is None:
-        return
-    invalid = InvalidOutput(failure.kind, failure.message, arm.name)
-    if failure.kind in enforce:
-        raise invalid
-    _record_invalid(reply, invalid)
-
-
-def _record_invalid(reply: Reply, invalid: InvalidOutput) -> None:
-    log.info(
-        "request_id=%s route=%s arm=%s output failed validation (%s), returned unchanged: %s",
-        *reply.context(),
-        invalid.kind,
-        invalid.detail,
-    )
-
-
-def _feeder(accumulator: Accumulator) -> Callable[[bytes], None]:
+def _observer(tail: Tail | None, accumulator: Accumulator | None) -> Callable[[bytes], None]:
+    """What a relayed stream's chunks are shown to: the tail (for usage) and, with rules, the accumulator."""
     parser = EventParser()
 
-    def feed(data: bytes) -> None:
-        for event in parser.feed(data):
-            accumulator.add(event)
+    def observe(data: bytes) -> None:
+        if tail is not None:
+            tail.feed(data)
+        if accumulator is not None:
+            for event in parser.feed(data):
+                accumulator.add(event)
 
-    return feed
+    return observe
 
 
 def _parse(body: bytes) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from watchfiles import awatch
@@ -17,9 +17,15 @@ log = logging.getLogger("gateway.policies")
 
 
 class RouteTable:
-    def __init__(self, policy_dir: Path, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        policy_dir: Path,
+        environ: Mapping[str, str] | None = None,
+        on_reload: Callable[[bool], object] | None = None,
+    ) -> None:
         self.policy_dir = policy_dir
         self._environ = environ
+        self._on_reload = on_reload
         self._routes: dict[str, Route] = {}
         self.loaded_at: float | None = None
         self.reloads = 0
@@ -47,6 +53,8 @@ class RouteTable:
         if errors:
             for problem in errors:
                 log.error("policy reload rejected, keeping the previous policies: %s", problem)
+            if self._on_reload is not None:
+                self._on_reload(False)
             return False
         changed = sorted(
             name
@@ -57,6 +65,8 @@ class RouteTable:
         )
         self._swap(routes)
         self.reloads += 1
+        if self._on_reload is not None:
+            self._on_reload(True)
         log.info(
             "policies reloaded from %s: %d routes (changed: %s)",
             self.policy_dir,

@@ -24,6 +24,7 @@ class Settings:
     upstream_max_connections: int = 1000
     readyz_probe_timeout_s: float = 1.0
     log_level: str = "info"
+    metrics: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -36,6 +37,7 @@ class Settings:
             upstream_max_connections=_int(env, "CANARYGATE_UPSTREAM_MAX_CONNECTIONS", 1000),
             readyz_probe_timeout_s=_float(env, "CANARYGATE_READYZ_PROBE_TIMEOUT_S", 1.0),
             log_level=env.get("CANARYGATE_LOG_LEVEL", "info").lower(),
+            metrics=_bool(env, "CANARYGATE_METRICS", True),
         )
 
 

@@ -165,3 +165,38 @@ async def collect(resp: aiohttp.ClientResponse, first: bytes, limit: int) -> tup
         size += len(data)
         chunks.append(data)
     return b"".join(chunks), False
+
+
+class Tail:
+    """The last two chunks of a stream: where an upstream puts its usage report."""
+
+    __slots__ = ("_last", "_previous")
+
+    def __init__(self) -> None:
+        self._previous = b""
+        self._last = b""
+
+    def feed(self, data: bytes) -> None:
+        self._previous, self._last = self._last, data
+
+    def last_event(self) -> dict[str, Any] | None:
+        return last_event(self._previous + self._last)
+
+
+def last_event(data: bytes) -> dict[str, Any] | None:
+    """The last data event of an SSE stream: with include_usage, the one that carries the usage."""
+    end = len(data)
+    while True:
+        start = data.rfind(b"data:", 0, end)
+        if start < 0:
+            return None
+        line_end = data.find(b"\n", start)
+        payload = data[start + 5 : line_end if line_end >= 0 else len(data)].strip()
+        end = start
+        if not payload or payload == b"[DONE]":
+            continue
+        try:
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return None
+        return event if isinstance(event, dict) else None

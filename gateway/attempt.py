@@ -1,0 +1,188 @@
+"""A client request and its upstream attempts: what each attempt sends, measures and concludes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection
+from typing import Any
+
+import aiohttp
+import orjson
+from opentelemetry.trace import Span
+
+from gateway.asgi import Reply
+from gateway.errors import GatewayError, InvalidOutput, UpstreamError, UpstreamHTTPError, UpstreamTimeout
+from gateway.route import Route, RouteArm
+from gateway.streaming import Accumulator
+from gateway.telemetry import ArmMetrics, RouteMetrics
+from gateway.upstream import Call
+from gateway.validation import Failure, Rules, check_chat, check_completion
+
+log = logging.getLogger("gateway.proxy")
+
+# Client tracing headers passed upstream as they came when the gateway makes no spans of its own.
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+class Request:
+    """What every attempt at one client request shares."""
+
+    __slots__ = (
+        "endpoint",
+        "headers",
+        "metrics",
+        "payload",
+        "route",
+        "rules",
+        "span",
+        "stream",
+        "token",
+        "upstream_s",
+    )
+
+    def __init__(
+        self,
+        route: Route,
+        endpoint: str,
+        payload: dict[str, Any],
+        headers: dict[str, str],
+        token: str | None,
+        rules: Rules | None,
+        metrics: RouteMetrics,
+        span: Span | None,
+    ) -> None:
+        self.route = route
+        self.endpoint = endpoint
+        self.payload = payload
+        self.headers = headers
+        self.token = token
+        self.rules = rules
+        self.metrics = metrics
+        self.span = span
+        self.stream = payload.get("stream") is True
+        self.upstream_s = 0.0  # time spent waiting on upstreams, summed over attempts
+
+    def call(self, arm: RouteArm, rid: str, deadline: float) -> Call:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise UpstreamTimeout(
+                f"the request's deadline ({self.route.deadline_s:g}s, timeouts.deadline_s) passed "
+                f"before the {arm.name} arm could be asked"
+            )
+        timeout = arm.client_timeout
+        if remaining < arm.timeouts.total_s:
+            timeout = aiohttp.ClientTimeout(total=remaining, sock_connect=arm.timeouts.connect_s)
+        self.payload["model"] = arm.model
+        headers = dict(arm.headers)
+        headers["Content-Type"] = "application/json"
+        headers["Accept-Encoding"] = "identity"
+        headers["X-Request-Id"] = rid
+        if arm.forward_client_auth and "authorization" in self.headers:
+            headers["Authorization"] = self.headers["authorization"]
+        if self.span is None:
+            for name in TRACE_HEADERS:
+                if name in self.headers:
+                    headers[name] = self.headers[name]
+        body = orjson.dumps(self.payload)
+        first_token_s = min(arm.timeouts.first_token_s, remaining)
+        return Call(arm, self.endpoint, body, headers, self.token, timeout, first_token_s)
+
+    def check(self, answer: dict[str, Any] | Accumulator | None) -> Failure | None:
+        assert self.rules is not None
+        if isinstance(answer, Accumulator):
+            answer = answer.chat_body() if self.endpoint == "chat" else answer.completion_body()
+        if self.endpoint == "chat":
+            return check_chat(answer, self.rules)
+        return check_completion(answer, self.rules)
+
+
+class Attempt:
+    """One upstream call: its timing, its answer as far as it was read, and its verdict."""
+
+    __slots__ = (
+        "answer",
+        "call",
+        "enforce",
+        "metrics",
+        "opened",
+        "span",
+        "started",
+        "status",
+        "upstream_s",
+        "validation",
+    )
+
+    def __init__(self, metrics: ArmMetrics, enforce: Collection[str]) -> None:
+        self.metrics = metrics
+        self.enforce = enforce
+        self.started = time.perf_counter()
+        self.opened = self.started
+        self.call: Call | None = None
+        self.span: Span | None = None
+        self.answer: dict[str, Any] | None = None  # the parsed answer, or a stream's last event
+        self.status: int | None = None
+        self.upstream_s = 0.0
+        self.validation = "skipped"
+
+    def open(self) -> Call:
+        """The call, marking the moment the upstream is asked."""
+        assert self.call is not None
+        self.opened = time.perf_counter()
+        return self.call
+
+    def closed(self) -> None:
+        """The upstream is done (answered, failed or cut off)."""
+        self.upstream_s += time.perf_counter() - self.opened
+
+    def first_token(self) -> None:
+        self.metrics.ttft.observe(time.perf_counter() - self.started)
+
+    def answered(self, answer: Any) -> None:
+        """Count the tokens the upstream reports for this answer (or that it reported none)."""
+        self.answer = answer if isinstance(answer, dict) else None
+        usage = self.answer.get("usage") if self.answer is not None else None
+        if not isinstance(usage, dict):
+            self.metrics.usage_missing.inc()
+            return
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int):
+            self.metrics.tokens_in.inc(prompt)
+        if isinstance(completion, int):
+            self.metrics.tokens_out.inc(completion)
+
+    def judge(self, failure: Failure | None, reply: Reply, *, released: bool = False) -> InvalidOutput | None:
+        """Record the verdict. Returns InvalidOutput when it is enforced here (the attempt failed; unless
+        released, the caller withholds the answer); any other failure is recorded and let through."""
+        if failure is None:
+            self.validation = "ok"
+            return None
+        self.validation = failure.kind
+        self.metrics.validation[failure.kind].inc()
+        assert self.call is not None
+        invalid = InvalidOutput(failure.kind, failure.message, self.call.arm.name)
+        enforced = failure.kind in self.enforce
+        if enforced and not released:
+            return invalid
+        log.info(
+            "request_id=%s route=%s arm=%s output failed validation (%s), returned unchanged: %s",
+            *reply.context(),
+            invalid.kind,
+            invalid.detail,
+        )
+        return None
+
+
+def outcome(error: GatewayError | None) -> str:
+    """The requests_total outcome of an attempt."""
+    if error is None:
+        return "ok"
+    if isinstance(error, InvalidOutput):
+        return "invalid_output"
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, UpstreamHTTPError) and error.upstream_status < 500 and error.upstream_status != 429:
+        return "rejected"  # the upstream refused the request itself (a 4xx): not a failure of the model
+    if isinstance(error, UpstreamError | UpstreamHTTPError):
+        return "upstream_error"
+    return "rejected"

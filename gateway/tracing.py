@@ -1,0 +1,187 @@
+"""OpenTelemetry traces: a SERVER span per request and a CLIENT span per upstream attempt, with the
+GenAI semantic conventions and canarygate.* attributes.
+
+Off unless the standard OTEL_* variables ask for an exporter (OTEL_EXPORTER_OTLP_ENDPOINT,
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_TRACES_EXPORTER); when off, no span is made and the
+client's traceparent reaches the upstream unchanged. Prompts and completions are recorded only with
+CANARYGATE_TRACE_CONTENT=true.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from gateway.upstream import Call
+
+OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+CONTENT_LIMIT = 16 * 1024
+
+
+class Tracing:
+    def __init__(self, provider: TracerProvider | None, *, record_content: bool = False) -> None:
+        self.provider = provider
+        self.tracer = provider.get_tracer("canarygate") if provider is not None else None
+        self.record_content = record_content
+        self._propagator = TraceContextTextMapPropagator()
+
+    @property
+    def enabled(self) -> bool:
+        return self.tracer is not None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Tracing:
+        exporter = _exporter(environ)
+        if exporter is None:
+            return cls(None)
+        provider = TracerProvider(resource=Resource.create({"service.name": "canarygate"}))
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        return cls(provider, record_content=environ.get("CANARYGATE_TRACE_CONTENT", "").lower() == "true")
+
+    def shutdown(self) -> None:
+        if self.provider is not None:
+            self.provider.shutdown()
+
+    def server_span(self, headers: Mapping[str, str], endpoint: str) -> Span | None:
+        """The request's span, continuing the client's trace (W3C traceparent) when it sent one."""
+        if self.tracer is None:
+            return None
+        operation = OPERATIONS[endpoint]
+        return self.tracer.start_span(
+            operation,
+            context=self._propagator.extract(headers),
+            kind=SpanKind.SERVER,
+            attributes={"gen_ai.operation.name": operation, "canarygate.mode": "primary"},
+        )
+
+    def name_route(self, span: Span, endpoint: str, route: str, payload: Any) -> None:
+        span.update_name(f"{OPERATIONS[endpoint]} {route}")
+        span.set_attributes(
+            {"gen_ai.request.model": route, "canarygate.route": route, **_request_attributes(payload)}
+        )
+        if self.record_content and isinstance(payload, dict) and "messages" in payload:
+            span.set_attribute("gen_ai.input.messages", _truncate(payload["messages"]))
+
+    def client_span(self, server: Span, route: str, call: Call) -> Span | None:
+        """Start an attempt's span, a child of the request's; its traceparent goes in the call's headers."""
+        if self.tracer is None:
+            return None
+        operation = OPERATIONS[call.endpoint]
+        url = call.arm.urls[call.endpoint]
+        span = self.tracer.start_span(
+            f"{operation} {call.arm.model}",
+            context=trace.set_span_in_context(server),
+            kind=SpanKind.CLIENT,
+            attributes={
+                "gen_ai.operation.name": operation,
+                "gen_ai.provider.name": "openai",
+                "gen_ai.request.model": call.arm.model,
+                "server.address": url.host or "",
+                "server.port": url.port or 0,
+                "canarygate.route": route,
+                "canarygate.arm": call.arm.name,
+                "canarygate.mode": "primary",
+            },
+        )
+        self._propagator.inject(call.headers, context=trace.set_span_in_context(span))
+        return span
+
+    def end_client(
+        self, span: Span, answer: Mapping[str, Any] | None, validation: str, error: Any, status: int | None
+    ) -> None:
+        span.set_attribute("canarygate.validation.result", validation)
+        if answer is not None:
+            _response_attributes(span, answer, self.record_content)
+        if status is not None:
+            span.set_attribute("http.response.status_code", status)
+        if error is not None:
+            span.set_attribute("error.type", getattr(error, "code", type(error).__name__))
+            span.set_status(Status(StatusCode.ERROR, getattr(error, "message", str(error))))
+        span.end()
+
+    def end_server(self, span: Span, arm: str | None, fallback: str | None, status: int, error: Any) -> None:
+        if arm is not None:
+            span.set_attribute("canarygate.arm", arm)
+        if fallback is not None:
+            span.set_attribute("canarygate.fallback.reason", fallback)
+        span.set_attribute("http.response.status_code", status)
+        if error is not None:
+            span.set_attribute("error.type", getattr(error, "code", type(error).__name__))
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR, getattr(error, "message", str(error))))
+        span.end()
+
+
+def _exporter(environ: Mapping[str, str]) -> SpanExporter | None:
+    if environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    chosen = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if chosen == "none" or (not chosen and not endpoint):
+        return None
+    if chosen == "console":
+        return ConsoleSpanExporter()
+    protocol = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    )
+    # The exporters read their endpoint, headers, timeout and compression from the same variables.
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        return GrpcExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    return HttpExporter()
+
+
+def _request_attributes(payload: Any) -> dict[str, Any]:
+    if not isinstance(payload, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for field, attribute in (
+        ("max_tokens", "gen_ai.request.max_tokens"),
+        ("temperature", "gen_ai.request.temperature"),
+        ("top_p", "gen_ai.request.top_p"),
+        ("seed", "gen_ai.request.seed"),
+    ):
+        value = payload.get(field)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[attribute] = value
+    return out
+
+
+def _response_attributes(span: Span, answer: Mapping[str, Any], record_content: bool) -> None:
+    if isinstance(answer.get("model"), str):
+        span.set_attribute("gen_ai.response.model", answer["model"])
+    if isinstance(answer.get("id"), str):
+        span.set_attribute("gen_ai.response.id", answer["id"])
+    usage = answer.get("usage")
+    if isinstance(usage, dict):
+        for field, attribute in (
+            ("prompt_tokens", "gen_ai.usage.input_tokens"),
+            ("completion_tokens", "gen_ai.usage.output_tokens"),
+        ):
+            if isinstance(usage.get(field), int):
+                span.set_attribute(attribute, usage[field])
+    choices = answer.get("choices")
+    if isinstance(choices, list):
+        reasons = [c.get("finish_reason") for c in choices if isinstance(c, dict) and c.get("finish_reason")]
+        if reasons:
+            span.set_attribute("gen_ai.response.finish_reasons", reasons)
+        if record_content:
+            messages = [c.get("message") or c.get("text") for c in choices if isinstance(c, dict)]
+            span.set_attribute("gen_ai.output.messages", _truncate(messages))
+
+
+def _truncate(value: Any) -> str:
+    return orjson.dumps(value).decode()[:CONTENT_LIMIT]
