@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
 import threading
 from dataclasses import fields, replace
 from pathlib import Path
@@ -113,6 +115,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("canarygate: --workers must be at least 1", file=sys.stderr)
         return 2
+    metrics_dir = None
+    if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Workers share one /metrics: prometheus_client keeps each process's values in files here.
+        metrics_dir = tempfile.mkdtemp(prefix="canarygate-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     config = uvicorn.Config(
         "gateway.app:create_app_from_env",
         factory=True,
@@ -123,7 +130,11 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=30,
         **server.SERVER_OPTIONS,
     )
-    server.run(config)
+    try:
+        server.run(config)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

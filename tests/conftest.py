@@ -119,7 +119,7 @@ GatewayFactory = Callable[..., Gateway]
 def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
     started: list[Gateway] = []
 
-    def make(policies: dict[str, str], **settings: Any) -> Gateway:
+    def make(policies: dict[str, str], registry: Any = None, **settings: Any) -> Gateway:
         policy_dir = tmp_path / f"policies-{len(started)}"
         policy_dir.mkdir()
         for name, text in policies.items():
@@ -127,7 +127,7 @@ def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
         settings.setdefault("watch_policies", False)
         problems = [str(p) for p in load_dir(policy_dir)[1] if p.severity == "error"]
         assert not problems, "\n".join(problems)
-        app = create_app(Settings(policy_dir=policy_dir, **settings))
+        app = create_app(Settings(policy_dir=policy_dir, **settings), registry=registry)
         gateway = Gateway(BackgroundServer(app).start(), policy_dir, app)
         started.append(gateway)
         return gateway
