@@ -4,17 +4,21 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench serve simulate clean
+.PHONY: demo test lint prometheus bench serve simulate clean
 
 demo: $(STAMP)  ## simulated base + candidate behind the gateway, with traffic from the openai client
 	$(BIN)/canarygate demo
 
-test: $(STAMP) lint  ## lint, type-check and run the whole test suite
+test: $(STAMP) lint prometheus  ## lint, type-check and run the whole test suite
 	$(BIN)/pytest
 
+prometheus:  ## the tests check dashboards and alert rules against a real Prometheus (Debian's package)
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
+
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tests bench
-	$(BIN)/ruff format --check gateway tests bench
+	$(BIN)/ruff check gateway tests bench monitoring
+	$(BIN)/ruff format --check gateway tests bench monitoring
 	$(BIN)/mypy
 
 bench: $(STAMP)  ## direct vs reference passthrough vs gateway; needs wrk and nginx (installed via apt if missing)

@@ -1,0 +1,158 @@
+"""Builds monitoring/grafana-dashboard.json: candidate vs base, side by side, per route.
+
+Run after changing a panel: python monitoring/build_dashboard.py (a test checks the JSON is current).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).with_name("grafana-dashboard.json")
+SEL = 'route=~"$route"'
+WINDOW = "$__rate_interval"
+ERRORS = 'outcome=~"upstream_error|timeout|invalid_output"'
+
+
+def rate(metric: str, labels: str = "") -> str:
+    selector = f"{SEL}, {labels}" if labels else SEL
+    return f"rate({metric}{{{selector}}}[{WINDOW}])"
+
+
+def quantile(q: float, metric: str, by: str = "arm", labels: str = 'mode="primary"') -> str:
+    return f"histogram_quantile({q}, sum by ({by}, le) ({rate(metric + '_bucket', labels)}))"
+
+
+PRIMARY = 'mode="primary"'
+SERVED = 'mode="primary", arm!="none"'
+CANDIDATE = 'arm="candidate", mode="primary"'
+BASE = 'arm="base", mode="primary"'
+CIRCUIT_OPEN = 'reason="circuit_open"'
+REQUESTS = "canarygate_requests_total"
+FALLBACKS = "canarygate_fallbacks_total"
+VALIDATION = "canarygate_validation_failures_total"
+DURATION = "canarygate_request_duration_seconds"
+TTFT = "canarygate_time_to_first_token_seconds"
+
+
+def ratio(numerator: str, denominator: str) -> str:
+    return f"{numerator} / {denominator}"
+
+
+def by(labels: str, expr: str) -> str:
+    return f"sum by ({labels}) ({expr})"
+
+
+# (title, unit, [(expression, legend)]); two panels per row.
+PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
+    ("Requests by arm and mode", "reqps", [
+        (by("arm, mode", rate(REQUESTS, 'arm!="none"')), "{{arm}} {{mode}}")]),
+    ("Error rate by arm (upstream errors, timeouts, invalid output)", "percentunit", [
+        (ratio(by("arm", rate(REQUESTS, f"{PRIMARY}, {ERRORS}")), by("arm", rate(REQUESTS, SERVED))),
+         "{{arm}}")]),
+    ("Validation failures by arm and kind", "reqps", [
+        (by("arm, kind", rate(VALIDATION, PRIMARY)), "{{arm}} {{kind}}")]),
+    ("Validation failure rate by arm", "percentunit", [
+        (ratio(by("arm", rate(VALIDATION, PRIMARY)), by("arm", rate(REQUESTS, SERVED))), "{{arm}}")]),
+    ("Fallback rate (of requests assigned to the candidate)", "percentunit", [
+        (ratio(f"sum({rate(FALLBACKS)})",
+               f"(sum({rate(REQUESTS, CANDIDATE)}) + sum({rate(FALLBACKS, CIRCUIT_OPEN)}))"),
+         "fallback rate")]),
+    ("Fallbacks by reason", "reqps", [(by("reason", rate(FALLBACKS)), "{{reason}}")]),
+    ("Latency p50 / p99 by arm", "s", [
+        (quantile(0.5, DURATION), "p50 {{arm}}"), (quantile(0.99, DURATION), "p99 {{arm}}")]),
+    ("Time to first token p50 / p99 by arm", "s", [
+        (quantile(0.5, TTFT), "p50 {{arm}}"), (quantile(0.99, TTFT), "p99 {{arm}}")]),
+    ("Candidate / base ratios: p99 latency and p50 TTFT", "none", [
+        (ratio(quantile(0.99, DURATION, "route", CANDIDATE), quantile(0.99, DURATION, "route", BASE)),
+         "p99 latency {{route}}"),
+        (ratio(quantile(0.5, TTFT, "route", CANDIDATE), quantile(0.5, TTFT, "route", BASE)),
+         "p50 TTFT {{route}}")]),
+    ("Output tokens per answer by arm", "none", [
+        (ratio(by("arm", rate("canarygate_tokens_total", f'{PRIMARY}, type="output"')),
+               by("arm", rate(REQUESTS, f'{PRIMARY}, outcome=~"ok|invalid_output"'))), "{{arm}}")]),
+    ("Rollout weight (% of units on the candidate)", "percent", [
+        (f"max by (route) (canarygate_rollout_weight{{{SEL}}})", "{{route}}")]),
+    ("Circuit open (1) by route and arm", "none", [
+        (f"max by (route, arm) (canarygate_circuit_open{{{SEL}}})", "{{route}} {{arm}}")]),
+    ("Mirror agreement by check", "percentunit", [
+        (ratio(by("check", rate("canarygate_mirror_agreement_total", 'result="agree"')),
+               by("check", rate("canarygate_mirror_agreement_total"))), "{{check}}")]),
+    ("Mirror calls by outcome", "reqps", [(by("outcome", rate("canarygate_mirror_total")), "{{outcome}}")]),
+    ("Gateway overhead p50 / p99", "s", [
+        (quantile(0.5, "canarygate_overhead_seconds", "route", ""), "p50 {{route}}"),
+        (quantile(0.99, "canarygate_overhead_seconds", "route", ""), "p99 {{route}}")]),
+    ("Upstream attempts in flight by arm", "none", [
+        (f"sum by (arm) (canarygate_inflight_requests{{{SEL}}})", "{{arm}}")]),
+]  # fmt: skip
+
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def panel(index: int, title: str, unit: str, queries: list[tuple[str, str]]) -> dict[str, Any]:
+    return {
+        "id": index + 1,
+        "type": "timeseries",
+        "title": title,
+        "datasource": DATASOURCE,
+        "gridPos": {"h": 8, "w": 12, "x": 12 * (index % 2), "y": 8 * (index // 2)},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": {"legend": {"displayMode": "list", "placement": "bottom"}, "tooltip": {"mode": "multi"}},
+        "targets": [
+            {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
+            for i, (expr, legend) in enumerate(queries)
+        ],
+    }
+
+
+def dashboard() -> dict[str, Any]:
+    return {
+        "uid": "canarygate",
+        "title": "canarygate: candidate vs base",
+        "description": "Per-route comparison of the tuned candidate against the base model during a canary.",
+        "tags": ["canarygate", "llm", "canary"],
+        "timezone": "browser",
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": True,
+        "refresh": "30s",
+        "time": {"from": "now-1h", "to": "now"},
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Data source",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                },
+                {
+                    "name": "route",
+                    "label": "Route",
+                    "type": "query",
+                    "datasource": DATASOURCE,
+                    "query": {"query": "label_values(canarygate_requests_total, route)", "refId": "routes"},
+                    "definition": "label_values(canarygate_requests_total, route)",
+                    "refresh": 2,
+                    "multi": True,
+                    "includeAll": True,
+                    "allValue": ".*",
+                    "current": {},
+                    "sort": 1,
+                    "hide": 0,
+                },
+            ]
+        },
+        "panels": [panel(i, *spec) for i, spec in enumerate(PANELS)],
+    }
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    OUT.write_text(render())
+    print(f"wrote {OUT}")
