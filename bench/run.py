@@ -9,8 +9,12 @@ request, candidate weight 50%), body parse and model rewrite.
 validation suite: the gateway with output validation on vs off, same request bodies, against fixed
 answers: a JSON-schema answer and a tool call (candidate weight 100%, so validation is enforced).
 
+telemetry suite: three gateways, same requests: metrics off (CANARYGATE_METRICS=false); metrics on;
+metrics on and tracing on, exporting every span through the OTLP/HTTP batch exporter to a sink.
+
 Targets: p50 overhead over direct <= 1.0 ms and >= 50% of the passthrough's req/s at 32 connections;
-validation adds <= 0.2 ms p50. Usage: python bench/run.py [--suite all|proxy|validation] [--duration 6]
+validation adds <= 0.2 ms p50; metrics add <= 0.1 ms p50; tracing adds <= 0.3 ms p50 on top.
+Usage: python bench/run.py [--suite all|proxy|validation|telemetry] [--duration 6]
 """
 
 from __future__ import annotations
@@ -102,6 +106,7 @@ http {{
     keepalive_requests 1000000;
     server {{
         listen 127.0.0.1:{port};
+        location = /v1/traces {{ return 200; }}
 {locations}
     }}
 }}
@@ -265,11 +270,44 @@ def validation_suite(ports: dict[str, int], duration: float, work: Path) -> tupl
     return rows, ok
 
 
+def telemetry_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[list[str], bool]:
+    rows = [
+        "| gateway | p50 @1 conn | p99 @1 conn | added p50 | req/s @32 conns | errors |",
+        "|---|---|---|---|---|---|",
+    ]
+    body = {"model": "bench-json", "messages": PROMPT}
+    print("telemetry:")
+    results = {}
+    gateways = (
+        ("metrics off, tracing off", "gateway_bare"),
+        ("metrics on, tracing off", "gateway"),
+        ("metrics on, tracing on", "gateway_traced"),
+        ("metrics on, tracing 10% sampled", "gateway_sampled"),
+    )
+    for name, port in gateways:
+        url = f"http://127.0.0.1:{ports[port]}/v1/chat/completions"
+        results[name] = measure(Target(name, url, body), duration, work)
+    bare, metered, traced, sampled = results.values()
+    added = {  # metrics against none; tracing against metrics alone
+        "metrics on, tracing off": metered["p50_ms"] - bare["p50_ms"],
+        "metrics on, tracing on": traced["p50_ms"] - metered["p50_ms"],
+        "metrics on, tracing 10% sampled": sampled["p50_ms"] - metered["p50_ms"],
+    }
+    for name, r in results.items():
+        note = f"{added[name]:.3f} ms" if name in added else "—"
+        rows.append(
+            f"| {name} | {r['p50_ms']:.3f} ms | {r['p99_ms']:.3f} ms | {note} | {r['rps_32']:.0f} | "
+            f"{int(r['errors'])} |"
+        )
+    ok = added["metrics on, tracing off"] <= 0.1 and added["metrics on, tracing on"] <= 0.3
+    return rows, ok and all(r["errors"] == 0 for r in results.values())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--suite", choices=["all", "proxy", "validation"], default="all")
+    parser.add_argument("--suite", choices=["all", "proxy", "validation", "telemetry"], default="all")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
     args = parser.parse_args()
     for tool in ("wrk", "nginx"):
@@ -281,7 +319,18 @@ def main() -> int:
         work = Path(tmp)
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (work / sub).mkdir()
-        ports = {name: free_port() for name in ("nginx", "aiohttp", "httpx", "gateway")}
+        ports = {
+            name: free_port()
+            for name in (
+                "nginx",
+                "aiohttp",
+                "httpx",
+                "gateway",
+                "gateway_bare",
+                "gateway_traced",
+                "gateway_sampled",
+            )
+        }
         locations = "\n".join(
             f"        location = /{kind}/v1/chat/completions {{ default_type {ctype}; return 200 '{body}'; }}"
             for kind, (ctype, body) in ((k, (c, b.replace("'", "\\'"))) for k, (c, b) in ANSWERS.items())
@@ -324,30 +373,40 @@ def main() -> int:
             "warning",
             "--port",
         ]
+        gateway = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--policies",
+            str(policies),
+            "--log-level",
+            "warning",
+            "--port",
+        ]
+        traced = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{ports['nginx']}",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        }
         commands = [
             (["nginx", "-c", str(work / "nginx.conf"), "-g", "daemon off;"], env),
             ([*uvicorn, str(ports["aiohttp"])], {**env, "PASSTHROUGH_CLIENT": "aiohttp"}),
             ([*uvicorn, str(ports["httpx"])], {**env, "PASSTHROUGH_CLIENT": "httpx"}),
+            ([*gateway, str(ports["gateway"])], env),
+            ([*gateway, str(ports["gateway_bare"])], {**env, "CANARYGATE_METRICS": "false"}),
             (
-                [
-                    sys.executable,
-                    "-m",
-                    "gateway",
-                    "serve",
-                    "--policies",
-                    str(policies),
-                    "--log-level",
-                    "warning",
-                    "--port",
-                    str(ports["gateway"]),
-                ],
-                env,
+                [*gateway, str(ports["gateway_traced"])],
+                {**env, **traced},
+            ),
+            (
+                [*gateway, str(ports["gateway_sampled"])],
+                {**env, **traced, "OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
             ),
         ]
         processes: list[subprocess.Popen[bytes]] = []
         try:
             processes.extend(subprocess.Popen(cmd, cwd=ROOT, env=cmd_env) for cmd, cmd_env in commands)
-            for name in ("aiohttp", "httpx", "gateway"):
+            for name in [n for n in ports if n != "nginx"]:
                 wait_up(f"http://127.0.0.1:{ports[name]}/healthz")
             tables, ok = [], True
             if args.suite in ("all", "proxy"):
@@ -356,6 +415,10 @@ def main() -> int:
                 ok &= passed
             if args.suite in ("all", "validation"):
                 rows, passed = validation_suite(ports, args.duration, work)
+                tables.append(rows)
+                ok &= passed
+            if args.suite in ("all", "telemetry"):
+                rows, passed = telemetry_suite(ports, args.duration, work)
                 tables.append(rows)
                 ok &= passed
         finally:
