@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,6 +111,21 @@ def test_exact_values_after_mixed_traffic(sims: tuple[Sim, Sim], make_gateway: G
     assert value(s, "canarygate_inflight_requests", route="chat", arm="candidate") == 0
     assert value(s, "canarygate_mirror_total", route="chat", outcome="dropped") == 0
     assert value(s, "canarygate_mirror_agreement_total", route="chat", check="tool_name", result="agree") == 0
+
+
+def test_every_metric_is_documented_in_the_readme(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    gw = make_gateway({"chat": policy_yaml("chat", sims[0].url, sims[1].url, weight=10)})
+    text = httpx.get(f"{gw.url}/metrics").text
+    exposed = {
+        f.name + ("_total" if f.type == "counter" else "")
+        for f in text_string_to_metric_families(text)
+        if f.name.startswith("canarygate_")
+    }
+    readme = (REPO / "README.md").read_text()
+    documented = set(re.findall(r"^\| `(canarygate_[a-z_]+)` \|", readme, re.M))
+    assert exposed == documented
 
 
 def test_circuit_gauge_and_reloads(sims: tuple[Sim, Sim], make_gateway: GatewayFactory) -> None:

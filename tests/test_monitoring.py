@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -35,6 +36,21 @@ def tool(name: str) -> str:
 
 def panel_queries() -> list[str]:
     return [t["expr"] for p in DASHBOARD["panels"] for t in p["targets"]]
+
+
+def readme_queries() -> list[str]:
+    """The PromQL examples in the README: one per block of lines after a comment."""
+    readme = (MONITORING.parent / "README.md").read_text()
+    (block,) = re.findall(r"```promql\n(.*?)```", readme, re.S)
+    queries, current = [], []
+    for line in [*block.splitlines(), "# end"]:
+        if line.startswith("#"):
+            if current:
+                queries.append("\n".join(current))
+            current = []
+        elif line.strip():
+            current.append(line)
+    return queries
 
 
 def rules(kind: str) -> list[dict[str, Any]]:
@@ -186,6 +202,10 @@ def test_every_panel_and_rule_against_a_real_prometheus(
         for expr in panel_queries():
             concrete = expr.replace("$route", ".*").replace("$__rate_interval", window)
             assert query(server, concrete), f"no series for panel query: {concrete}"
+        examples = readme_queries()
+        assert len(examples) == 6
+        for expr in examples:
+            assert query(server, expr), f"no series for the README's example: {expr}"
         for rule in rules("record"):
             assert query(server, rule["record"]), f"recording rule {rule['record']} produced nothing"
         fired = {
