@@ -190,6 +190,19 @@ def wrk(target: Target, connections: int, duration: float, workdir: Path) -> dic
     return result
 
 
+def check_answer(target: Target, arm: str | None = None) -> None:
+    """Before measuring: the answer parses, and on the gateway the expected arm gave it, no fallback."""
+    response = httpx.post(target.url, json={**target.body, "user": "check"}, timeout=10)
+    response.raise_for_status()
+    if target.body.get("stream"):
+        assert response.text.rstrip().endswith("data: [DONE]"), f"{target.name}: broken stream"
+    else:
+        json.loads(response.text)
+    if arm is not None:
+        assert response.headers["x-canarygate-arm"] == arm, f"{target.name}: answered by the wrong arm"
+        assert "x-canarygate-fallback" not in response.headers, f"{target.name}: fell back"
+
+
 def measure(target: Target, duration: float, workdir: Path) -> dict[str, float]:
     wrk(target, 8, 2, workdir)  # warm-up: connection pools, caches
     one = wrk(target, 1, duration, workdir)
@@ -225,6 +238,8 @@ def proxy_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[lis
             Target("gateway", f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions", body),
         ]
         print(f"proxy, {kind}:")
+        for target in targets:
+            check_answer(target)
         results = {t.name: measure(t, duration, work) for t in targets}
         direct, reference, gateway = results["direct"], results["passthrough"], results["gateway"]
         for name, r in results.items():
@@ -259,6 +274,7 @@ def validation_suite(ports: dict[str, int], duration: float, work: Path) -> tupl
             target = Target(
                 f"{kind}-{mode}", f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions", body
             )
+            check_answer(target, arm="candidate")
             results[mode] = measure(target, duration, work)
         added = results["on"]["p50_ms"] - results["off"]["p50_ms"]
         for mode, r in results.items():
@@ -285,8 +301,9 @@ def telemetry_suite(ports: dict[str, int], duration: float, work: Path) -> tuple
         ("metrics on, tracing 10% sampled", "gateway_sampled"),
     )
     for name, port in gateways:
-        url = f"http://127.0.0.1:{ports[port]}/v1/chat/completions"
-        results[name] = measure(Target(name, url, body), duration, work)
+        target = Target(name, f"http://127.0.0.1:{ports[port]}/v1/chat/completions", body)
+        check_answer(target)
+        results[name] = measure(target, duration, work)
     bare, metered, traced, sampled = results.values()
     added = {  # metrics against none; tracing against metrics alone
         "metrics on, tracing off": metered["p50_ms"] - bare["p50_ms"],
@@ -331,9 +348,11 @@ def main() -> int:
                 "gateway_sampled",
             )
         }
+        # nginx reads backslashes in quoted strings as escapes: double them, or the JSON breaks.
         locations = "\n".join(
-            f"        location = /{kind}/v1/chat/completions {{ default_type {ctype}; return 200 '{body}'; }}"
-            for kind, (ctype, body) in ((k, (c, b.replace("'", "\\'"))) for k, (c, b) in ANSWERS.items())
+            f"        location = /{kind}/v1/chat/completions {{ default_type {ctype}; "
+            f"return 200 '{body.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}'; }}"
+            for kind, (ctype, body) in ANSWERS.items()
         )
         (work / "nginx.conf").write_text(
             NGINX_CONF.format(dir=work, port=ports["nginx"], locations=locations)

@@ -204,10 +204,10 @@ class Proxy:
         error: GatewayError | None = None
         result = "client_closed"
         try:
-            attempt.call = request.call(arm, reply.request_id, deadline)
-            if request.span is not None:
-                attempt.span = self._tracing.client_span(request.span, request.route.name, attempt.call)
             try:
+                attempt.call = request.call(arm, reply.request_id, deadline)
+                if request.span is not None:
+                    attempt.span = self._tracing.client_span(request.span, request.route.name, attempt.call)
                 if not request.stream:
                     await self._forward(attempt, request, reply, watch)
                 elif request.rules is not None and enforce and request.route.buffer_streams:
@@ -216,10 +216,6 @@ class Proxy:
                     error = await self._stream(attempt, request, reply, watch)
             except GatewayError as exc:
                 error = exc
-            result = outcome(error)
-            return error
-        except GatewayError as exc:  # the deadline passed before the call could start
-            error = exc
             result = outcome(error)
             return error
         finally:
