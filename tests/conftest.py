@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +24,7 @@ from gateway.server import BackgroundServer
 from gateway.settings import Settings
 from gateway.simulator import Simulator
 
+REPO = Path(__file__).resolve().parent.parent
 BASE_MODEL = "base-model"
 CANDIDATE_MODEL = "tuned-model"
 
@@ -144,3 +150,64 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0, message: str 
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+def up(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[object]:
+    processes: list[subprocess.Popen[str]] = []
+
+    def start(
+        policy_dir: Path, *args: str, env: dict[str, str] | None = None
+    ) -> tuple[subprocess.Popen[str], str]:
+        port = closed_port()
+        log = open(tmp_path / f"serve-{port}.log", "w+")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--policies",
+                str(policy_dir),
+                "--port",
+                str(port),
+                *args,
+            ],
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        process.log = log  # type: ignore[attr-defined]
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            assert process.poll() is None, Path(log.name).read_text()
+            return up(f"{url}/healthz")
+
+        wait_for(healthy, timeout=30, message="gateway to start")
+        return process, url
+
+    yield start
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        process.log.close()  # type: ignore[attr-defined]
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -6,16 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.conftest import GatewayFactory, Sim, policy_yaml, wait_for
-from tests.test_faults import closed_port
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO, GatewayFactory, Sim, closed_port, policy_yaml, up, wait_for
 
 
 def canarygate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -62,54 +57,6 @@ def test_serve_refuses_an_invalid_policy(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "arms.base: is required but missing" in result.stderr
     assert "not serving" in result.stderr
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[object]:
-    processes: list[subprocess.Popen[str]] = []
-
-    def start(
-        policy_dir: Path, *args: str, env: dict[str, str] | None = None
-    ) -> tuple[subprocess.Popen[str], str]:
-        port = closed_port()
-        log = open(tmp_path / f"serve-{port}.log", "w+")  # noqa: SIM115 - closed with the process
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "serve",
-                "--policies",
-                str(policy_dir),
-                "--port",
-                str(port),
-                *args,
-            ],
-            cwd=REPO,
-            env={**os.environ, **(env or {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        process.log = log  # type: ignore[attr-defined]
-        processes.append(process)
-        url = f"http://127.0.0.1:{port}"
-
-        def healthy() -> bool:
-            assert process.poll() is None, Path(log.name).read_text()
-            return _up(f"{url}/healthz")
-
-        wait_for(healthy, timeout=30, message="gateway to start")
-        return process, url
-
-    yield start
-    for process in processes:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        process.log.close()  # type: ignore[attr-defined]
 
 
 def route_a_dir(tmp_path: Path, sim: Sim) -> Path:
@@ -224,7 +171,7 @@ def test_simulate_serves_with_per_model_knobs() -> None:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _up(f"{url}/health"), timeout=20, message="simulator to start")
+        wait_for(lambda: up(f"{url}/health"), timeout=20, message="simulator to start")
         ok = httpx.post(
             f"{url}/v1/chat/completions", json={"model": "fine", "messages": [], "temperature": 0}
         )
@@ -237,10 +184,3 @@ def test_simulate_serves_with_per_model_knobs() -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.conftest import closed_port
 from tests.test_cli import REPO, canarygate
-from tests.test_faults import closed_port
 
 
 def test_demo_sends_traffic_and_reports_both_arms(tmp_path: Path) -> None:

@@ -13,8 +13,16 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import BASE_MODEL, CANDIDATE_MODEL, Gateway, GatewayFactory, Sim, policy_yaml, wait_for
-from tests.test_faults import closed_port
+from tests.conftest import (
+    BASE_MODEL,
+    CANDIDATE_MODEL,
+    Gateway,
+    GatewayFactory,
+    Sim,
+    closed_port,
+    policy_yaml,
+    wait_for,
+)
 
 SCHEMA = {
     "type": "object",

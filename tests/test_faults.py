@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -15,7 +14,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.server import BackgroundServer
-from tests.conftest import GatewayFactory, Sim, policy_yaml, wait_for
+from tests.conftest import GatewayFactory, Sim, closed_port, policy_yaml, wait_for
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -101,12 +100,6 @@ def test_wrong_method_and_path(chat_gateway) -> None:  # type: ignore[no-untyped
     assert_openai_error(httpx.get(f"{chat_gateway.url}/v1/chat/completions"), 405, "method_not_allowed")
     response = httpx.get(f"{chat_gateway.url}/v1/nothing-here")
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_upstream_refuses_connection(make_gateway: GatewayFactory) -> None:

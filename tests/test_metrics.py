@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import GatewayFactory, Sim, policy_yaml, wait_for
-from tests.test_cli import REPO, _up, route_a_dir
-from tests.test_faults import closed_port
+from tests.conftest import REPO, GatewayFactory, Sim, policy_yaml, wait_for
+from tests.test_cli import route_a_dir
 
 CHAT = {"messages": [{"role": "user", "content": "one two three four"}]}  # 4 prompt tokens in the simulator
 
@@ -152,44 +147,15 @@ def test_metrics_can_be_switched_off(sims: tuple[Sim, Sim], make_gateway: Gatewa
     assert not any(name == "canarygate_requests_total" for name, _ in scrape(gw.url))
 
 
-def test_several_workers_share_one_metrics_view(sims: tuple[Sim, Sim], tmp_path: Path) -> None:
-    policies = route_a_dir(tmp_path, sims[0])
-    port = closed_port()
-    env = {**os.environ, "CANARYGATE_WATCH_POLICIES": "false"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--policies",
-            str(policies),
-            "--port",
-            str(port),
-            "--workers",
-            "2",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def test_several_workers_share_one_metrics_view(sims: tuple[Sim, Sim], serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, url = serve(
+        route_a_dir(tmp_path, sims[0]), "--workers", "2", env={"CANARYGATE_WATCH_POLICIES": "false"}
     )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _up(f"{url}/healthz"), timeout=30, message="two workers")
-        for _ in range(30):  # a new connection each time: both workers take requests
-            assert (
-                httpx.post(f"{url}/v1/chat/completions", json={"model": "route-a", **CHAT}).status_code == 200
-            )
-        for _ in range(10):  # whichever worker answers the scrape, it reports both workers' counts
-            s = scrape(url)
-            assert (
-                value(
-                    s, "canarygate_requests_total", route="route-a", arm="base", mode="primary", outcome="ok"
-                )
-                == 30
-            )
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+    for _ in range(30):  # a new connection each time: both workers take requests
+        assert httpx.post(f"{url}/v1/chat/completions", json={"model": "route-a", **CHAT}).status_code == 200
+    for _ in range(10):  # whichever worker answers the scrape, it reports both workers' counts
+        s = scrape(url)
+        assert (
+            value(s, "canarygate_requests_total", route="route-a", arm="base", mode="primary", outcome="ok")
+            == 30
+        )

@@ -19,8 +19,7 @@ import yaml
 from gateway.app import create_app
 from gateway.server import BackgroundServer
 from gateway.settings import Settings
-from tests.conftest import Sim, policy_yaml, wait_for
-from tests.test_faults import closed_port
+from tests.conftest import Sim, closed_port, policy_yaml, wait_for
 
 MONITORING = Path(__file__).resolve().parent.parent / "monitoring"
 DASHBOARD = json.loads((MONITORING / "grafana-dashboard.json").read_text())
