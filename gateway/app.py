@@ -63,7 +63,13 @@ class Services:
         self.api_keys = ApiKeys(settings.api_keys)
         self.spawner = Spawner()
         self.proxy = Proxy(
-            self.routes.get, self.upstream, self.api_keys, settings.max_body_bytes, self.metrics, self.tracing
+            self.routes.get,
+            self.upstream,
+            self.api_keys,
+            settings.max_body_bytes,
+            self.metrics,
+            self.tracing,
+            self.spawner,
         )
         self.started_at = time.time()
 

@@ -13,6 +13,7 @@ from opentelemetry.trace import Span
 
 from gateway.asgi import Reply
 from gateway.errors import GatewayError, InvalidOutput, UpstreamError, UpstreamHTTPError, UpstreamTimeout
+from gateway.mirror import Observation, Pair
 from gateway.route import Route, RouteArm
 from gateway.streaming import Accumulator
 from gateway.telemetry import ArmMetrics, RouteMetrics
@@ -32,6 +33,7 @@ class Request:
         "endpoint",
         "headers",
         "metrics",
+        "pair",
         "payload",
         "route",
         "rules",
@@ -62,6 +64,7 @@ class Request:
         self.span = span
         self.stream = payload.get("stream") is True
         self.upstream_s = 0.0  # time spent waiting on upstreams, summed over attempts
+        self.pair: Pair | None = None  # set when a shadow call will be compared with this request's answer
 
     def call(self, arm: RouteArm, rid: str, deadline: float) -> Call:
         remaining = deadline - time.monotonic()
@@ -91,7 +94,7 @@ class Request:
     def check(self, answer: dict[str, Any] | Accumulator | None) -> Failure | None:
         assert self.rules is not None
         if isinstance(answer, Accumulator):
-            answer = answer.chat_body() if self.endpoint == "chat" else answer.completion_body()
+            answer = answer.body(self.endpoint)
         if self.endpoint == "chat":
             return check_chat(answer, self.rules)
         return check_completion(answer, self.rules)
@@ -101,11 +104,13 @@ class Attempt:
     """One upstream call: its timing, its answer as far as it was read, and its verdict."""
 
     __slots__ = (
+        "accumulated",
         "answer",
         "call",
         "enforce",
         "metrics",
         "opened",
+        "output_tokens",
         "span",
         "started",
         "status",
@@ -121,6 +126,8 @@ class Attempt:
         self.call: Call | None = None
         self.span: Span | None = None
         self.answer: dict[str, Any] | None = None  # the parsed answer, or a stream's last event
+        self.accumulated: dict[str, Any] | None = None  # a stream rebuilt into a complete answer, when it was
+        self.output_tokens: int | None = None
         self.status: int | None = None
         self.upstream_s = 0.0
         self.validation = "skipped"
@@ -150,6 +157,12 @@ class Attempt:
             self.metrics.tokens_in.inc(prompt)
         if isinstance(completion, int):
             self.metrics.tokens_out.inc(completion)
+            self.output_tokens = completion
+
+    def observation(self, failed: bool) -> Observation:
+        """This attempt as one side of a shadow pair."""
+        answer = None if failed else (self.accumulated if self.accumulated is not None else self.answer)
+        return Observation(answer, time.perf_counter() - self.started, self.output_tokens)
 
     def judge(self, failure: Failure | None, reply: Reply, *, released: bool = False) -> InvalidOutput | None:
         """Record the verdict. Returns InvalidOutput when it is enforced here (the attempt failed; unless

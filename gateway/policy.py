@@ -236,6 +236,20 @@ class Fallback(Strict):
         return value
 
 
+class Mirror(Strict):
+    percent: float = Field(default=0, ge=0, le=100, description="Percent of base-served traffic shadowed")
+    sample_by: Literal["unit", "request"] = Field(
+        default="unit", description="unit: the same units are shadowed every time; request: a fresh draw"
+    )
+    max_concurrency: int = Field(default=16, ge=1, le=10_000)
+    max_queue: int = Field(default=256, ge=0, le=1_000_000)
+    tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="Shadow calls stop while they used this many tokens in the last minute",
+    )
+
+
 class Rollout(Strict):
     weight: float = Field(default=0, ge=0, le=100, description="Percent of units served by the candidate")
 
@@ -249,6 +263,7 @@ class Policy(Strict):
     rollout: Rollout = Field(default_factory=Rollout)
     validation: Validation = Field(default_factory=Validation)
     fallback: Fallback = Field(default_factory=Fallback)
+    mirror: Mirror = Field(default_factory=Mirror)
 
     @field_validator("route")
     @classmethod
@@ -264,6 +279,8 @@ class Policy(Strict):
         if self.arms.candidate is None:
             if self.rollout.weight > 0:
                 raise ValueError("rollout.weight is above 0 but arms.candidate is not defined")
+            if self.mirror.percent > 0:
+                raise ValueError("mirror.percent is above 0 but arms.candidate is not defined")
             if self.assignment.allow_override_header:
                 raise ValueError("assignment.allow_override_header needs arms.candidate")
         for name in ("base", "candidate"):

@@ -43,16 +43,19 @@ from gateway.errors import (
     log_error,
 )
 from gateway.fallback import CIRCUIT_OPEN, Guards, reason_for
+from gateway.mirror import Mirror, Mirrors, Observation, Pair, compare
 from gateway.route import Route, RouteArm
-from gateway.routing import OVERRIDE_HEADER, choose_arm, unit_key
+from gateway.routing import OVERRIDE_HEADER, choose_arm, mirror_sampled, unit_key
 from gateway.streaming import Accumulator, EventParser, Tail, collect, last_event, relay
-from gateway.telemetry import Metrics
+from gateway.tasks import Spawner
+from gateway.telemetry import Metrics, RouteMetrics
 from gateway.tracing import Tracing
 from gateway.upstream import Call, Upstream
 from gateway.validation import KINDS, Rules, SchemaCache, SchemaError, rules_for
 
 log = logging.getLogger("gateway.proxy")
 
+MIRROR_HEADER = "X-Canarygate-Mirror"
 # Fields each endpoint cannot do without; checked here so the client hears it from us, clearly.
 REQUIRED_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 
@@ -66,6 +69,7 @@ class Proxy:
         max_body_bytes: int,
         metrics: Metrics,
         tracing: Tracing,
+        spawner: Spawner,
     ) -> None:
         self._routes = routes
         self._upstream = upstream
@@ -75,6 +79,7 @@ class Proxy:
         self._tracing = tracing
         self._schemas = SchemaCache()
         self.guards = Guards()
+        self.mirrors = Mirrors(spawner)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         started = time.perf_counter()
@@ -101,8 +106,9 @@ class Proxy:
             request = Request(
                 route, endpoint, payload, headers, token, rules, self._metrics.route(route), span
             )
+            shadowed = assigned == "base" and mirror_sampled(route, key)
             async with DisconnectWatch(receive) as watch:
-                await self._serve(request, assigned, reply, watch)
+                await self._serve(request, assigned, shadowed, reply, watch)
         except GatewayError as exc:
             failure = exc
             if request is None:
@@ -122,7 +128,9 @@ class Proxy:
             if span is not None:
                 self._tracing.end_server(span, reply.arm, reply.fallback, reply.status, failure)
 
-    async def _serve(self, request: Request, assigned: str, reply: Reply, watch: DisconnectWatch) -> None:
+    async def _serve(
+        self, request: Request, assigned: str, shadowed: bool, reply: Reply, watch: DisconnectWatch
+    ) -> None:
         route = request.route
         budget = self.guards.budget(route)
         budget.record_request()
@@ -151,6 +159,8 @@ class Proxy:
                 request.metrics.circuit.set(1)
             reply.fallback = reason
             request.metrics.fallbacks[reason].inc()
+        elif shadowed:
+            self._start_shadow(request, reply.request_id)
         error = await self._attempt(
             request, route.base, KINDS if route.enforce_on_base else (), deadline, reply, watch
         )
@@ -223,6 +233,8 @@ class Proxy:
             attempt.metrics.duration.observe(time.perf_counter() - attempt.started)
             attempt.metrics.outcomes[result].inc()
             request.upstream_s += attempt.upstream_s
+            if request.pair is not None and arm.name == "base":
+                request.pair.record_primary(attempt.observation(failed=result != "ok"))
             if attempt.span is not None:
                 self._tracing.end_client(
                     attempt.span, attempt.answer, attempt.validation, error, attempt.status
@@ -266,7 +278,7 @@ class Proxy:
         assert call is not None
         try:
             tail = Tail()
-            accumulator = Accumulator() if request.rules is not None else None
+            accumulator = Accumulator() if request.rules is not None or request.pair is not None else None
             await reply.start_stream(resp.status, _content_type(resp, EVENT_STREAM))
             error = await relay(resp, reply, first, call.failure, _observer(tail, accumulator))
             attempt.closed()
@@ -277,6 +289,8 @@ class Proxy:
             await reply.end_stream()
             attempt.answered(tail.last_event())
             if accumulator is not None:
+                attempt.accumulated = accumulator.body(request.endpoint)
+            if request.rules is not None and accumulator is not None:
                 return attempt.judge(request.check(accumulator), reply, released=True)
             return None
         finally:
@@ -316,6 +330,7 @@ class Proxy:
                     code="upstream_protocol_error",
                 )
             attempt.answered(last_event(data))
+            attempt.accumulated = accumulator.body(request.endpoint)
             invalid = attempt.judge(request.check(accumulator), reply)
             if invalid is not None:
                 raise invalid
@@ -326,6 +341,121 @@ class Proxy:
             return None
         finally:
             resp.close()
+
+    def _start_shadow(self, request: Request, rid: str) -> None:
+        """Send a copy of this base-served request to the candidate, if the route's mirror has room."""
+        mirror = self.mirrors.get(request.route)
+        candidate = request.route.candidate
+        if mirror is None or candidate is None:
+            return
+        metrics, rules = request.metrics, request.rules
+        pair = Pair(lambda primary, shadow: _compared(metrics, rules, primary, shadow))
+        payload = dict(request.payload)
+        if mirror.submit(lambda: self._shadow(request, candidate, payload, pair, rid, mirror)):
+            metrics.mirror["sent"].inc()
+            request.pair = pair
+        else:
+            metrics.mirror["dropped"].inc()
+
+    async def _shadow(
+        self, request: Request, arm: RouteArm, payload: dict[str, Any], pair: Pair, rid: str, mirror: Mirror
+    ) -> None:
+        """One shadow call: consumed here (a stream as a stream), validated and compared, never sent to the
+        client, never raised. Cancelled at shutdown."""
+        attempt = Attempt(request.metrics.arm(arm.name, "mirror"), ())
+        attempt.metrics.inflight.inc()
+        error: GatewayError | None = None
+        result = "client_closed"
+        try:
+            payload["model"] = arm.model
+            headers = {
+                **arm.headers,
+                "Content-Type": "application/json",
+                "Accept-Encoding": "identity",
+                "X-Request-Id": rid,
+                MIRROR_HEADER: "1",
+            }
+            body = orjson.dumps(payload)
+            call = Call(
+                arm,
+                request.endpoint,
+                body,
+                headers,
+                request.token,
+                arm.client_timeout,
+                arm.timeouts.first_token_s,
+            )
+            attempt.call = call
+            attempt.span = self._tracing.mirror_span(request.span, request.route.name, call)
+            try:
+                answer = await self._shadow_exchange(attempt, request)
+            except GatewayError as exc:
+                error, answer = exc, None
+            result = outcome(error)
+            if answer is not None and request.rules is not None:
+                failure = request.check(answer)
+                attempt.validation = failure.kind if failure is not None else "ok"
+                if failure is not None:
+                    attempt.metrics.validation[failure.kind].inc()
+            if attempt.output_tokens is not None:
+                mirror.spend(attempt.output_tokens + _input_tokens(attempt.answer))
+            pair.record_shadow(attempt.observation(failed=answer is None))
+        except Exception as exc:
+            result = "upstream_error"
+            log.exception("request_id=%s route=%s shadow call failed", rid, request.route.name)
+            error = InternalError(str(exc))
+        finally:
+            attempt.metrics.inflight.dec()
+            attempt.metrics.duration.observe(time.perf_counter() - attempt.started)
+            attempt.metrics.outcomes[result].inc()
+            if error is not None:
+                request.metrics.mirror["error"].inc()
+            if attempt.span is not None:
+                self._tracing.end_client(
+                    attempt.span, attempt.answer, attempt.validation, error, attempt.status
+                )
+
+    async def _shadow_exchange(self, attempt: Attempt, request: Request) -> dict[str, Any] | None:
+        """The candidate's whole answer, in its complete shape (a stream rebuilt from its chunks)."""
+        call = attempt.call
+        assert call is not None
+        if not request.stream:
+            attempt.open()
+            try:
+                resp = await self._upstream.open(call)
+                attempt.status = resp.status
+                try:
+                    data = await resp.read()
+                except Exception as exc:
+                    raise call.failure(exc) from exc
+                finally:
+                    resp.release()
+            finally:
+                attempt.closed()
+            if resp.status >= 400:
+                raise call.http_error(resp, data)
+            try:
+                answer = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                answer = None
+            attempt.answered(answer)
+            return answer if isinstance(answer, dict) else {}
+        resp, first = await self._first_chunk(attempt)
+        try:
+            try:
+                data, complete = await collect(resp, first, request.route.max_buffer_bytes)
+                while not complete and await resp.content.readany():
+                    pass  # too long to keep for comparison: read to the end all the same
+            except Exception as exc:
+                raise call.failure(exc) from exc
+            finally:
+                attempt.closed()
+        finally:
+            resp.close()
+        accumulator = Accumulator()
+        _observer(None, accumulator)(data)
+        attempt.answered(last_event(data))
+        return accumulator.body(request.endpoint) if complete else None
 
     async def _first_chunk(self, attempt: Attempt) -> tuple[aiohttp.ClientResponse, bytes]:
         """Open the stream and wait for its first bytes: only then is the client's response started."""
@@ -387,6 +517,24 @@ class Proxy:
             return rules_for(payload, route.validation, self._schemas)
         except SchemaError as exc:
             raise InvalidRequest(str(exc), code="invalid_schema") from None
+
+
+def _compared(metrics: RouteMetrics, rules: Rules | None, primary: Observation, shadow: Observation) -> None:
+    """Record how a shadow answer compares with the primary one (nothing when either side failed)."""
+    if primary.answer is None or shadow.answer is None:
+        return
+    for check, agreed in compare(primary.answer, shadow.answer, rules).items():
+        metrics.agreement[(check, "agree" if agreed else "disagree")].inc()
+    if primary.duration_s > 0:
+        metrics.latency_ratio.observe(shadow.duration_s / primary.duration_s)
+    if primary.output_tokens and shadow.output_tokens is not None:
+        metrics.tokens_ratio.observe(shadow.output_tokens / primary.output_tokens)
+
+
+def _input_tokens(answer: dict[str, Any] | None) -> int:
+    usage = answer.get("usage") if answer is not None else None
+    prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    return prompt if isinstance(prompt, int) else 0
 
 
 def _observer(tail: Tail | None, accumulator: Accumulator | None) -> Callable[[bytes], None]:

@@ -23,6 +23,16 @@ ENDPOINT_PATHS: Mapping[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class MirrorSettings:
+    percent: float
+    by_unit: bool
+    salt: str  # not the canary's salt: the shadow cohort is not the live cohort
+    max_concurrency: int
+    max_queue: int
+    tokens_per_minute: int | None
+
+
 @dataclass(frozen=True, slots=True)
 class RouteArm:
     name: ArmName
@@ -54,6 +64,7 @@ class Route:
     budget: BudgetSettings
     breaker: BreakerSettings | None
     deadline_s: float
+    mirror: MirrorSettings | None  # None: no shadow traffic
     source: Path
     policy: Policy
 
@@ -82,6 +93,7 @@ def compile_policy(
         (kind, name) for kind, _, name in (s.partition(":") for s in policy.assignment.sticky_keys)
     )
     checks = policy.validation
+    shadow = policy.mirror
     fallback = policy.fallback
     breaker = fallback.circuit_breaker
     deadline = policy.timeouts.deadline_s or sum(arm.timeouts.total_s for arm in (base, candidate) if arm)
@@ -118,6 +130,16 @@ def compile_policy(
         if breaker.enabled
         else None,
         deadline_s=deadline,
+        mirror=MirrorSettings(
+            shadow.percent,
+            shadow.sample_by == "unit",
+            f"{salt}:mirror",
+            shadow.max_concurrency,
+            shadow.max_queue,
+            shadow.tokens_per_minute,
+        )
+        if shadow.percent > 0
+        else None,
         source=source,
         policy=policy,
     )

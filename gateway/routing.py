@@ -68,3 +68,13 @@ def choose_arm(
     point = bucket(route.name, route.salt, key) if key is not None else rand()
     arm: ArmName = "candidate" if point < route.weight / 100 else "base"
     return Assignment(arm, point, key is not None)
+
+
+def mirror_sampled(route: Route, key: str | None, rand: Callable[[], float] = random.random) -> bool:
+    """Is this base-served request also sent to the candidate as a shadow call?"""
+    shadow = route.mirror
+    if shadow is None:
+        return False
+    if shadow.by_unit and key is not None:
+        return bucket(route.name, shadow.salt, key) < shadow.percent / 100
+    return rand() < shadow.percent / 100

@@ -107,6 +107,8 @@ class Accumulator:
     def _add_choice(self, choice: dict[str, Any]) -> None:
         index = choice.get("index", 0) if isinstance(choice.get("index"), int) else 0
         entry = self._choices.setdefault(index, {"index": index, "content": None, "text": None})
+        if isinstance(choice.get("finish_reason"), str):
+            entry["finish_reason"] = choice["finish_reason"]
         if isinstance(choice.get("text"), str):
             entry["text"] = (entry["text"] or "") + choice["text"]
         delta = choice.get("delta")
@@ -137,11 +139,19 @@ class Accumulator:
                 message["tool_calls"] = [call for _, call in sorted(self._calls[index].items())]
             if "function_call" in entry:
                 message["function_call"] = entry["function_call"]
-            choices.append({"index": index, "message": message})
+            choices.append({"index": index, "message": message, "finish_reason": entry.get("finish_reason")})
         return {"choices": choices}
 
+    def body(self, endpoint: str) -> dict[str, Any]:
+        return self.chat_body() if endpoint == "chat" else self.completion_body()
+
     def completion_body(self) -> dict[str, Any]:
-        return {"choices": [{"index": i, "text": e["text"]} for i, e in sorted(self._choices.items())]}
+        return {
+            "choices": [
+                {"index": i, "text": e["text"], "finish_reason": e.get("finish_reason")}
+                for i, e in sorted(self._choices.items())
+            ]
+        }
 
 
 def _merge_function(call: dict[str, Any], piece: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ FALLBACK_REASONS = (
 MIRROR_OUTCOMES = ("sent", "dropped", "error")
 MIRROR_CHECKS = ("json_valid", "schema_valid", "tool_name", "tool_args", "finish_reason")
 PHASES = ("shadow", "progressing", "paused", "promoted", "rolled_back", "manual")
+RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
@@ -96,6 +97,20 @@ class Metrics:
             "canarygate_mirror_agreement",
             "Shadow vs primary comparisons",
             ["route", "check", "result"],
+            registry=r,
+        )
+        self.mirror_latency_ratio = Histogram(
+            "canarygate_mirror_latency_ratio",
+            "Compared pairs: the shadow call's duration over the primary's (candidate / base)",
+            ["route"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.mirror_tokens_ratio = Histogram(
+            "canarygate_mirror_output_tokens_ratio",
+            "Compared pairs: the shadow answer's output tokens over the primary's (candidate / base)",
+            ["route"],
+            buckets=RATIO_BUCKETS,
             registry=r,
         )
         self.rollout_weight = Gauge(
@@ -190,7 +205,16 @@ class ArmMetrics:
 
 
 class RouteMetrics:
-    __slots__ = ("arms", "circuit", "fallbacks", "overhead")
+    __slots__ = (
+        "agreement",
+        "arms",
+        "circuit",
+        "fallbacks",
+        "latency_ratio",
+        "mirror",
+        "overhead",
+        "tokens_ratio",
+    )
 
     def __init__(self, m: Metrics, route: Route) -> None:
         name = route.name
@@ -200,11 +224,14 @@ class RouteMetrics:
         self.circuit = m.circuit_open.labels(name, "candidate")
         m.circuit_open.labels(name, "base").set(0)
         m.requests.labels(name, "none", "primary", "rejected")
-        for outcome in MIRROR_OUTCOMES:
-            m.mirror.labels(name, outcome)
-        for check in MIRROR_CHECKS:
-            for result in ("agree", "disagree"):
-                m.mirror_agreement.labels(name, check, result)
+        self.mirror = {outcome: m.mirror.labels(name, outcome) for outcome in MIRROR_OUTCOMES}
+        self.agreement = {
+            (check, result): m.mirror_agreement.labels(name, check, result)
+            for check in MIRROR_CHECKS
+            for result in ("agree", "disagree")
+        }
+        self.latency_ratio = m.mirror_latency_ratio.labels(name)
+        self.tokens_ratio = m.mirror_tokens_ratio.labels(name)
         m.rollout_weight.labels(name).set(route.weight if route.candidate is not None else 0)
         for phase in PHASES:
             m.rollout_phase.labels(name, phase).set(1 if phase == "manual" else 0)
@@ -244,7 +271,9 @@ class _NullRoute:
         null: Any = _Null()
         self.arms = {(arm, mode): _NullArm() for arm in ARMS for mode in MODES}
         self.fallbacks = {reason: null for reason in FALLBACK_REASONS}
-        self.overhead = self.circuit = null
+        self.mirror = {outcome: null for outcome in MIRROR_OUTCOMES}
+        self.agreement = {(c, r): null for c in MIRROR_CHECKS for r in ("agree", "disagree")}
+        self.overhead = self.circuit = self.latency_ratio = self.tokens_ratio = null
 
     def arm(self, arm: str, mode: str = "primary") -> Any:
         return self.arms[(arm, mode)]

@@ -14,10 +14,11 @@ from typing import Any
 
 import orjson
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.upstream import Call
@@ -89,6 +90,33 @@ class Tracing:
                 "canarygate.route": route,
                 "canarygate.arm": call.arm.name,
                 "canarygate.mode": "primary",
+            },
+        )
+        self._propagator.inject(call.headers, context=trace.set_span_in_context(span))
+        return span
+
+    def mirror_span(self, primary: Span | None, route: str, call: Call) -> Span | None:
+        """A shadow call is a trace of its own, linked to the primary request's span: it never lengthens
+        the user's trace. Its traceparent goes in the call's headers."""
+        if self.tracer is None:
+            return None
+        operation = OPERATIONS[call.endpoint]
+        url = call.arm.urls[call.endpoint]
+        links = [Link(primary.get_span_context())] if primary is not None else []
+        span = self.tracer.start_span(
+            f"{operation} {call.arm.model}",
+            context=Context(),
+            kind=SpanKind.CLIENT,
+            links=links,
+            attributes={
+                "gen_ai.operation.name": operation,
+                "gen_ai.provider.name": "openai",
+                "gen_ai.request.model": call.arm.model,
+                "server.address": url.host or "",
+                "server.port": url.port or 0,
+                "canarygate.route": route,
+                "canarygate.arm": call.arm.name,
+                "canarygate.mode": "mirror",
             },
         )
         self._propagator.inject(call.headers, context=trace.set_span_in_context(span))

@@ -1,0 +1,193 @@
+"""Shadow traffic: sampled copies of base-served requests sent to the candidate, bounded so they can never
+delay or fail the primary, and each one compared with the answer the user actually got."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.route import MirrorSettings, Route
+from gateway.tasks import Spawner
+from gateway.validation import Rules, check_message
+
+log = logging.getLogger("gateway.mirror")
+
+
+class Mirror:
+    """One route's shadow calls: at most max_concurrency at once and max_queue waiting; beyond that, and
+    while the token budget of the last minute is spent, new ones are dropped (the caller counts them)."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: MirrorSettings,
+        spawner: Spawner,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self._spawner = spawner
+        self._clock = clock
+        self._slots = asyncio.Semaphore(settings.max_concurrency)
+        self.pending = 0  # running or waiting for a slot
+        self._spent: deque[tuple[float, int]] = deque()  # (when, tokens) over the last minute
+        self._spent_total = 0
+
+    def submit(self, work: Callable[[], Coroutine[Any, Any, None]]) -> bool:
+        if self.pending >= self.settings.max_concurrency + self.settings.max_queue:
+            return False
+        budget = self.settings.tokens_per_minute
+        if budget is not None and self._tokens_last_minute() >= budget:
+            return False
+        self.pending += 1
+        self._spawner.spawn(self._run(work), name=f"mirror:{self.name}")
+        return True
+
+    async def _run(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        try:
+            async with self._slots:
+                await work()
+        finally:
+            self.pending -= 1
+
+    def spend(self, tokens: int) -> None:
+        self._spent.append((self._clock(), tokens))
+        self._spent_total += tokens
+
+    def _tokens_last_minute(self) -> int:
+        horizon = self._clock() - 60
+        while self._spent and self._spent[0][0] < horizon:
+            self._spent_total -= self._spent.popleft()[1]
+        return self._spent_total
+
+
+class Mirrors:
+    """A Mirror per route, kept across policy reloads while the route's mirror settings stay the same."""
+
+    def __init__(self, spawner: Spawner) -> None:
+        self._spawner = spawner
+        self._mirrors: dict[str, tuple[Route, Mirror]] = {}
+
+    def get(self, route: Route) -> Mirror | None:
+        current = self._mirrors.get(route.name)
+        if current is not None and current[0] is route:
+            return current[1]
+        if route.mirror is None:
+            self._mirrors.pop(route.name, None)
+            return None
+        if current is not None and current[1].settings == route.mirror:
+            mirror = current[1]
+        else:
+            mirror = Mirror(route.name, route.mirror, self._spawner)
+        self._mirrors[route.name] = (route, mirror)
+        return mirror
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One side of a pair: the answer in its complete shape (streams rebuilt), as far as it came."""
+
+    answer: dict[str, Any] | None
+    duration_s: float
+    output_tokens: int | None
+
+
+class Pair:
+    """Waits for the primary answer and its shadow, in either order, then hands both to on_complete."""
+
+    __slots__ = ("_on_complete", "primary", "shadow")
+
+    def __init__(self, on_complete: Callable[[Observation, Observation], None]) -> None:
+        self._on_complete = on_complete
+        self.primary: Observation | None = None
+        self.shadow: Observation | None = None
+
+    def record_primary(self, observation: Observation) -> None:
+        self.primary = observation
+        self._maybe_complete()
+
+    def record_shadow(self, observation: Observation) -> None:
+        self.shadow = observation
+        self._maybe_complete()
+
+    def _maybe_complete(self) -> None:
+        if self.primary is not None and self.shadow is not None:
+            try:
+                self._on_complete(self.primary, self.shadow)
+            except Exception:  # a comparison must never break the request that completed it
+                log.exception("comparing a shadow pair failed")
+
+
+def compare(base: dict[str, Any], candidate: dict[str, Any], rules: Rules | None) -> dict[str, bool]:
+    """The checks that apply to this pair, each True when both sides agree (first choice of each)."""
+    left, right = _first_message(base), _first_message(candidate)
+    out: dict[str, bool] = {}
+    if rules is not None and rules.json_object:
+        left_kind, right_kind = _failure_kind(left, rules), _failure_kind(right, rules)
+        out["json_valid"] = (left_kind == "json_parse") == (right_kind == "json_parse")
+        if rules.schemas:
+            out["schema_valid"] = (left_kind in (None, "tool")) == (right_kind in (None, "tool"))
+    left_calls, right_calls = _calls(left), _calls(right)
+    if left_calls or right_calls:
+        out["tool_name"] = [name for name, _ in left_calls] == [name for name, _ in right_calls]
+        if out["tool_name"]:
+            out["tool_args"] = [args for _, args in left_calls] == [args for _, args in right_calls]
+    left_finish, right_finish = _finish_reason(base), _finish_reason(candidate)
+    if left_finish is not None and right_finish is not None:
+        out["finish_reason"] = left_finish == right_finish
+    return out
+
+
+def _first_message(answer: dict[str, Any]) -> dict[str, Any]:
+    choices = answer.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        choice = choices[0]
+        message = choice.get("message")
+        if isinstance(message, dict):
+            return message
+        if isinstance(choice.get("text"), str):
+            return {"content": choice["text"]}
+    return {}
+
+
+def _failure_kind(message: dict[str, Any], rules: Rules) -> str | None:
+    if _calls(message):
+        return "tool"  # JSON content checks do not apply to a tool call
+    failure = check_message(message, Rules(True, rules.schemas, None, None, None, False))
+    return failure.kind if failure is not None else None
+
+
+def _calls(message: dict[str, Any]) -> list[tuple[Any, str]]:
+    """(name, canonical arguments) of every call: arguments compared as JSON, key order ignored."""
+    raw: list[Any] = []
+    if isinstance(message.get("tool_calls"), list):
+        raw = [c.get("function") for c in message["tool_calls"] if isinstance(c, dict)]
+    elif isinstance(message.get("function_call"), dict):
+        raw = [message["function_call"]]
+    out = []
+    for function in raw:
+        if not isinstance(function, dict):
+            continue
+        arguments = function.get("arguments")
+        canonical = str(arguments)  # unparseable on this side: compared as written
+        if isinstance(arguments, str):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                canonical = orjson.dumps(orjson.loads(arguments), option=orjson.OPT_SORT_KEYS).decode()
+        out.append((function.get("name"), canonical))
+    return out
+
+
+def _finish_reason(answer: dict[str, Any]) -> str | None:
+    choices = answer.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        reason = choices[0].get("finish_reason")
+        return reason if isinstance(reason, str) else None
+    return None
