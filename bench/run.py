@@ -9,11 +9,15 @@ request, candidate weight 50%), body parse and model rewrite.
 validation suite: the gateway with output validation on vs off, same request bodies, against fixed
 answers: a JSON-schema answer and a tool call (candidate weight 100%, so validation is enforced).
 
+mirror suite: the same gateway and requests, on a route with mirror.percent 100 (every request also
+sent to the candidate and compared) and on one without.
+
 telemetry suite: three gateways, same requests: metrics off (CANARYGATE_METRICS=false); metrics on;
 metrics on and tracing on, exporting every span through the OTLP/HTTP batch exporter to a sink.
 
 Targets: p50 overhead over direct <= 1.0 ms and >= 50% of the passthrough's req/s at 32 connections;
-validation adds <= 0.2 ms p50; metrics add <= 0.1 ms p50; tracing adds <= 0.3 ms p50 on top.
+validation adds <= 0.2 ms p50; mirroring everything adds <= 0.3 ms p50 and keeps >= 60% of the
+throughput; metrics add <= 0.1 ms p50; tracing adds <= 0.3 ms p50 on top.
 Usage: python bench/run.py [--suite all|proxy|validation|telemetry] [--duration 6]
 """
 
@@ -286,6 +290,30 @@ def validation_suite(ports: dict[str, int], duration: float, work: Path) -> tupl
     return rows, ok
 
 
+def mirror_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[list[str], bool]:
+    rows = [
+        "| mirror | p50 @1 conn | p99 @1 conn | added p50 | req/s @32 conns | % of mirror-off | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    print("mirror:")
+    results = {}
+    for label, model in (("off", "bench-plain"), ("100%", "bench-mirror")):
+        body = {"model": model, "messages": PROMPT}
+        target = Target(f"mirror-{label}", f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions", body)
+        check_answer(target, arm="base")
+        results[label] = measure(target, duration, work)
+    off, on = results["off"], results["100%"]
+    added = on["p50_ms"] - off["p50_ms"]
+    share = on["rps_32"] / off["rps_32"]
+    for label, r in results.items():
+        rows.append(
+            f"| {label} | {r['p50_ms']:.3f} ms | {r['p99_ms']:.3f} ms | "
+            f"{'—' if label == 'off' else f'{added:.3f} ms'} | {r['rps_32']:.0f} | "
+            f"{'—' if label == 'off' else f'{100 * share:.0f}%'} | {int(r['errors'])} |"
+        )
+    return rows, added <= 0.3 and share >= 0.6 and on["errors"] == 0 and off["errors"] == 0
+
+
 def telemetry_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[list[str], bool]:
     rows = [
         "| gateway | p50 @1 conn | p99 @1 conn | added p50 | req/s @32 conns | errors |",
@@ -324,7 +352,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--suite", choices=["all", "proxy", "validation", "telemetry"], default="all")
+    parser.add_argument(
+        "--suite", choices=["all", "proxy", "validation", "mirror", "telemetry"], default="all"
+    )
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
     args = parser.parse_args()
     for tool in ("wrk", "nginx"):
@@ -363,6 +393,18 @@ def main() -> int:
             (policies / f"{kind}.yaml").write_text(
                 POLICY.format(route=f"bench-{kind}", port=ports["nginx"], kind=kind, weight=50, extra="")
             )
+        (policies / "plain.yaml").write_text(
+            POLICY.format(route="bench-plain", port=ports["nginx"], kind="json", weight=0, extra="")
+        )
+        (policies / "mirror.yaml").write_text(
+            POLICY.format(
+                route="bench-mirror",
+                port=ports["nginx"],
+                kind="json",
+                weight=0,
+                extra="mirror: {percent: 100, sample_by: request, max_concurrency: 64, max_queue: 1024}",
+            )
+        )
         for kind in ("valjson", "valtool"):
             for mode, extra in (("on", ""), ("off", "validation: {json: off, tool_calls: false}")):
                 (policies / f"{kind}-{mode}.yaml").write_text(
@@ -434,6 +476,10 @@ def main() -> int:
                 ok &= passed
             if args.suite in ("all", "validation"):
                 rows, passed = validation_suite(ports, args.duration, work)
+                tables.append(rows)
+                ok &= passed
+            if args.suite in ("all", "mirror"):
+                rows, passed = mirror_suite(ports, args.duration, work)
                 tables.append(rows)
                 ok &= passed
             if args.suite in ("all", "telemetry"):
