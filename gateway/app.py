@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import signal
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -26,8 +28,10 @@ from gateway.errors import (
     MethodNotAllowed,
     ModelNotFound,
     NotFound,
+    Unauthorized,
     log_error,
 )
+from gateway.pairs import MemoryPairStore, PairStore, RedisPairStore
 from gateway.proxy import Proxy
 from gateway.route import Route, RouteArm
 from gateway.routetable import RouteTable
@@ -62,6 +66,7 @@ class Services:
         self.upstream = Upstream(settings.upstream_max_connections)
         self.api_keys = ApiKeys(settings.api_keys)
         self.spawner = Spawner()
+        self.pairs: PairStore = MemoryPairStore()
         self.proxy = Proxy(
             self.routes.get,
             self.upstream,
@@ -70,6 +75,7 @@ class Services:
             self.metrics,
             self.tracing,
             self.spawner,
+            self.pairs,
         )
         self.started_at = time.time()
 
@@ -79,6 +85,9 @@ class Services:
             self.metrics.prepare(self.routes.routes())
 
     async def start(self) -> None:
+        if self.settings.redis_url:
+            self.pairs = RedisPairStore(self.settings.redis_url, self.settings.redis_prefix, self.spawner)
+            self.proxy.use_pair_store(self.pairs)
         self.routes.load()
         self.metrics.prepare(self.routes.routes())
         await self.upstream.start()
@@ -95,6 +104,7 @@ class Services:
 
     async def close(self) -> None:
         await self.spawner.close()
+        await self.pairs.close()
         await self.upstream.close()
         self.tracing.shutdown()
         self.metrics.worker_exited(os.getpid())
@@ -189,6 +199,24 @@ def _api(services: Services) -> FastAPI:
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    async def admin(request: Request) -> None:
+        """The admin API answers only when CANARYGATE_ADMIN_TOKEN is set, and only to that bearer token."""
+        expected = services.settings.admin_token
+        if expected is None:
+            raise NotFound("the admin API is disabled: set CANARYGATE_ADMIN_TOKEN to enable it")
+        given = bearer_token(request.headers.get("authorization")) or ""
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise Unauthorized("the admin API needs 'Authorization: Bearer <CANARYGATE_ADMIN_TOKEN>'")
+
+    @api.get("/admin/pairs", dependencies=[Depends(admin)])
+    async def pairs(route: str, disagreements: bool = False, limit: int = 100) -> Response:
+        """Recent compared shadow pairs of a route, newest first, as JSON lines."""
+        if services.routes.get(route) is None:
+            raise ModelNotFound(f"no route {route[:100]!r} on this gateway", param="route")
+        records = await services.pairs.recent(route, max(1, min(limit, 100_000)), disagreements)
+        body = b"".join(orjson.dumps(record) + b"\n" for record in records)
+        return Response(body, media_type="application/x-ndjson")
 
     @api.get("/metrics")
     async def metrics() -> Response:

@@ -33,7 +33,7 @@ class Request:
         "endpoint",
         "headers",
         "metrics",
-        "pair",
+        "pairs",
         "payload",
         "route",
         "rules",
@@ -64,7 +64,7 @@ class Request:
         self.span = span
         self.stream = payload.get("stream") is True
         self.upstream_s = 0.0  # time spent waiting on upstreams, summed over attempts
-        self.pair: Pair | None = None  # set when a shadow call will be compared with this request's answer
+        self.pairs: list[Pair] = []  # shadow calls that will be compared with this request's answer
 
     def call(self, arm: RouteArm, rid: str, deadline: float) -> Call:
         remaining = deadline - time.monotonic()

@@ -86,6 +86,18 @@ def _parser() -> argparse.ArgumentParser:
         )
     simulate.set_defaults(func=_simulate)
 
+    pairs = sub.add_parser("pairs", help="export compared shadow pairs from a running gateway")
+    pairs.add_argument("--route", required=True)
+    pairs.add_argument("--disagreements", action="store_true", help="only pairs that disagree on a check")
+    pairs.add_argument("--jsonl", action="store_true", help="one JSON record a line, for scripts")
+    pairs.add_argument("--limit", type=int, default=100)
+    pairs.add_argument(
+        "--url",
+        default=os.environ.get("CANARYGATE_URL", "http://127.0.0.1:8080"),
+        help="the gateway (env CANARYGATE_URL); the token comes from CANARYGATE_ADMIN_TOKEN",
+    )
+    pairs.set_defaults(func=_pairs)
+
     demo = sub.add_parser("demo", help="simulated base and candidate behind the gateway, with traffic")
     demo.add_argument("--policies", type=Path, default=Path("policies"))
     demo.add_argument("--port", type=int, default=8080)
@@ -185,6 +197,46 @@ def _model_knobs(spec: str, default: Knobs) -> tuple[str, Knobs]:
         except ValueError:
             raise ValueError(f"knob {key} expects a {types[key].__name__}, got {raw!r}") from None
     return name, replace(default, **values)  # type: ignore[arg-type]
+
+
+def _pairs(args: argparse.Namespace) -> int:
+    import httpx
+    import orjson
+
+    token = os.environ.get("CANARYGATE_ADMIN_TOKEN")
+    if not token:
+        print("canarygate pairs: set CANARYGATE_ADMIN_TOKEN to the gateway's admin token", file=sys.stderr)
+        return 2
+    params: dict[str, str | int] = {"route": args.route, "limit": args.limit}
+    if args.disagreements:
+        params["disagreements"] = "true"
+    try:
+        response = httpx.get(
+            f"{args.url.rstrip('/')}/admin/pairs",
+            params=params,
+            timeout=30,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    except httpx.TransportError as exc:
+        print(f"canarygate pairs: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 2
+    if response.status_code != 200:
+        message = response.json().get("error", {}).get("message", response.text[:200])
+        print(f"canarygate pairs: {response.status_code}: {message}", file=sys.stderr)
+        return 2
+    if args.jsonl:
+        sys.stdout.write(response.text)
+        return 0
+    records = [orjson.loads(line) for line in response.text.splitlines() if line]
+    print(f"{'time':<21}{'pair':<10}{'kind':<10}{'primary ms':>11}{'shadow ms':>10}  disagreements")
+    for r in records:
+        disagreements = ", ".join(check for check, agreed in r["checks"].items() if not agreed) or "-"
+        print(
+            f"{r['time']:<21}{r['pair_id'][:8]:<10}{r['kind']:<10}{r['primary']['latency_ms']:>11.1f}"
+            f"{r['shadow']['latency_ms']:>10.1f}  {disagreements}"
+        )
+    print(f"{len(records)} pair(s)", file=sys.stderr)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

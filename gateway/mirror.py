@@ -126,6 +126,43 @@ class Pair:
                 log.exception("comparing a shadow pair failed")
 
 
+def pair_record(
+    *,
+    pair_id: str,
+    kind: str,
+    route: str,
+    request_id: str,
+    checks: dict[str, bool],
+    primary: Observation,
+    shadow: Observation,
+    models: tuple[str, str],
+    prompt: Any | None,
+) -> dict[str, Any]:
+    """What an exported pair says; the prompt and both answers only when the operator captures content."""
+    record: dict[str, Any] = {
+        "pair_id": pair_id,
+        "kind": kind,
+        "route": route,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "request_id": request_id,
+        "agree": all(checks.values()),
+        "checks": checks,
+    }
+    for side, observation, model in (("primary", primary, models[0]), ("shadow", shadow, models[1])):
+        answer = observation.answer or {}
+        record[side] = {
+            "model": model,
+            "latency_ms": round(observation.duration_s * 1000, 3),
+            "output_tokens": observation.output_tokens,
+            "finish_reason": _finish_reason(answer),
+        }
+        if prompt is not None:
+            record[side]["output"] = _first_message(answer)
+    if prompt is not None:
+        record["prompt"] = prompt
+    return record
+
+
 def compare(base: dict[str, Any], candidate: dict[str, Any], rules: Rules | None) -> dict[str, bool]:
     """The checks that apply to this pair, each True when both sides agree (first choice of each)."""
     left, right = _first_message(base), _first_message(candidate)

@@ -248,6 +248,14 @@ class Mirror(Strict):
         ge=1,
         description="Shadow calls stop while they used this many tokens in the last minute",
     )
+    noise_floor_percent: float = Field(
+        default=0, ge=0, le=100, description="Percent of base-served traffic replayed to base, for comparison"
+    )
+    capture_content: bool = Field(
+        default=False,
+        description="Keep the prompt and both answers in pair records (privacy: off by default)",
+    )
+    records: int = Field(default=1000, ge=0, le=1_000_000, description="Pair records kept per route")
 
 
 class Rollout(Strict):
@@ -281,6 +289,8 @@ class Policy(Strict):
                 raise ValueError("rollout.weight is above 0 but arms.candidate is not defined")
             if self.mirror.percent > 0:
                 raise ValueError("mirror.percent is above 0 but arms.candidate is not defined")
+            if self.mirror.noise_floor_percent > 0:
+                raise ValueError("mirror.noise_floor_percent is set but arms.candidate is not defined")
             if self.assignment.allow_override_header:
                 raise ValueError("assignment.allow_override_header needs arms.candidate")
         for name in ("base", "candidate"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -43,12 +44,13 @@ from gateway.errors import (
     log_error,
 )
 from gateway.fallback import CIRCUIT_OPEN, Guards, reason_for
-from gateway.mirror import Mirror, Mirrors, Observation, Pair, compare
+from gateway.mirror import Mirror, Mirrors, Observation, Pair, compare, pair_record
+from gateway.pairs import PairStore
 from gateway.route import Route, RouteArm
 from gateway.routing import OVERRIDE_HEADER, choose_arm, mirror_sampled, unit_key
 from gateway.streaming import Accumulator, EventParser, Tail, collect, last_event, relay
 from gateway.tasks import Spawner
-from gateway.telemetry import Metrics, RouteMetrics
+from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
 from gateway.upstream import Call, Upstream
 from gateway.validation import KINDS, Rules, SchemaCache, SchemaError, rules_for
@@ -70,8 +72,10 @@ class Proxy:
         metrics: Metrics,
         tracing: Tracing,
         spawner: Spawner,
+        pairs: PairStore,
     ) -> None:
         self._routes = routes
+        self._pairs = pairs
         self._upstream = upstream
         self._api_keys = api_keys
         self._max_body = max_body_bytes
@@ -80,6 +84,9 @@ class Proxy:
         self._schemas = SchemaCache()
         self.guards = Guards()
         self.mirrors = Mirrors(spawner)
+
+    def use_pair_store(self, store: PairStore) -> None:
+        self._pairs = store
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         started = time.perf_counter()
@@ -106,9 +113,15 @@ class Proxy:
             request = Request(
                 route, endpoint, payload, headers, token, rules, self._metrics.route(route), span
             )
-            shadowed = assigned == "base" and mirror_sampled(route, key)
+            shadows: tuple[str, ...] = ()
+            if assigned == "base" and route.mirror is not None:
+                shadows = tuple(
+                    kind
+                    for kind, noise in (("candidate", False), ("noise", True))
+                    if mirror_sampled(route, key, noise=noise)
+                )
             async with DisconnectWatch(receive) as watch:
-                await self._serve(request, assigned, shadowed, reply, watch)
+                await self._serve(request, assigned, shadows, reply, watch)
         except GatewayError as exc:
             failure = exc
             if request is None:
@@ -129,7 +142,7 @@ class Proxy:
                 self._tracing.end_server(span, reply.arm, reply.fallback, reply.status, failure)
 
     async def _serve(
-        self, request: Request, assigned: str, shadowed: bool, reply: Reply, watch: DisconnectWatch
+        self, request: Request, assigned: str, shadows: tuple[str, ...], reply: Reply, watch: DisconnectWatch
     ) -> None:
         route = request.route
         budget = self.guards.budget(route)
@@ -159,8 +172,9 @@ class Proxy:
                 request.metrics.circuit.set(1)
             reply.fallback = reason
             request.metrics.fallbacks[reason].inc()
-        elif shadowed:
-            self._start_shadow(request, reply.request_id)
+        else:
+            for kind in shadows:
+                self._start_shadow(request, reply.request_id, kind)
         error = await self._attempt(
             request, route.base, KINDS if route.enforce_on_base else (), deadline, reply, watch
         )
@@ -233,8 +247,10 @@ class Proxy:
             attempt.metrics.duration.observe(time.perf_counter() - attempt.started)
             attempt.metrics.outcomes[result].inc()
             request.upstream_s += attempt.upstream_s
-            if request.pair is not None and arm.name == "base":
-                request.pair.record_primary(attempt.observation(failed=result != "ok"))
+            if request.pairs and arm.name == "base":
+                observation = attempt.observation(failed=result != "ok")
+                for pair in request.pairs:
+                    pair.record_primary(observation)
             if attempt.span is not None:
                 self._tracing.end_client(
                     attempt.span, attempt.answer, attempt.validation, error, attempt.status
@@ -278,7 +294,7 @@ class Proxy:
         assert call is not None
         try:
             tail = Tail()
-            accumulator = Accumulator() if request.rules is not None or request.pair is not None else None
+            accumulator = Accumulator() if request.rules is not None or request.pairs else None
             await reply.start_stream(resp.status, _content_type(resp, EVENT_STREAM))
             error = await relay(resp, reply, first, call.failure, _observer(tail, accumulator))
             attempt.closed()
@@ -342,23 +358,68 @@ class Proxy:
         finally:
             resp.close()
 
-    def _start_shadow(self, request: Request, rid: str) -> None:
-        """Send a copy of this base-served request to the candidate, if the route's mirror has room."""
-        mirror = self.mirrors.get(request.route)
-        candidate = request.route.candidate
-        if mirror is None or candidate is None:
+    def _start_shadow(self, request: Request, rid: str, kind: str) -> None:
+        """Send a copy of this base-served request to the candidate (kind "candidate") or, for the noise
+        floor, to base again (kind "noise"), if the route's mirror has room."""
+        route = request.route
+        mirror = self.mirrors.get(route)
+        arm = route.candidate if kind == "candidate" else route.base
+        if mirror is None or arm is None:
             return
-        metrics, rules = request.metrics, request.rules
-        pair = Pair(lambda primary, shadow: _compared(metrics, rules, primary, shadow))
+        pair_id = uuid.uuid4().hex
+        pair = Pair(lambda primary, shadow: self._compared(request, kind, pair_id, rid, primary, shadow))
         payload = dict(request.payload)
-        if mirror.submit(lambda: self._shadow(request, candidate, payload, pair, rid, mirror)):
-            metrics.mirror["sent"].inc()
-            request.pair = pair
+        if mirror.submit(lambda: self._shadow(request, arm, payload, pair, rid, mirror, pair_id)):
+            request.metrics.mirror["sent"].inc()
+            request.pairs.append(pair)
+            if request.span is not None and kind == "candidate":
+                request.span.set_attribute("canarygate.pair_id", pair_id)
         else:
-            metrics.mirror["dropped"].inc()
+            request.metrics.mirror["dropped"].inc()
+
+    def _compared(
+        self, request: Request, kind: str, pair_id: str, rid: str, primary: Observation, shadow: Observation
+    ) -> None:
+        """Count how a shadow answer compares with the primary one, and keep the pair as a record."""
+        if primary.answer is None or shadow.answer is None:
+            return  # one side failed: nothing to compare (the failure is counted where it happened)
+        checks = compare(primary.answer, shadow.answer, request.rules)
+        counters = request.metrics.agreement if kind == "candidate" else request.metrics.noise
+        for check, agreed in checks.items():
+            counters[(check, "agree" if agreed else "disagree")].inc()
+        if kind == "candidate":
+            if primary.duration_s > 0:
+                request.metrics.latency_ratio.observe(shadow.duration_s / primary.duration_s)
+            if primary.output_tokens and shadow.output_tokens is not None:
+                request.metrics.tokens_ratio.observe(shadow.output_tokens / primary.output_tokens)
+        route = request.route
+        settings = route.mirror
+        if settings is None or settings.records == 0:
+            return
+        shadow_arm = route.candidate if kind == "candidate" and route.candidate else route.base
+        prompt = _prompt(request.payload) if settings.capture_content else None
+        record = pair_record(
+            pair_id=pair_id,
+            kind=kind,
+            route=route.name,
+            request_id=rid,
+            checks=checks,
+            primary=primary,
+            shadow=shadow,
+            models=(route.base.model, shadow_arm.model),
+            prompt=prompt,
+        )
+        self._pairs.add(record, settings.records)
 
     async def _shadow(
-        self, request: Request, arm: RouteArm, payload: dict[str, Any], pair: Pair, rid: str, mirror: Mirror
+        self,
+        request: Request,
+        arm: RouteArm,
+        payload: dict[str, Any],
+        pair: Pair,
+        rid: str,
+        mirror: Mirror,
+        pair_id: str,
     ) -> None:
         """One shadow call: consumed here (a stream as a stream), validated and compared, never sent to the
         client, never raised. Cancelled at shutdown."""
@@ -387,6 +448,8 @@ class Proxy:
             )
             attempt.call = call
             attempt.span = self._tracing.mirror_span(request.span, request.route.name, call)
+            if attempt.span is not None:
+                attempt.span.set_attribute("canarygate.pair_id", pair_id)
             try:
                 answer = await self._shadow_exchange(attempt, request)
             except GatewayError as exc:
@@ -519,16 +582,8 @@ class Proxy:
             raise InvalidRequest(str(exc), code="invalid_schema") from None
 
 
-def _compared(metrics: RouteMetrics, rules: Rules | None, primary: Observation, shadow: Observation) -> None:
-    """Record how a shadow answer compares with the primary one (nothing when either side failed)."""
-    if primary.answer is None or shadow.answer is None:
-        return
-    for check, agreed in compare(primary.answer, shadow.answer, rules).items():
-        metrics.agreement[(check, "agree" if agreed else "disagree")].inc()
-    if primary.duration_s > 0:
-        metrics.latency_ratio.observe(shadow.duration_s / primary.duration_s)
-    if primary.output_tokens and shadow.output_tokens is not None:
-        metrics.tokens_ratio.observe(shadow.output_tokens / primary.output_tokens)
+def _prompt(payload: dict[str, Any]) -> Any:
+    return payload.get("messages", payload.get("prompt"))
 
 
 def _input_tokens(answer: dict[str, Any] | None) -> int:

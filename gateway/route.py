@@ -31,6 +31,9 @@ class MirrorSettings:
     max_concurrency: int
     max_queue: int
     tokens_per_minute: int | None
+    noise_percent: float  # base replayed to base: how much two answers of the same model differ
+    capture_content: bool
+    records: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +140,11 @@ def compile_policy(
             shadow.max_concurrency,
             shadow.max_queue,
             shadow.tokens_per_minute,
+            shadow.noise_floor_percent,
+            shadow.capture_content,
+            shadow.records,
         )
-        if shadow.percent > 0
+        if shadow.percent > 0 or shadow.noise_floor_percent > 0
         else None,
         source=source,
         policy=policy,

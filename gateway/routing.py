@@ -70,11 +70,15 @@ def choose_arm(
     return Assignment(arm, point, key is not None)
 
 
-def mirror_sampled(route: Route, key: str | None, rand: Callable[[], float] = random.random) -> bool:
-    """Is this base-served request also sent to the candidate as a shadow call?"""
+def mirror_sampled(
+    route: Route, key: str | None, rand: Callable[[], float] = random.random, *, noise: bool = False
+) -> bool:
+    """Is this base-served request also sent to the candidate as a shadow call (or, noise=True, replayed
+    to base for the noise floor)? Each has its own salt, so the cohorts are independent."""
     shadow = route.mirror
     if shadow is None:
         return False
+    percent = shadow.noise_percent if noise else shadow.percent
     if shadow.by_unit and key is not None:
-        return bucket(route.name, shadow.salt, key) < shadow.percent / 100
-    return rand() < shadow.percent / 100
+        return bucket(route.name, shadow.salt + (":noise" if noise else ""), key) < percent / 100
+    return rand() < percent / 100

@@ -25,6 +25,9 @@ class Settings:
     readyz_probe_timeout_s: float = 1.0
     log_level: str = "info"
     metrics: bool = True
+    redis_url: str | None = field(default=None, repr=False)  # may carry a password
+    redis_prefix: str = "canarygate:"
+    admin_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -38,6 +41,9 @@ class Settings:
             readyz_probe_timeout_s=_float(env, "CANARYGATE_READYZ_PROBE_TIMEOUT_S", 1.0),
             log_level=env.get("CANARYGATE_LOG_LEVEL", "info").lower(),
             metrics=_bool(env, "CANARYGATE_METRICS", True),
+            redis_url=env.get("CANARYGATE_REDIS_URL") or None,
+            redis_prefix=env.get("CANARYGATE_REDIS_PREFIX", "canarygate:"),
+            admin_token=env.get("CANARYGATE_ADMIN_TOKEN") or None,
         )
 
 

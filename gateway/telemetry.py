@@ -99,6 +99,12 @@ class Metrics:
             ["route", "check", "result"],
             registry=r,
         )
+        self.noise_agreement = Counter(
+            "canarygate_noise_agreement",
+            "Noise floor: base replayed to base, compared like shadow pairs",
+            ["route", "check", "result"],
+            registry=r,
+        )
         self.mirror_latency_ratio = Histogram(
             "canarygate_mirror_latency_ratio",
             "Compared pairs: the shadow call's duration over the primary's (candidate / base)",
@@ -212,6 +218,7 @@ class RouteMetrics:
         "fallbacks",
         "latency_ratio",
         "mirror",
+        "noise",
         "overhead",
         "tokens_ratio",
     )
@@ -227,6 +234,11 @@ class RouteMetrics:
         self.mirror = {outcome: m.mirror.labels(name, outcome) for outcome in MIRROR_OUTCOMES}
         self.agreement = {
             (check, result): m.mirror_agreement.labels(name, check, result)
+            for check in MIRROR_CHECKS
+            for result in ("agree", "disagree")
+        }
+        self.noise = {
+            (check, result): m.noise_agreement.labels(name, check, result)
             for check in MIRROR_CHECKS
             for result in ("agree", "disagree")
         }
@@ -273,6 +285,7 @@ class _NullRoute:
         self.fallbacks = {reason: null for reason in FALLBACK_REASONS}
         self.mirror = {outcome: null for outcome in MIRROR_OUTCOMES}
         self.agreement = {(c, r): null for c in MIRROR_CHECKS for r in ("agree", "disagree")}
+        self.noise = dict(self.agreement)
         self.overhead = self.circuit = self.latency_ratio = self.tokens_ratio = null
 
     def arm(self, arm: str, mode: str = "primary") -> Any:

@@ -76,9 +76,11 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         (f"max by (route) (canarygate_rollout_weight{{{SEL}}})", "{{route}}")]),
     ("Circuit open (1) by route and arm", "none", [
         (f"max by (route, arm) (canarygate_circuit_open{{{SEL}}})", "{{route}} {{arm}}")]),
-    ("Mirror agreement by check", "percentunit", [
+    ("Shadow agreement by check: candidate vs base, and the noise floor (base vs base)", "percentunit", [
         (ratio(by("check", rate("canarygate_mirror_agreement_total", 'result="agree"')),
-               by("check", rate("canarygate_mirror_agreement_total"))), "{{check}}")]),
+               by("check", rate("canarygate_mirror_agreement_total"))), "candidate {{check}}"),
+        (ratio(by("check", rate("canarygate_noise_agreement_total", 'result="agree"')),
+               by("check", rate("canarygate_noise_agreement_total"))), "noise floor {{check}}")]),
     ("Mirror calls by outcome", "reqps", [(by("outcome", rate("canarygate_mirror_total")), "{{outcome}}")]),
     ("Gateway overhead p50 / p99", "s", [
         (quantile(0.5, "canarygate_overhead_seconds", "route", ""), "p50 {{route}}"),

@@ -82,7 +82,9 @@ def test_mirror_bounds_and_token_budget() -> None:
     async def run() -> None:
         spawner = Spawner()
         clock = [0.0]
-        mirror = Mirror("r", MirrorSettings(100, True, "s", 1, 1, 100), spawner, lambda: clock[0])
+        mirror = Mirror(
+            "r", MirrorSettings(100, True, "s", 1, 1, 100, 0, False, 0), spawner, lambda: clock[0]
+        )
         gate = asyncio.Event()
 
         async def work() -> None:
