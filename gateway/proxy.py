@@ -8,10 +8,8 @@ Kept framework-free (raw ASGI, orjson, aiohttp): it is the hot path, and bench/ 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -31,7 +29,7 @@ from gateway.asgi import (
     read_body,
     request_id,
 )
-from gateway.attempt import Attempt, Request, outcome
+from gateway.attempt import Attempt, Request, first_chunk, outcome
 from gateway.auth import ApiKeys, bearer_token
 from gateway.errors import (
     GatewayError,
@@ -40,24 +38,22 @@ from gateway.errors import (
     ModelNotFound,
     UnsupportedMediaType,
     UpstreamError,
-    UpstreamTimeout,
     log_error,
 )
 from gateway.fallback import CIRCUIT_OPEN, Guards, reason_for
-from gateway.mirror import Mirror, Mirrors, Observation, Pair, compare, pair_record
 from gateway.pairs import PairStore
 from gateway.route import Route, RouteArm
 from gateway.routing import OVERRIDE_HEADER, choose_arm, mirror_sampled, unit_key
-from gateway.streaming import Accumulator, EventParser, Tail, collect, last_event, relay
+from gateway.shadow import Shadows
+from gateway.streaming import Accumulator, Tail, collect, last_event, observer, relay
 from gateway.tasks import Spawner
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
-from gateway.upstream import Call, Upstream
+from gateway.upstream import Upstream
 from gateway.validation import KINDS, Rules, SchemaCache, SchemaError, rules_for
 
 log = logging.getLogger("gateway.proxy")
 
-MIRROR_HEADER = "X-Canarygate-Mirror"
 # Fields each endpoint cannot do without; checked here so the client hears it from us, clearly.
 REQUIRED_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 
@@ -75,7 +71,6 @@ class Proxy:
         pairs: PairStore,
     ) -> None:
         self._routes = routes
-        self._pairs = pairs
         self._upstream = upstream
         self._api_keys = api_keys
         self._max_body = max_body_bytes
@@ -83,10 +78,7 @@ class Proxy:
         self._tracing = tracing
         self._schemas = SchemaCache()
         self.guards = Guards()
-        self.mirrors = Mirrors(spawner)
-
-    def use_pair_store(self, store: PairStore) -> None:
-        self._pairs = store
+        self.shadows = Shadows(upstream, tracing, spawner, pairs)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         started = time.perf_counter()
@@ -174,7 +166,7 @@ class Proxy:
             request.metrics.fallbacks[reason].inc()
         else:
             for kind in shadows:
-                self._start_shadow(request, reply.request_id, kind)
+                self.shadows.start(request, reply.request_id, kind)
         error = await self._attempt(
             request, route.base, KINDS if route.enforce_on_base else (), deadline, reply, watch
         )
@@ -289,14 +281,14 @@ class Proxy:
         self, attempt: Attempt, request: Request, reply: Reply, watch: DisconnectWatch
     ) -> GatewayError | None:
         """Relay as it arrives; with rules, validate alongside and record (nothing can be taken back)."""
-        resp, first = await self._first_chunk(attempt)
+        resp, first = await first_chunk(self._upstream, attempt)
         call = attempt.call
         assert call is not None
         try:
             tail = Tail()
             accumulator = Accumulator() if request.rules is not None or request.pairs else None
             await reply.start_stream(resp.status, _content_type(resp, EVENT_STREAM))
-            error = await relay(resp, reply, first, call.failure, _observer(tail, accumulator))
+            error = await relay(resp, reply, first, call.failure, observer(tail, accumulator))
             attempt.closed()
             if error is not None:
                 _log_error(reply, error)
@@ -316,7 +308,7 @@ class Proxy:
         self, attempt: Attempt, request: Request, reply: Reply, watch: DisconnectWatch
     ) -> GatewayError | None:
         """Hold the whole stream, validate it, then release it: invalid output never reaches the client."""
-        resp, first = await self._first_chunk(attempt)
+        resp, first = await first_chunk(self._upstream, attempt)
         call = attempt.call
         assert call is not None
         try:
@@ -339,7 +331,7 @@ class Proxy:
                     await reply.end_stream()
                 return error
             accumulator = Accumulator()
-            _observer(None, accumulator)(data)
+            observer(None, accumulator)(data)
             if accumulator.error is not None:
                 raise UpstreamError(
                     f"the {call.arm.name} upstream's stream ended with an error event",
@@ -357,205 +349,6 @@ class Proxy:
             return None
         finally:
             resp.close()
-
-    def _start_shadow(self, request: Request, rid: str, kind: str) -> None:
-        """Send a copy of this base-served request to the candidate (kind "candidate") or, for the noise
-        floor, to base again (kind "noise"), if the route's mirror has room."""
-        route = request.route
-        mirror = self.mirrors.get(route)
-        arm = route.candidate if kind == "candidate" else route.base
-        if mirror is None or arm is None:
-            return
-        pair_id = uuid.uuid4().hex
-        pair = Pair(lambda primary, shadow: self._compared(request, kind, pair_id, rid, primary, shadow))
-        payload = dict(request.payload)
-        if mirror.submit(lambda: self._shadow(request, arm, payload, pair, rid, mirror, pair_id)):
-            request.metrics.mirror["sent"].inc()
-            request.pairs.append(pair)
-            if request.span is not None and kind == "candidate":
-                request.span.set_attribute("canarygate.pair_id", pair_id)
-        else:
-            request.metrics.mirror["dropped"].inc()
-
-    def _compared(
-        self, request: Request, kind: str, pair_id: str, rid: str, primary: Observation, shadow: Observation
-    ) -> None:
-        """Count how a shadow answer compares with the primary one, and keep the pair as a record."""
-        if primary.answer is None or shadow.answer is None:
-            return  # one side failed: nothing to compare (the failure is counted where it happened)
-        checks = compare(primary.answer, shadow.answer, request.rules)
-        counters = request.metrics.agreement if kind == "candidate" else request.metrics.noise
-        for check, agreed in checks.items():
-            counters[(check, "agree" if agreed else "disagree")].inc()
-        if kind == "candidate":
-            if primary.duration_s > 0:
-                request.metrics.latency_ratio.observe(shadow.duration_s / primary.duration_s)
-            if primary.output_tokens and shadow.output_tokens is not None:
-                request.metrics.tokens_ratio.observe(shadow.output_tokens / primary.output_tokens)
-        route = request.route
-        settings = route.mirror
-        if settings is None or settings.records == 0:
-            return
-        shadow_arm = route.candidate if kind == "candidate" and route.candidate else route.base
-        prompt = _prompt(request.payload) if settings.capture_content else None
-        record = pair_record(
-            pair_id=pair_id,
-            kind=kind,
-            route=route.name,
-            request_id=rid,
-            checks=checks,
-            primary=primary,
-            shadow=shadow,
-            models=(route.base.model, shadow_arm.model),
-            prompt=prompt,
-        )
-        self._pairs.add(record, settings.records)
-
-    async def _shadow(
-        self,
-        request: Request,
-        arm: RouteArm,
-        payload: dict[str, Any],
-        pair: Pair,
-        rid: str,
-        mirror: Mirror,
-        pair_id: str,
-    ) -> None:
-        """One shadow call: consumed here (a stream as a stream), validated and compared, never sent to the
-        client, never raised. Cancelled at shutdown."""
-        attempt = Attempt(request.metrics.arm(arm.name, "mirror"), ())
-        attempt.metrics.inflight.inc()
-        error: GatewayError | None = None
-        result = "client_closed"
-        try:
-            payload["model"] = arm.model
-            headers = {
-                **arm.headers,
-                "Content-Type": "application/json",
-                "Accept-Encoding": "identity",
-                "X-Request-Id": rid,
-                MIRROR_HEADER: "1",
-            }
-            body = orjson.dumps(payload)
-            call = Call(
-                arm,
-                request.endpoint,
-                body,
-                headers,
-                request.token,
-                arm.client_timeout,
-                arm.timeouts.first_token_s,
-            )
-            attempt.call = call
-            attempt.span = self._tracing.mirror_span(request.span, request.route.name, call)
-            if attempt.span is not None:
-                attempt.span.set_attribute("canarygate.pair_id", pair_id)
-            try:
-                answer = await self._shadow_exchange(attempt, request)
-            except GatewayError as exc:
-                error, answer = exc, None
-            result = outcome(error)
-            if answer is not None and request.rules is not None:
-                failure = request.check(answer)
-                attempt.validation = failure.kind if failure is not None else "ok"
-                if failure is not None:
-                    attempt.metrics.validation[failure.kind].inc()
-            if attempt.output_tokens is not None:
-                mirror.spend(attempt.output_tokens + _input_tokens(attempt.answer))
-            pair.record_shadow(attempt.observation(failed=answer is None))
-        except Exception as exc:
-            result = "upstream_error"
-            log.exception("request_id=%s route=%s shadow call failed", rid, request.route.name)
-            error = InternalError(str(exc))
-        finally:
-            attempt.metrics.inflight.dec()
-            attempt.metrics.duration.observe(time.perf_counter() - attempt.started)
-            attempt.metrics.outcomes[result].inc()
-            if error is not None:
-                request.metrics.mirror["error"].inc()
-            if attempt.span is not None:
-                self._tracing.end_client(
-                    attempt.span, attempt.answer, attempt.validation, error, attempt.status
-                )
-
-    async def _shadow_exchange(self, attempt: Attempt, request: Request) -> dict[str, Any] | None:
-        """The candidate's whole answer, in its complete shape (a stream rebuilt from its chunks)."""
-        call = attempt.call
-        assert call is not None
-        if not request.stream:
-            attempt.open()
-            try:
-                resp = await self._upstream.open(call)
-                attempt.status = resp.status
-                try:
-                    data = await resp.read()
-                except Exception as exc:
-                    raise call.failure(exc) from exc
-                finally:
-                    resp.release()
-            finally:
-                attempt.closed()
-            if resp.status >= 400:
-                raise call.http_error(resp, data)
-            try:
-                answer = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                answer = None
-            attempt.answered(answer)
-            return answer if isinstance(answer, dict) else {}
-        resp, first = await self._first_chunk(attempt)
-        try:
-            try:
-                data, complete = await collect(resp, first, request.route.max_buffer_bytes)
-                while not complete and await resp.content.readany():
-                    pass  # too long to keep for comparison: read to the end all the same
-            except Exception as exc:
-                raise call.failure(exc) from exc
-            finally:
-                attempt.closed()
-        finally:
-            resp.close()
-        accumulator = Accumulator()
-        _observer(None, accumulator)(data)
-        attempt.answered(last_event(data))
-        return accumulator.body(request.endpoint) if complete else None
-
-    async def _first_chunk(self, attempt: Attempt) -> tuple[aiohttp.ClientResponse, bytes]:
-        """Open the stream and wait for its first bytes: only then is the client's response started."""
-        call = attempt.open()
-        try:
-            resp, first = await asyncio.wait_for(self._open_stream(call), call.first_token_s)
-        except TimeoutError:
-            attempt.closed()
-            raise UpstreamTimeout(
-                f"the {call.arm.name} upstream sent no token within {call.first_token_s:g}s "
-                "(timeouts.first_token_s / deadline_s)"
-            ) from None
-        except BaseException:
-            attempt.closed()
-            raise
-        attempt.status = resp.status
-        attempt.first_token()
-        return resp, first
-
-    async def _open_stream(self, call: Call) -> tuple[aiohttp.ClientResponse, bytes]:
-        resp = await self._upstream.open(call)
-        handed_over = False
-        try:
-            if resp.status >= 400:
-                raise call.http_error(resp, await resp.read())
-            first = await resp.content.readany()
-            if not first:
-                raise aiohttp.ServerDisconnectedError()
-            handed_over = True
-            return resp, first
-        except GatewayError:
-            raise
-        except Exception as exc:
-            raise call.failure(exc) from exc
-        finally:
-            if not handed_over:
-                resp.close()
 
     def _route(self, payload: dict[str, Any]) -> Route:
         model = payload.get("model")
@@ -580,30 +373,6 @@ class Proxy:
             return rules_for(payload, route.validation, self._schemas)
         except SchemaError as exc:
             raise InvalidRequest(str(exc), code="invalid_schema") from None
-
-
-def _prompt(payload: dict[str, Any]) -> Any:
-    return payload.get("messages", payload.get("prompt"))
-
-
-def _input_tokens(answer: dict[str, Any] | None) -> int:
-    usage = answer.get("usage") if answer is not None else None
-    prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-    return prompt if isinstance(prompt, int) else 0
-
-
-def _observer(tail: Tail | None, accumulator: Accumulator | None) -> Callable[[bytes], None]:
-    """What a relayed stream's chunks are shown to: the tail (for usage) and, with rules, the accumulator."""
-    parser = EventParser()
-
-    def observe(data: bytes) -> None:
-        if tail is not None:
-            tail.feed(data)
-        if accumulator is not None:
-            for event in parser.feed(data):
-                accumulator.add(event)
-
-    return observe
 
 
 def _parse(body: bytes) -> dict[str, Any]:

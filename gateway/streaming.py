@@ -210,3 +210,17 @@ def last_event(data: bytes) -> dict[str, Any] | None:
         except orjson.JSONDecodeError:
             return None
         return event if isinstance(event, dict) else None
+
+
+def observer(tail: Tail | None, accumulator: Accumulator | None) -> Callable[[bytes], None]:
+    """What a relayed stream's chunks are shown to: the tail (for usage) and, with rules, the accumulator."""
+    parser = EventParser()
+
+    def observe(data: bytes) -> None:
+        if tail is not None:
+            tail.feed(data)
+        if accumulator is not None:
+            for event in parser.feed(data):
+                accumulator.add(event)
+
+    return observe

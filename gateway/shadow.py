@@ -1,0 +1,208 @@
+"""Shadow calls for base-served requests: started beside the primary (never in its way), consumed here,
+compared with the primary's answer, counted and kept as pair records."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import orjson
+
+from gateway.attempt import Attempt, Request, first_chunk, outcome
+from gateway.errors import GatewayError, InternalError
+from gateway.mirror import Mirror, Mirrors, Observation, Pair, compare, pair_record
+from gateway.pairs import PairStore
+from gateway.route import RouteArm
+from gateway.streaming import Accumulator, collect, last_event, observer
+from gateway.tasks import Spawner
+from gateway.tracing import Tracing
+from gateway.upstream import Call, Upstream
+
+log = logging.getLogger("gateway.shadow")
+
+MIRROR_HEADER = "X-Canarygate-Mirror"
+
+
+class Shadows:
+    def __init__(self, upstream: Upstream, tracing: Tracing, spawner: Spawner, pairs: PairStore) -> None:
+        self._upstream = upstream
+        self._tracing = tracing
+        self._pairs = pairs
+        self.mirrors = Mirrors(spawner)
+
+    def use_pair_store(self, store: PairStore) -> None:
+        self._pairs = store
+
+    def start(self, request: Request, rid: str, kind: str) -> None:
+        """Send a copy of this base-served request to the candidate (kind "candidate") or, for the noise
+        floor, to base again (kind "noise"), if the route's mirror has room."""
+        route = request.route
+        mirror = self.mirrors.get(route)
+        arm = route.candidate if kind == "candidate" else route.base
+        if mirror is None or arm is None:
+            return
+        pair_id = uuid.uuid4().hex
+        pair = Pair(lambda primary, shadow: self._compared(request, kind, pair_id, rid, primary, shadow))
+        payload = dict(request.payload)
+        if mirror.submit(lambda: self._call(request, arm, payload, pair, rid, mirror, pair_id)):
+            request.metrics.mirror["sent"].inc()
+            request.pairs.append(pair)
+            if request.span is not None and kind == "candidate":
+                request.span.set_attribute("canarygate.pair_id", pair_id)
+        else:
+            request.metrics.mirror["dropped"].inc()
+
+    def _compared(
+        self, request: Request, kind: str, pair_id: str, rid: str, primary: Observation, shadow: Observation
+    ) -> None:
+        """Count how a shadow answer compares with the primary one, and keep the pair as a record."""
+        if primary.answer is None or shadow.answer is None:
+            return  # one side failed: nothing to compare (the failure is counted where it happened)
+        checks = compare(primary.answer, shadow.answer, request.rules)
+        counters = request.metrics.agreement if kind == "candidate" else request.metrics.noise
+        for check, agreed in checks.items():
+            counters[(check, "agree" if agreed else "disagree")].inc()
+        if kind == "candidate":
+            if primary.duration_s > 0:
+                request.metrics.latency_ratio.observe(shadow.duration_s / primary.duration_s)
+            if primary.output_tokens and shadow.output_tokens is not None:
+                request.metrics.tokens_ratio.observe(shadow.output_tokens / primary.output_tokens)
+        route = request.route
+        settings = route.mirror
+        if settings is None or settings.records == 0:
+            return
+        shadow_arm = route.candidate if kind == "candidate" and route.candidate else route.base
+        prompt = _prompt(request.payload) if settings.capture_content else None
+        record = pair_record(
+            pair_id=pair_id,
+            kind=kind,
+            route=route.name,
+            request_id=rid,
+            checks=checks,
+            primary=primary,
+            shadow=shadow,
+            models=(route.base.model, shadow_arm.model),
+            prompt=prompt,
+        )
+        self._pairs.add(record, settings.records)
+
+    async def _call(
+        self,
+        request: Request,
+        arm: RouteArm,
+        payload: dict[str, Any],
+        pair: Pair,
+        rid: str,
+        mirror: Mirror,
+        pair_id: str,
+    ) -> None:
+        """One shadow call: consumed here (a stream as a stream), validated and compared, never sent to the
+        client, never raised. Cancelled at shutdown."""
+        attempt = Attempt(request.metrics.arm(arm.name, "mirror"), ())
+        attempt.metrics.inflight.inc()
+        error: GatewayError | None = None
+        result = "client_closed"
+        try:
+            payload["model"] = arm.model
+            headers = {
+                **arm.headers,
+                "Content-Type": "application/json",
+                "Accept-Encoding": "identity",
+                "X-Request-Id": rid,
+                MIRROR_HEADER: "1",
+            }
+            body = orjson.dumps(payload)
+            call = Call(
+                arm,
+                request.endpoint,
+                body,
+                headers,
+                request.token,
+                arm.client_timeout,
+                arm.timeouts.first_token_s,
+            )
+            attempt.call = call
+            attempt.span = self._tracing.mirror_span(request.span, request.route.name, call)
+            if attempt.span is not None:
+                attempt.span.set_attribute("canarygate.pair_id", pair_id)
+            try:
+                answer = await self._exchange(attempt, request)
+            except GatewayError as exc:
+                error, answer = exc, None
+            result = outcome(error)
+            if answer is not None and request.rules is not None:
+                failure = request.check(answer)
+                attempt.validation = failure.kind if failure is not None else "ok"
+                if failure is not None:
+                    attempt.metrics.validation[failure.kind].inc()
+            if attempt.output_tokens is not None:
+                mirror.spend(attempt.output_tokens + _input_tokens(attempt.answer))
+            pair.record_shadow(attempt.observation(failed=answer is None))
+        except Exception as exc:
+            result = "upstream_error"
+            log.exception("request_id=%s route=%s shadow call failed", rid, request.route.name)
+            error = InternalError(str(exc))
+        finally:
+            attempt.metrics.inflight.dec()
+            attempt.metrics.duration.observe(time.perf_counter() - attempt.started)
+            attempt.metrics.outcomes[result].inc()
+            if error is not None:
+                request.metrics.mirror["error"].inc()
+            if attempt.span is not None:
+                self._tracing.end_client(
+                    attempt.span, attempt.answer, attempt.validation, error, attempt.status
+                )
+
+    async def _exchange(self, attempt: Attempt, request: Request) -> dict[str, Any] | None:
+        """The candidate's whole answer, in its complete shape (a stream rebuilt from its chunks)."""
+        call = attempt.call
+        assert call is not None
+        if not request.stream:
+            attempt.open()
+            try:
+                resp = await self._upstream.open(call)
+                attempt.status = resp.status
+                try:
+                    data = await resp.read()
+                except Exception as exc:
+                    raise call.failure(exc) from exc
+                finally:
+                    resp.release()
+            finally:
+                attempt.closed()
+            if resp.status >= 400:
+                raise call.http_error(resp, data)
+            try:
+                answer = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                answer = None
+            attempt.answered(answer)
+            return answer if isinstance(answer, dict) else {}
+        resp, first = await first_chunk(self._upstream, attempt)
+        try:
+            try:
+                data, complete = await collect(resp, first, request.route.max_buffer_bytes)
+                while not complete and await resp.content.readany():
+                    pass  # too long to keep for comparison: read to the end all the same
+            except Exception as exc:
+                raise call.failure(exc) from exc
+            finally:
+                attempt.closed()
+        finally:
+            resp.close()
+        accumulator = Accumulator()
+        observer(None, accumulator)(data)
+        attempt.answered(last_event(data))
+        return accumulator.body(request.endpoint) if complete else None
+
+
+def _prompt(payload: dict[str, Any]) -> Any:
+    return payload.get("messages", payload.get("prompt"))
+
+
+def _input_tokens(answer: dict[str, Any] | None) -> int:
+    usage = answer.get("usage") if answer is not None else None
+    prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    return prompt if isinstance(prompt, int) else 0
