@@ -202,6 +202,31 @@ def outcome(error: GatewayError | None) -> str:
     return "rejected"
 
 
+async def fetch(upstream: Upstream, attempt: Attempt) -> tuple[aiohttp.ClientResponse, bytes, Any]:
+    """A non-streamed exchange: the response, its body, and the body parsed (None when it is not JSON).
+    Raises the upstream's error status as UpstreamHTTPError; counts the answer's tokens."""
+    call = attempt.open()
+    try:
+        resp = await upstream.open(call)
+        attempt.status = resp.status
+        try:
+            data = await resp.read()
+        except Exception as exc:
+            raise call.failure(exc) from exc
+        finally:
+            resp.release()
+    finally:
+        attempt.closed()
+    if resp.status >= 400:
+        raise call.http_error(resp, data)
+    try:
+        answer = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        answer = None
+    attempt.answered(answer)
+    return resp, data, answer
+
+
 async def first_chunk(upstream: Upstream, attempt: Attempt) -> tuple[aiohttp.ClientResponse, bytes]:
     """Open the stream and wait for its first bytes: only then is the client's response started."""
     call = attempt.open()

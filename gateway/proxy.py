@@ -29,7 +29,7 @@ from gateway.asgi import (
     read_body,
     request_id,
 )
-from gateway.attempt import Attempt, Request, first_chunk, outcome
+from gateway.attempt import Attempt, Request, fetch, first_chunk, outcome
 from gateway.auth import ApiKeys, bearer_token
 from gateway.errors import (
     GatewayError,
@@ -251,25 +251,7 @@ class Proxy:
     async def _forward(
         self, attempt: Attempt, request: Request, reply: Reply, watch: DisconnectWatch
     ) -> None:
-        call = attempt.open()
-        try:
-            resp = await self._upstream.open(call)
-            attempt.status = resp.status
-            try:
-                data = await resp.read()
-            except Exception as exc:
-                raise call.failure(exc) from exc
-            finally:
-                resp.release()
-        finally:
-            attempt.closed()
-        if resp.status >= 400:
-            raise call.http_error(resp, data)
-        try:
-            answer = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            answer = None
-        attempt.answered(answer)
+        resp, data, answer = await fetch(self._upstream, attempt)
         if request.rules is not None:
             invalid = attempt.judge(request.check(answer), reply)
             if invalid is not None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from gateway.attempt import Attempt, Request, first_chunk, outcome
+from gateway.attempt import Attempt, Request, fetch, first_chunk, outcome
 from gateway.errors import GatewayError, InternalError
 from gateway.mirror import Mirror, Mirrors, Observation, Pair, compare, pair_record
 from gateway.pairs import PairStore
@@ -160,25 +160,7 @@ class Shadows:
         call = attempt.call
         assert call is not None
         if not request.stream:
-            attempt.open()
-            try:
-                resp = await self._upstream.open(call)
-                attempt.status = resp.status
-                try:
-                    data = await resp.read()
-                except Exception as exc:
-                    raise call.failure(exc) from exc
-                finally:
-                    resp.release()
-            finally:
-                attempt.closed()
-            if resp.status >= 400:
-                raise call.http_error(resp, data)
-            try:
-                answer = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                answer = None
-            attempt.answered(answer)
+            _, _, answer = await fetch(self._upstream, attempt)
             return answer if isinstance(answer, dict) else {}
         resp, first = await first_chunk(self._upstream, attempt)
         try:

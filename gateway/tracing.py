@@ -75,22 +75,11 @@ class Tracing:
         """Start an attempt's span, a child of the request's; its traceparent goes in the call's headers."""
         if self.tracer is None:
             return None
-        operation = OPERATIONS[call.endpoint]
-        url = call.arm.urls[call.endpoint]
         span = self.tracer.start_span(
-            f"{operation} {call.arm.model}",
+            f"{OPERATIONS[call.endpoint]} {call.arm.model}",
             context=trace.set_span_in_context(server),
             kind=SpanKind.CLIENT,
-            attributes={
-                "gen_ai.operation.name": operation,
-                "gen_ai.provider.name": "openai",
-                "gen_ai.request.model": call.arm.model,
-                "server.address": url.host or "",
-                "server.port": url.port or 0,
-                "canarygate.route": route,
-                "canarygate.arm": call.arm.name,
-                "canarygate.mode": "primary",
-            },
+            attributes=_attempt_attributes(route, call, "primary"),
         )
         self._propagator.inject(call.headers, context=trace.set_span_in_context(span))
         return span
@@ -100,24 +89,13 @@ class Tracing:
         the user's trace. Its traceparent goes in the call's headers."""
         if self.tracer is None:
             return None
-        operation = OPERATIONS[call.endpoint]
-        url = call.arm.urls[call.endpoint]
         links = [Link(primary.get_span_context())] if primary is not None else []
         span = self.tracer.start_span(
-            f"{operation} {call.arm.model}",
+            f"{OPERATIONS[call.endpoint]} {call.arm.model}",
             context=Context(),
             kind=SpanKind.CLIENT,
             links=links,
-            attributes={
-                "gen_ai.operation.name": operation,
-                "gen_ai.provider.name": "openai",
-                "gen_ai.request.model": call.arm.model,
-                "server.address": url.host or "",
-                "server.port": url.port or 0,
-                "canarygate.route": route,
-                "canarygate.arm": call.arm.name,
-                "canarygate.mode": "mirror",
-            },
+            attributes=_attempt_attributes(route, call, "mirror"),
         )
         self._propagator.inject(call.headers, context=trace.set_span_in_context(span))
         return span
@@ -170,6 +148,20 @@ def _exporter(environ: Mapping[str, str]) -> SpanExporter | None:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
     return HttpExporter()
+
+
+def _attempt_attributes(route: str, call: Call, mode: str) -> dict[str, Any]:
+    url = call.arm.urls[call.endpoint]
+    return {
+        "gen_ai.operation.name": OPERATIONS[call.endpoint],
+        "gen_ai.provider.name": "openai",
+        "gen_ai.request.model": call.arm.model,
+        "server.address": url.host or "",
+        "server.port": url.port or 0,
+        "canarygate.route": route,
+        "canarygate.arm": call.arm.name,
+        "canarygate.mode": mode,
+    }
 
 
 def _request_attributes(payload: Any) -> dict[str, Any]:
