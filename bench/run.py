@@ -348,13 +348,19 @@ def telemetry_suite(ports: dict[str, int], duration: float, work: Path) -> tuple
     return rows, ok and all(r["errors"] == 0 for r in results.values())
 
 
+SUITES = {
+    "proxy": proxy_suite,
+    "validation": validation_suite,
+    "mirror": mirror_suite,
+    "telemetry": telemetry_suite,
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--suite", choices=["all", "proxy", "validation", "mirror", "telemetry"], default="all"
-    )
+    parser.add_argument("--suite", choices=["all", *SUITES], default="all")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
     args = parser.parse_args()
     for tool in ("wrk", "nginx"):
@@ -470,22 +476,11 @@ def main() -> int:
             for name in [n for n in ports if n != "nginx"]:
                 wait_up(f"http://127.0.0.1:{ports[name]}/healthz")
             tables, ok = [], True
-            if args.suite in ("all", "proxy"):
-                rows, passed = proxy_suite(ports, args.duration, work)
-                tables.append(rows)
-                ok &= passed
-            if args.suite in ("all", "validation"):
-                rows, passed = validation_suite(ports, args.duration, work)
-                tables.append(rows)
-                ok &= passed
-            if args.suite in ("all", "mirror"):
-                rows, passed = mirror_suite(ports, args.duration, work)
-                tables.append(rows)
-                ok &= passed
-            if args.suite in ("all", "telemetry"):
-                rows, passed = telemetry_suite(ports, args.duration, work)
-                tables.append(rows)
-                ok &= passed
+            for name, suite in SUITES.items():
+                if args.suite in ("all", name):
+                    rows, passed = suite(ports, args.duration, work)
+                    tables.append(rows)
+                    ok &= passed
         finally:
             for process in reversed(processes):  # the proxies before their upstream: no shutdown noise
                 process.terminate()
