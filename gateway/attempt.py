@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import aiohttp
@@ -25,6 +25,18 @@ log = logging.getLogger("gateway.proxy")
 
 # Client tracing headers passed upstream as they came when the gateway makes no spans of its own.
 TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def upstream_headers(arm: RouteArm, client: Mapping[str, str], rid: str) -> dict[str, str]:
+    """What every call to an arm carries: its own headers and credentials (the client's only when the
+    policy forwards them), JSON, no compression on the hop, the request id."""
+    headers = dict(arm.headers)
+    headers["Content-Type"] = "application/json"
+    headers["Accept-Encoding"] = "identity"
+    headers["X-Request-Id"] = rid
+    if arm.forward_client_auth and "authorization" in client:
+        headers["Authorization"] = client["authorization"]
+    return headers
 
 
 class Request:
@@ -78,12 +90,7 @@ class Request:
         if remaining < arm.timeouts.total_s:
             timeout = aiohttp.ClientTimeout(total=remaining, sock_connect=arm.timeouts.connect_s)
         self.payload["model"] = arm.model
-        headers = dict(arm.headers)
-        headers["Content-Type"] = "application/json"
-        headers["Accept-Encoding"] = "identity"
-        headers["X-Request-Id"] = rid
-        if arm.forward_client_auth and "authorization" in self.headers:
-            headers["Authorization"] = self.headers["authorization"]
+        headers = upstream_headers(arm, self.headers, rid)
         if self.span is None:
             for name in TRACE_HEADERS:
                 if name in self.headers:

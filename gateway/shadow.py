@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from gateway.attempt import Attempt, Request, fetch, first_chunk, outcome
+from gateway.attempt import Attempt, Request, fetch, first_chunk, outcome, upstream_headers
 from gateway.errors import GatewayError, InternalError
 from gateway.mirror import Mirror, Mirrors, Observation, Pair, compare, pair_record
 from gateway.pairs import PairStore
@@ -106,13 +106,8 @@ class Shadows:
         result = "client_closed"
         try:
             payload["model"] = arm.model
-            headers = {
-                **arm.headers,
-                "Content-Type": "application/json",
-                "Accept-Encoding": "identity",
-                "X-Request-Id": rid,
-                MIRROR_HEADER: "1",
-            }
+            headers = upstream_headers(arm, request.headers, rid)
+            headers[MIRROR_HEADER] = "1"
             body = orjson.dumps(payload)
             call = Call(
                 arm,

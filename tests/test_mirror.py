@@ -147,6 +147,27 @@ def test_mirror_percent_is_sticky_per_unit_and_uses_the_candidate(
     assert {r["body"]["user"] for r in shadows(candidate)} == mirrored
 
 
+def test_shadow_calls_carry_the_candidates_forwarded_credentials(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    base, candidate = sims
+    gw = make_gateway(
+        {
+            "chat": policy_yaml(
+                "chat",
+                base.url,
+                candidate.url,
+                candidate_extra="forward_client_auth: true",
+                extra="mirror: {percent: 100, sample_by: request}",
+            )
+        }
+    )
+    gw.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer client-key"})
+    wait_for(lambda: len(shadows(candidate)) == 1, message="the shadow call")
+    assert shadows(candidate)[0]["headers"]["authorization"] == "Bearer client-key"
+    assert "authorization" not in base.requests()[0]["headers"]  # the base arm does not forward it
+
+
 def primary_p50(gw_url: str, model: str) -> float:
     timings = []
     with httpx.Client(timeout=10) as client:
