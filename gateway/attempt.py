@@ -16,7 +16,6 @@ from gateway.asgi import Reply
 from gateway.errors import GatewayError, InvalidOutput, UpstreamError, UpstreamHTTPError, UpstreamTimeout
 from gateway.mirror import Observation, Pair
 from gateway.route import Route, RouteArm
-from gateway.streaming import Accumulator
 from gateway.telemetry import ArmMetrics, RouteMetrics
 from gateway.upstream import Call, Upstream
 from gateway.validation import Failure, Rules, check_chat, check_completion
@@ -99,10 +98,8 @@ class Request:
         first_token_s = min(arm.timeouts.first_token_s, remaining)
         return Call(arm, self.endpoint, body, headers, self.token, timeout, first_token_s)
 
-    def check(self, answer: dict[str, Any] | Accumulator | None) -> Failure | None:
+    def check(self, answer: dict[str, Any] | None) -> Failure | None:
         assert self.rules is not None
-        if isinstance(answer, Accumulator):
-            answer = answer.body(self.endpoint)
         if self.endpoint == "chat":
             return check_chat(answer, self.rules)
         return check_completion(answer, self.rules)

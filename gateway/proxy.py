@@ -280,8 +280,8 @@ class Proxy:
             attempt.answered(tail.last_event())
             if accumulator is not None:
                 attempt.accumulated = accumulator.body(request.endpoint)
-            if request.rules is not None and accumulator is not None:
-                return attempt.judge(request.check(accumulator), reply, released=True)
+                if request.rules is not None:
+                    return attempt.judge(request.check(attempt.accumulated), reply, released=True)
             return None
         finally:
             resp.close()
@@ -312,8 +312,7 @@ class Proxy:
                     watch.finishing()
                     await reply.end_stream()
                 return error
-            accumulator = Accumulator()
-            observer(None, accumulator)(data)
+            accumulator = Accumulator.of(data)
             if accumulator.error is not None:
                 raise UpstreamError(
                     f"the {call.arm.name} upstream's stream ended with an error event",
@@ -321,7 +320,7 @@ class Proxy:
                 )
             attempt.answered(last_event(data))
             attempt.accumulated = accumulator.body(request.endpoint)
-            invalid = attempt.judge(request.check(accumulator), reply)
+            invalid = attempt.judge(request.check(attempt.accumulated), reply)
             if invalid is not None:
                 raise invalid
             await reply.start_stream(resp.status, _content_type(resp, EVENT_STREAM))

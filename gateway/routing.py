@@ -79,6 +79,8 @@ def mirror_sampled(
     if shadow is None:
         return False
     percent = shadow.noise_percent if noise else shadow.percent
+    if percent <= 0:
+        return False
     if shadow.by_unit and key is not None:
         return bucket(route.name, shadow.salt + (":noise" if noise else ""), key) < percent / 100
     return rand() < percent / 100

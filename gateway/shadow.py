@@ -15,7 +15,7 @@ from gateway.errors import GatewayError, InternalError
 from gateway.mirror import Mirror, Mirrors, Observation, Pair, compare, pair_record
 from gateway.pairs import PairStore
 from gateway.route import RouteArm
-from gateway.streaming import Accumulator, collect, last_event, observer
+from gateway.streaming import Accumulator, collect, last_event
 from gateway.tasks import Spawner
 from gateway.tracing import Tracing
 from gateway.upstream import Call, Upstream
@@ -169,10 +169,8 @@ class Shadows:
                 attempt.closed()
         finally:
             resp.close()
-        accumulator = Accumulator()
-        observer(None, accumulator)(data)
         attempt.answered(last_event(data))
-        return accumulator.body(request.endpoint) if complete else None
+        return Accumulator.of(data).body(request.endpoint) if complete else None
 
 
 def _prompt(payload: dict[str, Any]) -> Any:

@@ -90,6 +90,13 @@ class Accumulator:
     """Rebuilds a streamed answer (chat deltas or completion texts) into the shape of a complete one,
     so the same checks apply to streamed and non-streamed answers."""
 
+    @classmethod
+    def of(cls, stream: bytes) -> Accumulator:
+        """A whole buffered stream, rebuilt."""
+        accumulator = cls()
+        observer(None, accumulator)(stream)
+        return accumulator
+
     def __init__(self) -> None:
         self._choices: dict[int, dict[str, Any]] = {}
         self._calls: dict[int, dict[int, dict[str, Any]]] = {}
