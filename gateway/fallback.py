@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-from gateway.breaker import CircuitBreaker
-from gateway.budget import BudgetSettings, RetryBudget
+from gateway.breaker import BreakerSettings, CircuitBreaker
+from gateway.budget import RetryBudget
 from gateway.errors import GatewayError, InvalidOutput, UpstreamError, UpstreamHTTPError, UpstreamTimeout
-from gateway.route import Route
+from gateway.route import PerRoute, Route
 
 Reason = Literal[
     "connect_error", "timeout", "http_5xx", "http_429",
@@ -43,35 +43,27 @@ def reason_for(error: GatewayError) -> Reason | None:
 
 
 class Guards:
+    """A circuit breaker (on the candidate) and a retry budget per route, kept across reloads."""
+
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        # route name -> (the Route last seen, its identity key, the guard). Routes are immutable and a
-        # reload builds new ones, so `is` answers the common case without comparing settings.
-        self._breakers: dict[str, tuple[Route, object, CircuitBreaker]] = {}
-        self._budgets: dict[str, tuple[Route, BudgetSettings, RetryBudget]] = {}
+        def new_breaker(route: Route) -> CircuitBreaker:
+            assert route.breaker is not None  # PerRoute builds only when the settings key exists
+            return CircuitBreaker(f"{route.name}/candidate", route.breaker, clock)
+
+        self._breakers = PerRoute(_breaker_key, new_breaker)
+        self._budgets = PerRoute(lambda route: route.budget, lambda route: RetryBudget(route.budget, clock))
 
     def breaker(self, route: Route) -> CircuitBreaker | None:
-        current = self._breakers.get(route.name)
-        if current is not None and current[0] is route:
-            return current[2]
-        if route.candidate is None or route.breaker is None:
-            self._breakers.pop(route.name, None)
-            return None
-        key = (route.candidate.url, route.candidate.model, route.breaker)
-        if current is None or current[1] != key:
-            breaker = CircuitBreaker(f"{route.name}/candidate", route.breaker, self._clock)
-        else:
-            breaker = current[2]
-        self._breakers[route.name] = (route, key, breaker)
-        return breaker
+        return self._breakers.get(route)
 
     def budget(self, route: Route) -> RetryBudget:
-        current = self._budgets.get(route.name)
-        if current is not None and current[0] is route:
-            return current[2]
-        if current is None or current[1] != route.budget:
-            budget = RetryBudget(route.budget, self._clock)
-        else:
-            budget = current[2]
-        self._budgets[route.name] = (route, route.budget, budget)
+        budget = self._budgets.get(route)
+        assert budget is not None  # every route has budget settings
         return budget
+
+
+def _breaker_key(route: Route) -> tuple[str, str, BreakerSettings] | None:
+    """A new candidate, or new breaker settings, start a new breaker."""
+    if route.candidate is None or route.breaker is None:
+        return None
+    return route.candidate.url, route.candidate.model, route.breaker

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from gateway.route import MirrorSettings, Route
+from gateway.route import MirrorSettings, PerRoute, Route
 from gateway.tasks import Spawner
 from gateway.validation import Rules, check_message
 
@@ -73,22 +73,14 @@ class Mirrors:
     """A Mirror per route, kept across policy reloads while the route's mirror settings stay the same."""
 
     def __init__(self, spawner: Spawner) -> None:
-        self._spawner = spawner
-        self._mirrors: dict[str, tuple[Route, Mirror]] = {}
+        def new_mirror(route: Route) -> Mirror:
+            assert route.mirror is not None  # PerRoute builds only when the settings key exists
+            return Mirror(route.name, route.mirror, spawner)
+
+        self._mirrors = PerRoute(lambda route: route.mirror, new_mirror)
 
     def get(self, route: Route) -> Mirror | None:
-        current = self._mirrors.get(route.name)
-        if current is not None and current[0] is route:
-            return current[1]
-        if route.mirror is None:
-            self._mirrors.pop(route.name, None)
-            return None
-        if current is not None and current[1].settings == route.mirror:
-            mirror = current[1]
-        else:
-            mirror = Mirror(route.name, route.mirror, self._spawner)
-        self._mirrors[route.name] = (route, mirror)
-        return mirror
+        return self._mirrors.get(route)
 
 
 @dataclass(frozen=True)

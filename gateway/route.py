@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -14,6 +15,8 @@ from gateway.budget import BudgetSettings
 from gateway.policy import Arm as ArmPolicy
 from gateway.policy import ArmName, Policy, Timeouts, merge_timeouts
 from gateway.validation import KINDS, RoutePolicy, compile_schema
+
+T = TypeVar("T")
 
 ENDPOINT_PATHS: Mapping[str, str] = {
     "chat": "/chat/completions",
@@ -179,3 +182,25 @@ def _compile_arm(
         timeouts=timeouts,
         client_timeout=aiohttp.ClientTimeout(total=timeouts.total_s, sock_connect=timeouts.connect_s),
     )
+
+
+class PerRoute(Generic[T]):
+    """One object per route (a breaker, a budget, a mirror) that outlives policy reloads while its
+    settings stay the same: a weight change must not close an open circuit or empty a mirror's queue.
+    Routes are immutable and a reload builds new ones, so identity answers the common case."""
+
+    def __init__(self, settings: Callable[[Route], Hashable | None], build: Callable[[Route], T]) -> None:
+        self._settings = settings  # what the object depends on; None: the route has no such object
+        self._build = build
+        self._items: dict[str, tuple[Route, Hashable | None, T | None]] = {}
+
+    def get(self, route: Route) -> T | None:
+        current = self._items.get(route.name)
+        if current is not None and current[0] is route:
+            return current[2]
+        key = self._settings(route)
+        item: T | None = None
+        if key is not None:
+            item = current[2] if current is not None and current[1] == key else self._build(route)
+        self._items[route.name] = (route, key, item)
+        return item

@@ -68,3 +68,33 @@ def test_budget_allows_a_share_of_requests_over_the_window() -> None:
     clock.now += 11  # the window slides past all of it
     budget.record_request()
     assert [budget.try_spend() for _ in range(3)] == [True, True, False]  # the floor of 2
+
+
+def test_guards_outlive_reloads_with_unchanged_settings(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    from gateway.fallback import Guards
+    from gateway.policy import Policy
+    from gateway.route import compile_policy
+
+    def route(weight: float, failure_rate: float = 0.5, candidate: bool = True):  # type: ignore[no-untyped-def]
+        arms: dict[str, object] = {"base": {"url": "http://b/v1", "model": "b"}}
+        if candidate:
+            arms["candidate"] = {"url": "http://c/v1", "model": "c"}
+        policy = Policy.model_validate(
+            {
+                "route": "r",
+                "arms": arms,
+                "rollout": {"weight": weight},
+                "fallback": {"circuit_breaker": {"failure_rate": failure_rate}},
+            }
+        )
+        return compile_policy(policy, Path("r.yaml"), {})[0]
+
+    guards = Guards()
+    first = guards.breaker(route(10))
+    assert first is not None
+    assert guards.breaker(route(50)) is first  # a weight change keeps the breaker (and its state)
+    assert guards.budget(route(50)) is guards.budget(route(70))
+    assert guards.breaker(route(50, failure_rate=0.2)) is not first  # new settings, new breaker
+    assert guards.breaker(route(0, candidate=False)) is None
