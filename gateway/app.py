@@ -78,7 +78,6 @@ class Services:
             self.spawner,
             self.pairs,
         )
-        self.started_at = time.time()
 
     def _reloaded(self, accepted: bool) -> None:
         self.metrics.policy_reloads.labels("ok" if accepted else "rejected").inc()

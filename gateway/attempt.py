@@ -170,8 +170,9 @@ class Attempt:
         return Observation(answer, time.perf_counter() - self.started, self.output_tokens)
 
     def judge(self, failure: Failure | None, reply: Reply, *, released: bool = False) -> InvalidOutput | None:
-        """Record the verdict. Returns InvalidOutput when it is enforced here (the attempt failed; unless
-        released, the caller withholds the answer); any other failure is recorded and let through."""
+        """Record the verdict. Returns InvalidOutput for a kind enforced here on an answer not yet released
+        (the caller withholds it: the attempt failed); any other failure, and every failure of an answer
+        already released (passthrough streams), is counted, logged and let through."""
         if failure is None:
             self.validation = "ok"
             return None
