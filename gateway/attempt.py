@@ -8,12 +8,12 @@ import time
 from collections.abc import Collection, Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 from opentelemetry.trace import Span
 
 from gateway.asgi import Reply
 from gateway.errors import GatewayError, InvalidOutput, UpstreamError, UpstreamHTTPError, UpstreamTimeout
+from gateway.http1 import Disconnected, Response, Timeout
 from gateway.mirror import Observation, Pair
 from gateway.route import Route, RouteArm
 from gateway.telemetry import ArmMetrics, RouteMetrics
@@ -87,7 +87,7 @@ class Request:
             )
         timeout = arm.client_timeout
         if remaining < arm.timeouts.total_s:
-            timeout = aiohttp.ClientTimeout(total=remaining, sock_connect=arm.timeouts.connect_s)
+            timeout = Timeout(total=remaining, connect=min(arm.timeouts.connect_s, remaining))
         self.payload["model"] = arm.model
         headers = upstream_headers(arm, self.headers, rid)
         if self.span is None:
@@ -207,7 +207,7 @@ def outcome(error: GatewayError | None) -> str:
     return "rejected"
 
 
-async def fetch(upstream: Upstream, attempt: Attempt) -> tuple[aiohttp.ClientResponse, bytes, Any]:
+async def fetch(upstream: Upstream, attempt: Attempt) -> tuple[Response, bytes, Any]:
     """A non-streamed exchange: the response, its body, and the body parsed (None when it is not JSON).
     Raises the upstream's error status as UpstreamHTTPError; counts the answer's tokens."""
     call = attempt.open()
@@ -219,7 +219,7 @@ async def fetch(upstream: Upstream, attempt: Attempt) -> tuple[aiohttp.ClientRes
         except Exception as exc:
             raise call.failure(exc) from exc
         finally:
-            resp.release()
+            resp.close()
     finally:
         attempt.closed()
     if resp.status >= 400:
@@ -232,7 +232,7 @@ async def fetch(upstream: Upstream, attempt: Attempt) -> tuple[aiohttp.ClientRes
     return resp, data, answer
 
 
-async def first_chunk(upstream: Upstream, attempt: Attempt) -> tuple[aiohttp.ClientResponse, bytes]:
+async def first_chunk(upstream: Upstream, attempt: Attempt) -> tuple[Response, bytes]:
     """Open the stream and wait for its first bytes: only then is the client's response started."""
     call = attempt.open()
     try:
@@ -251,15 +251,15 @@ async def first_chunk(upstream: Upstream, attempt: Attempt) -> tuple[aiohttp.Cli
     return resp, first
 
 
-async def _open_stream(upstream: Upstream, call: Call) -> tuple[aiohttp.ClientResponse, bytes]:
+async def _open_stream(upstream: Upstream, call: Call) -> tuple[Response, bytes]:
     resp = await upstream.open(call)
     handed_over = False
     try:
         if resp.status >= 400:
             raise call.http_error(resp, await resp.read())
-        first = await resp.content.readany()
+        first = await resp.readany()
         if not first:
-            raise aiohttp.ServerDisconnectedError()
+            raise Disconnected(received=True)
         handed_over = True
         return resp, first
     except GatewayError:

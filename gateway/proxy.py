@@ -3,7 +3,7 @@
 auth -> body -> route -> assign arm -> (circuit open? base) -> attempt the arm -> validate
      -> on a candidate failure listed in fallback.on, within budget and deadline: attempt base -> reply
 
-Kept framework-free (raw ASGI, orjson, aiohttp): it is the hot path, and bench/ measures it.
+Kept framework-free (raw ASGI, orjson, gateway.http1): it is the hot path, and bench/ measures it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
-import aiohttp
 import orjson
 
 from gateway.asgi import (
@@ -41,6 +40,7 @@ from gateway.errors import (
     log_error,
 )
 from gateway.fallback import CIRCUIT_OPEN, Guards, reason_for
+from gateway.http1 import Response
 from gateway.pairs import PairStore
 from gateway.route import Route, RouteArm
 from gateway.routing import OVERRIDE_HEADER, choose_arm, mirror_sampled, unit_key
@@ -392,7 +392,7 @@ def _check_content_type(content_type: str | None) -> None:
         raise UnsupportedMediaType(f"send the body as application/json, not {media[:60]!r}")
 
 
-def _content_type(resp: aiohttp.ClientResponse, default: bytes) -> bytes:
+def _content_type(resp: Response, default: bytes) -> bytes:
     value = resp.headers.get("content-type")
     return value.encode("latin-1") if value else default
 

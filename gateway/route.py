@@ -7,11 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-import aiohttp
-from yarl import URL
-
 from gateway.breaker import BreakerSettings
 from gateway.budget import BudgetSettings
+from gateway.http1 import Target, Timeout
 from gateway.policy import Arm as ArmPolicy
 from gateway.policy import ArmName, Policy, Timeouts, merge_timeouts
 from gateway.validation import KINDS, RoutePolicy, compile_schema
@@ -44,12 +42,12 @@ class RouteArm:
     name: ArmName
     model: str
     url: str
-    urls: Mapping[str, URL]
+    urls: Mapping[str, Target]
     headers: Mapping[str, str]
     forward_client_auth: bool
     secret: str | None
     timeouts: Timeouts
-    client_timeout: aiohttp.ClientTimeout
+    client_timeout: Timeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,12 +173,12 @@ def _compile_arm(
         name=name,
         model=arm.model,
         url=arm.url,
-        urls={key: URL(arm.url + path) for key, path in ENDPOINT_PATHS.items()},
+        urls={key: Target.parse(arm.url + path) for key, path in ENDPOINT_PATHS.items()},
         headers=headers,
         forward_client_auth=arm.forward_client_auth,
         secret=secret,
         timeouts=timeouts,
-        client_timeout=aiohttp.ClientTimeout(total=timeouts.total_s, sock_connect=timeouts.connect_s),
+        client_timeout=Timeout(total=timeouts.total_s, connect=timeouts.connect_s),
     )
 
 

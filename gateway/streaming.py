@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import orjson
 
 from gateway.asgi import Reply
 from gateway.errors import GatewayError
+from gateway.http1 import ClientError, Response
 
 # An upstream that never ends an event must not make the gateway hold its output without bound.
 MAX_PENDING = 1024 * 1024
@@ -24,7 +24,7 @@ def event_end(data: bytes) -> int:
 
 
 async def relay(
-    resp: aiohttp.ClientResponse,
+    resp: Response,
     reply: Reply,
     first: bytes,
     on_failure: Callable[[BaseException], GatewayError],
@@ -49,8 +49,8 @@ async def relay(
             elif cut:
                 await reply.chunk(pending[:cut])
                 pending = pending[cut:]
-            data = await resp.content.readany()
-    except (aiohttp.ClientError, TimeoutError) as exc:
+            data = await resp.readany()
+    except (ClientError, TimeoutError) as exc:
         error = on_failure(exc)
         await reply.error(error)
         return error
@@ -170,13 +170,13 @@ def _merge_function(call: dict[str, Any], piece: dict[str, Any]) -> None:
         call["arguments"] += piece["arguments"]
 
 
-async def collect(resp: aiohttp.ClientResponse, first: bytes, limit: int) -> tuple[bytes, bool]:
+async def collect(resp: Response, first: bytes, limit: int) -> tuple[bytes, bool]:
     """Read a stream into memory, for validation before release. Returns (bytes, complete): past limit
     bytes it stops early, and the caller relays the rest unvalidated."""
     chunks = [first]
     size = len(first)
     while size <= limit:
-        data = await resp.content.readany()
+        data = await resp.readany()
         if not data:
             return b"".join(chunks), True
         size += len(data)

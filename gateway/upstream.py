@@ -1,6 +1,7 @@
 """Pooled HTTP to the model servers; transport failures become GatewayError.
 
-aiohttp, not httpx: its pool holds up at 32+ concurrent streams (see bench/ and DESIGN.md).
+The client is gateway.http1, not httpx or aiohttp: httpx's pool collapses at 32+ concurrent streams
+and aiohttp costs ~7x more CPU per call (bench/client.py; DESIGN.md).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import aiohttp
 import orjson
 
 from gateway.errors import GatewayError, UpstreamError, UpstreamHTTPError, UpstreamTimeout, error_body
+from gateway.http1 import ClientError, ConnectError, ConnectTimeout, Pool, Response, Timeout
 from gateway.route import RouteArm
 
 
@@ -27,65 +28,54 @@ class Call:
     body: bytes
     headers: dict[str, str]
     client_token: str | None
-    timeout: aiohttp.ClientTimeout  # the arm's, or less when the request's deadline is nearer
+    timeout: Timeout  # the arm's, or less when the request's deadline is nearer
     first_token_s: float
 
     def failure(self, exc: BaseException) -> GatewayError:
         return failure(exc, self.arm, self.timeout.total)
 
-    def http_error(self, resp: aiohttp.ClientResponse, data: bytes) -> UpstreamHTTPError:
+    def http_error(self, resp: Response, data: bytes) -> UpstreamHTTPError:
         secrets = (self.arm.secret, self.client_token)
         return http_error(resp.status, data, self.arm, secrets, resp.headers.get("retry-after"))
 
 
 class Upstream:
-    """One aiohttp session (a connection pool per host) shared by every route and arm."""
+    """One connection pool shared by every route and arm (keep-alive connections per origin)."""
 
     def __init__(self, max_connections: int = 1000) -> None:
         self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=60, keepalive_timeout=30)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent",),
-        )
+        self._pool = Pool(limit=self._max_connections)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def pool(self) -> Pool:
+        if self._pool is None:
             raise RuntimeError("Upstream.start() was not awaited")
-        return self._session
+        return self._pool
 
-    async def open(self, call: Call) -> aiohttp.ClientResponse:
-        """POST and return once the response headers are in; the caller reads and releases the body."""
+    async def open(self, call: Call) -> Response:
+        """POST and return once the response headers are in; the caller reads or closes the body."""
         try:
-            return await self.session.request(
-                "POST",
-                call.arm.urls[call.endpoint],
-                data=call.body,
-                headers=call.headers,
-                timeout=call.timeout,
-                allow_redirects=False,
+            return await self.pool.request(
+                "POST", call.arm.urls[call.endpoint], call.headers, call.body, call.timeout
             )
         except Exception as exc:
             raise call.failure(exc) from exc
 
     async def probe(self, arm: RouteArm, timeout_s: float) -> int:
         """GET {url}/models; returns the HTTP status (raises GatewayError when unreachable)."""
-        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        timeout = Timeout(total=timeout_s, connect=min(timeout_s, arm.timeouts.connect_s))
         try:
-            async with self.session.get(arm.urls["models"], headers=arm.headers, timeout=timeout) as resp:
-                await resp.read()
-                return resp.status
+            resp = await self.pool.request("GET", arm.urls["models"], arm.headers, b"", timeout)
+            await resp.read()
+            return resp.status
         except Exception as exc:
             raise failure(exc, arm) from exc
 
@@ -95,14 +85,14 @@ def failure(exc: BaseException, arm: RouteArm, total_s: float | None = None) -> 
     who = f"the {arm.name} upstream"
     if isinstance(exc, GatewayError):
         return exc
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, ConnectTimeout):
         return UpstreamTimeout(f"{who} did not accept a connection within {arm.timeouts.connect_s}s")
     if isinstance(exc, asyncio.TimeoutError):
         limit = total_s if total_s is not None else arm.timeouts.total_s
         return UpstreamTimeout(f"{who} did not finish within {limit:g}s (timeouts.total_s / deadline_s)")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectError):
         return UpstreamError(f"could not connect to {who}: {_reason(exc.os_error)}")
-    if isinstance(exc, aiohttp.ClientError | OSError):
+    if isinstance(exc, ClientError | OSError):
         return UpstreamError(
             f"{who} closed the connection or sent a malformed response", code="upstream_protocol_error"
         )

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aiohttp
-
 from gateway.asgi import Reply
 from gateway.errors import UpstreamError
+from gateway.http1 import Disconnected
 from gateway.streaming import MAX_PENDING, event_end, relay
 
 
-class FakeContent:
+class FakeResponse:
     def __init__(self, chunks: list[bytes | Exception]) -> None:
         self.chunks = chunks
 
@@ -23,11 +22,6 @@ class FakeContent:
         if isinstance(item, Exception):
             raise item
         return item
-
-
-class FakeResponse:
-    def __init__(self, chunks: list[bytes | Exception]) -> None:
-        self.content = FakeContent(chunks)
 
 
 def run(first: bytes, rest: list[bytes | Exception]) -> tuple[list[bytes], Any]:
@@ -58,7 +52,7 @@ def test_events_split_across_chunks_are_sent_whole() -> None:
 
 
 def test_failure_drops_the_partial_event_and_sends_an_error_event() -> None:
-    bodies, error = run(b"data: one\n\ndata: par", [aiohttp.ClientPayloadError("cut")])
+    bodies, error = run(b"data: one\n\ndata: par", [Disconnected(received=True)])
     assert isinstance(error, UpstreamError)
     assert bodies[0] == b"data: one\n\n"
     assert bodies[1].startswith(b'data: {"error"')
