@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
 from typing import Any
@@ -26,7 +26,7 @@ REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 def request_id(given: str | None) -> str:
     """The client's x-request-id when it is sane (1-128 visible ASCII), a new one otherwise."""
-    return given if given and REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if given and REQUEST_ID.match(given) else os.urandom(16).hex()
 
 
 class ClientGone(Exception):

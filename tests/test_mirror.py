@@ -99,6 +99,12 @@ def test_mirror_bounds_and_token_budget() -> None:
         assert not mirror.submit(work)  # the last minute's token budget is spent
         clock[0] += 61
         assert mirror.submit(work)
+        mirror.spend(1)
+        assert len(mirror._spent) == 1  # the minute's log is trimmed as it goes, not only when checked
+        unbudgeted = Mirror("r", MirrorSettings(100, True, "s", 1, 1, None, 0, False, 0), spawner)
+        for _ in range(1000):
+            unbudgeted.spend(100)
+        assert len(unbudgeted._spent) == 0  # without a budget nothing is kept: no growth per shadow call
         await spawner.close()
 
     asyncio.run(run())
