@@ -18,12 +18,16 @@ metrics on and tracing on, exporting every span through the OTLP/HTTP batch expo
 Targets: p50 overhead over direct <= 1.0 ms and >= 50% of the passthrough's req/s at 32 connections;
 validation adds <= 0.2 ms p50; mirroring everything adds <= 0.3 ms p50 and keeps >= 60% of the
 throughput; metrics add <= 0.1 ms p50; tracing adds <= 0.3 ms p50 on top.
-Usage: python bench/run.py [--suite all|proxy|validation|telemetry] [--duration 6]
+client suite: the upstream clients alone, in-process against the same nginx: CPU time per call for
+gateway.http1 (the gateway's) and aiohttp (its earlier one).
+
+Usage: python bench/run.py [--suite all|client|proxy|validation|mirror|telemetry] [--duration 6]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -296,12 +300,21 @@ def mirror_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[li
         "|---|---|---|---|---|---|---|",
     ]
     print("mirror:")
-    results = {}
+    targets = {}
     for label, model in (("off", "bench-plain"), ("100%", "bench-mirror")):
         body = {"model": model, "messages": PROMPT}
-        target = Target(f"mirror-{label}", f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions", body)
-        check_answer(target, arm="base")
-        results[label] = measure(target, duration, work)
+        targets[label] = Target(
+            f"mirror-{label}", f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions", body
+        )
+        check_answer(targets[label], arm="base")
+    # Off and on alternate, twice each, and each keeps its better round: a ratio of two runs minutes
+    # apart on a shared machine measures the neighbours as much as the gateway.
+    rounds = [{label: measure(t, duration, work) for label, t in targets.items()} for _ in range(2)]
+    results = {
+        label: max((r[label] for r in rounds), key=lambda r: r["rps_32"])
+        | {"errors": sum(r[label]["errors"] for r in rounds)}
+        for label in targets
+    }
     off, on = results["off"], results["100%"]
     added = on["p50_ms"] - off["p50_ms"]
     share = on["rps_32"] / off["rps_32"]
@@ -348,7 +361,70 @@ def telemetry_suite(ports: dict[str, int], duration: float, work: Path) -> tuple
     return rows, ok and all(r["errors"] == 0 for r in results.values())
 
 
+def client_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[list[str], bool]:
+    """The upstream clients alone, in this process: CPU time per call, 32 calls in flight, same nginx."""
+    import aiohttp
+    import uvloop
+
+    from gateway.http1 import Pool, Target, Timeout
+
+    url = f"http://127.0.0.1:{ports['nginx']}/json/v1/chat/completions"
+    body = json.dumps({"model": "bench-json", "messages": PROMPT}).encode()
+    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", "X-Request-Id": "0" * 32}
+    calls = max(2000, int(duration * 3000))
+
+    async def per_call(call: Any) -> float:
+        left = calls
+
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await call()
+
+        for _ in range(200):
+            await call()  # warm the pool
+        started = time.process_time()
+        await asyncio.gather(*(worker() for _ in range(32)))
+        return (time.process_time() - started) / calls * 1e6
+
+    async def run() -> dict[str, float]:
+        pool, target, timeout = Pool(), Target.parse(url), Timeout(total=30, connect=5)
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1000),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent",),
+        )
+        aio_timeout = aiohttp.ClientTimeout(total=30, sock_connect=5)
+
+        async def lean() -> None:
+            resp = await pool.request("POST", target, headers, body, timeout)
+            json.loads(await resp.read())
+
+        async def aio() -> None:
+            async with session.post(url, data=body, headers=headers, timeout=aio_timeout) as resp:
+                json.loads(await resp.read())
+
+        result = {"gateway.http1": 1e9, "aiohttp": 1e9}
+        for _ in range(2):  # alternating; each keeps its best round
+            result["gateway.http1"] = min(result["gateway.http1"], await per_call(lean))
+            result["aiohttp"] = min(result["aiohttp"], await per_call(aio))
+        await pool.close()
+        await session.close()
+        return result
+
+    print("client:")
+    result = uvloop.run(run())
+    rows = ["| upstream client | CPU per call, 32 in flight | vs gateway.http1 |", "|---|---|---|"]
+    for name, cpu in result.items():
+        print(f"  {name:<24} {cpu:.1f} us CPU per call", flush=True)
+        rows.append(f"| {name} | {cpu:.1f} us | {cpu / result['gateway.http1']:.1f}x |")
+    return rows, result["gateway.http1"] < result["aiohttp"]
+
+
 SUITES = {
+    "client": client_suite,
     "proxy": proxy_suite,
     "validation": validation_suite,
     "mirror": mirror_suite,
