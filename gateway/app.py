@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from typing import Any
 
 import orjson
@@ -19,6 +20,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from gateway.asgi import ASGIApp, Message, Receive, Reply, Scope, Send, header_map, request_id
@@ -34,9 +36,11 @@ from gateway.errors import (
 )
 from gateway.pairs import MemoryPairStore, PairStore, RedisPairStore
 from gateway.proxy import Proxy
+from gateway.rollout import Rollouts, effective
 from gateway.route import Route, RouteArm
 from gateway.routetable import RouteTable
 from gateway.settings import Settings
+from gateway.state import MemoryState, RedisState, RouteState, State
 from gateway.tasks import Spawner
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
@@ -63,10 +67,27 @@ class Services:
         self.settings = settings
         self.metrics = Metrics(registry, enabled=settings.metrics)
         self.tracing = tracing if tracing is not None else Tracing.from_env(os.environ)
-        self.routes = RouteTable(settings.policy_dir, on_reload=self._reloaded)
+        self.spawner = Spawner()
+        self.state: State = (
+            RedisState(
+                settings.redis_url,
+                settings.redis_prefix,
+                self.spawner,
+                on_sync_error=self.metrics.state_sync_errors.inc,
+            )
+            if settings.redis_url
+            else MemoryState()
+        )
+        self.state.on_change(self._state_changed)
+        self._versions: dict[str, tuple[str, int]] = {}  # route -> (rollout, version) last applied
+        self.routes = RouteTable(
+            settings.policy_dir,
+            on_reload=self._reloaded,
+            overlay=lambda route: effective(route, self.state.current(route.name)),
+        )
+        self.rollouts = Rollouts(self.state, self.routes.compiled)
         self.upstream = Upstream(settings.upstream_max_connections)
         self.api_keys = ApiKeys(settings.api_keys)
-        self.spawner = Spawner()
         self.pairs: PairStore = MemoryPairStore()
         self.proxy = Proxy(
             self.routes.get,
@@ -83,13 +104,42 @@ class Services:
         self.metrics.policy_reloads.labels("ok" if accepted else "rejected").inc()
         if accepted:
             self.metrics.prepare(self.routes.routes())
+            self.spawner.spawn(self._adopt(), name="state-adopt")
+
+    async def _adopt(self) -> None:
+        """New or changed policies: new rollouts start from their policy, the others keep their state."""
+        await self.state.adopt(self.routes.policies())
+        for route in self.routes.routes():
+            state = self.state.current(route.name)
+            if state is not None:
+                self.metrics.rollout(state)
+
+    def _state_changed(self, state: RouteState) -> None:
+        seen = self._versions.get(state.route)
+        self._versions[state.route] = (state.rollout, state.version)
+        self.routes.refresh(state.route)
+        moved = seen is not None and seen[0] == state.rollout and seen[1] < state.version
+        self.metrics.rollout(state, transition=moved)
+        if moved:
+            last = state.history[-1] if state.history else None
+            log.info(
+                "route=%s rollout state v%d: %s, weight %g (%s, by %s)",
+                state.route,
+                state.version,
+                state.phase,
+                state.weight,
+                last.reason if last else "",
+                last.by if last else "",
+            )
 
     async def start(self) -> None:
         if self.settings.redis_url:
             self.pairs = RedisPairStore(self.settings.redis_url, self.settings.redis_prefix, self.spawner)
             self.proxy.shadows.use_pair_store(self.pairs)
         self.routes.load()
+        await self.state.start(self.routes.policies())
         self.metrics.prepare(self.routes.routes())
+        await self._adopt()
         await self.upstream.start()
         if self.settings.watch_policies:
             self.spawner.spawn(self.routes.watch(), name="policy-watch")
@@ -104,6 +154,7 @@ class Services:
 
     async def close(self) -> None:
         await self.spawner.close()
+        await self.state.close()
         await self.pairs.close()
         await self.upstream.close()
         self.tracing.shutdown()
@@ -223,6 +274,32 @@ def _api(services: Services) -> FastAPI:
         body = b"".join(orjson.dumps(record) + b"\n" for record in records)
         return Response(body, media_type="application/x-ndjson")
 
+    @api.get("/admin/routes", dependencies=[Depends(admin)])
+    async def routes() -> dict[str, Any]:
+        """Every route with its rollout state."""
+        views = [_rollout_view(*services.rollouts.view(r.name)) for r in services.routes.policies()]
+        return {"routes": views, "state": services.state.health()}
+
+    @api.get("/admin/routes/{route:path}", dependencies=[Depends(admin)])
+    async def route_detail(route: str) -> dict[str, Any]:
+        return _rollout_view(*services.rollouts.view(route), history=True)
+
+    @api.post("/admin/routes/{route:path}/{action}", dependencies=[Depends(admin)])
+    async def act(route: str, action: str, change: Change | None = None) -> dict[str, Any]:
+        """weight (with {"weight": N}), pause, resume, promote, rollback; optional reason and by."""
+        change = change or Change()
+        by = f"admin:{change.by}" if change.by else "admin"
+        rollouts = services.rollouts
+        if action == "weight":
+            if change.weight is None:
+                raise InvalidRequest('set the new weight: {"weight": 25}', param="weight")
+            await rollouts.set_weight(route, change.weight, by, change.reason)
+        elif action in ("pause", "resume", "promote", "rollback"):
+            await getattr(rollouts, action)(route, by, change.reason)
+        else:
+            raise NotFound(f"no admin action {action!r}: use weight, pause, resume, promote or rollback")
+        return _rollout_view(*rollouts.view(route), history=True)
+
     @api.get("/metrics")
     async def metrics() -> Response:
         body, content_type = services.metrics.exposition()
@@ -244,6 +321,34 @@ def _api(services: Services) -> FastAPI:
         return _model_card(route)
 
     return api
+
+
+class Change(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float | None = None
+    reason: str | None = Field(default=None, max_length=500)
+    by: str | None = Field(default=None, max_length=100, pattern=r"^[\w.@:+-]+$")
+
+
+def _rollout_view(route: Route, state: RouteState, history: bool = False) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "route": route.name,
+        "base": route.base.model,
+        "candidate": route.candidate.model if route.candidate else None,
+        "phase": state.phase,
+        "weight": state.weight,
+        "step": state.step,
+        "mirror": state.mirror and route.mirror is not None,
+        "policy_weight": route.policy.rollout.weight,
+        "version": state.version,
+        "updated_at": state.updated_at,
+    }
+    if state.phase == "paused":
+        view["resume_to"] = state.resume_to
+    if history:
+        view["history"] = [asdict(t) for t in reversed(state.history)]
+    return view
 
 
 def _model_card(route: Route) -> dict[str, Any]:
@@ -269,6 +374,7 @@ async def _readiness(services: Services) -> JSONResponse:
     body = {
         "status": "ready" if all_up else "degraded",
         "routes": detail,
+        "state": services.state.health(),  # Redis down: detail only, replicas keep serving (fail static)
         "policies": {
             "directory": str(services.routes.policy_dir),
             "loaded_at": services.routes.loaded_at,

@@ -1,16 +1,23 @@
-"""The `canarygate` command: serve, check, simulate, demo."""
+"""The `canarygate` command: serve, check, simulate, demo; and, against a running gateway's admin API,
+status, set-weight, pause, resume, promote, rollback, pairs."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
+import json
 import os
 import shutil
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 from gateway.loader import load_dir
 from gateway.server import PortUnavailable
@@ -91,12 +98,28 @@ def _parser() -> argparse.ArgumentParser:
     pairs.add_argument("--disagreements", action="store_true", help="only pairs that disagree on a check")
     pairs.add_argument("--jsonl", action="store_true", help="one JSON record a line, for scripts")
     pairs.add_argument("--limit", type=int, default=100)
-    pairs.add_argument(
-        "--url",
-        default=os.environ.get("CANARYGATE_URL", "http://127.0.0.1:8080"),
-        help="the gateway (env CANARYGATE_URL); the token comes from CANARYGATE_ADMIN_TOKEN",
-    )
+    _admin_options(pairs, json_flag=False)
     pairs.set_defaults(func=_pairs)
+
+    status = sub.add_parser("status", help="every route's rollout state on a running gateway")
+    status.add_argument("route", nargs="?", help="one route, with its history")
+    _admin_options(status)
+    status.set_defaults(func=_status)
+    set_weight = sub.add_parser("set-weight", help="serve N%% of units from the candidate (manual mode)")
+    set_weight.add_argument("route")
+    set_weight.add_argument("weight", type=float)
+    _admin_options(set_weight, reason=True)
+    set_weight.set_defaults(func=_act, action="weight")
+    for action, text in (
+        ("pause", "hold the rollout where it is"),
+        ("resume", "continue a paused rollout"),
+        ("promote", "send every unit to the candidate"),
+        ("rollback", "send every unit to the base and stop shadow traffic"),
+    ):
+        verb = sub.add_parser(action, help=text)
+        verb.add_argument("route")
+        _admin_options(verb, reason=True)
+        verb.set_defaults(func=_act, action=action)
 
     demo = sub.add_parser("demo", help="simulated base and candidate behind the gateway, with traffic")
     demo.add_argument("--policies", type=Path, default=Path("policies"))
@@ -199,31 +222,67 @@ def _model_knobs(spec: str, default: Knobs) -> tuple[str, Knobs]:
     return name, replace(default, **values)  # type: ignore[arg-type]
 
 
-def _pairs(args: argparse.Namespace) -> int:
+def _admin_options(parser: argparse.ArgumentParser, *, reason: bool = False, json_flag: bool = True) -> None:
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("CANARYGATE_URL", "http://127.0.0.1:8080"),
+        help="the gateway (env CANARYGATE_URL); the token comes from CANARYGATE_ADMIN_TOKEN",
+    )
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="the gateway's JSON answer, for scripts")
+    if reason:
+        parser.add_argument("--reason", help="why: kept in the route's history")
+
+
+class AdminError(Exception):
+    pass
+
+
+def _admin(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
+    """One admin API call; AdminError with a message for the user when it cannot be made or fails."""
     import httpx
-    import orjson
 
     token = os.environ.get("CANARYGATE_ADMIN_TOKEN")
     if not token:
-        print("canarygate pairs: set CANARYGATE_ADMIN_TOKEN to the gateway's admin token", file=sys.stderr)
+        raise AdminError("set CANARYGATE_ADMIN_TOKEN to the gateway's admin token")
+    try:
+        response = httpx.request(
+            method,
+            f"{args.url.rstrip('/')}{path}",
+            timeout=30,
+            headers={"Authorization": f"Bearer {token}"},
+            **kwargs,
+        )
+    except httpx.TransportError as exc:
+        raise AdminError(f"cannot reach {args.url}: {exc}") from None
+    if response.status_code != 200:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:200]
+        raise AdminError(f"{response.status_code}: {message}")
+    return response
+
+
+def _run_admin(name: str, call: Callable[[], int]) -> int:
+    try:
+        return call()
+    except AdminError as exc:
+        print(f"canarygate {name}: {exc}", file=sys.stderr)
         return 2
+
+
+def _pairs(args: argparse.Namespace) -> int:
+    return _run_admin("pairs", lambda: _print_pairs(args))
+
+
+def _print_pairs(args: argparse.Namespace) -> int:
+    import orjson
+
     params: dict[str, str | int] = {"route": args.route, "limit": args.limit}
     if args.disagreements:
         params["disagreements"] = "true"
-    try:
-        response = httpx.get(
-            f"{args.url.rstrip('/')}/admin/pairs",
-            params=params,
-            timeout=30,
-            headers={"Authorization": f"Bearer {token}"},
-        )
-    except httpx.TransportError as exc:
-        print(f"canarygate pairs: cannot reach {args.url}: {exc}", file=sys.stderr)
-        return 2
-    if response.status_code != 200:
-        message = response.json().get("error", {}).get("message", response.text[:200])
-        print(f"canarygate pairs: {response.status_code}: {message}", file=sys.stderr)
-        return 2
+    response = _admin(args, "GET", "/admin/pairs", params=params)
     if args.jsonl:
         sys.stdout.write(response.text)
         return 0
@@ -237,6 +296,57 @@ def _pairs(args: argparse.Namespace) -> int:
         )
     print(f"{len(records)} pair(s)", file=sys.stderr)
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    def show() -> int:
+        path = f"/admin/routes/{quote(args.route, safe='/')}" if args.route else "/admin/routes"
+        answer = _admin(args, "GET", path).json()
+        if args.json:
+            print(json.dumps(answer, indent=2))
+            return 0
+        _print_routes(answer["routes"] if not args.route else [answer])
+        if not args.route and not answer["state"]["ok"]:
+            print(f"state store: {answer['state'].get('error')}", file=sys.stderr)
+        if args.route:
+            _print_history(answer)
+        return 0
+
+    return _run_admin("status", show)
+
+
+def _act(args: argparse.Namespace) -> int:
+    def act() -> int:
+        body: dict[str, Any] = {"by": f"cli:{getpass.getuser()}"[:100]}
+        if args.reason:
+            body["reason"] = args.reason
+        if args.action == "weight":
+            body["weight"] = args.weight
+        path = f"/admin/routes/{quote(args.route, safe='/')}/{args.action}"
+        answer = _admin(args, "POST", path, json=body).json()
+        if args.json:
+            print(json.dumps(answer, indent=2))
+        else:
+            _print_routes([answer])
+        return 0
+
+    return _run_admin(args.action if args.action != "weight" else "set-weight", act)
+
+
+def _print_routes(routes: list[dict[str, Any]]) -> None:
+    print(f"{'route':<24}{'phase':<13}{'weight':>7}  {'mirror':<7}{'candidate':<28}{'version':>8}")
+    for r in routes:
+        print(
+            f"{r['route']:<24}{r['phase']:<13}{r['weight']:>6g}%  {'on' if r['mirror'] else 'off':<7}"
+            f"{r['candidate'] or '-':<28}{r['version']:>8}"
+        )
+
+
+def _print_history(route: dict[str, Any]) -> None:
+    print("\nhistory (newest first):")
+    for t in route.get("history", []):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["at"]))
+        print(f"  {when}  {t['phase']:<12}{t['weight']:>6g}%  by {t['by']}: {t['reason']}")
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ GatewayError                      status  type                    code
 ├── MethodNotAllowed              405     invalid_request_error   method_not_allowed
 ├── PayloadTooLarge               413     invalid_request_error   request_too_large
 ├── UnsupportedMediaType          415     invalid_request_error   unsupported_media_type
+├── Conflict                      409     invalid_request_error   conflict (e.g. resume a route not paused)
+├── Unavailable                   503     server_error            state_unavailable (the shared store)
 ├── UpstreamError (retryable)     502     upstream_error          upstream_connect_error, *_protocol_error
 │   └── UpstreamTimeout           504     upstream_error          upstream_timeout
 ├── InvalidOutput                 502     upstream_error          invalid_output (failed validation)
@@ -90,6 +92,18 @@ class UnsupportedMediaType(GatewayError):
     status = 415
     type = "invalid_request_error"
     default_code = "unsupported_media_type"
+
+
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
+class Unavailable(GatewayError):
+    status = 503
+    type = "server_error"
+    default_code = "state_unavailable"
 
 
 class UpstreamError(GatewayError):

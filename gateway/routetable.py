@@ -22,10 +22,13 @@ class RouteTable:
         policy_dir: Path,
         environ: Mapping[str, str] | None = None,
         on_reload: Callable[[bool], object] | None = None,
+        overlay: Callable[[Route], Route] | None = None,
     ) -> None:
         self.policy_dir = policy_dir
         self._environ = environ
         self._on_reload = on_reload
+        self._overlay = overlay  # the live rollout state laid over each route (its weight, its mirror)
+        self._compiled: dict[str, Route] = {}
         self._routes: dict[str, Route] = {}
         self.loaded_at: float | None = None
         self.reloads = 0
@@ -36,6 +39,20 @@ class RouteTable:
 
     def routes(self) -> list[Route]:
         return list(self._routes.values())
+
+    def policies(self) -> list[Route]:
+        """Every route as its policy file says, before the rollout state is laid over it."""
+        return list(self._compiled.values())
+
+    def compiled(self, name: str) -> Route | None:
+        """The route as its policy file says, before the rollout state is laid over it."""
+        return self._compiled.get(name)
+
+    def refresh(self, name: str) -> None:
+        """The rollout state of a route changed: serve it from the next request on."""
+        route = self._compiled.get(name)
+        if route is not None and self._overlay is not None:
+            self._routes = {**self._routes, name: self._overlay(route)}
 
     def load(self) -> None:
         """First load: raises PolicyError when the directory cannot be served."""
@@ -61,7 +78,7 @@ class RouteTable:
             for name in routes.keys() | self._routes.keys()
             if name not in self._routes
             or name not in routes
-            or routes[name].policy != self._routes[name].policy
+            or routes[name].policy != self._compiled[name].policy
         )
         self._swap(routes)
         self.reloads += 1
@@ -76,7 +93,10 @@ class RouteTable:
         return True
 
     def _swap(self, routes: dict[str, Route]) -> None:
-        self._routes = routes  # one assignment: a request sees the old table or the new one, never a mix
+        self._compiled = routes
+        overlay = self._overlay
+        # One assignment: a request sees the old table or the new one, never a mix.
+        self._routes = {n: overlay(r) for n, r in routes.items()} if overlay is not None else routes
         self.loaded_at = time.time()
 
     async def watch(self, debounce_ms: int = 300) -> None:

@@ -20,6 +20,7 @@ from prometheus_client import (
 )
 
 from gateway.route import Route
+from gateway.state import PHASES, RouteState
 from gateway.validation import KINDS
 
 ARMS = ("base", "candidate")
@@ -30,7 +31,6 @@ FALLBACK_REASONS = (
 )  # fmt: skip
 MIRROR_OUTCOMES = ("sent", "dropped", "error")
 MIRROR_CHECKS = ("json_valid", "schema_valid", "tool_name", "tool_args", "finish_reason")
-PHASES = ("shadow", "progressing", "paused", "promoted", "rolled_back", "manual")
 RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
@@ -133,6 +133,24 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.rollout_step = Gauge(
+            "canarygate_rollout_step",
+            "Index of the current rollout step (-1: the mirror-only phase; 0 in manual mode)",
+            ["route"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.rollout_transitions = Counter(
+            "canarygate_rollout_transitions",
+            "Rollout state changes seen by this replica, by the phase entered",
+            ["route", "phase"],
+            registry=r,
+        )
+        self.state_sync_errors = Counter(
+            "canarygate_state_sync_errors",
+            "Failed reads or writes of the shared rollout state (Redis); the last state seen keeps serving",
+            registry=r,
+        )
         self.circuit_open = Gauge(
             "canarygate_circuit_open",
             "1 while the arm's circuit is open or half-open",
@@ -167,6 +185,18 @@ class Metrics:
         """Pre-initialise every known label set, and set the per-route gauges."""
         for route in routes:
             self.route(route)
+
+    def rollout(self, state: RouteState, transition: bool = False) -> None:
+        """A route's rollout state as this replica serves it."""
+        if not self.enabled:
+            return
+        self.rollout_weight.labels(state.route).set(state.weight)
+        self.rollout_step.labels(state.route).set(state.step)
+        for phase in PHASES:
+            self.rollout_phase.labels(state.route, phase).set(1 if phase == state.phase else 0)
+            self.rollout_transitions.labels(state.route, phase)
+        if transition:
+            self.rollout_transitions.labels(state.route, state.phase).inc()
 
     def rejected(self, route: str) -> None:
         if self.enabled:
@@ -244,9 +274,6 @@ class RouteMetrics:
         }
         self.latency_ratio = m.mirror_latency_ratio.labels(name)
         self.tokens_ratio = m.mirror_tokens_ratio.labels(name)
-        m.rollout_weight.labels(name).set(route.weight if route.candidate is not None else 0)
-        for phase in PHASES:
-            m.rollout_phase.labels(name, phase).set(1 if phase == "manual" else 0)
 
     def arm(self, arm: str, mode: str = "primary") -> ArmMetrics:
         return self.arms[(arm, mode)]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,22 @@ def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
     yield make
     for gateway in started:
         gateway.server.stop()
+
+
+REDIS_URL = os.environ.get("CANARYGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own; only its keys are deleted afterwards."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    prefix = f"canarygate-test-{uuid.uuid4().hex[:8]}:"
+    yield prefix
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)
+    client.close()
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0, message: str = "condition") -> None:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import pytest
 import redis
 
 from tests.conftest import CANDIDATE_MODEL, GatewayFactory, Sim, policy_yaml, wait_for
@@ -134,17 +131,6 @@ def test_noise_floor_replays_base_to_base(sims: tuple[Sim, Sim], make_gateway: G
         == 0
     )
     assert {r["kind"] for r in export(gw.url)} == {"noise"}
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A key prefix of this test's own; only its keys are deleted afterwards."""
-    client = redis.Redis.from_url(os.environ.get("CANARYGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    prefix = f"canarygate-test-{uuid.uuid4().hex[:8]}:"
-    yield prefix
-    for key in client.scan_iter(match=f"{prefix}*"):
-        client.delete(key)
-    client.close()
 
 
 def test_records_in_a_redis_stream(

@@ -1,0 +1,310 @@
+"""Rollout state: in memory, and shared through a real Redis (the machine's server, this test's own key
+prefix; for outages, a redis-server each test starts itself on a free port and stops)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.loader import load_dir
+from gateway.route import Route
+from gateway.state import (
+    HISTORY,
+    MemoryState,
+    RedisState,
+    VersionConflict,
+    change,
+)
+from gateway.tasks import Spawner
+from tests.conftest import REDIS_URL, GatewayFactory, Sim, closed_port, policy_yaml, up, wait_for
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
+def routes_of(tmp_path: Path, text: str, name: str = "chat") -> list[Route]:
+    directory = tmp_path / f"policies-{time.monotonic_ns()}"
+    directory.mkdir()
+    (directory / f"{name}.yaml").write_text(text)
+    routes, problems = load_dir(directory)
+    assert not [p for p in problems if p.severity == "error"]
+    return list(routes.values())
+
+
+def canary_text(weight: float = 10, model: str = "tuned-model") -> str:
+    return policy_yaml("chat", "http://127.0.0.1:1/v1", "http://127.0.0.1:2/v1", weight=weight).replace(
+        "model: tuned-model", f"model: {model}"
+    )
+
+
+def test_memory_state_starts_from_the_policy_and_keeps_a_bounded_history(tmp_path: Path) -> None:
+    async def run() -> None:
+        state = MemoryState()
+        await state.start(routes_of(tmp_path, canary_text(weight=10)))
+        first = state.current("chat")
+        assert first is not None
+        assert (first.phase, first.weight, first.version) == ("manual", 10, 1)
+        for weight in range(60):
+            await change(state, "chat", "test", f"to {weight}", weight=float(weight))
+        last = state.current("chat")
+        assert last is not None and last.weight == 59 and last.version == 61
+        assert len(last.history) == HISTORY and last.history[-1].reason == "to 59"
+        with pytest.raises(VersionConflict):
+            await state.write(last.moved(reason="stale", by="test", weight=1.0), expect_version=3)
+        # The same rollout reloaded keeps its state; a new candidate starts again from its policy.
+        await state.adopt(routes_of(tmp_path, canary_text(weight=10)))
+        assert state.current("chat") == last
+        await state.adopt(routes_of(tmp_path, canary_text(weight=10, model="tuned-2")))
+        fresh = state.current("chat")
+        assert fresh is not None and fresh.weight == 10 and fresh.version == 1
+
+    asyncio.run(run())
+
+
+def test_redis_state_is_shared_compare_and_set_and_survives_an_emptied_store(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    async def run() -> None:
+        routes = routes_of(tmp_path, canary_text(weight=10))
+        spawner = Spawner()
+        a = RedisState(REDIS_URL, redis_prefix, spawner)
+        b = RedisState(REDIS_URL, redis_prefix, spawner, poll_s=30)  # only pub/sub can tell b in time
+        await a.start(routes)
+        await b.start(routes)
+        await asyncio.sleep(0.2)  # subscriptions in place
+        assert a.current("chat") == b.current("chat")
+        started = time.monotonic()
+        await change(a, "chat", "test", "up", weight=40.0)
+        while getattr(b.current("chat"), "weight", None) != 40 and time.monotonic() - started < 1:
+            await asyncio.sleep(0.01)
+        seen = b.current("chat")
+        assert seen is not None and seen.weight == 40, "b saw the change within 1 s"
+        # b writes on top of what a wrote; a stale write of a's is refused.
+        stale = a.current("chat")
+        assert stale is not None
+        await change(b, "chat", "test", "more", weight=50.0)
+        with pytest.raises(VersionConflict):
+            await a.write(stale.moved(reason="stale", by="test", weight=5.0), stale.version)
+        # A restart of the process: a new instance reads where the rollout is.
+        c = RedisState(REDIS_URL, redis_prefix, spawner)
+        await c.start(routes)
+        resumed = c.current("chat")
+        assert resumed is not None and resumed.weight == 50
+        # Redis restarted empty (no persistence): a replica that knows the rollout writes it back.
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(REDIS_URL)
+        await client.delete(f"{redis_prefix}rollout:chat")
+        await client.aclose()
+        await c.refresh()
+        reseeded = c.current("chat")
+        assert reseeded is not None and reseeded.weight == 50 and reseeded.version > resumed.version
+        await change(a, "chat", "test", "after the restart", weight=60.0)
+        await spawner.close()
+        for state in (a, b, c):
+            await state.close()
+
+    asyncio.run(run())
+
+
+class RedisServer:
+    """A redis-server of the test's own, on a free port, that can be stopped and started again."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        import redis
+
+        client = redis.Redis(port=self.port)
+        wait_for(lambda: _pings(client), message="redis-server to start")
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+def _pings(client: object) -> bool:
+    import redis
+
+    try:
+        return bool(client.ping())  # type: ignore[attr-defined]
+    except redis.ConnectionError:
+        return False
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed (.ci/run installs it)")
+    server = RedisServer(closed_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+def admin_post(url: str, route: str, action: str, **body: object) -> httpx.Response:
+    return httpx.post(f"{url}/admin/routes/{route}/{action}", json=body or None, headers=ADMIN, timeout=10)
+
+
+def arm_of(url: str) -> str:
+    chat = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    response = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.headers["x-canarygate-arm"]
+
+
+def test_two_gateway_processes_share_a_weight_change_within_a_second_and_a_restart_resumes(
+    sims: tuple[Sim, Sim],
+    serve,
+    tmp_path: Path,
+    redis_prefix: str,  # type: ignore[no-untyped-def]
+) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "chat.yaml").write_text(policy_yaml("chat", sims[0].url, sims[1].url, weight=0))
+    env = {
+        "CANARYGATE_REDIS_URL": REDIS_URL,
+        "CANARYGATE_REDIS_PREFIX": redis_prefix,
+        "CANARYGATE_ADMIN_TOKEN": "admin-secret",
+        "CANARYGATE_WATCH_POLICIES": "false",
+    }
+    first, url_a = serve(policies, env=env)
+    _, url_b = serve(policies, env=env)
+    assert arm_of(url_b) == "base"
+    changed = admin_post(url_a, "chat", "weight", weight=100, reason="all in")
+    assert changed.status_code == 200, changed.text
+    started = time.monotonic()
+    wait_for(lambda: arm_of(url_b) == "candidate", timeout=1.0, message="the other replica to follow")
+    assert time.monotonic() - started < 1.0
+    detail = httpx.get(f"{url_b}/admin/routes/chat", headers=ADMIN).json()
+    assert detail["weight"] == 100 and detail["history"][0]["reason"] == "all in"
+    assert detail["history"][0]["by"] == "admin"
+
+    first.terminate()
+    first.wait(20)
+    _, url_c = serve(policies, env=env)  # a restarted replica resumes where the rollout is
+    assert httpx.get(f"{url_c}/admin/routes/chat", headers=ADMIN).json()["weight"] == 100
+    assert arm_of(url_c) == "candidate"
+
+
+def test_redis_down_keeps_serving_the_last_state_and_recovers(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory, own_redis: RedisServer
+) -> None:
+    gw = make_gateway(
+        {"chat": policy_yaml("chat", sims[0].url, sims[1].url, weight=0)},
+        redis_url=own_redis.url,
+        admin_token="admin-secret",
+    )
+    assert admin_post(gw.url, "chat", "weight", weight=100).status_code == 200
+    assert arm_of(gw.url) == "candidate"
+
+    own_redis.stop()
+    for _ in range(20):
+        assert arm_of(gw.url) == "candidate"  # fail static: the last state seen keeps serving
+    refused = admin_post(gw.url, "chat", "weight", weight=0)
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "state_unavailable"
+    ready = httpx.get(f"{gw.url}/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["state"]["ok"] is False
+    assert "canarygate_state_sync_errors_total" in httpx.get(f"{gw.url}/metrics").text
+
+    own_redis.start()  # empty: it kept nothing on disk
+    wait_for(lambda: httpx.get(f"{gw.url}/readyz", timeout=10).json()["state"]["ok"], message="resync")
+    assert arm_of(gw.url) == "candidate"  # the replica wrote its state back; the rollout did not reset
+    assert admin_post(gw.url, "chat", "rollback").status_code == 200
+    assert arm_of(gw.url) == "base"
+
+
+def test_admin_operations_check_the_phase_and_say_what_to_fix(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    gw = make_gateway(
+        {
+            "chat": policy_yaml("chat", sims[0].url, sims[1].url, weight=10),
+            "solo": policy_yaml("solo", sims[0].url),
+        },
+        admin_token="admin-secret",
+    )
+    assert httpx.get(f"{gw.url}/admin/routes").status_code == 401
+    listed = httpx.get(f"{gw.url}/admin/routes", headers=ADMIN).json()
+    assert {r["route"]: (r["phase"], r["weight"]) for r in listed["routes"]} == {
+        "chat": ("manual", 10),
+        "solo": ("manual", 0),
+    }
+    assert admin_post(gw.url, "chat", "resume").json()["error"]["code"] == "conflict"
+    paused = admin_post(gw.url, "chat", "pause", reason="looking at a dashboard").json()
+    assert (paused["phase"], paused["resume_to"]) == ("paused", "manual")
+    assert admin_post(gw.url, "chat", "resume").json()["phase"] == "manual"
+    promoted = admin_post(gw.url, "chat", "promote").json()
+    assert (promoted["phase"], promoted["weight"]) == ("promoted", 100)
+    rolled = admin_post(gw.url, "chat", "rollback").json()
+    assert (rolled["phase"], rolled["weight"], rolled["mirror"]) == ("rolled_back", 0, False)
+    assert admin_post(gw.url, "chat", "pause").status_code == 409
+    bad = admin_post(gw.url, "chat", "weight", weight=150)
+    assert bad.status_code == 400 and "[0, 100]" in bad.json()["error"]["message"]
+    assert admin_post(gw.url, "chat", "weight").status_code == 400
+    assert admin_post(gw.url, "solo", "promote").status_code == 409
+    assert admin_post(gw.url, "nope", "promote").status_code == 404
+    assert admin_post(gw.url, "chat", "explode").status_code == 404
+    metrics = httpx.get(f"{gw.url}/metrics").text
+    assert 'canarygate_rollout_phase{phase="rolled_back",route="chat"} 1.0' in metrics
+    assert 'canarygate_rollout_transitions_total{phase="promoted",route="chat"} 1.0' in metrics
+
+
+def test_cli_verbs_drive_the_admin_api(sims: tuple[Sim, Sim], make_gateway: GatewayFactory) -> None:
+    gw = make_gateway(
+        {"chat": policy_yaml("chat", sims[0].url, sims[1].url, weight=10)}, admin_token="admin-secret"
+    )
+    env = {"CANARYGATE_ADMIN_TOKEN": "admin-secret", "CANARYGATE_URL": gw.url, "PATH": "/usr/bin:/bin"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        import sys
+
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", *args], env=env, capture_output=True, text=True, timeout=30
+        )
+
+    moved = cli("set-weight", "chat", "35", "--reason", "step two")
+    assert moved.returncode == 0, moved.stderr
+    assert "manual" in moved.stdout and "35%" in moved.stdout
+    status = cli("status", "chat")
+    assert "step two" in status.stdout and "by admin:cli:" in status.stdout
+    import json
+
+    assert json.loads(cli("status", "--json").stdout)["routes"][0]["weight"] == 35
+    refused = cli("resume", "chat")
+    assert refused.returncode == 2 and "409" in refused.stderr and "not paused" in refused.stderr
+    assert cli("rollback", "chat").returncode == 0
+    assert arm_of(gw.url) == "base"
+    env.pop("CANARYGATE_ADMIN_TOKEN")
+    assert "CANARYGATE_ADMIN_TOKEN" in cli("status").stderr
+    assert up(f"{gw.url}/healthz")
