@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
@@ -258,8 +259,83 @@ class Mirror(Strict):
     records: int = Field(default=1000, ge=0, le=1_000_000, description="Pair records kept per route")
 
 
+class RateGate(Strict):
+    """The candidate's rate may exceed the base's by at most max_increase (a fraction: 0.002 = 0.2 points)."""
+
+    max_increase: float = Field(ge=0, le=1)
+    critical: bool = Field(default=False, description="A failure rolls back at once, between intervals")
+
+
+class CeilingGate(Strict):
+    """The candidate's own rate may be at most max (a fraction)."""
+
+    max: float = Field(gt=0, le=1)
+    critical: bool = False
+
+
+class RatioGate(Strict):
+    """Candidate / base may be at most max (e.g. 1.2: 20% slower)."""
+
+    max: float = Field(gt=0, le=100)
+    critical: bool = False
+
+
+class Gates(Strict):
+    """Candidate against base over the same window. Omitted gates are not checked."""
+
+    error_rate: RateGate | None = None
+    validation_failure_rate: RateGate | None = None
+    fallback_rate: CeilingGate | None = None
+    latency_p99_ratio: RatioGate | None = None
+    ttft_p50_ratio: RatioGate | None = None
+    output_tokens_ratio: RatioGate | None = None
+
+
+DEFAULT_GATES = Gates(
+    error_rate=RateGate(max_increase=0.005, critical=True),
+    validation_failure_rate=RateGate(max_increase=0.002, critical=True),
+    latency_p99_ratio=RatioGate(max=1.2),
+)
+
+
 class Rollout(Strict):
-    weight: float = Field(default=0, ge=0, le=100, description="Percent of units served by the candidate")
+    weight: float = Field(
+        default=0, ge=0, le=100, description="Manual mode: percent of units served by the candidate"
+    )
+    steps: list[Annotated[float, Field(gt=0, le=100)]] | None = Field(
+        default=None, description="Automatic mode: the weights the controller walks, e.g. [1, 5, 25, 50, 100]"
+    )
+    shadow_first: bool = Field(
+        default=False, description="Start with a mirror-only phase (weight 0) judged on shadow traffic"
+    )
+    interval_s: float = Field(default=300, ge=1, le=86400, description="How often the gates are judged")
+    min_samples: int = Field(default=500, ge=10, description="Per arm, before a gate may pass or fail")
+    confidence: float = Field(
+        default=0.99, ge=0.5, le=0.9999, description="Chance an identical candidate completes the rollout"
+    )
+    gates: Gates = Field(default_factory=lambda: DEFAULT_GATES)
+    on_fail: Literal["rollback", "hold"] = "rollback"
+    on_no_data: Literal["hold", "pass"] = "hold"
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("list at least one weight, e.g. [1, 5, 25, 50, 100]")
+            if any(b <= a for a, b in pairwise(value)):
+                raise ValueError(f"must increase step by step, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> Rollout:
+        if self.steps is not None and "weight" in self.model_fields_set:
+            raise ValueError("set either weight (manual mode) or steps (automatic mode), not both")
+        if self.steps is None and "shadow_first" in self.model_fields_set:
+            raise ValueError("shadow_first needs steps")
+        if self.steps is not None and not any(self.gates.model_dump().values()):
+            raise ValueError("gates: automatic mode needs at least one gate")
+        return self
 
 
 class Policy(Strict):
@@ -287,12 +363,16 @@ class Policy(Strict):
         if self.arms.candidate is None:
             if self.rollout.weight > 0:
                 raise ValueError("rollout.weight is above 0 but arms.candidate is not defined")
+            if self.rollout.steps is not None:
+                raise ValueError("rollout.steps needs arms.candidate")
             if self.mirror.percent > 0:
                 raise ValueError("mirror.percent is above 0 but arms.candidate is not defined")
             if self.mirror.noise_floor_percent > 0:
                 raise ValueError("mirror.noise_floor_percent is set but arms.candidate is not defined")
             if self.assignment.allow_override_header:
                 raise ValueError("assignment.allow_override_header needs arms.candidate")
+        if self.rollout.shadow_first and self.mirror.percent <= 0:
+            raise ValueError("rollout.shadow_first needs mirror.percent above 0 (shadow traffic to judge)")
         for name in ("base", "candidate"):
             arm = getattr(self.arms, name)
             if arm is not None and arm.timeouts is not None:

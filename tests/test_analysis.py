@@ -1,0 +1,151 @@
+"""The canary statistics against values worked out by hand, and the one property that matters most:
+an interval checked at every look keeps its level."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+import pytest
+
+from gateway.analysis import (
+    ArmWindow,
+    Verdict,
+    boundary,
+    bucket_bound,
+    bucket_of,
+    decide,
+    judge,
+    mean_ratio,
+    quantile_ratio,
+    rate_increase,
+)
+from gateway.policy import Gates, RateGate, RatioGate
+
+
+def test_boundary_matches_the_normal_mixture_formula_and_is_wider_than_a_fixed_test() -> None:
+    # Worked example: alpha 0.05, n* 1000, n 1000. rho^2 = (-2 ln a + ln(-2 ln a + 1)) / n*
+    alpha, n = 0.05, 1000
+    rho2 = (-2 * math.log(alpha) + math.log(-2 * math.log(alpha) + 1)) / 1000  # (5.9915 + 1.9447) / 1000
+    assert rho2 == pytest.approx(0.0079362, rel=1e-4)
+    expected = math.sqrt(2 * (n * rho2 + 1) / (n * rho2) * math.log(math.sqrt(n * rho2 + 1) / alpha))
+    assert boundary(n, alpha, 1000) == pytest.approx(expected)
+    # sqrt(2 * 8.9362 / 7.9362 * ln(sqrt(8.9362) / 0.05)) = sqrt(2.2520 * 4.0908)
+    assert boundary(n, alpha, 1000) == pytest.approx(3.0352, abs=1e-3)
+    fixed = statistics.NormalDist().inv_cdf(1 - alpha / 2)  # 1.96
+    for k in (10, 100, 1000, 10_000, 1_000_000):
+        assert boundary(k, alpha, 1000) > fixed
+    assert boundary(0, alpha, 1000) == math.inf
+
+
+def test_checked_at_every_look_the_sequence_keeps_its_level_where_a_plain_test_does_not() -> None:
+    """2,000 identical A/A streams, 1% events, looked at every 100 samples per arm up to 20,000."""
+    rng = np.random.default_rng(7)
+    runs, looks, step, p, alpha = 2000, 200, 100, 0.01, 0.05
+    a = rng.binomial(step, p, size=(runs, looks)).cumsum(axis=1)
+    b = rng.binomial(step, p, size=(runs, looks)).cumsum(axis=1)
+    n = step * np.arange(1, looks + 1)
+    pa, pb = (a + 0.5) / (n + 1), (b + 0.5) / (n + 1)
+    z = (a / n - b / n) / np.sqrt(pa * (1 - pa) / n + pb * (1 - pb) / n)
+    sequential = np.array([boundary(k, 2 * alpha, 4000) for k in n])  # one-sided at alpha
+    crossed_sequential = (z > sequential).any(axis=1).mean()
+    crossed_plain = (z > statistics.NormalDist().inv_cdf(1 - alpha)).any(axis=1).mean()
+    assert crossed_sequential <= alpha
+    assert crossed_plain > 3 * alpha  # a plain one-sided 5% test, peeked at 200 times
+
+
+def test_rate_increase_by_hand() -> None:
+    # base 100/10000 = 1%, candidate 300/10000 = 3%: difference 0.02.
+    verdict = rate_increase(
+        "validation_failure_rate",
+        (100, 10_000),
+        (300, 10_000),
+        0.005,
+        alpha=0.01,
+        n_star=1000,
+        min_samples=500,
+    )
+    pb, pc = 100.5 / 10_001, 300.5 / 10_001
+    se = math.sqrt(pb * (1 - pb) / 10_000 + pc * (1 - pc) / 10_000)
+    z = boundary(10_000, 0.02, 1000)
+    assert verdict.value == pytest.approx(0.02)
+    assert verdict.low == pytest.approx(0.02 - z * se)
+    assert verdict.low is not None and verdict.low > 0.005
+    assert verdict.result == "fail"
+    assert "3.00% vs base 1.00%" in verdict.reason
+    # On 1,000 requests each the same rates are not clear yet (the interval reaches below +0.5%).
+    unclear = rate_increase("r", (10, 1000), (30, 1000), 0.005, alpha=0.01, n_star=1000, min_samples=500)
+    assert unclear.result == "wait" and unclear.low is not None and unclear.low < 0.005
+    # On 100, too few to judge at all.
+    few = rate_increase("r", (1, 100), (3, 100), 0.005, alpha=0.01, n_star=1000, min_samples=500)
+    assert few.result == "wait"
+    # Equal rates, enough data: passes.
+    same = rate_increase("r", (10, 1000), (10, 1000), 0.005, alpha=0.01, n_star=1000, min_samples=500)
+    assert same.result == "pass" and same.value == 0
+
+
+def test_histogram_buckets_and_quantiles() -> None:
+    assert bucket_of(0.001) == 0 and bucket_of(0.0005) == 0
+    assert bucket_bound(bucket_of(0.8)) >= 0.8 > bucket_bound(bucket_of(0.8) - 1)
+    assert bucket_of(1e6) == bucket_of(1e7)  # the last bucket takes everything beyond
+    rng = np.random.default_rng(3)
+    base_values = rng.lognormal(math.log(0.5), 0.4, 20_000)
+    slow_values = base_values * 1.5
+    base: dict[int, int] = {}
+    slow: dict[int, int] = {}
+    for value, slower in zip(base_values, slow_values, strict=True):
+        base[bucket_of(value)] = base.get(bucket_of(value), 0) + 1
+        slow[bucket_of(slower)] = slow.get(bucket_of(slower), 0) + 1
+    same = quantile_ratio(
+        "latency_p99_ratio", base, base, 0.99, 1.2, alpha=0.01, n_star=2000, min_samples=500
+    )
+    assert same.value == pytest.approx(1.0) and same.result == "pass"
+    assert same.low is not None and same.high is not None and same.low < 1 < same.high
+    worse = quantile_ratio(
+        "latency_p99_ratio", base, slow, 0.99, 1.2, alpha=0.01, n_star=2000, min_samples=500
+    )
+    assert worse.value == pytest.approx(1.5, rel=0.05) and worse.result == "fail"
+    true_p99 = float(np.quantile(base_values, 0.99))
+    assert worse.reason.startswith(f"p99 {true_p99 * 1500:.0f}"[:6])
+
+
+def test_mean_ratio_by_hand() -> None:
+    base = ArmWindow(tokens=100 * 1000, tokens_sq=(100**2 + 20**2) * 1000, token_answers=1000)
+    longer = ArmWindow(tokens=150 * 1000, tokens_sq=(150**2 + 30**2) * 1000, token_answers=1000)
+    verdict = mean_ratio("output_tokens_ratio", base, longer, 1.3, alpha=0.01, n_star=2000, min_samples=500)
+    se_log = math.sqrt(400 / (1000 * 100**2) + 900 / (1000 * 150**2))  # cv^2/n per side
+    z = boundary(1000, 0.02, 2000)
+    assert verdict.value == pytest.approx(1.5)
+    assert verdict.low == pytest.approx(1.5 * math.exp(-z * se_log))
+    assert verdict.result == "fail"
+
+
+def verdict(result: str, critical: bool = False, n: int = 1000) -> Verdict:
+    return Verdict("g", result, 0.0 if n else None, 0.0, 0.0, 0.1, n, n, critical, "")  # type: ignore[arg-type]
+
+
+def test_decide() -> None:
+    assert decide([verdict("pass"), verdict("pass")], "rollback", "hold") == "advance"
+    assert decide([verdict("pass"), verdict("fail")], "rollback", "hold") == "rollback"
+    assert decide([verdict("pass"), verdict("fail")], "hold", "hold") == "hold"
+    assert decide([verdict("fail", critical=True)], "hold", "hold") == "rollback"  # critical: always
+    assert decide([verdict("pass"), verdict("wait")], "rollback", "hold") == "hold"
+    assert decide([verdict("pass"), verdict("wait", n=0)], "rollback", "pass") == "advance"  # no data
+    assert decide([verdict("pass"), verdict("wait")], "rollback", "pass") == "hold"  # data, unclear
+    # Between intervals only critical failures act.
+    assert decide([verdict("fail")], "rollback", "hold", critical_only=True) == "hold"
+    assert decide([verdict("fail", critical=True)], "rollback", "hold", critical_only=True) == "rollback"
+
+
+def test_judge_splits_the_level_across_the_configured_gates() -> None:
+    gates = Gates(error_rate=RateGate(max_increase=0.01), latency_p99_ratio=RatioGate(max=1.2))
+    base = ArmWindow(requests=2000, errors=20, latency={100: 2000})
+    candidate = ArmWindow(requests=2000, errors=22, latency={100: 2000})
+    verdicts = judge(gates, base, candidate, confidence=0.99, min_samples=500)
+    assert [v.gate for v in verdicts] == ["error_rate", "latency_p99_ratio"]
+    assert all(v.result == "pass" for v in verdicts)
+    # Each gate's interval at 0.005: the error gate's multiplier equals a one-sided 0.005 sequence.
+    pb, pc = 20.5 / 2001, 22.5 / 2001
+    se = math.sqrt(pb * (1 - pb) / 2000 + pc * (1 - pc) / 2000)
+    assert verdicts[0].high == pytest.approx(0.001 + boundary(2000, 0.01, 5000) * se)
