@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hmac
 import logging
@@ -23,24 +24,28 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from gateway.analysis import ArmWindow
 from gateway.asgi import ASGIApp, Message, Receive, Reply, Scope, Send, header_map, request_id
 from gateway.auth import ApiKeys, bearer_token
 from gateway.errors import (
+    Conflict,
     GatewayError,
     InvalidRequest,
     MethodNotAllowed,
     ModelNotFound,
     NotFound,
     Unauthorized,
+    Unavailable,
     log_error,
 )
 from gateway.pairs import MemoryPairStore, PairStore, RedisPairStore
 from gateway.proxy import Proxy
-from gateway.rollout import Rollouts, effective
+from gateway.rollout import Analysis, Controller, Rollouts, analyse, effective
 from gateway.route import Route, RouteArm
 from gateway.routetable import RouteTable
 from gateway.settings import Settings
-from gateway.state import MemoryState, RedisState, RouteState, State
+from gateway.state import MemoryState, RedisState, RouteState, State, StateUnavailable
+from gateway.stats import Recorder
 from gateway.tasks import Spawner
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
@@ -86,6 +91,10 @@ class Services:
             overlay=lambda route: effective(route, self.state.current(route.name)),
         )
         self.rollouts = Rollouts(self.state, self.routes.compiled)
+        self.stats = Recorder(self.state)
+        self.controller = Controller(
+            self.state, self.rollouts, self._automatic, on_analysis=self.metrics.gates
+        )
         self.upstream = Upstream(settings.upstream_max_connections)
         self.api_keys = ApiKeys(settings.api_keys)
         self.pairs: PairStore = MemoryPairStore()
@@ -98,7 +107,11 @@ class Services:
             self.tracing,
             self.spawner,
             self.pairs,
+            self.stats,
         )
+
+    def _automatic(self) -> list[Route]:
+        return [route for route in self.routes.policies() if route.automatic is not None]
 
     def _reloaded(self, accepted: bool) -> None:
         self.metrics.policy_reloads.labels("ok" if accepted else "rejected").inc()
@@ -141,6 +154,8 @@ class Services:
         self.metrics.prepare(self.routes.routes())
         await self._adopt()
         await self.upstream.start()
+        self.spawner.spawn(self.stats.run(), name="stats-flush")
+        self.spawner.spawn(self.controller.run(), name="rollout-controller")
         if self.settings.watch_policies:
             self.spawner.spawn(self.routes.watch(), name="policy-watch")
         log.info(
@@ -154,6 +169,8 @@ class Services:
 
     async def close(self) -> None:
         await self.spawner.close()
+        with contextlib.suppress(StateUnavailable):
+            await self.stats.flush()
         await self.state.close()
         await self.pairs.close()
         await self.upstream.close()
@@ -280,6 +297,19 @@ def _api(services: Services) -> FastAPI:
         views = [_rollout_view(*services.rollouts.view(r.name)) for r in services.routes.policies()]
         return {"routes": views, "state": services.state.health()}
 
+    @api.get("/admin/routes/{route:path}/analysis", dependencies=[Depends(admin)])
+    async def analysis(route: str) -> dict[str, Any]:
+        """The gates as the controller sees them: over the rollout so far, and the last interval's
+        numbers; computed from the shared statistics, so every replica answers the same."""
+        policy_route, state = services.rollouts.view(route)
+        try:
+            result = await analyse(services.state, policy_route, state)
+        except StateUnavailable as exc:
+            raise Unavailable("the rollout state store (Redis) cannot be reached") from exc
+        if result is None:
+            raise Conflict(f"route {route!r} has no rollout.steps: nothing is analysed in manual mode")
+        return _analysis_view(result, state)
+
     @api.get("/admin/routes/{route:path}", dependencies=[Depends(admin)])
     async def route_detail(route: str) -> dict[str, Any]:
         return _rollout_view(*services.rollouts.view(route), history=True)
@@ -349,6 +379,30 @@ def _rollout_view(route: Route, state: RouteState, history: bool = False) -> dic
     if history:
         view["history"] = [asdict(t) for t in reversed(state.history)]
     return view
+
+
+def _analysis_view(analysis: Analysis, state: RouteState) -> dict[str, Any]:
+    def arm(window: ArmWindow) -> dict[str, Any]:
+        n = window.requests
+        return {
+            "requests": n,
+            "error_rate": window.errors / n if n else None,
+            "validation_failure_rate": window.invalid / n if n else None,
+            "fallback_rate": window.fallbacks / n if n else None,
+            "output_tokens_mean": window.tokens / window.token_answers if window.token_answers else None,
+        }
+
+    return {
+        "route": analysis.route,
+        "phase": state.phase,
+        "weight": state.weight,
+        "step": state.step,
+        "candidate_measured_as": analysis.candidate_arm,
+        "interval_s": analysis.interval_s,
+        "gates": [asdict(v) for v in analysis.verdicts],
+        "window": {"base": arm(analysis.window[0]), "candidate": arm(analysis.window[1])},
+        "last_interval": {"base": arm(analysis.last[0]), "candidate": arm(analysis.last[1])},
+    }
 
 
 def _model_card(route: Route) -> dict[str, Any]:

@@ -119,6 +119,7 @@ class Attempt:
         "span",
         "started",
         "status",
+        "ttft_s",
         "upstream_s",
         "validation",
     )
@@ -134,6 +135,7 @@ class Attempt:
         self.accumulated: dict[str, Any] | None = None  # a stream rebuilt into a complete answer, when it was
         self.output_tokens: int | None = None
         self.status: int | None = None
+        self.ttft_s: float | None = None
         self.upstream_s = 0.0
         self.validation = "skipped"
 
@@ -148,7 +150,12 @@ class Attempt:
         self.upstream_s += time.perf_counter() - self.opened
 
     def first_token(self) -> None:
-        self.metrics.ttft.observe(time.perf_counter() - self.started)
+        self.ttft_s = time.perf_counter() - self.started
+        self.metrics.ttft.observe(self.ttft_s)
+
+    @property
+    def invalid(self) -> bool:
+        return self.validation not in ("ok", "skipped")
 
     def answered(self, answer: Any) -> None:
         """Count the tokens the upstream reports for this answer (or that it reported none)."""

@@ -45,6 +45,7 @@ from gateway.pairs import PairStore
 from gateway.route import Route, RouteArm
 from gateway.routing import OVERRIDE_HEADER, choose_arm, mirror_sampled, unit_key
 from gateway.shadow import Shadows
+from gateway.stats import Recorder
 from gateway.streaming import Accumulator, Tail, collect, last_event, observer, relay
 from gateway.tasks import Spawner
 from gateway.telemetry import Metrics
@@ -69,8 +70,10 @@ class Proxy:
         tracing: Tracing,
         spawner: Spawner,
         pairs: PairStore,
+        stats: Recorder,
     ) -> None:
         self._routes = routes
+        self._stats = stats
         self._upstream = upstream
         self._api_keys = api_keys
         self._max_body = max_body_bytes
@@ -78,7 +81,7 @@ class Proxy:
         self._tracing = tracing
         self._schemas = SchemaCache()
         self.guards = Guards()
-        self.shadows = Shadows(upstream, tracing, spawner, pairs)
+        self.shadows = Shadows(upstream, tracing, spawner, pairs, stats)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         started = time.perf_counter()
@@ -164,6 +167,7 @@ class Proxy:
                 request.metrics.circuit.set(1)
             reply.fallback = reason
             request.metrics.fallbacks[reason].inc()
+            self._stats.fallback(route, attempted=reason != CIRCUIT_OPEN)
         else:
             for kind in shadows:
                 self.shadows.start(request, reply.request_id, kind)
@@ -235,10 +239,21 @@ class Proxy:
             result = outcome(error)
             return error
         finally:
+            duration = time.perf_counter() - attempt.started
             attempt.metrics.inflight.dec()
-            attempt.metrics.duration.observe(time.perf_counter() - attempt.started)
+            attempt.metrics.duration.observe(duration)
             attempt.metrics.outcomes[result].inc()
             request.upstream_s += attempt.upstream_s
+            if request.route.automatic is not None:
+                self._stats.record(
+                    request.route,
+                    arm.name,
+                    result,
+                    duration,
+                    attempt.invalid,
+                    attempt.output_tokens,
+                    attempt.ttft_s,
+                )
             if request.pairs and arm.name == "base":
                 observation = attempt.observation(failed=result != "ok")
                 for pair in request.pairs:

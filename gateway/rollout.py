@@ -3,13 +3,23 @@ API and the CLI call these; every change is a versioned transition with a reason
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import socket
+import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
+from gateway.analysis import ArmWindow, Verdict, decide, judge
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, Unavailable
 from gateway.route import Route
-from gateway.state import RouteState, State, StateUnavailable, change, rollout_id
+from gateway.state import Phase, RouteState, State, StateUnavailable, change, rollout_id
+
+log = logging.getLogger("gateway.rollout")
+
+MAX_INTERVALS = 5000  # the analysis window never reads more intervals than this
 
 
 def effective(route: Route, state: RouteState | None) -> Route:
@@ -40,7 +50,7 @@ class Rollouts:
             raise InvalidRequest(f"weight must be a percent in [0, 100], got {weight:g}", param="weight")
         if route.candidate is None and weight > 0:
             raise Conflict(f"route {name!r} has no candidate arm: only weight 0 is possible")
-        return await self._move(
+        return await self.move(
             name, by, reason or f"weight set to {weight:g}", phase="manual", weight=weight, mirror=True
         )
 
@@ -48,13 +58,13 @@ class Rollouts:
         _, state = self.view(name)
         if state.phase in ("paused", "promoted", "rolled_back"):
             raise Conflict(f"route {name!r} is {state.phase}: there is nothing to pause")
-        return await self._move(name, by, reason or "paused", phase="paused", resume_to=state.phase)
+        return await self.move(name, by, reason or "paused", phase="paused", resume_to=state.phase)
 
     async def resume(self, name: str, by: str, reason: str | None) -> RouteState:
         _, state = self.view(name)
         if state.phase != "paused":
             raise Conflict(f"route {name!r} is {state.phase}, not paused")
-        return await self._move(
+        return await self.move(
             name, by, reason or "resumed", phase=state.resume_to or "manual", resume_to=None
         )
 
@@ -62,17 +72,15 @@ class Rollouts:
         route, _ = self.view(name)
         if route.candidate is None:
             raise Conflict(f"route {name!r} has no candidate arm to promote")
-        return await self._move(
-            name, by, reason or "promoted", phase="promoted", weight=100.0, resume_to=None
-        )
+        return await self.move(name, by, reason or "promoted", phase="promoted", weight=100.0, resume_to=None)
 
     async def rollback(self, name: str, by: str, reason: str | None) -> RouteState:
         self.view(name)
-        return await self._move(
+        return await self.move(
             name, by, reason or "rolled back", phase="rolled_back", weight=0.0, mirror=False, resume_to=None
         )
 
-    async def _move(self, name: str, by: str, reason: str, **changes: Any) -> RouteState:
+    async def move(self, name: str, by: str, reason: str, **changes: Any) -> RouteState:
         try:
             state = await change(self._state, name, by, reason, **changes)
         except StateUnavailable as exc:
@@ -81,3 +89,121 @@ class Rollouts:
                 "traffic keeps the last state seen"
             ) from exc
         return state
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The gates over the rollout's window so far, and the raw numbers of its last interval."""
+
+    route: str
+    phase: str
+    candidate_arm: str  # "candidate", or "shadow" during the mirror-only phase
+    verdicts: list[Verdict]
+    window: tuple[ArmWindow, ArmWindow]  # (base, candidate) since the rollout began
+    last: tuple[ArmWindow, ArmWindow]  # the same for the last complete interval
+    interval_s: float
+    fresh: int  # candidate requests since the current step began: a step is never passed unseen
+
+
+async def analyse(state: State, route: Route, current: RouteState) -> Analysis | None:
+    auto = route.automatic
+    if auto is None:
+        return None
+    arm = "shadow" if current.phase == "shadow" else "candidate"
+    now_interval = int(time.time() // auto.interval_s)
+    first = max(int(current.started_at // auto.interval_s), now_interval - MAX_INTERVALS)
+    stored = await state.read_stats(route.name, route.rollout_key, range(first, now_interval + 1))
+    base, candidate = ArmWindow(), ArmWindow()
+    for arms in stored.values():
+        base.merge(arms.get("base", ArmWindow()))
+        candidate.merge(arms.get(arm, ArmWindow()))
+    step_interval = int(current.step_at // auto.interval_s)
+    fresh = sum(arms.get(arm, ArmWindow()).requests for i, arms in stored.items() if i >= step_interval)
+    previous = stored.get(now_interval - 1, {})
+    last = (previous.get("base", ArmWindow()), previous.get(arm, ArmWindow()))
+    verdicts = judge(auto.gates, base, candidate, confidence=auto.confidence, min_samples=auto.min_samples)
+    return Analysis(route.name, current.phase, arm, verdicts, (base, candidate), last, auto.interval_s, fresh)
+
+
+class Controller:
+    """Walks automatic rollouts step by step. One replica at a time holds the lease (MemoryState: this
+    process); the others serve what it decides. Critical gates are checked every tick; every gate at
+    the end of each interval."""
+
+    LEASE_S = 10.0
+
+    def __init__(
+        self,
+        state: State,
+        rollouts: Rollouts,
+        routes: Callable[[], list[Route]],
+        on_analysis: Callable[[Analysis], object] | None = None,
+        tick_s: float = 1.0,
+    ) -> None:
+        self._state = state
+        self._rollouts = rollouts
+        self._routes = routes
+        self._on_analysis = on_analysis
+        self._tick_s = tick_s
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self._judged: dict[str, tuple[int, float]] = {}  # route -> (state version, when judged)
+        self.leading = False
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick_s)
+            leading = await self._state.lead(self._owner, self.LEASE_S)
+            if leading != self.leading:
+                log.info("controller lease %s by %s", "taken" if leading else "lost", self._owner)
+                self.leading = leading
+            if not leading:
+                continue
+            for route in self._routes():
+                try:
+                    await self.consider(route)
+                except (StateUnavailable, Unavailable):
+                    log.warning("route=%s controller holds: the state store cannot be reached", route.name)
+                except Exception:
+                    log.exception("route=%s controller failed to judge the rollout", route.name)
+
+    async def consider(self, route: Route) -> None:
+        auto = route.automatic
+        current = self._state.current(route.name)
+        if auto is None or current is None or current.rollout != route.rollout_key:
+            return
+        if current.phase not in ("shadow", "progressing"):
+            return
+        analysis = await analyse(self._state, route, current)
+        assert analysis is not None
+        if self._on_analysis is not None:
+            self._on_analysis(analysis)
+        now = time.time()
+        version, judged = self._judged.get(route.name, (current.version, current.step_at))
+        if version != current.version:
+            judged = current.step_at  # someone moved the rollout: its interval starts again
+        interval_end = now - judged >= auto.interval_s
+        decision = decide(analysis.verdicts, auto.on_fail, auto.on_no_data, critical_only=not interval_end)
+        self._judged[route.name] = (current.version, now if interval_end else judged)
+        if decision == "rollback":
+            failed = [v for v in analysis.verdicts if v.result == "fail"]
+            reason = "; ".join(f"{v.gate} {v.reason}" for v in failed)
+            await self._rollouts.rollback(route.name, "controller", f"gate failed: {reason}")
+        elif decision == "advance" and analysis.fresh > 0:
+            await self._advance(route, current, auto.steps or [])
+
+    async def _advance(self, route: Route, current: RouteState, steps: list[float]) -> None:
+        following = current.step + 1
+        if following < len(steps):
+            phase: Phase = "progressing"
+            reason = f"gates passed: step {following + 1} of {len(steps)}, weight {steps[following]:g}%"
+            await self._rollouts.move(
+                route.name, "controller", reason, phase=phase, step=following, weight=steps[following]
+            )
+        else:
+            await self._rollouts.move(
+                route.name,
+                "controller",
+                f"gates passed at every step: promoted after {len(steps)} steps",
+                phase="promoted",
+                weight=100.0,
+            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from gateway.breaker import BreakerSettings
 from gateway.budget import BudgetSettings
 from gateway.http1 import Target, Timeout
 from gateway.policy import Arm as ArmPolicy
-from gateway.policy import ArmName, Policy, Timeouts, merge_timeouts
+from gateway.policy import ArmName, Policy, Rollout, Timeouts, merge_timeouts
 from gateway.validation import KINDS, RoutePolicy, compile_schema
 
 T = TypeVar("T")
@@ -69,6 +70,8 @@ class Route:
     breaker: BreakerSettings | None
     deadline_s: float
     mirror: MirrorSettings | None  # None: no shadow traffic
+    automatic: Rollout | None  # rollout.steps set: the controller walks them
+    rollout_key: str  # which rollout this is (see rollout_key())
     source: Path
     policy: Policy
 
@@ -147,10 +150,27 @@ def compile_policy(
         )
         if shadow.percent > 0 or shadow.noise_floor_percent > 0
         else None,
+        automatic=policy.rollout if policy.rollout.steps is not None else None,
+        rollout_key=rollout_key(policy, salt),
         source=source,
         policy=policy,
     )
     return route, missing
+
+
+def rollout_key(policy: Policy, salt: str) -> str:
+    """Changes when the operator deploys something new: another candidate, salt or rollout section.
+    Stored state (and statistics) of an older rollout then give way to the policy's starting point."""
+    candidate = policy.arms.candidate
+    text = "|".join(
+        (
+            candidate.model if candidate else "",
+            candidate.url if candidate else "",
+            salt,
+            policy.rollout.model_dump_json(),
+        )
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _compile_arm(

@@ -15,6 +15,7 @@ from gateway.errors import GatewayError, InternalError
 from gateway.mirror import Mirror, Mirrors, Observation, Pair, compare, pair_record
 from gateway.pairs import PairStore
 from gateway.route import RouteArm
+from gateway.stats import Recorder
 from gateway.streaming import Accumulator, collect, last_event
 from gateway.tasks import Spawner
 from gateway.tracing import Tracing
@@ -26,8 +27,11 @@ MIRROR_HEADER = "X-Canarygate-Mirror"
 
 
 class Shadows:
-    def __init__(self, upstream: Upstream, tracing: Tracing, spawner: Spawner, pairs: PairStore) -> None:
+    def __init__(
+        self, upstream: Upstream, tracing: Tracing, spawner: Spawner, pairs: PairStore, stats: Recorder
+    ) -> None:
         self._upstream = upstream
+        self._stats = stats
         self._tracing = tracing
         self._pairs = pairs
         self.mirrors = Mirrors(spawner)
@@ -140,9 +144,20 @@ class Shadows:
             log.exception("request_id=%s route=%s shadow call failed", rid, request.route.name)
             error = InternalError(str(exc))
         finally:
+            duration = time.perf_counter() - attempt.started
             attempt.metrics.inflight.dec()
-            attempt.metrics.duration.observe(time.perf_counter() - attempt.started)
+            attempt.metrics.duration.observe(duration)
             attempt.metrics.outcomes[result].inc()
+            if arm.name == "candidate" and request.route.automatic is not None:
+                self._stats.record(
+                    request.route,
+                    "shadow",
+                    result,
+                    duration,
+                    attempt.invalid,
+                    attempt.output_tokens,
+                    attempt.ttft_s,
+                )
             if error is not None:
                 request.metrics.mirror["error"].inc()
             if attempt.span is not None:

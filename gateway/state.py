@@ -11,10 +11,9 @@ what it saw last, writes fail with StateUnavailable, and sync resumes by itself.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
 
@@ -22,6 +21,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.analysis import ArmWindow
 from gateway.route import Route
 from gateway.tasks import Spawner
 
@@ -30,6 +30,7 @@ log = logging.getLogger("gateway.state")
 Phase = Literal["shadow", "progressing", "paused", "promoted", "rolled_back", "manual"]
 PHASES: tuple[Phase, ...] = ("shadow", "progressing", "paused", "promoted", "rolled_back", "manual")
 HISTORY = 50  # transitions kept per route
+StatsKey = tuple[str, str, int, str]  # route, rollout, interval number, arm ("base", "candidate", "shadow")
 POLL_S = 1.0
 
 
@@ -63,6 +64,8 @@ class RouteState:
     version: int
     updated_at: float
     history: tuple[Transition, ...] = field(default=())
+    started_at: float = 0.0  # when this rollout began: the analysis window opens here
+    step_at: float = 0.0  # when the current phase or step began
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -76,42 +79,41 @@ class RouteState:
     def moved(self, *, reason: str, by: str, **changes: Any) -> RouteState:
         """The next version: the changes, stamped and written into the history."""
         now = time.time()
+        if "step" in changes or "phase" in changes:
+            changes.setdefault("step_at", now)
         state = replace(self, **changes, version=self.version + 1, updated_at=now)
         entry = Transition(now, state.phase, state.weight, state.step, reason, by)
         return replace(state, history=(*self.history, entry)[-HISTORY:])
 
 
 def rollout_id(route: Route) -> str:
-    """Changes when the operator deploys something new: another candidate, salt or policy weight.
-    Stored state of an older rollout is then replaced by the policy's own starting point."""
-    candidate = route.candidate
-    text = "|".join(
-        (
-            candidate.model if candidate else "",
-            candidate.url if candidate else "",
-            route.salt,
-            repr(route.policy.rollout.weight),
-        )
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return route.rollout_key
 
 
 def initial(route: Route) -> RouteState:
-    """Where a route starts: the weight its policy gives, changed only by an operator from then on."""
+    """Where a rollout starts. Manual mode: the policy's weight, changed only by an operator from then
+    on. Automatic mode: the mirror-only phase (shadow_first) or the first step."""
     now = time.time()
+    auto = route.automatic
+    phase: Phase = "manual"
+    step = 0
     weight = route.policy.rollout.weight if route.candidate is not None else 0.0
-    entry = Transition(now, "manual", weight, 0, "policy loaded", "policy")
+    if auto is not None and auto.steps:
+        phase, step, weight = ("shadow", -1, 0.0) if auto.shadow_first else ("progressing", 0, auto.steps[0])
+    entry = Transition(now, phase, weight, step, "policy loaded", "policy")
     return RouteState(
         route=route.name,
         rollout=rollout_id(route),
-        phase="manual",
+        phase=phase,
         weight=weight,
         mirror=True,
-        step=0,
+        step=step,
         resume_to=None,
         version=1,
         updated_at=now,
         history=(entry,),
+        started_at=now,
+        step_at=now,
     )
 
 
@@ -133,6 +135,15 @@ class State(Protocol):
     async def refresh(self) -> None:
         """Read the store again now (after a conflict)."""
 
+    async def add_stats(self, batch: Mapping[StatsKey, ArmWindow]) -> None:
+        """Add per-interval statistics (deltas from one replica)."""
+
+    async def read_stats(self, route: str, rollout: str, intervals: range) -> dict[int, dict[str, ArmWindow]]:
+        """interval -> arm -> statistics summed over every replica."""
+
+    async def lead(self, owner: str, ttl_s: float) -> bool:
+        """Take or renew the controller lease; True while owner holds it."""
+
     def on_change(self, callback: Callable[[RouteState], object]) -> None: ...
 
     def health(self) -> dict[str, Any]: ...
@@ -148,6 +159,7 @@ class MemoryState:
     def __init__(self) -> None:
         self._states: dict[str, RouteState] = {}
         self._callbacks: list[Callable[[RouteState], object]] = []
+        self._stats: dict[tuple[str, str], dict[int, dict[str, ArmWindow]]] = {}
 
     def current(self, route: str) -> RouteState | None:
         return self._states.get(route)
@@ -156,10 +168,26 @@ class MemoryState:
         await self.adopt(routes)
 
     async def adopt(self, routes: Iterable[Route]) -> None:
+        current = set()
         for route in routes:
+            current.add((route.name, rollout_id(route)))
             state = self._states.get(route.name)
             if state is None or state.rollout != rollout_id(route):
                 self._set(initial(route))
+        for key in [k for k in self._stats if k not in current]:
+            del self._stats[key]  # statistics of rollouts that ended
+
+    async def add_stats(self, batch: Mapping[StatsKey, ArmWindow]) -> None:
+        for (route, rollout, interval, arm), window in batch.items():
+            arms = self._stats.setdefault((route, rollout), {}).setdefault(interval, {})
+            arms.setdefault(arm, ArmWindow()).merge(window)
+
+    async def read_stats(self, route: str, rollout: str, intervals: range) -> dict[int, dict[str, ArmWindow]]:
+        stored = self._stats.get((route, rollout), {})
+        return {i: stored[i] for i in intervals if i in stored}
+
+    async def lead(self, owner: str, ttl_s: float) -> bool:
+        return True  # one process: it is the controller
 
     async def write(self, new: RouteState, expect_version: int) -> None:
         stored = self._states.get(new.route)
@@ -197,6 +225,17 @@ return 1
 """
 
 
+# KEYS[1]: the lease. ARGV: owner, ttl in ms. Takes a free lease or renews our own.
+_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
+STATS_TTL_S = 7 * 86400
+_COUNTS = ("requests", "errors", "invalid", "fallbacks", "tokens", "token_answers")
+
+
 class RedisState:
     """Shared by every replica: a JSON document per route, written with a compare-and-set script that
     also publishes the change; replicas listen on the channel and poll every second besides."""
@@ -221,6 +260,7 @@ class RedisState:
         self._routes: dict[str, Route] = {}
         self._callbacks: list[Callable[[RouteState], object]] = []
         self._cas = self._redis.register_script(_CAS)
+        self._lease = self._redis.register_script(_LEASE)
         self._error: str | None = None
         self._last_sync: float | None = None
 
@@ -261,6 +301,51 @@ class RedisState:
         if not done:
             raise VersionConflict(new.route)
         self._set(new)
+
+    async def add_stats(self, batch: Mapping[StatsKey, ArmWindow]) -> None:
+        """One pipeline per flush: HINCRBY into a hash per (route, rollout, interval)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for (route, rollout, interval, arm), w in batch.items():
+            key = f"{self._prefix}stats:{route}:{rollout}:{interval}"
+            for name in _COUNTS:
+                value = getattr(w, name)
+                if value:
+                    pipe.hincrby(key, f"{arm}|{name}", value)
+            if w.tokens_sq:
+                pipe.hincrbyfloat(key, f"{arm}|tokens_sq", w.tokens_sq)
+            for kind, hist in (("l", w.latency), ("t", w.ttft)):
+                for bucket, count in hist.items():
+                    pipe.hincrby(key, f"{arm}|{kind}{bucket}", count)
+            pipe.expire(key, STATS_TTL_S)
+        try:
+            await pipe.execute()
+        except RedisError as exc:
+            self._failed(exc)
+            raise StateUnavailable(str(exc)) from exc
+
+    async def read_stats(self, route: str, rollout: str, intervals: range) -> dict[int, dict[str, ArmWindow]]:
+        pipe = self._redis.pipeline(transaction=False)
+        for interval in intervals:
+            pipe.hgetall(f"{self._prefix}stats:{route}:{rollout}:{interval}")
+        try:
+            hashes = await pipe.execute()
+        except RedisError as exc:
+            self._failed(exc)
+            raise StateUnavailable(str(exc)) from exc
+        out: dict[int, dict[str, ArmWindow]] = {}
+        for interval, fields in zip(intervals, hashes, strict=True):
+            if fields:
+                out[interval] = _windows(fields)
+        return out
+
+    async def lead(self, owner: str, ttl_s: float) -> bool:
+        try:
+            return bool(
+                await self._lease(keys=[f"{self._prefix}controller"], args=[owner, int(ttl_s * 1000)])
+            )
+        except RedisError as exc:
+            self._failed(exc)
+            return False  # blind: nobody should move a rollout on what it cannot see
 
     async def refresh(self) -> None:
         try:
@@ -348,6 +433,21 @@ class RedisState:
         self._error = f"redis unreachable ({type(exc).__name__})"
         if self._on_sync_error is not None:
             self._on_sync_error()
+
+
+def _windows(fields: Mapping[bytes, bytes]) -> dict[str, ArmWindow]:
+    arms: dict[str, ArmWindow] = {}
+    for raw_name, raw_value in fields.items():
+        arm, _, name = raw_name.decode().partition("|")
+        window = arms.setdefault(arm, ArmWindow())
+        if name == "tokens_sq":
+            window.tokens_sq = float(raw_value)
+        elif name in _COUNTS:
+            setattr(window, name, int(raw_value))
+        elif name[:1] in ("l", "t"):
+            hist = window.latency if name[0] == "l" else window.ttft
+            hist[int(name[1:])] = int(raw_value)
+    return arms
 
 
 async def change(state: State, route: str, by: str, reason: str, **changes: Any) -> RouteState:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,6 +21,9 @@ from prometheus_client import (
 
 from gateway.route import Route
 from gateway.state import PHASES, RouteState
+
+if TYPE_CHECKING:
+    from gateway.rollout import Analysis
 from gateway.validation import KINDS
 
 ARMS = ("base", "candidate")
@@ -146,6 +149,20 @@ class Metrics:
             ["route", "phase"],
             registry=r,
         )
+        self.gate_value = Gauge(
+            "canarygate_gate_value",
+            "A rollout gate's measured value (rates: candidate - base; ratios: candidate / base)",
+            ["route", "gate"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.gate_threshold = Gauge(
+            "canarygate_gate_threshold",
+            "A rollout gate's threshold, in the unit of its value",
+            ["route", "gate"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.state_sync_errors = Counter(
             "canarygate_state_sync_errors",
             "Failed reads or writes of the shared rollout state (Redis); the last state seen keeps serving",
@@ -197,6 +214,15 @@ class Metrics:
             self.rollout_transitions.labels(state.route, phase)
         if transition:
             self.rollout_transitions.labels(state.route, state.phase).inc()
+
+    def gates(self, analysis: Analysis) -> None:
+        """The controller's latest judgement of a route (set by the replica that holds the lease)."""
+        if not self.enabled:
+            return
+        for verdict in analysis.verdicts:
+            if verdict.value is not None:
+                self.gate_value.labels(analysis.route, verdict.gate).set(verdict.value)
+            self.gate_threshold.labels(analysis.route, verdict.gate).set(verdict.threshold)
 
     def rejected(self, route: str) -> None:
         if self.enabled:

@@ -1,0 +1,90 @@
+"""Per-arm statistics of routes in automatic rollout: counted per request in this process, per
+interval, and flushed to the state store once a second (never a round trip per request)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from gateway.analysis import ArmWindow, bucket_of
+from gateway.route import Route
+from gateway.state import State, StateUnavailable, StatsKey
+
+log = logging.getLogger("gateway.stats")
+
+FLUSH_S = 1.0
+MAX_PENDING = 10_000  # windows kept while the store is unreachable; beyond, the oldest batch is dropped
+ERRORS = frozenset({"upstream_error", "timeout"})
+
+
+class Recorder:
+    def __init__(self, state: State) -> None:
+        self._state = state
+        self._pending: dict[StatsKey, ArmWindow] = {}
+
+    def _window(self, route: Route, arm: str) -> ArmWindow | None:
+        auto = route.automatic
+        if auto is None:
+            return None
+        key = (route.name, route.rollout_key, int(time.time() // auto.interval_s), arm)
+        window = self._pending.get(key)
+        if window is None:
+            window = self._pending[key] = ArmWindow()
+        return window
+
+    def record(
+        self,
+        route: Route,
+        arm: str,
+        outcome: str,
+        duration_s: float,
+        invalid: bool,
+        output_tokens: int | None,
+        ttft_s: float | None,
+    ) -> None:
+        """One attempt. arm: base, candidate, or shadow (the candidate's mirrored calls)."""
+        if outcome == "client_closed" or route.automatic is None:
+            return  # the client left: no verdict on the arm
+        window = self._window(route, arm)
+        assert window is not None
+        window.requests += 1
+        if outcome in ERRORS:
+            window.errors += 1
+        if invalid:
+            window.invalid += 1
+        if output_tokens is not None:
+            window.tokens += output_tokens
+            window.tokens_sq += output_tokens * output_tokens
+            window.token_answers += 1
+        bucket = bucket_of(duration_s)
+        window.latency[bucket] = window.latency.get(bucket, 0) + 1
+        if ttft_s is not None:
+            bucket = bucket_of(ttft_s)
+            window.ttft[bucket] = window.ttft.get(bucket, 0) + 1
+
+    def fallback(self, route: Route, attempted: bool) -> None:
+        """Base answered a request assigned to the candidate (attempted=False: its circuit was open)."""
+        window = self._window(route, "candidate")
+        if window is not None:
+            window.fallbacks += 1
+            if not attempted:
+                window.requests += 1
+
+    async def flush(self) -> None:
+        batch, self._pending = self._pending, {}
+        if not batch:
+            return
+        try:
+            await self._state.add_stats(batch)
+        except StateUnavailable:
+            if len(batch) + len(self._pending) <= MAX_PENDING:
+                for key, window in batch.items():  # kept for the next flush
+                    self._pending.setdefault(key, ArmWindow()).merge(window)
+            else:
+                log.warning("state store unreachable: dropped %d statistics windows", len(batch))
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            await self.flush()
