@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -308,3 +309,104 @@ def test_cli_verbs_drive_the_admin_api(sims: tuple[Sim, Sim], make_gateway: Gate
     env.pop("CANARYGATE_ADMIN_TOKEN")
     assert "CANARYGATE_ADMIN_TOKEN" in cli("status").stderr
     assert up(f"{gw.url}/healthz")
+
+
+def drive(url: str, stop: threading.Event, json_mode: bool = False) -> None:
+    """Traffic from many users until stop is set (4 threads)."""
+
+    def worker(offset: int) -> None:
+        i = offset
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                body: dict[str, object] = {
+                    "model": "chat",
+                    "user": f"user-{i}",
+                    "messages": [{"role": "user", "content": "hi"}],
+                }
+                if json_mode:
+                    body["response_format"] = {"type": "json_object"}
+                client.post(f"{url}/v1/chat/completions", json=body)
+                i += 4
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(4)]
+    for thread in threads:
+        thread.start()
+
+
+AUTOMATIC = """
+rollout:
+  steps: [20, 50, 100]
+  interval_s: 1
+  min_samples: {min_samples}
+  gates:
+    error_rate: {{max_increase: 0.02, critical: true}}
+    validation_failure_rate: {{max_increase: 0.01, critical: true}}
+    latency_p99_ratio: {{max: 5}}
+"""
+
+
+def automatic_policy(sims: tuple[Sim, Sim], min_samples: int) -> str:
+    text = policy_yaml("chat", sims[0].url, sims[1].url)
+    return text.replace("rollout:\n  weight: 0\n", "") + AUTOMATIC.format(min_samples=min_samples)
+
+
+def test_the_controller_promotes_a_healthy_candidate_through_every_step(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    gw = make_gateway({"chat": automatic_policy(sims, 30)}, admin_token="admin-secret")
+    stop = threading.Event()
+    drive(gw.url, stop)
+    try:
+        wait_for(
+            lambda: httpx.get(f"{gw.url}/admin/routes/chat", headers=ADMIN).json()["phase"] == "promoted",
+            timeout=40,
+            message="promotion",
+        )
+    finally:
+        stop.set()
+    history = httpx.get(f"{gw.url}/admin/routes/chat", headers=ADMIN).json()["history"]
+    walked = [(t["phase"], t["weight"], t["by"]) for t in reversed(history)]
+    assert walked == [
+        ("progressing", 20, "policy"),
+        ("progressing", 50, "controller"),
+        ("progressing", 100, "controller"),
+        ("promoted", 100, "controller"),
+    ]
+    analysis = httpx.get(f"{gw.url}/admin/routes/chat/analysis", headers=ADMIN)
+    assert analysis.status_code == 200
+    assert {g["gate"]: g["result"] for g in analysis.json()["gates"]} == {
+        "error_rate": "pass",
+        "validation_failure_rate": "pass",
+        "latency_p99_ratio": "pass",
+    }
+    metrics = httpx.get(f"{gw.url}/metrics").text
+    assert 'canarygate_gate_threshold{gate="latency_p99_ratio",route="chat"} 5.0' in metrics
+
+
+def test_the_controller_rolls_back_a_candidate_failing_json_before_the_second_step(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory, redis_prefix: str
+) -> None:
+    sims[1].set_knobs(invalid_json_rate=0.05)
+    gw = make_gateway(
+        {"chat": automatic_policy(sims, 200)},
+        admin_token="admin-secret",
+        redis_url=REDIS_URL,
+        redis_prefix=redis_prefix,
+    )
+    stop = threading.Event()
+    drive(gw.url, stop, json_mode=True)
+    try:
+        wait_for(
+            lambda: httpx.get(f"{gw.url}/admin/routes/chat", headers=ADMIN).json()["phase"] == "rolled_back",
+            timeout=60,
+            message="rollback",
+        )
+    finally:
+        stop.set()
+    detail = httpx.get(f"{gw.url}/admin/routes/chat", headers=ADMIN).json()
+    weights = [t["weight"] for t in detail["history"] if t["phase"] == "progressing"]
+    assert weights == [20]  # never reached the second step
+    last = detail["history"][0]
+    assert last["by"] == "controller" and last["reason"].startswith("gate failed: validation_failure_rate")
+    assert detail["weight"] == 0 and detail["mirror"] is False
+    assert arm_of(gw.url) == "base"
