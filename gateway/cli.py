@@ -105,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("route", nargs="?", help="one route, with its history")
     _admin_options(status)
     status.set_defaults(func=_status)
+    compare = sub.add_parser("compare", help="base vs candidate: every gate's value, interval and verdict")
+    compare.add_argument("route")
+    _admin_options(compare)
+    compare.set_defaults(func=_compare)
     set_weight = sub.add_parser("set-weight", help="serve N%% of units from the candidate (manual mode)")
     set_weight.add_argument("route")
     set_weight.add_argument("weight", type=float)
@@ -139,8 +143,8 @@ def _serve(args: argparse.Namespace) -> int:
     policy_dir = args.policies.resolve()
     os.environ["CANARYGATE_POLICY_DIR"] = str(policy_dir)
     os.environ["CANARYGATE_LOG_LEVEL"] = args.log_level
-    Settings.from_env()  # fail on bad settings here, once, rather than in every worker
-    _, problems = load_dir(policy_dir)
+    settings = Settings.from_env()  # fail on bad settings here, once, rather than in every worker
+    routes, problems = load_dir(policy_dir)
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         for problem in errors:
@@ -149,6 +153,16 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if args.workers < 1:
         print("canarygate: --workers must be at least 1", file=sys.stderr)
+        return 2
+    automatic = sorted(name for name, route in routes.items() if route.automatic is not None)
+    if args.workers > 1 and not settings.redis_url and (automatic or settings.admin_token):
+        # In-memory state is one process's: workers would each walk (or be told) their own rollout.
+        why = f"routes {', '.join(automatic)} roll out automatically" if automatic else "the admin API is on"
+        print(
+            f"canarygate: {why}, and {args.workers} workers share rollout state only through Redis: "
+            "set CANARYGATE_REDIS_URL, or serve with --workers 1",
+            file=sys.stderr,
+        )
         return 2
     metrics_dir = None
     if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
@@ -331,6 +345,59 @@ def _act(args: argparse.Namespace) -> int:
         return 0
 
     return _run_admin(args.action if args.action != "weight" else "set-weight", act)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    def show() -> int:
+        answer = _admin(args, "GET", f"/admin/routes/{quote(args.route, safe='/')}/analysis").json()
+        if args.json:
+            print(json.dumps(answer, indent=2))
+            return 0
+        print(
+            f"route {answer['route']}: {answer['phase']}, weight {answer['weight']:g}%, "
+            f"candidate measured as {answer['candidate_measured_as']}"
+        )
+        print(
+            f"\n{'gate':<28}{'verdict':<9}{'value':>10}  {'interval':<22}{'threshold':>10}"
+            f"{'n base':>9}{'n cand':>9}"
+        )
+        for gate in answer["gates"]:
+            ratio, ceiling = gate["gate"].endswith("_ratio"), gate["gate"] == "fallback_rate"
+            shown = _ratio if ratio else _pct if ceiling else _points
+            name = gate["gate"] + (" *" if gate["critical"] else "")
+            interval = f"[{shown(gate['low'])}, {shown(gate['high'])}]" if gate["low"] is not None else "-"
+            threshold = shown(gate["threshold"])
+            print(
+                f"{name:<28}{gate['result']:<9}{shown(gate['value']):>10}  {interval:<22}{threshold:>10}"
+                f"{gate['n_base']:>9}{gate['n_candidate']:>9}"
+            )
+        print("  * critical: a failure rolls back at once")
+        for label, key in (
+            ("rollout so far", "window"),
+            (f"last {answer['interval_s']:g} s interval", "last_interval"),
+        ):
+            print(f"\n{label}:")
+            for arm in ("base", "candidate"):
+                w = answer[key][arm]
+                print(
+                    f"  {arm:<10}{w['requests']:>8} requests  errors {_pct(w['error_rate'])}  "
+                    f"invalid {_pct(w['validation_failure_rate'])}  fallbacks {_pct(w['fallback_rate'])}"
+                )
+        return 0
+
+    return _run_admin("compare", show)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"x{value:.2f}"
+
+
+def _points(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:+.2f}%"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.2f}%"
 
 
 def _print_routes(routes: list[dict[str, Any]]) -> None:

@@ -4,8 +4,11 @@ prefix; for outages, a redis-server each test starts itself on a free port and s
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -288,8 +291,6 @@ def test_cli_verbs_drive_the_admin_api(sims: tuple[Sim, Sim], make_gateway: Gate
     env = {"CANARYGATE_ADMIN_TOKEN": "admin-secret", "CANARYGATE_URL": gw.url, "PATH": "/usr/bin:/bin"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        import sys
-
         return subprocess.run(
             [sys.executable, "-m", "gateway", *args], env=env, capture_output=True, text=True, timeout=30
         )
@@ -299,8 +300,6 @@ def test_cli_verbs_drive_the_admin_api(sims: tuple[Sim, Sim], make_gateway: Gate
     assert "manual" in moved.stdout and "35%" in moved.stdout
     status = cli("status", "chat")
     assert "step two" in status.stdout and "by admin:cli:" in status.stdout
-    import json
-
     assert json.loads(cli("status", "--json").stdout)["routes"][0]["weight"] == 35
     refused = cli("resume", "chat")
     assert refused.returncode == 2 and "409" in refused.stderr and "not paused" in refused.stderr
@@ -381,6 +380,16 @@ def test_the_controller_promotes_a_healthy_candidate_through_every_step(
     }
     metrics = httpx.get(f"{gw.url}/metrics").text
     assert 'canarygate_gate_threshold{gate="latency_p99_ratio",route="chat"} 5.0' in metrics
+    compare = subprocess.run(
+        [sys.executable, "-m", "gateway", "compare", "chat"],
+        env={"CANARYGATE_ADMIN_TOKEN": "admin-secret", "CANARYGATE_URL": gw.url, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert compare.returncode == 0, compare.stderr
+    assert "validation_failure_rate *" in compare.stdout and "pass" in compare.stdout
+    assert "rollout so far:" in compare.stdout
 
 
 def test_the_controller_rolls_back_a_candidate_failing_json_before_the_second_step(
@@ -410,3 +419,73 @@ def test_the_controller_rolls_back_a_candidate_failing_json_before_the_second_st
     assert last["by"] == "controller" and last["reason"].startswith("gate failed: validation_failure_rate")
     assert detail["weight"] == 0 and detail["mirror"] is False
     assert arm_of(gw.url) == "base"
+
+
+def phase_of(url: str) -> tuple[str, float]:
+    detail = httpx.get(f"{url}/admin/routes/chat", headers=ADMIN, timeout=10).json()
+    return detail["phase"], detail["weight"]
+
+
+def test_a_restarted_gateway_resumes_the_step_and_the_controller_holds_while_redis_is_down(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory, own_redis: RedisServer
+) -> None:
+    policies = {"chat": automatic_policy(sims, 30).replace("interval_s: 1", "interval_s: 2")}
+    first = make_gateway(policies, admin_token="admin-secret", redis_url=own_redis.url)
+    stop = threading.Event()
+    drive(first.url, stop)
+    try:
+        wait_for(lambda: phase_of(first.url) == ("progressing", 50), timeout=40, message="step 2")
+        stop.set()
+        # A new gateway (a restart) reads where the rollout is: step 2, not the policy's first step.
+        second = make_gateway(policies, admin_token="admin-secret", redis_url=own_redis.url)
+        assert phase_of(second.url) == ("progressing", 50)
+
+        own_redis.stop()
+        stop = threading.Event()
+        drive(first.url, stop)
+        time.sleep(5)  # more than two intervals of healthy traffic: a controller that could see would move
+        for url in (first.url, second.url):
+            assert phase_of(url) == ("progressing", 50)  # held, and still serving the last state
+            assert arm_of(url) in ("base", "candidate")
+        compared = httpx.get(f"{first.url}/admin/routes/chat/analysis", headers=ADMIN)
+        assert compared.status_code == 503
+
+        own_redis.start()  # empty: the replicas write the rollout back, then the controller resumes
+        wait_for(
+            lambda: phase_of(first.url)[0] == "promoted", timeout=40, message="promotion after the outage"
+        )
+    finally:
+        stop.set()
+    assert phase_of(second.url)[0] == "promoted"
+
+
+def test_several_workers_without_redis_refuse_to_hold_rollout_state(
+    tmp_path: Path, sims: tuple[Sim, Sim]
+) -> None:
+    import sys
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "chat.yaml").write_text(automatic_policy(sims, 30))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANARYGATE_")}
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--policies",
+            str(policies),
+            "--workers",
+            "2",
+            "--port",
+            "1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 2
+    assert "routes chat roll out automatically" in refused.stderr
+    assert "CANARYGATE_REDIS_URL" in refused.stderr
