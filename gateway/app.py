@@ -90,7 +90,7 @@ class Services:
             on_reload=self._reloaded,
             overlay=lambda route: effective(route, self.state.current(route.name)),
         )
-        self.rollouts = Rollouts(self.state, self.routes.compiled)
+        self.rollouts = Rollouts(self.state, self.routes.compiled, self.tracing)
         self.stats = Recorder(self.state)
         self.controller = Controller(
             self.state, self.rollouts, self._automatic, on_analysis=self.metrics.gates

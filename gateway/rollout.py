@@ -16,6 +16,7 @@ from gateway.analysis import ArmWindow, Verdict, decide, judge
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, Unavailable
 from gateway.route import Route
 from gateway.state import Phase, RouteState, State, StateUnavailable, change, rollout_id
+from gateway.tracing import Tracing
 
 log = logging.getLogger("gateway.rollout")
 
@@ -33,8 +34,11 @@ def effective(route: Route, state: RouteState | None) -> Route:
 
 
 class Rollouts:
-    def __init__(self, state: State, policy_route: Callable[[str], Route | None]) -> None:
+    def __init__(
+        self, state: State, policy_route: Callable[[str], Route | None], tracing: Tracing | None = None
+    ) -> None:
         self._state = state
+        self._tracing = tracing
         self._policy_route = policy_route  # name -> the route as its policy compiled it (or None)
 
     def view(self, name: str) -> tuple[Route, RouteState]:
@@ -88,6 +92,8 @@ class Rollouts:
                 "the rollout state store (Redis) cannot be reached: nothing was changed; "
                 "traffic keeps the last state seen"
             ) from exc
+        if self._tracing is not None:  # here, where the change is made: one span, not one per replica
+            self._tracing.rollout_transition(name, state.version, state.phase, state.weight, reason, by)
         return state
 
 

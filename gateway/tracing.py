@@ -63,6 +63,26 @@ class Tracing:
             attributes={"gen_ai.operation.name": operation, "canarygate.mode": "primary"},
         )
 
+    def rollout_transition(
+        self, route: str, version: int, phase: str, weight: float, reason: str, by: str
+    ) -> None:
+        """A rollout state change as a short span of its own with a `canarygate.rollout.transition` event,
+        so trace backends show promotions and rollbacks beside the traffic they judged."""
+        if self.tracer is None:
+            return
+        attributes: dict[str, str | int] = {"canarygate.route": route, "canarygate.rollout.version": version}
+        span = self.tracer.start_span(f"rollout {route}", context=Context(), attributes=attributes)
+        span.add_event(
+            "canarygate.rollout.transition",
+            {
+                "canarygate.rollout.phase": phase,
+                "canarygate.rollout.weight": weight,
+                "canarygate.rollout.reason": reason[:500],
+                "canarygate.rollout.by": by,
+            },
+        )
+        span.end()
+
     def name_route(self, span: Span, endpoint: str, route: str, payload: Any) -> None:
         span.update_name(f"{OPERATIONS[endpoint]} {route}")
         span.set_attributes(

@@ -489,3 +489,21 @@ def test_several_workers_without_redis_refuse_to_hold_rollout_state(
     assert refused.returncode == 2
     assert "routes chat roll out automatically" in refused.stderr
     assert "CANARYGATE_REDIS_URL" in refused.stderr
+
+
+def test_shadow_first_judges_mirrored_traffic_before_any_user_sees_the_candidate(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    policy = automatic_policy(sims, 30).replace("  steps:", "  shadow_first: true\n  steps:")
+    policy += "mirror: {percent: 100, sample_by: request}\n"
+    gw = make_gateway({"chat": policy}, admin_token="admin-secret")
+    assert phase_of(gw.url) == ("shadow", 0)
+    assert arm_of(gw.url) == "base"
+    stop = threading.Event()
+    drive(gw.url, stop)
+    try:
+        wait_for(lambda: phase_of(gw.url) == ("progressing", 20), timeout=30, message="the first step")
+    finally:
+        stop.set()
+    history = httpx.get(f"{gw.url}/admin/routes/chat", headers=ADMIN).json()["history"]
+    assert [(t["phase"], t["weight"]) for t in reversed(history)][:2] == [("shadow", 0), ("progressing", 20)]

@@ -172,3 +172,38 @@ def test_exporter_from_standard_variables(env: dict[str, str], expected: type | 
     exporter = _exporter(env)
     assert (exporter is None) if expected is None else isinstance(exporter, expected)
     assert Tracing.from_env({}).enabled is False
+
+
+def test_a_rollout_transition_is_a_span_with_an_event(sims: tuple[Sim, Sim], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from gateway.loader import load_dir
+    from gateway.rollout import Rollouts
+    from gateway.state import MemoryState
+
+    (tmp_path / "chat.yaml").write_text(policy_yaml("chat", sims[0].url, sims[1].url, weight=5))
+    routes, _ = load_dir(tmp_path)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    async def run() -> None:
+        state = MemoryState()
+        await state.start(routes.values())
+        rollouts = Rollouts(state, routes.get, Tracing(provider))
+        await rollouts.rollback("chat", "admin", "p99 doubled")
+
+    asyncio.run(run())
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "rollout chat" and span.attributes == {
+        "canarygate.route": "chat",
+        "canarygate.rollout.version": 2,
+    }
+    (event,) = span.events
+    assert event.name == "canarygate.rollout.transition"
+    assert dict(event.attributes or {}) == {
+        "canarygate.rollout.phase": "rolled_back",
+        "canarygate.rollout.weight": 0.0,
+        "canarygate.rollout.reason": "p99 doubled",
+        "canarygate.rollout.by": "admin",
+    }
