@@ -15,7 +15,7 @@ from typing import Any
 from gateway.analysis import ArmWindow, Verdict, decide, judge
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, Unavailable
 from gateway.route import Route
-from gateway.state import Phase, RouteState, State, StateUnavailable, change, rollout_id
+from gateway.state import Phase, RouteState, State, StateUnavailable, change
 from gateway.tracing import Tracing
 
 log = logging.getLogger("gateway.rollout")
@@ -25,7 +25,7 @@ MAX_INTERVALS = 5000  # the analysis window never reads more intervals than this
 
 def effective(route: Route, state: RouteState | None) -> Route:
     """The route as it serves now: the policy's, with the weight (and mirror switch) of its state."""
-    if state is None or state.rollout != rollout_id(route):
+    if state is None or state.rollout != route.rollout_key:
         return route
     mirror = route.mirror if state.mirror else None
     if state.weight == route.weight and mirror is route.mirror:

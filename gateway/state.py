@@ -86,10 +86,6 @@ class RouteState:
         return replace(state, history=(*self.history, entry)[-HISTORY:])
 
 
-def rollout_id(route: Route) -> str:
-    return route.rollout_key
-
-
 def initial(route: Route) -> RouteState:
     """Where a rollout starts. Manual mode: the policy's weight, changed only by an operator from then
     on. Automatic mode: the mirror-only phase (shadow_first) or the first step."""
@@ -103,7 +99,7 @@ def initial(route: Route) -> RouteState:
     entry = Transition(now, phase, weight, step, "policy loaded", "policy")
     return RouteState(
         route=route.name,
-        rollout=rollout_id(route),
+        rollout=route.rollout_key,
         phase=phase,
         weight=weight,
         mirror=True,
@@ -170,9 +166,9 @@ class MemoryState:
     async def adopt(self, routes: Iterable[Route]) -> None:
         current = set()
         for route in routes:
-            current.add((route.name, rollout_id(route)))
+            current.add((route.name, route.rollout_key))
             state = self._states.get(route.name)
-            if state is None or state.rollout != rollout_id(route):
+            if state is None or state.rollout != route.rollout_key:
                 self._set(initial(route))
         for key in [k for k in self._stats if k not in current]:
             del self._stats[key]  # statistics of rollouts that ended
@@ -377,13 +373,13 @@ class RedisState:
         for name, raw in zip(names, stored, strict=True):
             route = self._routes[name]
             state = RouteState.from_json(raw) if raw else None
-            if state is not None and state.rollout == rollout_id(route):
+            if state is not None and state.rollout == route.rollout_key:
                 self._set(state)
                 continue
             known = self._states.get(name)
             # Nothing stored for this rollout: ours, when this replica knows it (Redis restarted empty:
             # the rollout resumes where it was), else the policy's starting point.
-            seed = known if known is not None and known.rollout == rollout_id(route) else initial(route)
+            seed = known if known is not None and known.rollout == route.rollout_key else initial(route)
             expected = state.version if state else 0
             version = max(expected, known.version if known is not None else 0) + 1  # never goes back
             try:

@@ -16,12 +16,21 @@ log = logging.getLogger("gateway.stats")
 FLUSH_S = 1.0
 MAX_PENDING = 10_000  # windows kept while the store is unreachable; beyond, the oldest batch is dropped
 ERRORS = frozenset({"upstream_error", "timeout"})
+LIVE = frozenset({"shadow", "progressing", "paused"})
 
 
 class Recorder:
     def __init__(self, state: State) -> None:
         self._state = state
         self._pending: dict[StatsKey, ArmWindow] = {}
+
+    def _live(self, route: Route) -> bool:
+        """Counted only while the controller may judge the rollout: not once it is promoted, rolled
+        back or taken over by hand (statistics would pile up for nobody)."""
+        if route.automatic is None:
+            return False
+        state = self._state.current(route.name)
+        return state is not None and state.phase in LIVE and state.rollout == route.rollout_key
 
     def _window(self, route: Route, arm: str) -> ArmWindow | None:
         auto = route.automatic
@@ -44,8 +53,8 @@ class Recorder:
         ttft_s: float | None,
     ) -> None:
         """One attempt. arm: base, candidate, or shadow (the candidate's mirrored calls)."""
-        if outcome == "client_closed" or route.automatic is None:
-            return  # the client left: no verdict on the arm
+        if outcome == "client_closed" or not self._live(route):
+            return  # the client left (no verdict on the arm), or nothing is being judged
         window = self._window(route, arm)
         assert window is not None
         window.requests += 1
@@ -65,7 +74,7 @@ class Recorder:
 
     def fallback(self, route: Route, attempted: bool) -> None:
         """Base answered a request assigned to the candidate (attempted=False: its circuit was open)."""
-        window = self._window(route, "candidate")
+        window = self._window(route, "candidate") if self._live(route) else None
         if window is not None:
             window.fallbacks += 1
             if not attempted:

@@ -371,8 +371,15 @@ def test_the_controller_promotes_a_healthy_candidate_through_every_step(
         ("progressing", 100, "controller"),
         ("promoted", 100, "controller"),
     ]
+    time.sleep(1.5)  # what was counted before the promotion is flushed
     analysis = httpx.get(f"{gw.url}/admin/routes/chat/analysis", headers=ADMIN)
     assert analysis.status_code == 200
+    counted = analysis.json()["window"]["candidate"]["requests"]
+    for _ in range(20):
+        assert arm_of(gw.url) == "candidate"
+    time.sleep(1.5)  # past a statistics flush
+    after = httpx.get(f"{gw.url}/admin/routes/chat/analysis", headers=ADMIN).json()
+    assert after["window"]["candidate"]["requests"] == counted  # promoted: nothing left to judge
     assert {g["gate"]: g["result"] for g in analysis.json()["gates"]} == {
         "error_rate": "pass",
         "validation_failure_rate": "pass",
