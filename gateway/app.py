@@ -122,6 +122,10 @@ class Services:
     async def _adopt(self) -> None:
         """New or changed policies: new rollouts start from their policy, the others keep their state."""
         await self.state.adopt(self.routes.policies())
+        self._show_rollouts()
+
+    def _show_rollouts(self) -> None:
+        """The rollout gauges of every route, from its current state."""
         for route in self.routes.routes():
             state = self.state.current(route.name)
             if state is not None:
@@ -152,7 +156,7 @@ class Services:
         self.routes.load()
         await self.state.start(self.routes.policies())
         self.metrics.prepare(self.routes.routes())
-        await self._adopt()
+        self._show_rollouts()
         await self.upstream.start()
         self.spawner.spawn(self.stats.run(), name="stats-flush")
         self.spawner.spawn(self.controller.run(), name="rollout-controller")
