@@ -74,6 +74,9 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
                by("arm", rate(REQUESTS, f'{PRIMARY}, outcome=~"ok|invalid_output"'))), "{{arm}}")]),
     ("Rollout weight (% of units on the candidate)", "percent", [
         (f"max by (route) (canarygate_rollout_weight{{{SEL}}})", "{{route}}")]),
+    ("Rollout gates: measured value and threshold (controller's latest judgement)", "none", [
+        (f"max by (route, gate) (canarygate_gate_value{{{SEL}}})", "{{route}} {{gate}}"),
+        (f"max by (route, gate) (canarygate_gate_threshold{{{SEL}}})", "{{route}} {{gate}} threshold")]),
     ("Circuit open (1) by route and arm", "none", [
         (f"max by (route, arm) (canarygate_circuit_open{{{SEL}}})", "{{route}} {{arm}}")]),
     ("Shadow agreement by check: candidate vs base, and the noise floor (base vs base)", "percentunit", [

@@ -172,6 +172,10 @@ def test_every_panel_and_rule_against_a_real_prometheus(
     (directory / "chat.yaml").write_text(
         policy_yaml("chat", base.url, candidate.url, weight=50, extra=breaker)
     )
+    automatic = "rollout: {steps: [50, 100], interval_s: 600, min_samples: 10}"  # judged, never moved
+    (directory / "auto.yaml").write_text(
+        policy_yaml("auto", base.url, candidate.url, extra=automatic).replace("rollout:\n  weight: 0\n", "")
+    )
     app = create_app(Settings(policy_dir=directory, watch_policies=False))
     with BackgroundServer(app) as gateway:
         server = prometheus(f"127.0.0.1:{gateway.port}")
@@ -188,6 +192,7 @@ def test_every_panel_and_rule_against_a_real_prometheus(
 
         for user in range(40):  # both arms answer, streams too
             send(user, stream=user % 4 == 0, stream_options={"include_usage": True})
+            send(user, model="auto")  # the controller's gates get values
         time.sleep(2)
         candidate.set_knobs(invalid_json_rate=1)
         for user in range(40):  # the candidate's JSON breaks: validation failures and fallbacks
