@@ -56,7 +56,9 @@ class ArmWindow:
     fallbacks: int = 0
     tokens: int = 0
     tokens_sq: float = 0.0
-    token_answers: int = 0
+    token_answers: int = 0  # answers that reported usage
+    cost: float = 0.0
+    cost_sq: float = 0.0
     latency: dict[int, int] = field(default_factory=dict)  # bucket -> count
     ttft: dict[int, int] = field(default_factory=dict)
 
@@ -68,6 +70,8 @@ class ArmWindow:
         self.tokens += other.tokens
         self.tokens_sq += other.tokens_sq
         self.token_answers += other.token_answers
+        self.cost += other.cost
+        self.cost_sq += other.cost_sq
         for mine, theirs in ((self.latency, other.latency), (self.ttft, other.ttft)):
             for bucket, count in theirs.items():
                 mine[bucket] = mine.get(bucket, 0) + count
@@ -183,28 +187,30 @@ def quantile_ratio(
 
 def mean_ratio(
     gate: str,
-    base: ArmWindow,
-    candidate: ArmWindow,
+    base: tuple[float, float, int],
+    candidate: tuple[float, float, int],
     maximum: float,
     *,
     alpha: float,
     n_star: float,
     min_samples: int,
     critical: bool = False,
+    unit: str = "tokens",
 ) -> Verdict:
-    """Mean output tokens per answer, candidate / base <= maximum (delta method on the log ratio)."""
-    nb, nc = base.token_answers, candidate.token_answers
-    if nb == 0 or nc == 0 or base.tokens == 0 or candidate.tokens == 0:
-        return Verdict(gate, "wait", None, None, None, maximum, nb, nc, critical, "no token counts")
-    mb, mc = base.tokens / nb, candidate.tokens / nc
-    vb = max(base.tokens_sq / nb - mb * mb, 0.0)
-    vc = max(candidate.tokens_sq / nc - mc * mc, 0.0)
+    """A mean per answer (output tokens, cost), candidate / base <= maximum, by the delta method on the
+    log ratio. base, candidate: (sum, sum of squares, answers)."""
+    (sb, qb, nb), (sc, qc, nc) = base, candidate
+    if nb == 0 or nc == 0 or sb <= 0 or sc <= 0:
+        return Verdict(gate, "wait", None, None, None, maximum, nb, nc, critical, f"no {unit} counted")
+    mb, mc = sb / nb, sc / nc
+    vb, vc = max(qb / nb - mb * mb, 0.0), max(qc / nc - mc * mc, 0.0)
     se_log = math.sqrt(vb / (nb * mb * mb) + vc / (nc * mc * mc))
     z = boundary(min(nb, nc), 2 * alpha, n_star)
     ratio = mc / mb
     low, high = ratio * math.exp(-z * se_log), ratio * math.exp(z * se_log)
     result = _decide(low, ratio, maximum, min(nb, nc) >= min_samples)
-    reason = f"{mc:.0f} tokens vs base {mb:.0f} (x{ratio:.2f}), at most x{maximum:g}"
+    shown = (f"{mc:.0f}", f"{mb:.0f}") if unit == "tokens" else (f"{mc:.6f}", f"{mb:.6f}")
+    reason = f"{shown[0]} {unit} vs base {shown[1]} (x{ratio:.2f}), at most x{maximum:g}"
     return Verdict(gate, result, ratio, low, high, maximum, nb, nc, critical, reason)
 
 
@@ -281,10 +287,16 @@ def judge(
             verdict = quantile_ratio(
                 name, hb, hc, q, gate.max, alpha=alpha, n_star=n_star, min_samples=min_samples, critical=crit
             )
-        else:  # output_tokens_ratio
+        elif name == "output_tokens_ratio":
             verdict = mean_ratio(
-                name, b, c, gate.max, alpha=alpha, n_star=n_star, min_samples=min_samples, critical=crit
-            )
+                name, (b.tokens, b.tokens_sq, b.token_answers), (c.tokens, c.tokens_sq, c.token_answers),
+                gate.max, alpha=alpha, n_star=n_star, min_samples=min_samples, critical=crit,
+            )  # fmt: skip
+        else:  # cost_per_request_ratio
+            verdict = mean_ratio(
+                name, (b.cost, b.cost_sq, b.token_answers), (c.cost, c.cost_sq, c.token_answers),
+                gate.max, alpha=alpha, n_star=n_star, min_samples=min_samples, critical=crit, unit="cost",
+            )  # fmt: skip
         verdicts.append(verdict)
     return verdicts
 

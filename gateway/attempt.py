@@ -112,6 +112,7 @@ class Attempt:
         "accumulated",
         "answer",
         "call",
+        "cost",
         "enforce",
         "metrics",
         "opened",
@@ -134,6 +135,7 @@ class Attempt:
         self.answer: dict[str, Any] | None = None  # the parsed answer, or a stream's last event
         self.accumulated: dict[str, Any] | None = None  # a stream rebuilt into a complete answer, when it was
         self.output_tokens: int | None = None
+        self.cost: float | None = None  # by the arm's prices, when it has them and usage came back
         self.status: int | None = None
         self.ttft_s: float | None = None
         self.upstream_s = 0.0
@@ -170,6 +172,12 @@ class Attempt:
         if isinstance(completion, int):
             self.metrics.tokens_out.inc(completion)
             self.output_tokens = completion
+        price = self.call.arm.price if self.call is not None else None
+        if price is not None:
+            self.cost = (prompt if isinstance(prompt, int) else 0) * price[0] + (
+                self.output_tokens or 0
+            ) * price[1]
+            self.metrics.cost.inc(self.cost)
 
     def observation(self, failed: bool) -> Observation:
         """This attempt as one side of a shadow pair."""

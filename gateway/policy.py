@@ -76,6 +76,13 @@ class TimeoutOverrides(Strict):
     total_s: Seconds | None = None
 
 
+class Price(Strict):
+    """What an arm's tokens cost, per million, in one currency for the whole route (e.g. USD)."""
+
+    input_per_million: float = Field(ge=0, le=1_000_000)
+    output_per_million: float = Field(ge=0, le=1_000_000)
+
+
 class Arm(Strict):
     url: str = Field(description="Base URL of the OpenAI-compatible API, e.g. http://vllm:8000/v1")
     model: str = Field(min_length=1, max_length=256, description="Model name the upstream expects")
@@ -85,6 +92,9 @@ class Arm(Strict):
         default=False, description="Pass the client's Authorization header upstream (off by default)"
     )
     timeouts: TimeoutOverrides | None = None
+    price: Price | None = Field(
+        default=None, description="Token prices: canarygate_cost_total and the cost gate"
+    )
 
     @field_validator("url")
     @classmethod
@@ -289,6 +299,7 @@ class Gates(Strict):
     latency_p99_ratio: RatioGate | None = None
     ttft_p50_ratio: RatioGate | None = None
     output_tokens_ratio: RatioGate | None = None
+    cost_per_request_ratio: RatioGate | None = None
 
 
 DEFAULT_GATES = Gates(
@@ -371,6 +382,9 @@ class Policy(Strict):
                 raise ValueError("mirror.noise_floor_percent is set but arms.candidate is not defined")
             if self.assignment.allow_override_header:
                 raise ValueError("assignment.allow_override_header needs arms.candidate")
+        priced = [a is not None and a.price is not None for a in (self.arms.base, self.arms.candidate)]
+        if self.rollout.gates.cost_per_request_ratio is not None and self.rollout.steps and not all(priced):
+            raise ValueError("rollout.gates.cost_per_request_ratio needs a price on both arms (arms.*.price)")
         if self.rollout.shadow_first and self.mirror.percent <= 0:
             raise ValueError("rollout.shadow_first needs mirror.percent above 0 (shadow traffic to judge)")
         for name in ("base", "candidate"):

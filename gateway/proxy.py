@@ -253,6 +253,7 @@ class Proxy:
                     attempt.invalid,
                     attempt.output_tokens,
                     attempt.ttft_s,
+                    attempt.cost,
                 )
             if request.pairs and arm.name == "base":
                 observation = attempt.observation(failed=result != "ok")

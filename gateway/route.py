@@ -49,6 +49,7 @@ class RouteArm:
     secret: str | None
     timeouts: Timeouts
     client_timeout: Timeout
+    price: tuple[float, float] | None  # per token: (input, output)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +200,7 @@ def _compile_arm(
         secret=secret,
         timeouts=timeouts,
         client_timeout=Timeout(total=timeouts.total_s, connect=timeouts.connect_s),
+        price=(arm.price.input_per_million / 1e6, arm.price.output_per_million / 1e6) if arm.price else None,
     )
 
 

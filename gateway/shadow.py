@@ -157,6 +157,7 @@ class Shadows:
                     attempt.invalid,
                     attempt.output_tokens,
                     attempt.ttft_s,
+                    attempt.cost,
                 )
             if error is not None:
                 request.metrics.mirror["error"].inc()

@@ -230,6 +230,7 @@ return 0
 """
 STATS_TTL_S = 7 * 86400
 _COUNTS = ("requests", "errors", "invalid", "fallbacks", "tokens", "token_answers")
+_FLOATS = ("tokens_sq", "cost", "cost_sq")
 
 
 class RedisState:
@@ -307,8 +308,10 @@ class RedisState:
                 value = getattr(w, name)
                 if value:
                     pipe.hincrby(key, f"{arm}|{name}", value)
-            if w.tokens_sq:
-                pipe.hincrbyfloat(key, f"{arm}|tokens_sq", w.tokens_sq)
+            for name in _FLOATS:
+                value = getattr(w, name)
+                if value:
+                    pipe.hincrbyfloat(key, f"{arm}|{name}", value)
             for kind, hist in (("l", w.latency), ("t", w.ttft)):
                 for bucket, count in hist.items():
                     pipe.hincrby(key, f"{arm}|{kind}{bucket}", count)
@@ -436,8 +439,8 @@ def _windows(fields: Mapping[bytes, bytes]) -> dict[str, ArmWindow]:
     for raw_name, raw_value in fields.items():
         arm, _, name = raw_name.decode().partition("|")
         window = arms.setdefault(arm, ArmWindow())
-        if name == "tokens_sq":
-            window.tokens_sq = float(raw_value)
+        if name in _FLOATS:
+            setattr(window, name, float(raw_value))
         elif name in _COUNTS:
             setattr(window, name, int(raw_value))
         elif name[:1] in ("l", "t"):

@@ -51,6 +51,7 @@ class Recorder:
         invalid: bool,
         output_tokens: int | None,
         ttft_s: float | None,
+        cost: float | None = None,
     ) -> None:
         """One attempt. arm: base, candidate, or shadow (the candidate's mirrored calls)."""
         if outcome == "client_closed" or not self._live(route):
@@ -66,6 +67,9 @@ class Recorder:
             window.tokens += output_tokens
             window.tokens_sq += output_tokens * output_tokens
             window.token_answers += 1
+        if cost is not None:
+            window.cost += cost
+            window.cost_sq += cost * cost
         bucket = bucket_of(duration_s)
         window.latency[bucket] = window.latency.get(bucket, 0) + 1
         if ttft_s is not None:

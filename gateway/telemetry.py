@@ -78,6 +78,12 @@ class Metrics:
         self.tokens = Counter(
             "canarygate_tokens", "Tokens from the upstream's usage report", [*per_arm, "type"], registry=r
         )
+        self.cost = Counter(
+            "canarygate_cost",
+            "What answers cost by the arm's token prices (mode=mirror: shadow calls, never served cost)",
+            per_arm,
+            registry=r,
+        )
         self.usage_missing = Counter(
             "canarygate_usage_missing",
             "Successful answers with no usage report (nothing counted for them)",
@@ -245,6 +251,7 @@ class ArmMetrics:
     """One route's children for one arm and mode."""
 
     __slots__ = (
+        "cost",
         "duration",
         "inflight",
         "outcomes",
@@ -261,6 +268,7 @@ class ArmMetrics:
         self.ttft = m.ttft.labels(route, arm, mode)
         self.tokens_in = m.tokens.labels(route, arm, mode, "input")
         self.tokens_out = m.tokens.labels(route, arm, mode, "output")
+        self.cost = m.cost.labels(route, arm, mode)
         self.usage_missing = m.usage_missing.labels(route, arm, mode)
         self.validation = {k: m.validation_failures.labels(route, arm, mode, k) for k in KINDS}
         self.inflight = m.inflight.labels(route, arm)
@@ -326,9 +334,8 @@ class _NullArm:
         null: Any = _Null()
         self.outcomes = {o: null for o in OUTCOMES}
         self.validation = {k: null for k in KINDS}
-        self.duration = self.ttft = self.tokens_in = self.tokens_out = self.usage_missing = self.inflight = (
-            null
-        )
+        self.duration = self.ttft = self.tokens_in = self.tokens_out = self.usage_missing = null
+        self.inflight = self.cost = null
 
 
 class _NullRoute:

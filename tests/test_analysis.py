@@ -111,9 +111,17 @@ def test_histogram_buckets_and_quantiles() -> None:
 
 
 def test_mean_ratio_by_hand() -> None:
-    base = ArmWindow(tokens=100 * 1000, tokens_sq=(100**2 + 20**2) * 1000, token_answers=1000)
-    longer = ArmWindow(tokens=150 * 1000, tokens_sq=(150**2 + 30**2) * 1000, token_answers=1000)
-    verdict = mean_ratio("output_tokens_ratio", base, longer, 1.3, alpha=0.01, n_star=2000, min_samples=500)
+    base = (100 * 1000, (100**2 + 20**2) * 1000, 1000)  # sum, sum of squares, answers: mean 100, sd 20
+    longer = (150 * 1000, (150**2 + 30**2) * 1000, 1000)
+    verdict = mean_ratio(
+        "output_tokens_ratio",
+        base,
+        longer,
+        1.3,
+        alpha=0.01,
+        n_star=2000,
+        min_samples=500,  # type: ignore[arg-type]
+    )
     se_log = math.sqrt(400 / (1000 * 100**2) + 900 / (1000 * 150**2))  # cv^2/n per side
     z = boundary(1000, 0.02, 2000)
     assert verdict.value == pytest.approx(1.5)
