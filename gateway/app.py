@@ -96,7 +96,7 @@ class Services:
             self.state, self.rollouts, self._automatic, on_analysis=self.metrics.gates
         )
         self.upstream = Upstream(settings.upstream_max_connections)
-        self.api_keys = ApiKeys(settings.api_keys)
+        self.api_keys = ApiKeys(settings.api_keys, settings.api_key_groups)
         self.pairs: PairStore = MemoryPairStore()
         self.proxy = Proxy(
             self.routes.get,

@@ -42,6 +42,7 @@ class Request:
     """What every attempt at one client request shares."""
 
     __slots__ = (
+        "cohort",
         "endpoint",
         "headers",
         "metrics",
@@ -65,8 +66,10 @@ class Request:
         rules: Rules | None,
         metrics: RouteMetrics,
         span: Span | None,
+        cohort: str = "all",
     ) -> None:
         self.route = route
+        self.cohort = cohort
         self.endpoint = endpoint
         self.payload = payload
         self.headers = headers

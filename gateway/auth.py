@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from hashlib import sha256
 
 from gateway.errors import Unauthorized
@@ -16,22 +17,26 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 class ApiKeys:
-    """Keys are kept only as sha256 digests; a set lookup on digests leaks nothing about the keys' bytes."""
+    """Keys are kept only as sha256 digests; a lookup on digests leaks nothing about the keys' bytes."""
 
-    def __init__(self, keys: frozenset[str]) -> None:
-        self._digests = frozenset(sha256(k.encode()).digest() for k in keys)
+    def __init__(self, keys: frozenset[str], groups: Mapping[str, str] | None = None) -> None:
+        groups = groups or {}
+        self._digests = {sha256(k.encode()).digest(): groups.get(k) for k in keys}
 
     @property
     def enabled(self) -> bool:
         return bool(self._digests)
 
-    def authenticate(self, token: str | None) -> None:
+    def authenticate(self, token: str | None) -> str | None:
+        """Raises Unauthorized for a missing or unknown key; returns the key's group (or None)."""
         if not self._digests:
-            return
+            return None
         if token is None:
             raise Unauthorized(
                 "no API key provided: send it as 'Authorization: Bearer <key>' (the SDK's api_key)",
                 code="missing_api_key",
             )
-        if sha256(token.encode()).digest() not in self._digests:
+        digest = sha256(token.encode()).digest()
+        if digest not in self._digests:
             raise Unauthorized("incorrect API key provided; use a key configured in CANARYGATE_API_KEYS")
+        return self._digests[digest]

@@ -269,6 +269,74 @@ class Mirror(Strict):
     records: int = Field(default=1000, ge=0, le=1_000_000, description="Pair records kept per route")
 
 
+COHORT_SOURCE = re.compile(
+    r"^(header:[A-Za-z0-9!#$%&'*+.^_`|~-]+|metadata:[A-Za-z_][A-Za-z0-9_]*|api_key_group|tools|json_mode|stream)$"
+)
+COHORT_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+FLAG_SOURCES = ("tools", "json_mode", "stream")  # their cohorts are "true" and "false"
+
+
+class Cohorts(Strict):
+    """Requests grouped by one attribute, into a bounded set of values (anything else is "other")."""
+
+    source: str = Field(
+        description="header:NAME, metadata:FIELD (of the body), api_key_group, tools, json_mode, stream"
+    )
+    values: list[str] = Field(
+        default_factory=list, max_length=50, description="The cohorts; other values count as 'other'"
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if not COHORT_SOURCE.match(value):
+            raise ValueError(
+                f"{value!r} is not a cohort source; use header:NAME, metadata:FIELD, api_key_group, "
+                "tools, json_mode or stream"
+            )
+        return value.lower() if value.startswith("header:") else value
+
+    @field_validator("values")
+    @classmethod
+    def _values(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not COHORT_VALUE.match(item) or item in ("other", "all"):
+                raise ValueError(
+                    f"{item!r} cannot be a cohort: 1-64 letters, digits and . _ : -, not 'other' or 'all'"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError("a cohort is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _values_needed(self) -> Cohorts:
+        if self.source in FLAG_SOURCES:
+            if self.values:
+                raise ValueError(f"{self.source} cohorts are always 'true' and 'false': drop values")
+        elif not self.values:
+            raise ValueError("list the cohorts in values, e.g. [acme, globex]")
+        return self
+
+    def names(self) -> list[str]:
+        return ["true", "false"] if self.source in FLAG_SOURCES else [*self.values, "other"]
+
+
+class Targeting(Strict):
+    """Which cohorts the candidate may serve: the others always get the base (and no shadow calls)."""
+
+    include: list[str] | None = Field(default=None, description="Only these cohorts see the candidate")
+    exclude: list[str] = Field(default_factory=list, description="These cohorts never see the candidate")
+
+
+class Segments(Strict):
+    """Gates judged for each cohort on its own too, so a regression in one cannot hide in the average."""
+
+    by: Literal["cohort"] = "cohort"
+    min_share: float = Field(
+        default=0.1, gt=0, le=1, description="Cohorts below this share of traffic are not judged alone"
+    )
+
+
 class RateGate(Strict):
     """The candidate's rate may exceed the base's by at most max_increase (a fraction: 0.002 = 0.2 points)."""
 
@@ -325,6 +393,8 @@ class Rollout(Strict):
         default=0.99, ge=0.5, le=0.9999, description="Chance an identical candidate completes the rollout"
     )
     gates: Gates = Field(default_factory=lambda: DEFAULT_GATES)
+    cohorts: Targeting | None = Field(default=None, description="Which cohorts the candidate may serve")
+    segments: Segments | None = Field(default=None, description="Judge every gate per cohort as well")
     on_fail: Literal["rollback", "hold"] = "rollback"
     on_no_data: Literal["hold", "pass"] = "hold"
 
@@ -359,6 +429,7 @@ class Policy(Strict):
     validation: Validation = Field(default_factory=Validation)
     fallback: Fallback = Field(default_factory=Fallback)
     mirror: Mirror = Field(default_factory=Mirror)
+    cohorts: Cohorts | None = Field(default=None, description="Group requests for metrics, targeting, gates")
 
     @field_validator("route")
     @classmethod
@@ -382,6 +453,14 @@ class Policy(Strict):
                 raise ValueError("mirror.noise_floor_percent is set but arms.candidate is not defined")
             if self.assignment.allow_override_header:
                 raise ValueError("assignment.allow_override_header needs arms.candidate")
+        targeting = self.rollout.cohorts
+        if (targeting is not None or self.rollout.segments is not None) and self.cohorts is None:
+            raise ValueError("rollout.cohorts and rollout.segments need cohorts (source and values)")
+        if targeting is not None and self.cohorts is not None:
+            known = set(self.cohorts.names())
+            for name in [*(targeting.include or []), *targeting.exclude]:
+                if name not in known:
+                    raise ValueError(f"rollout.cohorts: {name!r} is not a cohort; known: {sorted(known)}")
         priced = [a is not None and a.price is not None for a in (self.arms.base, self.arms.candidate)]
         if self.rollout.gates.cost_per_request_ratio is not None and self.rollout.steps and not all(priced):
             raise ValueError("rollout.gates.cost_per_request_ratio needs a price on both arms (arms.*.price)")

@@ -43,7 +43,7 @@ from gateway.fallback import CIRCUIT_OPEN, Guards, reason_for
 from gateway.http1 import Response
 from gateway.pairs import PairStore
 from gateway.route import Route, RouteArm
-from gateway.routing import OVERRIDE_HEADER, choose_arm, mirror_sampled, unit_key
+from gateway.routing import OVERRIDE_HEADER, choose_arm, cohort_of, mirror_sampled, unit_key
 from gateway.shadow import Shadows
 from gateway.stats import Recorder
 from gateway.streaming import Accumulator, Tail, collect, last_event, observer, relay
@@ -92,7 +92,7 @@ class Proxy:
         failure: BaseException | None = None
         try:
             token = bearer_token(headers.get("authorization"))
-            self._api_keys.authenticate(token)
+            key_group = self._api_keys.authenticate(token)
             _check_content_type(headers.get("content-type"))
             body = await read_body(receive, headers.get("content-length"), self._max_body)
             payload = _parse(body)
@@ -102,18 +102,21 @@ class Proxy:
                 self._tracing.name_route(span, endpoint, route.name, payload)
             _check_fields(payload, endpoint)
             key = unit_key(route.sticky_sources, headers, payload, token)
+            cohort = cohort_of(route, headers, payload, key_group)
             override = headers.get(OVERRIDE_HEADER) if route.allow_override else None
-            assigned = choose_arm(route, key, override).arm
+            assigned = choose_arm(route, key, override, cohort=cohort).arm
             rules = self._rules(payload, route, endpoint)
             request = Request(
-                route, endpoint, payload, headers, token, rules, self._metrics.route(route), span
+                route, endpoint, payload, headers, token, rules, self._metrics.route(route), span, cohort
             )
+            if span is not None and route.cohorts is not None:
+                span.set_attribute("canarygate.cohort", cohort)
             shadows: tuple[str, ...] = ()
             if assigned == "base" and route.mirror is not None:
                 shadows = tuple(
                     kind
                     for kind, noise in (("candidate", False), ("noise", True))
-                    if mirror_sampled(route, key, noise=noise)
+                    if mirror_sampled(route, key, noise=noise, cohort=cohort)
                 )
             async with DisconnectWatch(receive) as watch:
                 await self._serve(request, assigned, shadows, reply, watch)

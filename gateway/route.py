@@ -38,6 +38,15 @@ class MirrorSettings:
     records: int
 
 
+@dataclass(frozen=True)
+class CohortSettings:
+    kind: str  # header, metadata, api_key_group, tools, json_mode, stream
+    name: str  # the header or metadata field
+    values: frozenset[str]  # the declared cohorts; anything else is "other"
+    names: tuple[str, ...]  # every label value this route can produce, "other" included
+    candidate_may_serve: frozenset[str]  # after rollout.cohorts: include / exclude
+
+
 @dataclass(frozen=True, slots=True)
 class RouteArm:
     name: ArmName
@@ -71,6 +80,7 @@ class Route:
     breaker: BreakerSettings | None
     deadline_s: float
     mirror: MirrorSettings | None  # None: no shadow traffic
+    cohorts: CohortSettings | None
     automatic: Rollout | None  # rollout.steps set: the controller walks them
     rollout_key: str  # which rollout this is (see rollout_key())
     source: Path
@@ -151,12 +161,28 @@ def compile_policy(
         )
         if shadow.percent > 0 or shadow.noise_floor_percent > 0
         else None,
+        cohorts=_cohorts(policy),
         automatic=policy.rollout if policy.rollout.steps is not None else None,
         rollout_key=rollout_key(policy, salt),
         source=source,
         policy=policy,
     )
     return route, missing
+
+
+def _cohorts(policy: Policy) -> CohortSettings | None:
+    cohorts = policy.cohorts
+    if cohorts is None:
+        return None
+    kind, _, name = cohorts.source.partition(":")
+    names = tuple(cohorts.names())
+    targeting = policy.rollout.cohorts
+    allowed = set(names)
+    if targeting is not None:
+        if targeting.include is not None:
+            allowed &= set(targeting.include)
+        allowed -= set(targeting.exclude)
+    return CohortSettings(kind, name, frozenset(cohorts.values), names, frozenset(allowed))
 
 
 def rollout_key(policy: Policy, salt: str) -> str:

@@ -12,6 +12,8 @@ from gateway.errors import InvalidRequest
 from gateway.policy import ArmName
 from gateway.route import Route
 
+JSON_FORMATS = ("json_object", "json_schema")  # response_format types that ask for JSON
+
 OVERRIDE_HEADER = "x-canary"
 
 
@@ -42,6 +44,32 @@ def unit_key(
     return None
 
 
+def cohort_of(
+    route: Route, headers: Mapping[str, str], body: Mapping[str, Any], key_group: str | None
+) -> str:
+    """The request's cohort: one of the route's declared values, "other", or "all" (no cohorts)."""
+    cohorts = route.cohorts
+    if cohorts is None:
+        return "all"
+    kind = cohorts.kind
+    if kind == "tools":
+        return "true" if body.get("tools") or body.get("functions") else "false"
+    if kind == "json_mode":
+        response_format = body.get("response_format")
+        json_mode = isinstance(response_format, dict) and response_format.get("type") in JSON_FORMATS
+        return "true" if json_mode else "false"
+    if kind == "stream":
+        return "true" if body.get("stream") is True else "false"
+    if kind == "header":
+        value = headers.get(cohorts.name)
+    elif kind == "metadata":
+        metadata = body.get("metadata")
+        value = metadata.get(cohorts.name) if isinstance(metadata, dict) else None
+    else:
+        value = key_group
+    return value if isinstance(value, str) and value in cohorts.values else "other"
+
+
 def bucket(route: str, salt: str, key: str) -> float:
     # The first 8 bytes of sha256 as an integer over 2**64: uniform in [0, 1), identical in every
     # process and language, so replicas agree and a unit stays on its arm while the weight only grows.
@@ -53,6 +81,7 @@ def choose_arm(
     key: str | None,
     override: str | None = None,
     rand: Callable[[], float] = random.random,
+    cohort: str = "all",
 ) -> Assignment:
     if override is not None and route.allow_override:
         forced = override.strip().lower()
@@ -65,13 +94,20 @@ def choose_arm(
         return Assignment("base" if forced == "base" else "candidate", None, key is not None)
     if route.candidate is None or route.weight <= 0:
         return Assignment("base", None, key is not None)
+    if route.cohorts is not None and cohort not in route.cohorts.candidate_may_serve:
+        return Assignment("base", None, key is not None)  # a cohort the rollout leaves out
     point = bucket(route.name, route.salt, key) if key is not None else rand()
     arm: ArmName = "candidate" if point < route.weight / 100 else "base"
     return Assignment(arm, point, key is not None)
 
 
 def mirror_sampled(
-    route: Route, key: str | None, rand: Callable[[], float] = random.random, *, noise: bool = False
+    route: Route,
+    key: str | None,
+    rand: Callable[[], float] = random.random,
+    *,
+    noise: bool = False,
+    cohort: str = "all",
 ) -> bool:
     """Is this base-served request also sent to the candidate as a shadow call (or, noise=True, replayed
     to base for the noise floor)? Each has its own salt, so the cohorts are independent."""
@@ -81,6 +117,8 @@ def mirror_sampled(
     percent = shadow.noise_percent if noise else shadow.percent
     if percent <= 0:
         return False
+    if not noise and route.cohorts is not None and cohort not in route.cohorts.candidate_may_serve:
+        return False  # a cohort left out of the rollout sends nothing to the candidate
     if shadow.by_unit and key is not None:
         return bucket(route.name, shadow.salt + (":noise" if noise else ""), key) < percent / 100
     return rand() < percent / 100

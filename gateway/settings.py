@@ -20,6 +20,7 @@ class Settings:
     policy_dir: Path = Path("policies")
     max_body_bytes: int = 10 * 1024 * 1024
     api_keys: frozenset[str] = field(default_factory=frozenset, repr=False)
+    api_key_groups: Mapping[str, str] = field(default_factory=dict, repr=False)  # key -> group (cohorts)
     watch_policies: bool = True
     upstream_max_connections: int = 1000
     readyz_probe_timeout_s: float = 1.0
@@ -35,7 +36,8 @@ class Settings:
         return cls(
             policy_dir=Path(env.get("CANARYGATE_POLICY_DIR", "policies")),
             max_body_bytes=_int(env, "CANARYGATE_MAX_BODY_BYTES", 10 * 1024 * 1024),
-            api_keys=_api_keys(env),
+            api_keys=frozenset(_api_keys(env)),
+            api_key_groups={k: g for k, g in _api_keys(env).items() if g is not None},
             watch_policies=_bool(env, "CANARYGATE_WATCH_POLICIES", True),
             upstream_max_connections=_int(env, "CANARYGATE_UPSTREAM_MAX_CONNECTIONS", 1000),
             readyz_probe_timeout_s=_float(env, "CANARYGATE_READYZ_PROBE_TIMEOUT_S", 1.0),
@@ -47,16 +49,22 @@ class Settings:
         )
 
 
-def _api_keys(env: Mapping[str, str]) -> frozenset[str]:
-    keys = {k.strip() for k in env.get("CANARYGATE_API_KEYS", "").split(",") if k.strip()}
+def _api_keys(env: Mapping[str, str]) -> dict[str, str | None]:
+    """key -> its group: the file's lines are `KEY` or `KEY GROUP` (the group is a cohort source)."""
+    keys: dict[str, str | None] = {
+        k.strip(): None for k in env.get("CANARYGATE_API_KEYS", "").split(",") if k.strip()
+    }
     path = env.get("CANARYGATE_API_KEYS_FILE")
     if path:
         try:
             lines = Path(path).read_text().splitlines()
         except OSError as exc:
             raise SettingsError(f"CANARYGATE_API_KEYS_FILE: cannot read {path}: {exc.strerror}") from None
-        keys.update(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
-    return frozenset(keys)
+        for line in lines:
+            if line.strip() and not line.lstrip().startswith("#"):
+                key, _, group = line.strip().partition(" ")
+                keys[key] = group.strip() or None
+    return keys
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
