@@ -169,7 +169,7 @@ class Proxy:
                 reason = CIRCUIT_OPEN
                 request.metrics.circuit.set(1)
             reply.fallback = reason
-            request.metrics.fallbacks[reason].inc()
+            request.metrics.fallbacks[(reason, request.cohort)].inc()
             self._stats.fallback(route, attempted=reason != CIRCUIT_OPEN)
         else:
             for kind in shadows:
@@ -222,7 +222,7 @@ class Proxy:
         Returns the failure (None on success); when reply.started, the client has already been told.
         """
         reply.arm = arm.name
-        attempt = Attempt(request.metrics.arm(arm.name), enforce)
+        attempt = Attempt(request.metrics.arm(arm.name, "primary", request.cohort), enforce)
         attempt.metrics.inflight.inc()
         error: GatewayError | None = None
         result = "client_closed"

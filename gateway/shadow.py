@@ -104,7 +104,7 @@ class Shadows:
     ) -> None:
         """One shadow call: consumed here (a stream as a stream), validated and compared, never sent to the
         client, never raised. Cancelled at shutdown."""
-        attempt = Attempt(request.metrics.arm(arm.name, "mirror"), ())
+        attempt = Attempt(request.metrics.arm(arm.name, "mirror", request.cohort), ())
         attempt.metrics.inflight.inc()
         error: GatewayError | None = None
         result = "client_closed"

@@ -51,13 +51,13 @@ class Metrics:
         self.requests = Counter(
             "canarygate_requests",
             "Upstream attempts and rejected requests, by outcome",
-            [*per_arm, "outcome"],
+            [*per_arm, "outcome", "cohort"],
             registry=r,
         )
         self.duration = Histogram(
             "canarygate_request_duration_seconds",
             "Time of each attempt at the gateway, from its start to its last byte",
-            per_arm,
+            [*per_arm, "cohort"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -91,12 +91,15 @@ class Metrics:
             registry=r,
         )
         self.validation_failures = Counter(
-            "canarygate_validation_failures", "Answers that failed validation", [*per_arm, "kind"], registry=r
+            "canarygate_validation_failures",
+            "Answers that failed validation",
+            [*per_arm, "kind", "cohort"],
+            registry=r,
         )
         self.fallbacks = Counter(
             "canarygate_fallbacks",
             "Requests answered by base instead of the candidate",
-            ["route", "reason"],
+            ["route", "reason", "cohort"],
             registry=r,
         )
         self.mirror = Counter(
@@ -232,7 +235,7 @@ class Metrics:
 
     def rejected(self, route: str) -> None:
         if self.enabled:
-            self.requests.labels(route, "none", "primary", "rejected").inc()
+            self.requests.labels(route, "none", "primary", "rejected", "all").inc()
 
     def exposition(self) -> tuple[bytes, str]:
         if self.multiprocess:
@@ -262,15 +265,15 @@ class ArmMetrics:
         "validation",
     )
 
-    def __init__(self, m: Metrics, route: str, arm: str, mode: str) -> None:
-        self.outcomes = {o: m.requests.labels(route, arm, mode, o) for o in OUTCOMES}
-        self.duration = m.duration.labels(route, arm, mode)
+    def __init__(self, m: Metrics, route: str, arm: str, mode: str, cohort: str) -> None:
+        self.outcomes = {o: m.requests.labels(route, arm, mode, o, cohort) for o in OUTCOMES}
+        self.duration = m.duration.labels(route, arm, mode, cohort)
         self.ttft = m.ttft.labels(route, arm, mode)
         self.tokens_in = m.tokens.labels(route, arm, mode, "input")
         self.tokens_out = m.tokens.labels(route, arm, mode, "output")
         self.cost = m.cost.labels(route, arm, mode)
         self.usage_missing = m.usage_missing.labels(route, arm, mode)
-        self.validation = {k: m.validation_failures.labels(route, arm, mode, k) for k in KINDS}
+        self.validation = {k: m.validation_failures.labels(route, arm, mode, k, cohort) for k in KINDS}
         self.inflight = m.inflight.labels(route, arm)
 
 
@@ -289,12 +292,22 @@ class RouteMetrics:
 
     def __init__(self, m: Metrics, route: Route) -> None:
         name = route.name
-        self.arms = {(arm, mode): ArmMetrics(m, name, arm, mode) for arm in ARMS for mode in MODES}
-        self.fallbacks = {reason: m.fallbacks.labels(name, reason) for reason in FALLBACK_REASONS}
+        cohorts = route.cohorts.names if route.cohorts is not None else ("all",)
+        self.arms = {
+            (arm, mode, cohort): ArmMetrics(m, name, arm, mode, cohort)
+            for arm in ARMS
+            for mode in MODES
+            for cohort in cohorts
+        }
+        self.fallbacks = {
+            (reason, cohort): m.fallbacks.labels(name, reason, cohort)
+            for reason in FALLBACK_REASONS
+            for cohort in cohorts
+        }
         self.overhead = m.overhead.labels(name)
         self.circuit = m.circuit_open.labels(name, "candidate")
         m.circuit_open.labels(name, "base").set(0)
-        m.requests.labels(name, "none", "primary", "rejected")
+        m.requests.labels(name, "none", "primary", "rejected", "all")
         self.mirror = {outcome: m.mirror.labels(name, outcome) for outcome in MIRROR_OUTCOMES}
         self.agreement = {
             (check, result): m.mirror_agreement.labels(name, check, result)
@@ -309,8 +322,8 @@ class RouteMetrics:
         self.latency_ratio = m.mirror_latency_ratio.labels(name)
         self.tokens_ratio = m.mirror_tokens_ratio.labels(name)
 
-    def arm(self, arm: str, mode: str = "primary") -> ArmMetrics:
-        return self.arms[(arm, mode)]
+    def arm(self, arm: str, mode: str = "primary", cohort: str = "all") -> ArmMetrics:
+        return self.arms[(arm, mode, cohort)]
 
 
 class _Null:
@@ -341,15 +354,26 @@ class _NullArm:
 class _NullRoute:
     def __init__(self) -> None:
         null: Any = _Null()
-        self.arms = {(arm, mode): _NullArm() for arm in ARMS for mode in MODES}
-        self.fallbacks = {reason: null for reason in FALLBACK_REASONS}
+        self.arms: dict[tuple[str, str], Any] = {(arm, mode): _NullArm() for arm in ARMS for mode in MODES}
+        self.fallbacks: Any = _AnyKey(null)
         self.mirror = {outcome: null for outcome in MIRROR_OUTCOMES}
         self.agreement = {(c, r): null for c in MIRROR_CHECKS for r in ("agree", "disagree")}
         self.noise = dict(self.agreement)
         self.overhead = self.circuit = self.latency_ratio = self.tokens_ratio = null
 
-    def arm(self, arm: str, mode: str = "primary") -> Any:
+    def arm(self, arm: str, mode: str = "primary", cohort: str = "all") -> Any:
         return self.arms[(arm, mode)]
+
+
+class _AnyKey(dict[Any, Any]):
+    """Every key holds the same null child."""
+
+    def __init__(self, null: Any) -> None:
+        super().__init__()
+        self._null = null
+
+    def __missing__(self, key: Any) -> Any:
+        return self._null
 
 
 NULL_ROUTE: Any = _NullRoute()

@@ -129,3 +129,31 @@ def test_api_key_groups_come_from_the_keys_file(
 
     assert arm("sk-acme-1") == "base"  # the enterprise group is left out of the rollout
     assert arm("sk-free-1") == "candidate"
+
+
+def test_metrics_carry_the_cohort_and_stay_bounded_under_thousands_of_values(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    from tests.test_metrics import scrape, value
+
+    text = policy_yaml("chat", sims[0].url, sims[1].url, weight=50)
+    text += "cohorts: {source: header:x-tenant, values: [acme, globex]}\n"
+    gw = make_gateway({"chat": text})
+    before = scrape(gw.url)
+    with httpx.Client(timeout=10) as client:
+        for i in range(1000):
+            tenant = "acme" if i % 10 == 0 else f"tenant-{i}"  # 900 distinct unlisted values
+            body = {"model": "chat", "user": f"u{i}", "messages": [{"role": "user", "content": "hi"}]}
+            response = client.post(f"{gw.url}/v1/chat/completions", json=body, headers={"x-tenant": tenant})
+            assert response.status_code == 200
+    after = scrape(gw.url)
+    assert set(after) == set(before)  # every series existed before: no label value came from a client
+    cohorts = {dict(labels).get("cohort") for name, labels in after if name == "canarygate_requests_total"}
+    assert cohorts == {"acme", "globex", "other", "all"}  # "all": requests rejected before a cohort
+    served = {
+        cohort: value(
+            after, "canarygate_requests_total", route="chat", mode="primary", outcome="ok", cohort=cohort
+        )
+        for cohort in ("acme", "globex", "other")
+    }
+    assert served == {"acme": 100, "globex": 0, "other": 900}

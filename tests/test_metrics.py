@@ -24,7 +24,16 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def value(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
-    return samples[(name, tuple(sorted(labels.items())))]  # type: ignore[no-any-return]
+    """The sample with exactly these labels, or the sum over the series that carry them and more
+    (e.g. every cohort), as `sum` without those labels would give in PromQL."""
+    exact = samples.get((name, tuple(sorted(labels.items()))))
+    if exact is not None:
+        return exact  # type: ignore[no-any-return]
+    wanted = set(labels.items())
+    matching = [v for (n, ls), v in samples.items() if n == name and wanted <= set(ls)]
+    if not matching:
+        raise KeyError((name, labels))
+    return sum(matching)
 
 
 def test_exact_values_after_mixed_traffic(sims: tuple[Sim, Sim], make_gateway: GatewayFactory) -> None:
