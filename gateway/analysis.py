@@ -89,6 +89,7 @@ class Verdict:
     n_candidate: int
     critical: bool
     reason: str
+    cohort: str = "all"  # a segment's verdict names its cohort
 
 
 def boundary(n: float, alpha: float, n_star: float) -> float:

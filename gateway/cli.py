@@ -358,17 +358,22 @@ def _compare(args: argparse.Namespace) -> int:
             f"candidate measured as {answer['candidate_measured_as']}"
         )
         print(
-            f"\n{'gate':<28}{'verdict':<9}{'value':>10}  {'interval':<22}{'threshold':>10}"
+            f"\n{'gate':<38}{'verdict':<9}{'value':>10}  {'interval':<22}{'threshold':>10}"
             f"{'n base':>9}{'n cand':>9}"
         )
         for gate in answer["gates"]:
             ratio, ceiling = gate["gate"].endswith("_ratio"), gate["gate"] == "fallback_rate"
             shown = _ratio if ratio else _pct if ceiling else _points
-            name = gate["gate"] + (" *" if gate["critical"] else "")
+            cohort = gate.get("cohort", "all")
+            name = (
+                gate["gate"]
+                + (" *" if gate["critical"] else "")
+                + ("" if cohort == "all" else f" [{cohort}]")
+            )
             interval = f"[{shown(gate['low'])}, {shown(gate['high'])}]" if gate["low"] is not None else "-"
             threshold = shown(gate["threshold"])
             print(
-                f"{name:<28}{gate['result']:<9}{shown(gate['value']):>10}  {interval:<22}{threshold:>10}"
+                f"{name:<38}{gate['result']:<9}{shown(gate['value']):>10}  {interval:<22}{threshold:>10}"
                 f"{gate['n_base']:>9}{gate['n_candidate']:>9}"
             )
         print("  * critical: a failure rolls back at once")

@@ -170,7 +170,7 @@ class Proxy:
                 request.metrics.circuit.set(1)
             reply.fallback = reason
             request.metrics.fallbacks[(reason, request.cohort)].inc()
-            self._stats.fallback(route, attempted=reason != CIRCUIT_OPEN)
+            self._stats.fallback(route, reason != CIRCUIT_OPEN, request.cohort)
         else:
             for kind in shadows:
                 self.shadows.start(request, reply.request_id, kind)
@@ -257,6 +257,7 @@ class Proxy:
                     attempt.output_tokens,
                     attempt.ttft_s,
                     attempt.cost,
+                    request.cohort,
                 )
             if request.pairs and arm.name == "base":
                 observation = attempt.observation(failed=result != "ok")

@@ -127,7 +127,21 @@ async def analyse(state: State, route: Route, current: RouteState) -> Analysis |
     fresh = sum(arms.get(arm, ArmWindow()).requests for i, arms in stored.items() if i >= step_interval)
     previous = stored.get(now_interval - 1, {})
     last = (previous.get("base", ArmWindow()), previous.get(arm, ArmWindow()))
-    verdicts = judge(auto.gates, base, candidate, confidence=auto.confidence, min_samples=auto.min_samples)
+    segments = auto.segments if route.cohorts is not None else None
+    cohorts = route.cohorts.names if route.cohorts is not None and segments is not None else ()
+    # The error budget is shared by the aggregate and every cohort that may be judged alone.
+    confidence = 1 - (1 - auto.confidence) / (1 + len(cohorts))
+    verdicts = judge(auto.gates, base, candidate, confidence=confidence, min_samples=auto.min_samples)
+    total = base.requests + candidate.requests
+    for cohort in cohorts:
+        b, c = ArmWindow(), ArmWindow()
+        for arms in stored.values():
+            b.merge(arms.get(f"base@{cohort}", ArmWindow()))
+            c.merge(arms.get(f"{arm}@{cohort}", ArmWindow()))
+        assert segments is not None
+        if total and (b.requests + c.requests) / total >= segments.min_share:
+            judged = judge(auto.gates, b, c, confidence=confidence, min_samples=auto.min_samples)
+            verdicts.extend(replace(v, cohort=cohort) for v in judged)
     return Analysis(route.name, current.phase, arm, verdicts, (base, candidate), last, auto.interval_s, fresh)
 
 
@@ -192,7 +206,9 @@ class Controller:
         self._judged[route.name] = (current.version, now if interval_end else judged)
         if decision == "rollback":
             failed = [v for v in analysis.verdicts if v.result == "fail"]
-            reason = "; ".join(f"{v.gate} {v.reason}" for v in failed)
+            reason = "; ".join(
+                f"{v.gate}{'' if v.cohort == 'all' else f' [cohort {v.cohort}]'} {v.reason}" for v in failed
+            )
             await self._rollouts.rollback(route.name, "controller", f"gate failed: {reason}")
         elif decision == "advance" and analysis.fresh > 0:
             await self._advance(route, current, auto.steps or [])

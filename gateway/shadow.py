@@ -158,6 +158,7 @@ class Shadows:
                     attempt.output_tokens,
                     attempt.ttft_s,
                     attempt.cost,
+                    request.cohort,
                 )
             if error is not None:
                 request.metrics.mirror["error"].inc()

@@ -1,7 +1,9 @@
 """A simulated OpenAI-compatible model server (vLLM-shaped) with failure knobs, for tests, demo and bench.
 
-Knobs are set per instance and per model name; GET/PUT /sim/knobs changes them live, /sim/stats and
-/sim/requests show what arrived (tests use them to see what the gateway really sent upstream).
+Knobs are set per instance and per model name, and per "MODEL@PROFILE" for requests whose body says
+`metadata: {sim_profile: PROFILE}` (one intent or tenant behaving differently). GET/PUT /sim/knobs
+changes them live, /sim/stats and /sim/requests show what arrived (tests use them to see what the
+gateway really sent upstream).
 """
 
 from __future__ import annotations
@@ -43,7 +45,11 @@ class Simulator:
         self.hangs = Counter({"started": 0, "released": 0})
         self.recent: deque[dict[str, Any]] = deque(maxlen=200)
 
-    def knobs(self, model: str) -> Knobs:
+    def knobs(self, model: str, body: dict[str, Any] | None = None) -> Knobs:
+        metadata = body.get("metadata") if body is not None else None
+        profile = metadata.get("sim_profile") if isinstance(metadata, dict) else None
+        if isinstance(profile, str) and f"{model}@{profile}" in self.models:
+            return self.models[f"{model}@{profile}"]
         return self.models.get(model, self.default)
 
     def app(self) -> Starlette:
@@ -68,7 +74,7 @@ class Simulator:
         body, failure = await self._admit(request, "chat", "messages")
         if failure is not None:
             return failure
-        model, knobs = body["model"], self.knobs(body["model"])
+        model, knobs = body["model"], self.knobs(body["model"], body)
         prompt = synth.prompt_text(body)
         rng = synth.rng_for(body, model, prompt)
         n = body["n"] if isinstance(body.get("n"), int) and body["n"] > 0 else 1
@@ -95,7 +101,7 @@ class Simulator:
         body, failure = await self._admit(request, "completions", "prompt")
         if failure is not None:
             return failure
-        model, knobs = body["model"], self.knobs(body["model"])
+        model, knobs = body["model"], self.knobs(body["model"], body)
         prompt = synth.prompt_text(body)
         choices = [synth.text(body, knobs, synth.rng_for(body, model, prompt))]
         usage = _usage(prompt, choices)
@@ -127,7 +133,7 @@ class Simulator:
         body, failure = await self._admit(request, "embeddings", "input")
         if failure is not None:
             return failure
-        model, knobs = body["model"], self.knobs(body["model"])
+        model, knobs = body["model"], self.knobs(body["model"], body)
         raw = body["input"]
         inputs = (
             [raw]
@@ -177,7 +183,7 @@ class Simulator:
             return {}, _error(400, f"'model' and '{field}' are required", "invalid_request_error")
         self.requests[f"{endpoint}:{body['model']}"] += 1
         self.recent.append({"endpoint": endpoint, "headers": dict(request.headers), "body": body})
-        knobs = self.knobs(body["model"])
+        knobs = self.knobs(body["model"], body)
         rng = random.Random()
         if rng.random() < knobs.hang_rate:
             self.hangs["started"] += 1

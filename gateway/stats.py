@@ -19,6 +19,10 @@ ERRORS = frozenset({"upstream_error", "timeout"})
 LIVE = frozenset({"shadow", "progressing", "paused"})
 
 
+def _segmented(route: Route) -> bool:
+    return route.automatic is not None and route.automatic.segments is not None and route.cohorts is not None
+
+
 class Recorder:
     def __init__(self, state: State) -> None:
         self._state = state
@@ -52,10 +56,27 @@ class Recorder:
         output_tokens: int | None,
         ttft_s: float | None,
         cost: float | None = None,
+        cohort: str = "all",
     ) -> None:
-        """One attempt. arm: base, candidate, or shadow (the candidate's mirrored calls)."""
+        """One attempt. arm: base, candidate, or shadow (the candidate's mirrored calls). With
+        rollout.segments, counted for its cohort too (arm "candidate@billing")."""
         if outcome == "client_closed" or not self._live(route):
             return  # the client left (no verdict on the arm), or nothing is being judged
+        self._count(route, arm, outcome, duration_s, invalid, output_tokens, ttft_s, cost)
+        if _segmented(route):
+            self._count(route, f"{arm}@{cohort}", outcome, duration_s, invalid, output_tokens, ttft_s, cost)
+
+    def _count(
+        self,
+        route: Route,
+        arm: str,
+        outcome: str,
+        duration_s: float,
+        invalid: bool,
+        output_tokens: int | None,
+        ttft_s: float | None,
+        cost: float | None,
+    ) -> None:
         window = self._window(route, arm)
         assert window is not None
         window.requests += 1
@@ -76,10 +97,13 @@ class Recorder:
             bucket = bucket_of(ttft_s)
             window.ttft[bucket] = window.ttft.get(bucket, 0) + 1
 
-    def fallback(self, route: Route, attempted: bool) -> None:
+    def fallback(self, route: Route, attempted: bool, cohort: str = "all") -> None:
         """Base answered a request assigned to the candidate (attempted=False: its circuit was open)."""
-        window = self._window(route, "candidate") if self._live(route) else None
-        if window is not None:
+        if not self._live(route):
+            return
+        for arm in ("candidate", f"candidate@{cohort}") if _segmented(route) else ("candidate",):
+            window = self._window(route, arm)
+            assert window is not None
             window.fallbacks += 1
             if not attempted:
                 window.requests += 1

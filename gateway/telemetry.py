@@ -229,6 +229,8 @@ class Metrics:
         if not self.enabled:
             return
         for verdict in analysis.verdicts:
+            if verdict.cohort != "all":
+                continue  # per-cohort verdicts: in compare and the analysis endpoint
             if verdict.value is not None:
                 self.gate_value.labels(analysis.route, verdict.gate).set(verdict.value)
             self.gate_threshold.labels(analysis.route, verdict.gate).set(verdict.threshold)
