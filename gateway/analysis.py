@@ -59,6 +59,9 @@ class ArmWindow:
     token_answers: int = 0  # answers that reported usage
     cost: float = 0.0
     cost_sq: float = 0.0
+    feedback: int = 0  # feedback received for this arm's answers (in the interval it arrived)
+    negative: int = 0  # of which thumbs down, or a score under 0.5
+    escalated: int = 0
     latency: dict[int, int] = field(default_factory=dict)  # bucket -> count
     ttft: dict[int, int] = field(default_factory=dict)
 
@@ -71,6 +74,9 @@ class ArmWindow:
         self.tokens_sq += other.tokens_sq
         self.token_answers += other.token_answers
         self.cost += other.cost
+        self.feedback += other.feedback
+        self.negative += other.negative
+        self.escalated += other.escalated
         self.cost_sq += other.cost_sq
         for mine, theirs in ((self.latency, other.latency), (self.ttft, other.ttft)):
             for bucket, count in theirs.items():
@@ -276,6 +282,14 @@ def judge(
         elif name == "validation_failure_rate":
             verdict = rate_increase(
                 name, (b.invalid, b.requests), (c.invalid, c.requests), gate.max_increase,
+                alpha=alpha, n_star=n_star, min_samples=min_samples, critical=crit,
+            )  # fmt: skip
+        elif name in ("negative_feedback_rate", "escalation_rate"):
+            events = (
+                (b.negative, c.negative) if name == "negative_feedback_rate" else (b.escalated, c.escalated)
+            )
+            verdict = rate_increase(
+                name, (events[0], b.feedback), (events[1], c.feedback), gate.max_increase,
                 alpha=alpha, n_star=n_star, min_samples=min_samples, critical=crit,
             )  # fmt: skip
         elif name == "fallback_rate":

@@ -38,6 +38,7 @@ from gateway.errors import (
     Unavailable,
     log_error,
 )
+from gateway.feedback import Assignments, Feedback, FeedbackIn
 from gateway.pairs import MemoryPairStore, PairStore, RedisPairStore
 from gateway.proxy import Proxy
 from gateway.rollout import Analysis, Controller, Rollouts, analyse, effective
@@ -92,6 +93,8 @@ class Services:
         )
         self.rollouts = Rollouts(self.state, self.routes.compiled, self.tracing)
         self.stats = Recorder(self.state)
+        self.assignments = Assignments(self.state, settings.feedback_ttl_s)
+        self.feedback = Feedback(self.assignments, self.state, self.metrics, self.stats, self.routes.compiled)
         self.controller = Controller(
             self.state, self.rollouts, self._automatic, on_analysis=self.metrics.gates
         )
@@ -108,6 +111,7 @@ class Services:
             self.spawner,
             self.pairs,
             self.stats,
+            self.assignments,
         )
 
     def _automatic(self) -> list[Route]:
@@ -159,6 +163,7 @@ class Services:
         self._show_rollouts()
         await self.upstream.start()
         self.spawner.spawn(self.stats.run(), name="stats-flush")
+        self.spawner.spawn(self.assignments.run(), name="assignments-flush")
         self.spawner.spawn(self.controller.run(), name="rollout-controller")
         if self.settings.watch_policies:
             self.spawner.spawn(self.routes.watch(), name="policy-watch")
@@ -175,6 +180,7 @@ class Services:
         await self.spawner.close()
         with contextlib.suppress(StateUnavailable):
             await self.stats.flush()
+            await self.assignments.flush()
         await self.state.close()
         await self.pairs.close()
         await self.upstream.close()
@@ -342,6 +348,12 @@ def _api(services: Services) -> FastAPI:
     @api.get("/readyz")
     async def readyz() -> JSONResponse:
         return await _readiness(services)
+
+    @api.post("/v1/feedback", dependencies=[Depends(authenticated)])
+    @api.post("/feedback", dependencies=[Depends(authenticated)], include_in_schema=False)
+    async def feedback(given: FeedbackIn) -> dict[str, object]:
+        """Thumbs up/down (or a score in [0, 1]) on an earlier answer, by its x-request-id."""
+        return await services.feedback.record(given)
 
     @api.get("/v1/models", dependencies=[Depends(authenticated)])
     async def models() -> dict[str, Any]:

@@ -368,6 +368,8 @@ class Gates(Strict):
     ttft_p50_ratio: RatioGate | None = None
     output_tokens_ratio: RatioGate | None = None
     cost_per_request_ratio: RatioGate | None = None
+    negative_feedback_rate: RateGate | None = None  # over the feedback received, not the requests
+    escalation_rate: RateGate | None = None
 
 
 DEFAULT_GATES = Gates(

@@ -40,6 +40,7 @@ from gateway.errors import (
     log_error,
 )
 from gateway.fallback import CIRCUIT_OPEN, Guards, reason_for
+from gateway.feedback import Assignments
 from gateway.http1 import Response
 from gateway.pairs import PairStore
 from gateway.route import Route, RouteArm
@@ -71,9 +72,11 @@ class Proxy:
         spawner: Spawner,
         pairs: PairStore,
         stats: Recorder,
+        assignments: Assignments,
     ) -> None:
         self._routes = routes
         self._stats = stats
+        self._assignments = assignments
         self._upstream = upstream
         self._api_keys = api_keys
         self._max_body = max_body_bytes
@@ -136,6 +139,11 @@ class Proxy:
         finally:
             if request is not None:
                 request.metrics.overhead.observe(time.perf_counter() - started - request.upstream_s)
+                if reply.status == 200 and reply.arm is not None:  # an answer: it may get feedback
+                    route = request.route
+                    self._assignments.remember(
+                        reply.request_id, route.name, reply.arm, request.cohort, route.rollout_key
+                    )
             if span is not None:
                 self._tracing.end_server(span, reply.arm, reply.fallback, reply.status, failure)
 

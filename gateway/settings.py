@@ -29,6 +29,7 @@ class Settings:
     redis_url: str | None = field(default=None, repr=False)  # may carry a password
     redis_prefix: str = "canarygate:"
     admin_token: str | None = field(default=None, repr=False)
+    feedback_ttl_s: float = 86400.0  # how long an answer takes feedback
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -46,6 +47,7 @@ class Settings:
             redis_url=env.get("CANARYGATE_REDIS_URL") or None,
             redis_prefix=env.get("CANARYGATE_REDIS_PREFIX", "canarygate:"),
             admin_token=env.get("CANARYGATE_ADMIN_TOKEN") or None,
+            feedback_ttl_s=_float(env, "CANARYGATE_FEEDBACK_TTL_S", 86400.0),
         )
 
 

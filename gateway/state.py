@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
@@ -30,6 +31,7 @@ log = logging.getLogger("gateway.state")
 Phase = Literal["shadow", "progressing", "paused", "promoted", "rolled_back", "manual"]
 PHASES: tuple[Phase, ...] = ("shadow", "progressing", "paused", "promoted", "rolled_back", "manual")
 HISTORY = 50  # transitions kept per route
+MEMORY_RECORDS = 200_000  # request id -> assignment records kept in memory (the oldest go first)
 StatsKey = tuple[str, str, int, str]  # route, rollout, interval number, arm ("base", "candidate", "shadow")
 POLL_S = 1.0
 
@@ -140,6 +142,15 @@ class State(Protocol):
     async def lead(self, owner: str, ttl_s: float) -> bool:
         """Take or renew the controller lease; True while owner holds it."""
 
+    async def remember(self, records: Mapping[str, bytes], ttl_s: float) -> None:
+        """Keep request id -> assignment records (who answered) for ttl_s, for feedback."""
+
+    async def recall(self, request_id: str) -> bytes | None:
+        """The assignment record of a request id, or None when unknown or expired."""
+
+    async def first_feedback(self, request_id: str, ttl_s: float) -> bool:
+        """True the first time feedback arrives for this request id, False on a repeat."""
+
     def on_change(self, callback: Callable[[RouteState], object]) -> None: ...
 
     def health(self) -> dict[str, Any]: ...
@@ -156,6 +167,8 @@ class MemoryState:
         self._states: dict[str, RouteState] = {}
         self._callbacks: list[Callable[[RouteState], object]] = []
         self._stats: dict[tuple[str, str], dict[int, dict[str, ArmWindow]]] = {}
+        self._records: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._feedback: OrderedDict[str, float] = OrderedDict()
 
     def current(self, route: str) -> RouteState | None:
         return self._states.get(route)
@@ -184,6 +197,28 @@ class MemoryState:
 
     async def lead(self, owner: str, ttl_s: float) -> bool:
         return True  # one process: it is the controller
+
+    async def remember(self, records: Mapping[str, bytes], ttl_s: float) -> None:
+        expires = time.monotonic() + ttl_s
+        for request_id, record in records.items():
+            self._records[request_id] = (expires, record)
+        while len(self._records) > MEMORY_RECORDS:
+            self._records.popitem(last=False)  # the oldest first: they expire first anyway
+
+    async def recall(self, request_id: str) -> bytes | None:
+        found = self._records.get(request_id)
+        if found is None or found[0] < time.monotonic():
+            return None
+        return found[1]
+
+    async def first_feedback(self, request_id: str, ttl_s: float) -> bool:
+        now = time.monotonic()
+        if self._feedback.get(request_id, 0.0) > now:
+            return False
+        self._feedback[request_id] = now + ttl_s
+        while len(self._feedback) > MEMORY_RECORDS:
+            self._feedback.popitem(last=False)
+        return True
 
     async def write(self, new: RouteState, expect_version: int) -> None:
         stored = self._states.get(new.route)
@@ -229,7 +264,10 @@ if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
 return 0
 """
 STATS_TTL_S = 7 * 86400
-_COUNTS = ("requests", "errors", "invalid", "fallbacks", "tokens", "token_answers")
+_COUNTS = (
+    "requests", "errors", "invalid", "fallbacks", "tokens", "token_answers",
+    "feedback", "negative", "escalated",
+)  # fmt: skip
 _FLOATS = ("tokens_sq", "cost", "cost_sq")
 
 
@@ -336,6 +374,34 @@ class RedisState:
             if fields:
                 out[interval] = _windows(fields)
         return out
+
+    async def remember(self, records: Mapping[str, bytes], ttl_s: float) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for request_id, record in records.items():
+            pipe.set(f"{self._prefix}request:{request_id}", record, ex=max(1, int(ttl_s)))
+        try:
+            await pipe.execute()
+        except RedisError as exc:
+            self._failed(exc)
+            raise StateUnavailable(str(exc)) from exc
+
+    async def recall(self, request_id: str) -> bytes | None:
+        try:
+            found = await self._redis.get(f"{self._prefix}request:{request_id}")
+        except RedisError as exc:
+            self._failed(exc)
+            raise StateUnavailable(str(exc)) from exc
+        if found is None:
+            return None
+        return found if isinstance(found, bytes) else str(found).encode()
+
+    async def first_feedback(self, request_id: str, ttl_s: float) -> bool:
+        key = f"{self._prefix}feedback:{request_id}"
+        try:
+            return bool(await self._redis.set(key, b"1", nx=True, ex=max(1, int(ttl_s))))
+        except RedisError as exc:
+            self._failed(exc)
+            raise StateUnavailable(str(exc)) from exc
 
     async def lead(self, owner: str, ttl_s: float) -> bool:
         try:

@@ -108,6 +108,17 @@ class Recorder:
             if not attempted:
                 window.requests += 1
 
+    def feedback(self, route: Route, arm: str, cohort: str, negative: bool, escalated: bool) -> None:
+        """Feedback on an answer of this rollout, counted in the interval it arrives."""
+        if not self._live(route):
+            return
+        for key in (arm, f"{arm}@{cohort}") if _segmented(route) else (arm,):
+            window = self._window(route, key)
+            assert window is not None
+            window.feedback += 1
+            window.negative += negative
+            window.escalated += escalated
+
     async def flush(self) -> None:
         batch, self._pending = self._pending, {}
         if not batch:

@@ -172,6 +172,12 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.feedback_total = Counter(
+            "canarygate_feedback",
+            "User feedback on answers, credited to the arm and cohort that served them",
+            ["route", "arm", "cohort", "value"],
+            registry=r,
+        )
         self.state_sync_errors = Counter(
             "canarygate_state_sync_errors",
             "Failed reads or writes of the shared rollout state (Redis); the last state seen keeps serving",
@@ -234,6 +240,13 @@ class Metrics:
             if verdict.value is not None:
                 self.gate_value.labels(analysis.route, verdict.gate).set(verdict.value)
             self.gate_threshold.labels(analysis.route, verdict.gate).set(verdict.threshold)
+
+    def feedback(self, route: str, arm: str, cohort: str, negative: bool, escalated: bool) -> None:
+        if not self.enabled:
+            return
+        self.feedback_total.labels(route, arm, cohort, "negative" if negative else "positive").inc()
+        if escalated:
+            self.feedback_total.labels(route, arm, cohort, "escalated").inc()
 
     def rejected(self, route: str) -> None:
         if self.enabled:
@@ -307,6 +320,10 @@ class RouteMetrics:
             for cohort in cohorts
         }
         self.overhead = m.overhead.labels(name)
+        for arm in ARMS:
+            for cohort in cohorts:
+                for value in ("positive", "negative", "escalated"):
+                    m.feedback_total.labels(name, arm, cohort, value)
         self.circuit = m.circuit_open.labels(name, "candidate")
         m.circuit_open.labels(name, "base").set(0)
         m.requests.labels(name, "none", "primary", "rejected", "all")

@@ -1,0 +1,141 @@
+"""User feedback on answers, attributed to the route, arm and cohort that served them.
+
+Every answered request leaves an assignment record (request id -> route, arm, cohort, rollout), written
+to the state store in batches once a second with a TTL. POST /v1/feedback names a request id; the
+record says whom to credit. Feedback counts once per request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Annotated, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.errors import NotFound, Unavailable
+from gateway.route import Route
+from gateway.state import State, StateUnavailable
+from gateway.stats import Recorder
+from gateway.telemetry import Metrics
+
+log = logging.getLogger("gateway.feedback")
+
+FLUSH_S = 1.0
+MAX_PENDING = 100_000
+
+
+class FeedbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(pattern=r"^[\x21-\x7e]{1,128}$", description="x-request-id of the answer")
+    score: Literal["up", "down"] | Annotated[float, Field(ge=0, le=1)] = Field(
+        description='"up", "down", or a number in [0, 1] (under 0.5 counts as negative)'
+    )
+    escalated: bool = False
+    comment: str | None = Field(default=None, max_length=2000)
+
+    def negative(self) -> bool:
+        if isinstance(self.score, str):
+            return self.score == "down"
+        return self.score < 0.5
+
+
+class Assignments:
+    def __init__(self, state: State, ttl_s: float) -> None:
+        self._state = state
+        self.ttl_s = ttl_s
+        self._pending: dict[str, tuple[str, str, str, str]] = {}
+
+    def remember(self, request_id: str, route: str, arm: str, cohort: str, rollout: str) -> None:
+        """An answered request (cheap: serialised at the next flush, not on the request's path)."""
+        if len(self._pending) < MAX_PENDING:
+            self._pending[request_id] = (route, arm, cohort, rollout)
+
+    async def recall(self, request_id: str) -> dict[str, str] | None:
+        pending = self._pending.get(request_id)
+        if pending is not None:
+            return _record(pending)
+        raw = await self._state.recall(request_id)
+        return orjson.loads(raw) if raw is not None else None
+
+    async def flush(self) -> None:
+        batch, self._pending = self._pending, {}
+        if not batch:
+            return
+        records = {rid: orjson.dumps(_record(r)) for rid, r in batch.items()}
+        try:
+            await self._state.remember(records, self.ttl_s)
+        except StateUnavailable:
+            if len(batch) + len(self._pending) <= MAX_PENDING:
+                self._pending = {**batch, **self._pending}
+            else:
+                log.warning("state store unreachable: %d answers will not take feedback", len(batch))
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            await self.flush()
+
+
+def _record(values: tuple[str, str, str, str]) -> dict[str, str]:
+    route, arm, cohort, rollout = values
+    return {"route": route, "arm": arm, "cohort": cohort, "rollout": rollout}
+
+
+class Feedback:
+    def __init__(
+        self,
+        assignments: Assignments,
+        state: State,
+        metrics: Metrics,
+        stats: Recorder,
+        routes: Callable[[str], Route | None],
+    ) -> None:
+        self._assignments = assignments
+        self._state = state
+        self._metrics = metrics
+        self._stats = stats
+        self._routes = routes
+
+    async def record(self, given: FeedbackIn) -> dict[str, object]:
+        try:
+            found = await self._assignments.recall(given.request_id)
+            if found is None:
+                hours = self._assignments.ttl_s / 3600
+                raise NotFound(
+                    f"no answer with request id {given.request_id!r} in the last {hours:g} h: send the "
+                    "x-request-id header of a response this gateway gave (CANARYGATE_FEEDBACK_TTL_S)",
+                    code="request_not_found",
+                    param="request_id",
+                )
+            first = await self._state.first_feedback(given.request_id, self._assignments.ttl_s)
+        except StateUnavailable as exc:
+            raise Unavailable("the state store (Redis) cannot be reached: feedback was not recorded") from exc
+        route, arm, cohort = found["route"], found["arm"], found["cohort"]
+        if first:
+            negative = given.negative()
+            self._metrics.feedback(route, arm, cohort, negative, given.escalated)
+            current = self._routes(route)
+            if current is not None and current.rollout_key == found.get("rollout"):
+                self._stats.feedback(current, arm, cohort, negative, given.escalated)
+            log.info(
+                "request_id=%s route=%s arm=%s cohort=%s feedback %s%s%s",
+                given.request_id,
+                route,
+                arm,
+                cohort,
+                "negative" if negative else "positive",
+                ", escalated" if given.escalated else "",
+                f": {given.comment[:500]!r}" if given.comment else "",
+            )
+        return {
+            "object": "feedback",
+            "request_id": given.request_id,
+            "route": route,
+            "arm": arm,
+            "cohort": cohort,
+            "recorded": first,  # False: feedback for this request id was already counted
+        }
