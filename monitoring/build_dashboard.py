@@ -17,6 +17,8 @@ ERRORS = 'outcome=~"upstream_error|timeout|invalid_output"'
 
 def rate(metric: str, labels: str = "") -> str:
     selector = f"{SEL}, {labels}" if labels else SEL
+    if metric.removesuffix("_bucket") in COHORTED:
+        selector += f", {COHORT}"
     return f"rate({metric}{{{selector}}}[{WINDOW}])"
 
 
@@ -34,6 +36,10 @@ FALLBACKS = "canarygate_fallbacks_total"
 VALIDATION = "canarygate_validation_failures_total"
 DURATION = "canarygate_request_duration_seconds"
 TTFT = "canarygate_time_to_first_token_seconds"
+FEEDBACK = "canarygate_feedback_total"
+COST = "canarygate_cost_total"
+COHORT = 'cohort=~"$cohort"'
+COHORTED = {REQUESTS, FALLBACKS, VALIDATION, DURATION, FEEDBACK}  # the metrics with a cohort label
 
 
 def ratio(numerator: str, denominator: str) -> str:
@@ -77,6 +83,13 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Rollout gates: measured value and threshold (controller's latest judgement)", "none", [
         (f"max by (route, gate) (canarygate_gate_value{{{SEL}}})", "{{route}} {{gate}}"),
         (f"max by (route, gate) (canarygate_gate_threshold{{{SEL}}})", "{{route}} {{gate}} threshold")]),
+    ("Negative feedback share by arm (thumbs down, of the feedback received)", "percentunit", [
+        (ratio(by("arm", rate(FEEDBACK, 'value="negative"')),
+               by("arm", rate(FEEDBACK, 'value!="escalated"'))), "{{arm}}")]),
+    ("Cost per answer by arm, and shadow cost", "none", [
+        (ratio(by("arm", rate(COST, PRIMARY)),
+               by("arm", rate(REQUESTS, f'{PRIMARY}, outcome=~"ok|invalid_output"'))), "{{arm}} per answer"),
+        (by("arm", rate(COST, 'mode="mirror"')), "{{arm}} shadow cost / s")]),
     ("Circuit open (1) by route and arm", "none", [
         (f"max by (route, arm) (canarygate_circuit_open{{{SEL}}})", "{{route}} {{arm}}")]),
     ("Shadow agreement by check: candidate vs base, and the noise floor (base vs base)", "percentunit", [
@@ -140,6 +153,24 @@ def dashboard() -> dict[str, Any]:
                     "datasource": DATASOURCE,
                     "query": {"query": "label_values(canarygate_requests_total, route)", "refId": "routes"},
                     "definition": "label_values(canarygate_requests_total, route)",
+                    "refresh": 2,
+                    "multi": True,
+                    "includeAll": True,
+                    "allValue": ".*",
+                    "current": {},
+                    "sort": 1,
+                    "hide": 0,
+                },
+                {
+                    "name": "cohort",
+                    "label": "Cohort",
+                    "type": "query",
+                    "datasource": DATASOURCE,
+                    "query": {
+                        "query": 'label_values(canarygate_requests_total{route=~"$route"}, cohort)',
+                        "refId": "cohorts",
+                    },
+                    "definition": 'label_values(canarygate_requests_total{route=~"$route"}, cohort)',
                     "refresh": 2,
                     "multi": True,
                     "includeAll": True,
