@@ -207,3 +207,25 @@ def test_a_rollout_transition_is_a_span_with_an_event(sims: tuple[Sim, Sim], tmp
         "canarygate.rollout.reason": "p99 doubled",
         "canarygate.rollout.by": "admin",
     }
+
+
+def test_the_request_span_names_its_cohort(sims: tuple[Sim, Sim], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    text = (
+        policy_yaml("chat", sims[0].url, sims[1].url) + "cohorts: {source: header:x-tenant, values: [acme]}\n"
+    )
+    (tmp_path / "chat.yaml").write_text(text)
+    app = create_app(Settings(policy_dir=tmp_path, watch_policies=False), tracing=Tracing(provider))
+    with BackgroundServer(app) as server:
+        for tenant in ("acme", "someone-else"):
+            body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+            response = httpx.post(
+                f"{server.url}/v1/chat/completions", json=body, headers={"x-tenant": tenant}
+            )
+            assert response.status_code == 200
+    servers = by_kind(exporter.get_finished_spans(), SpanKind.SERVER)
+    assert [s.attributes["canarygate.cohort"] for s in servers] == ["acme", "other"]  # type: ignore[index]
