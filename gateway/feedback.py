@@ -12,7 +12,6 @@ import logging
 from collections.abc import Callable
 from typing import Annotated, Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.errors import NotFound, Unavailable
@@ -24,6 +23,7 @@ from gateway.telemetry import Metrics
 log = logging.getLogger("gateway.feedback")
 
 FLUSH_S = 1.0
+SEPARATOR = "\x1f"
 MAX_PENDING = 100_000
 
 
@@ -59,13 +59,16 @@ class Assignments:
         if pending is not None:
             return _record(pending)
         raw = await self._state.recall(request_id)
-        return orjson.loads(raw) if raw is not None else None
+        if raw is None:
+            return None
+        route, arm, cohort, rollout = raw.split(SEPARATOR)
+        return _record((route, arm, cohort, rollout))
 
     async def flush(self) -> None:
         batch, self._pending = self._pending, {}
         if not batch:
             return
-        records = {rid: orjson.dumps(_record(r)) for rid, r in batch.items()}
+        records = {rid: SEPARATOR.join(r) for rid, r in batch.items()}  # names cannot hold \x1f
         try:
             await self._state.remember(records, self.ttl_s)
         except StateUnavailable:

@@ -91,3 +91,27 @@ def test_feedback_gates_compare_the_share_of_negative_feedback() -> None:
     assert verdicts["negative_feedback_rate"].value == pytest.approx(0.1)
     assert verdicts["escalation_rate"].result == "fail"
     assert verdicts["escalation_rate"].n_candidate == 2000  # rates over feedback received, not requests
+
+
+def test_feedback_through_redis_reaches_another_replica_once(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory, redis_prefix: str
+) -> None:
+    from tests.conftest import REDIS_URL
+
+    shared = {"redis_url": REDIS_URL, "redis_prefix": redis_prefix}
+    answering = make_gateway({"chat": cohort_policy(sims)}, **shared)
+    other = make_gateway({"chat": cohort_policy(sims)}, **shared)
+    rid = ask(answering.url).headers["x-request-id"]
+    time.sleep(1.5)  # the answering replica writes its assignment records once a second
+
+    def feedback(url: str) -> httpx.Response:
+        return httpx.post(f"{url}/v1/feedback", json={"request_id": rid, "score": "down"}, timeout=10)
+
+    first = feedback(other.url)
+    assert first.status_code == 200, first.text
+    assert (first.json()["arm"], first.json()["cohort"], first.json()["recorded"]) == (
+        "candidate",
+        "acme",
+        True,
+    )
+    assert feedback(answering.url).json()["recorded"] is False  # once across replicas
