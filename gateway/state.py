@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
@@ -26,6 +26,7 @@ from gateway.route import Route
 from gateway.tasks import Spawner
 
 log = logging.getLogger("gateway.state")
+V = TypeVar("V")
 
 Phase = Literal["shadow", "progressing", "paused", "promoted", "rolled_back", "manual"]
 PHASES: tuple[Phase, ...] = ("shadow", "progressing", "paused", "promoted", "rolled_back", "manual")
@@ -203,8 +204,7 @@ class MemoryState:
         expires = f"{time.monotonic() + ttl_s:.3f}\x1f"
         for request_id, record in records.items():
             self._records[request_id] = expires + record
-        while len(self._records) > MEMORY_RECORDS:
-            del self._records[next(iter(self._records))]  # the oldest first: they expire first anyway
+        self._records = _newest(self._records)
 
     async def recall(self, request_id: str) -> str | None:
         found = self._records.get(request_id)
@@ -218,8 +218,7 @@ class MemoryState:
         if self._feedback.get(request_id, 0.0) > now:
             return False
         self._feedback[request_id] = now + ttl_s
-        while len(self._feedback) > MEMORY_RECORDS:
-            del self._feedback[next(iter(self._feedback))]
+        self._feedback = _newest(self._feedback)
         return True
 
     async def write(self, new: RouteState, expect_version: int) -> None:
@@ -244,6 +243,14 @@ class MemoryState:
         self._states[state.route] = state
         for callback in self._callbacks:
             callback(state)
+
+
+def _newest(records: dict[str, V]) -> dict[str, V]:
+    """Past the cap, keep the newest MEMORY_RECORDS, rebuilt in one pass once a quarter more came in.
+    (Deleting a dict's oldest entries one by one makes each next lookup of the oldest scan the holes.)"""
+    if len(records) <= MEMORY_RECORDS * 5 // 4:
+        return records
+    return dict(list(records.items())[-MEMORY_RECORDS:])
 
 
 # KEYS[1]: the route's state; KEYS[2]: the change channel. ARGV: new JSON, expected version, route.

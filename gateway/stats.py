@@ -36,15 +36,18 @@ class Recorder:
         state = self._state.current(route.name)
         return state is not None and state.phase in LIVE and state.rollout == route.rollout_key
 
-    def _window(self, route: Route, arm: str) -> ArmWindow | None:
+    def _windows(self, route: Route, arm: str, cohort: str) -> list[ArmWindow]:
+        """This interval's windows for the arm, and for the arm in this cohort with rollout.segments."""
         auto = route.automatic
-        if auto is None:
-            return None
-        key = (route.name, route.rollout_key, int(time.time() // auto.interval_s), arm)
-        window = self._pending.get(key)
-        if window is None:
-            window = self._pending[key] = ArmWindow()
-        return window
+        assert auto is not None  # only live rollouts are counted
+        interval = int(time.time() // auto.interval_s)
+        windows = []
+        for key in (arm, f"{arm}@{cohort}") if _segmented(route) else (arm,):
+            window = self._pending.get((route.name, route.rollout_key, interval, key))
+            if window is None:
+                window = self._pending[(route.name, route.rollout_key, interval, key)] = ArmWindow()
+            windows.append(window)
+        return windows
 
     def record(
         self,
@@ -62,48 +65,30 @@ class Recorder:
         rollout.segments, counted for its cohort too (arm "candidate@billing")."""
         if outcome == "client_closed" or not self._live(route):
             return  # the client left (no verdict on the arm), or nothing is being judged
-        self._count(route, arm, outcome, duration_s, invalid, output_tokens, ttft_s, cost)
-        if _segmented(route):
-            self._count(route, f"{arm}@{cohort}", outcome, duration_s, invalid, output_tokens, ttft_s, cost)
-
-    def _count(
-        self,
-        route: Route,
-        arm: str,
-        outcome: str,
-        duration_s: float,
-        invalid: bool,
-        output_tokens: int | None,
-        ttft_s: float | None,
-        cost: float | None,
-    ) -> None:
-        window = self._window(route, arm)
-        assert window is not None
-        window.requests += 1
-        if outcome in ERRORS:
-            window.errors += 1
-        if invalid:
-            window.invalid += 1
-        if output_tokens is not None:
-            window.tokens += output_tokens
-            window.tokens_sq += output_tokens * output_tokens
-            window.token_answers += 1
-        if cost is not None:
-            window.cost += cost
-            window.cost_sq += cost * cost
-        bucket = bucket_of(duration_s)
-        window.latency[bucket] = window.latency.get(bucket, 0) + 1
-        if ttft_s is not None:
-            bucket = bucket_of(ttft_s)
-            window.ttft[bucket] = window.ttft.get(bucket, 0) + 1
+        latency = bucket_of(duration_s)
+        ttft = bucket_of(ttft_s) if ttft_s is not None else None
+        for window in self._windows(route, arm, cohort):
+            window.requests += 1
+            if outcome in ERRORS:
+                window.errors += 1
+            if invalid:
+                window.invalid += 1
+            if output_tokens is not None:
+                window.tokens += output_tokens
+                window.tokens_sq += output_tokens * output_tokens
+                window.token_answers += 1
+            if cost is not None:
+                window.cost += cost
+                window.cost_sq += cost * cost
+            window.latency[latency] = window.latency.get(latency, 0) + 1
+            if ttft is not None:
+                window.ttft[ttft] = window.ttft.get(ttft, 0) + 1
 
     def fallback(self, route: Route, attempted: bool, cohort: str = "all") -> None:
         """Base answered a request assigned to the candidate (attempted=False: its circuit was open)."""
         if not self._live(route):
             return
-        for arm in ("candidate", f"candidate@{cohort}") if _segmented(route) else ("candidate",):
-            window = self._window(route, arm)
-            assert window is not None
+        for window in self._windows(route, "candidate", cohort):
             window.fallbacks += 1
             if not attempted:
                 window.requests += 1
@@ -112,9 +97,7 @@ class Recorder:
         """Feedback on an answer of this rollout, counted in the interval it arrives."""
         if not self._live(route):
             return
-        for key in (arm, f"{arm}@{cohort}") if _segmented(route) else (arm,):
-            window = self._window(route, key)
-            assert window is not None
+        for window in self._windows(route, arm, cohort):
             window.feedback += 1
             window.negative += negative
             window.escalated += escalated

@@ -115,3 +115,24 @@ def test_feedback_through_redis_reaches_another_replica_once(
         True,
     )
     assert feedback(answering.url).json()["recorded"] is False  # once across replicas
+
+
+def test_in_memory_assignment_records_keep_the_newest_within_their_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    import gateway.state
+
+    monkeypatch.setattr(gateway.state, "MEMORY_RECORDS", 100)
+
+    async def run() -> None:
+        state = gateway.state.MemoryState()
+        for i in range(1000):
+            await state.remember({f"r{i}": f"chat\x1fbase\x1fall\x1f{i}"}, 60)
+            assert len(state._records) <= 125
+        assert await state.recall("r999") == "chat\x1fbase\x1fall\x1f999"
+        assert await state.recall("r0") is None  # the oldest went first
+        assert await state.first_feedback("r999", 60) and not await state.first_feedback("r999", 60)
+
+    asyncio.run(run())
