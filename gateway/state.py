@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
@@ -167,10 +167,8 @@ class MemoryState:
         self._states: dict[str, RouteState] = {}
         self._callbacks: list[Callable[[RouteState], object]] = []
         self._stats: dict[tuple[str, str], dict[int, dict[str, ArmWindow]]] = {}
-        # Plain dicts of strings and floats: the cyclic GC never scans them (an OrderedDict of 200,000
-        # tuples cost milliseconds per full collection). Insertion order gives oldest-first.
-        self._records: dict[str, str] = {}  # request id -> "expiry\x1frecord": str values, never tracked
-        self._feedback: dict[str, float] = {}
+        self._records: Ring[str] = Ring(MEMORY_RECORDS)  # request id -> "expiry\x1frecord"
+        self._feedback: Ring[float] = Ring(MEMORY_RECORDS)  # request id -> until when it counted
 
     def current(self, route: str) -> RouteState | None:
         return self._states.get(route)
@@ -203,8 +201,7 @@ class MemoryState:
     async def remember(self, records: Mapping[str, str], ttl_s: float) -> None:
         expires = f"{time.monotonic() + ttl_s:.3f}\x1f"
         for request_id, record in records.items():
-            self._records[request_id] = expires + record
-        self._records = _newest(self._records)
+            self._records.put(request_id, expires + record)
 
     async def recall(self, request_id: str) -> str | None:
         found = self._records.get(request_id)
@@ -215,10 +212,9 @@ class MemoryState:
 
     async def first_feedback(self, request_id: str, ttl_s: float) -> bool:
         now = time.monotonic()
-        if self._feedback.get(request_id, 0.0) > now:
+        if (self._feedback.get(request_id) or 0.0) > now:
             return False
-        self._feedback[request_id] = now + ttl_s
-        self._feedback = _newest(self._feedback)
+        self._feedback.put(request_id, now + ttl_s)
         return True
 
     async def write(self, new: RouteState, expect_version: int) -> None:
@@ -245,12 +241,29 @@ class MemoryState:
             callback(state)
 
 
-def _newest(records: dict[str, V]) -> dict[str, V]:
-    """Past the cap, keep the newest MEMORY_RECORDS, rebuilt in one pass once a quarter more came in.
-    (Deleting a dict's oldest entries one by one makes each next lookup of the oldest scan the holes.)"""
-    if len(records) <= MEMORY_RECORDS * 5 // 4:
-        return records
-    return dict(list(records.items())[-MEMORY_RECORDS:])
+class Ring(Generic[V]):
+    """The newest `size` entries by key: a ring of keys beside a dict, so the oldest leaves in O(1).
+    (Trimming a dict oldest-first scans the holes deletions leave; rebuilding it stalls the loop.)"""
+
+    def __init__(self, size: int) -> None:
+        self._keys: list[str | None] = [None] * size
+        self._values: dict[str, V] = {}
+        self._next = 0
+
+    def put(self, key: str, value: V) -> None:
+        if key not in self._values:
+            oldest = self._keys[self._next]
+            if oldest is not None:
+                self._values.pop(oldest, None)
+            self._keys[self._next] = key
+            self._next = (self._next + 1) % len(self._keys)
+        self._values[key] = value
+
+    def get(self, key: str) -> V | None:
+        return self._values.get(key)
+
+    def __len__(self) -> int:
+        return len(self._values)
 
 
 # KEYS[1]: the route's state; KEYS[2]: the change channel. ARGV: new JSON, expected version, route.

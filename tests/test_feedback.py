@@ -130,7 +130,7 @@ def test_in_memory_assignment_records_keep_the_newest_within_their_bound(
         state = gateway.state.MemoryState()
         for i in range(1000):
             await state.remember({f"r{i}": f"chat\x1fbase\x1fall\x1f{i}"}, 60)
-            assert len(state._records) <= 125
+            assert len(state._records) <= 100
         assert await state.recall("r999") == "chat\x1fbase\x1fall\x1f999"
         assert await state.recall("r0") is None  # the oldest went first
         assert await state.first_feedback("r999", 60) and not await state.first_feedback("r999", 60)
