@@ -1,8 +1,8 @@
 """A lean HTTP/1.1 client for the hot path: keep-alive pools on asyncio protocols, parsed by httptools.
 
 Why not aiohttp: a gateway call is one POST to a handful of fixed origins, and aiohttp's general
-machinery (URL objects, multidicts, payload registry, tracing hooks, cookie handling) cost ~70 us of
-CPU per call on this machine against ~10 us here (bench/client.py measures both in one run). Mirroring
+machinery (URL objects, multidicts, payload registry, tracing hooks, cookie handling) cost ~75 us of
+CPU per call on this machine against ~19 us here (`bench/run.py --suite client` measures both). Mirroring
 doubles the upstream calls, so that difference decides how much shadow traffic one worker can carry.
 What is kept: pooling with a connection limit, connect and total timeouts, TLS, chunked and
 close-delimited bodies, back-pressure on streamed bodies, one replay of a request whose reused

@@ -1,7 +1,7 @@
 """Pooled HTTP to the model servers; transport failures become GatewayError.
 
 The client is gateway.http1, not httpx or aiohttp: httpx's pool collapses at 32+ concurrent streams
-and aiohttp costs ~7x more CPU per call (bench/client.py; DESIGN.md).
+and aiohttp costs ~4x more CPU per call (`bench/run.py --suite client`).
 """
 
 from __future__ import annotations
