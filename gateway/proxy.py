@@ -256,17 +256,7 @@ class Proxy:
             attempt.metrics.outcomes[result].inc()
             request.upstream_s += attempt.upstream_s
             if request.route.automatic is not None:
-                self._stats.record(
-                    request.route,
-                    arm.name,
-                    result,
-                    duration,
-                    attempt.invalid,
-                    attempt.output_tokens,
-                    attempt.ttft_s,
-                    attempt.cost,
-                    request.cohort,
-                )
+                self._stats.attempt(request.route, arm.name, result, duration, attempt, request.cohort)
             if request.pairs and arm.name == "base":
                 observation = attempt.observation(failed=result != "ok")
                 for pair in request.pairs:

@@ -149,17 +149,7 @@ class Shadows:
             attempt.metrics.duration.observe(duration)
             attempt.metrics.outcomes[result].inc()
             if arm.name == "candidate" and request.route.automatic is not None:
-                self._stats.record(
-                    request.route,
-                    "shadow",
-                    result,
-                    duration,
-                    attempt.invalid,
-                    attempt.output_tokens,
-                    attempt.ttft_s,
-                    attempt.cost,
-                    request.cohort,
-                )
+                self._stats.attempt(request.route, "shadow", result, duration, attempt, request.cohort)
             if error is not None:
                 request.metrics.mirror["error"].inc()
             if attempt.span is not None:

@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from gateway.analysis import ArmWindow, bucket_of
 from gateway.route import Route
 from gateway.state import State, StateUnavailable, StatsKey
+
+if TYPE_CHECKING:
+    from gateway.attempt import Attempt
 
 log = logging.getLogger("gateway.stats")
 
@@ -83,6 +87,22 @@ class Recorder:
             window.latency[latency] = window.latency.get(latency, 0) + 1
             if ttft is not None:
                 window.ttft[ttft] = window.ttft.get(ttft, 0) + 1
+
+    def attempt(
+        self, route: Route, arm: str, outcome: str, duration_s: float, attempt: Attempt, cohort: str
+    ) -> None:
+        """An upstream attempt as the proxy and the shadow calls finish it."""
+        self.record(
+            route,
+            arm,
+            outcome,
+            duration_s,
+            attempt.invalid,
+            attempt.output_tokens,
+            attempt.ttft_s,
+            attempt.cost,
+            cohort,
+        )
 
     def fallback(self, route: Route, attempted: bool, cohort: str = "all") -> None:
         """Base answered a request assigned to the candidate (attempted=False: its circuit was open)."""

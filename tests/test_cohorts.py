@@ -165,6 +165,7 @@ def test_a_regression_in_one_cohort_is_rolled_back_by_its_own_gate_while_the_agg
     import threading
 
     from tests.conftest import CANDIDATE_MODEL, wait_for
+    from tests.test_state import drive
 
     admin = {"Authorization": "Bearer admin-secret"}
     httpx.put(
@@ -185,24 +186,11 @@ rollout:
     gw = make_gateway({"chat": text}, admin_token="admin-secret")
     stop = threading.Event()
 
-    def traffic(offset: int) -> None:
-        i = offset
-        with httpx.Client(timeout=10) as client:
-            while not stop.is_set():
-                intent = "billing" if i % 10 == 0 else "support"  # billing: a tenth of the traffic
-                body = {
-                    "model": "chat",
-                    "user": f"user-{i}",
-                    "messages": [{"role": "user", "content": "hi"}],
-                    "response_format": {"type": "json_object"},
-                    "metadata": {"intent": intent, "sim_profile": intent},
-                }
-                client.post(f"{gw.url}/v1/chat/completions", json=body)
-                i += 4
+    def intent(i: int) -> dict[str, object]:
+        name = "billing" if i % 10 == 0 else "support"  # billing: a tenth of the traffic
+        return {"metadata": {"intent": name, "sim_profile": name}}
 
-    threads = [threading.Thread(target=traffic, args=(k,), daemon=True) for k in range(4)]
-    for thread in threads:
-        thread.start()
+    drive(gw.url, stop, json_mode=True, extra=intent)
     try:
         wait_for(
             lambda: httpx.get(f"{gw.url}/admin/routes/chat", headers=admin).json()["phase"] == "rolled_back",

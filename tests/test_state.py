@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -310,8 +310,13 @@ def test_cli_verbs_drive_the_admin_api(sims: tuple[Sim, Sim], make_gateway: Gate
     assert up(f"{gw.url}/healthz")
 
 
-def drive(url: str, stop: threading.Event, json_mode: bool = False) -> None:
-    """Traffic from many users until stop is set (4 threads)."""
+def drive(
+    url: str,
+    stop: threading.Event,
+    json_mode: bool = False,
+    extra: Callable[[int], dict[str, object]] | None = None,
+) -> None:
+    """Traffic from many users until stop is set (4 threads); extra(i) adds fields to request i."""
 
     def worker(offset: int) -> None:
         i = offset
@@ -324,6 +329,8 @@ def drive(url: str, stop: threading.Event, json_mode: bool = False) -> None:
                 }
                 if json_mode:
                     body["response_format"] = {"type": "json_object"}
+                if extra is not None:
+                    body.update(extra(i))
                 client.post(f"{url}/v1/chat/completions", json=body)
                 i += 4
 
