@@ -146,42 +146,32 @@ def dashboard() -> dict[str, Any]:
                     "current": {},
                     "hide": 0,
                 },
-                {
-                    "name": "route",
-                    "label": "Route",
-                    "type": "query",
-                    "datasource": DATASOURCE,
-                    "query": {"query": "label_values(canarygate_requests_total, route)", "refId": "routes"},
-                    "definition": "label_values(canarygate_requests_total, route)",
-                    "refresh": 2,
-                    "multi": True,
-                    "includeAll": True,
-                    "allValue": ".*",
-                    "current": {},
-                    "sort": 1,
-                    "hide": 0,
-                },
-                {
-                    "name": "cohort",
-                    "label": "Cohort",
-                    "type": "query",
-                    "datasource": DATASOURCE,
-                    "query": {
-                        "query": 'label_values(canarygate_requests_total{route=~"$route"}, cohort)',
-                        "refId": "cohorts",
-                    },
-                    "definition": 'label_values(canarygate_requests_total{route=~"$route"}, cohort)',
-                    "refresh": 2,
-                    "multi": True,
-                    "includeAll": True,
-                    "allValue": ".*",
-                    "current": {},
-                    "sort": 1,
-                    "hide": 0,
-                },
+                query_variable("route", "Route", "label_values(canarygate_requests_total, route)"),
+                query_variable(
+                    "cohort", "Cohort", 'label_values(canarygate_requests_total{route=~"$route"}, cohort)'
+                ),
             ]
         },
         "panels": [panel(i, *spec) for i, spec in enumerate(PANELS)],
+    }
+
+
+def query_variable(name: str, label: str, query: str) -> dict[str, Any]:
+    """A multi-select variable filled from the metrics, with "All" matching everything."""
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DATASOURCE,
+        "query": {"query": query, "refId": f"{name}s"},
+        "definition": query,
+        "refresh": 2,
+        "multi": True,
+        "includeAll": True,
+        "allValue": ".*",
+        "current": {},
+        "sort": 1,
+        "hide": 0,
     }
 
 

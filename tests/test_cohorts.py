@@ -162,10 +162,9 @@ def test_metrics_carry_the_cohort_and_stay_bounded_under_thousands_of_values(
 def test_a_regression_in_one_cohort_is_rolled_back_by_its_own_gate_while_the_aggregate_passes(
     sims: tuple[Sim, Sim], make_gateway: GatewayFactory
 ) -> None:
-    import threading
 
-    from tests.conftest import CANDIDATE_MODEL, wait_for
-    from tests.test_state import drive
+    from tests.conftest import CANDIDATE_MODEL
+    from tests.test_state import drive_until
 
     admin = {"Authorization": "Bearer admin-secret"}
     httpx.put(
@@ -184,21 +183,12 @@ rollout:
   segments: {by: cohort, min_share: 0.05}
 """
     gw = make_gateway({"chat": text}, admin_token="admin-secret")
-    stop = threading.Event()
 
     def intent(i: int) -> dict[str, object]:
         name = "billing" if i % 10 == 0 else "support"  # billing: a tenth of the traffic
         return {"metadata": {"intent": name, "sim_profile": name}}
 
-    drive(gw.url, stop, json_mode=True, extra=intent)
-    try:
-        wait_for(
-            lambda: httpx.get(f"{gw.url}/admin/routes/chat", headers=admin).json()["phase"] == "rolled_back",
-            timeout=60,
-            message="rollback",
-        )
-    finally:
-        stop.set()
+    drive_until(gw.url, "rolled_back", timeout=60, json_mode=True, extra=intent)
     reason = httpx.get(f"{gw.url}/admin/routes/chat", headers=admin).json()["history"][0]["reason"]
     assert reason.startswith("gate failed: validation_failure_rate [cohort billing]"), reason
     gates = httpx.get(f"{gw.url}/admin/routes/chat/analysis", headers=admin).json()["gates"]

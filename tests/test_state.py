@@ -339,6 +339,22 @@ def drive(
         thread.start()
 
 
+def drive_until(
+    url: str,
+    phase: str,
+    timeout: float,
+    json_mode: bool = False,
+    extra: Callable[[int], dict[str, object]] | None = None,
+) -> None:
+    """Traffic until the route `chat` reaches the phase (or the timeout fails the test)."""
+    stop = threading.Event()
+    drive(url, stop, json_mode, extra)
+    try:
+        wait_for(lambda: phase_of(url)[0] == phase, timeout=timeout, message=f"phase {phase}")
+    finally:
+        stop.set()
+
+
 AUTOMATIC = """
 rollout:
   steps: [20, 50, 100]
@@ -360,16 +376,7 @@ def test_the_controller_promotes_a_healthy_candidate_through_every_step(
     sims: tuple[Sim, Sim], make_gateway: GatewayFactory
 ) -> None:
     gw = make_gateway({"chat": automatic_policy(sims, 30)}, admin_token="admin-secret")
-    stop = threading.Event()
-    drive(gw.url, stop)
-    try:
-        wait_for(
-            lambda: httpx.get(f"{gw.url}/admin/routes/chat", headers=ADMIN).json()["phase"] == "promoted",
-            timeout=40,
-            message="promotion",
-        )
-    finally:
-        stop.set()
+    drive_until(gw.url, "promoted", timeout=40)
     history = httpx.get(f"{gw.url}/admin/routes/chat", headers=ADMIN).json()["history"]
     walked = [(t["phase"], t["weight"], t["by"]) for t in reversed(history)]
     assert walked == [
@@ -416,16 +423,7 @@ def test_the_controller_rolls_back_a_candidate_failing_json_before_the_second_st
         redis_url=REDIS_URL,
         redis_prefix=redis_prefix,
     )
-    stop = threading.Event()
-    drive(gw.url, stop, json_mode=True)
-    try:
-        wait_for(
-            lambda: httpx.get(f"{gw.url}/admin/routes/chat", headers=ADMIN).json()["phase"] == "rolled_back",
-            timeout=60,
-            message="rollback",
-        )
-    finally:
-        stop.set()
+    drive_until(gw.url, "rolled_back", timeout=60, json_mode=True)
     detail = httpx.get(f"{gw.url}/admin/routes/chat", headers=ADMIN).json()
     weights = [t["weight"] for t in detail["history"] if t["phase"] == "progressing"]
     assert weights == [20]  # never reached the second step
