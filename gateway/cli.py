@@ -26,7 +26,11 @@ from gateway.synth import Knobs
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    try:
+        parser = _parser()  # flags default to CANARYGATE_* variables, which may be malformed
+    except SettingsError as exc:
+        print(f"canarygate: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
@@ -49,8 +53,12 @@ def _parser() -> argparse.ArgumentParser:
         default=Path(os.environ.get("CANARYGATE_POLICY_DIR", "policies")),
         help="directory of route policy files (env CANARYGATE_POLICY_DIR)",
     )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument(
+        "--host",
+        default=os.environ.get("CANARYGATE_HOST", "127.0.0.1"),
+        help="address to listen on (env CANARYGATE_HOST; the container image sets 0.0.0.0)",
+    )
+    serve.add_argument("--port", type=int, default=_env_port(), help="(env CANARYGATE_PORT)")
     serve.add_argument(
         "--workers",
         type=int,
@@ -63,6 +71,17 @@ def _parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug"],
     )
     serve.set_defaults(func=_serve)
+
+    health = sub.add_parser(
+        "healthcheck", help="exit 0 when the gateway on this machine answers /healthz (container probes)"
+    )
+    health.add_argument(
+        "--url",
+        default=f"http://127.0.0.1:{_env_port()}",
+        help="the gateway (default: loopback at CANARYGATE_PORT, else 8080)",
+    )
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    health.set_defaults(func=_healthcheck)
 
     check = sub.add_parser("check", help="validate policy files; exit 2 when any is invalid")
     check.add_argument("policies", type=Path, nargs="?", default=Path("policies"))
@@ -184,6 +203,29 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def _env_port() -> int:
+    raw = os.environ.get("CANARYGATE_PORT", "8080")
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise SettingsError(f"CANARYGATE_PORT: expected a port number, got {raw!r}")
+    return int(raw)
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    """Docker's HEALTHCHECK: the slim image has no curl, and this says what went wrong when it fails."""
+    import httpx
+
+    url = f"{args.url.rstrip('/')}/healthz"
+    try:
+        response = httpx.get(url, timeout=args.timeout)
+    except httpx.HTTPError as exc:
+        print(f"canarygate healthcheck: {url}: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"canarygate healthcheck: {url}: HTTP {response.status_code}", file=sys.stderr)
+        return 1
     return 0
 
 

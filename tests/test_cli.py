@@ -149,6 +149,30 @@ def test_readyz_reports_each_upstream(sims: tuple[Sim, Sim], make_gateway: Gatew
     }
 
 
+def test_healthcheck_and_serve_take_host_and_port_from_the_environment(
+    sims: tuple[Sim, Sim], tmp_path: Path
+) -> None:
+    (tmp_path / "chat.yaml").write_text(policy_yaml("chat", sims[0].url, None))
+    port = closed_port()
+    env = {"CANARYGATE_PORT": str(port), "CANARYGATE_HOST": "127.0.0.1"}
+    down = canarygate("healthcheck", env=env)
+    assert down.returncode == 1 and f"127.0.0.1:{port}/healthz" in down.stderr
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--policies", str(tmp_path)],
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: canarygate("healthcheck", env=env).returncode == 0, timeout=30, message="healthy")
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    bad = canarygate("healthcheck", env={"CANARYGATE_PORT": "http"})
+    assert bad.returncode == 2 and "CANARYGATE_PORT: expected a port number, got 'http'" in bad.stderr
+
+
 def test_simulate_serves_with_per_model_knobs() -> None:
     port = closed_port()
     process = subprocess.Popen(
