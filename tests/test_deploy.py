@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -18,14 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import helm_python as helm
+import kubernetes_validate
 import pytest
 import yaml
 
 from gateway.loader import load_dir, load_file
 from tests.conftest import closed_port, wait_for
-
-helm = pytest.importorskip("helm_python")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "canarygate"
@@ -300,6 +300,23 @@ def test_policies_secrets_probes_and_redis_reach_the_pod(tmp_path: Path) -> None
     assert manifests["PodDisruptionBudget"][0]["spec"]["minAvailable"] == 2
     selector = pod["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"]
     assert selector == manifests["Deployment"][0]["spec"]["selector"]["matchLabels"]
+
+
+def test_the_readmes_chart_values_render_and_validate(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    examples = [
+        e for e in re.findall(r"```yaml\n(.*?)```", readme, re.S) if re.search(r"^policies:", e, re.M)
+    ]
+    assert examples
+    for example in examples:
+        manifests = render(helm.values_from_yaml(example))
+        for document in manifests["Deployment"] + manifests["ConfigMap"]:
+            kubernetes_validate.validate(document, KUBERNETES, strict=True)
+        policy_map = next(c for c in manifests["ConfigMap"] if c["metadata"]["name"].endswith("-policies"))
+        for name, text in policy_map["data"].items():
+            (tmp_path / name).write_text(text)
+        _, problems = load_dir(tmp_path, environ={}, require_secrets=False)
+        assert [p for p in problems if p.severity == "error"] == []
 
 
 def test_a_policy_change_rolls_the_pods() -> None:

@@ -44,7 +44,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "%s-policies" (include "canarygate.fullname" .)) .Values.policies.existingConfigMap }}
 {{- end }}
 
-{{/* Rollout state, breakers and budgets are per process without Redis: more than one replica needs it. */}}
+{{/* Rollout state, the controller lease and statistics are per process without Redis: more replicas need it. */}}
 {{- define "canarygate.redisConfigured" -}}
 {{- if or .Values.redis.url .Values.redis.existingSecret.name }}true{{ end }}
 {{- end }}
@@ -53,6 +53,6 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $most := int .Values.replicaCount }}
 {{- if .Values.autoscaling.enabled }}{{ $most = int .Values.autoscaling.maxReplicas }}{{ end }}
 {{- if and (gt $most 1) (not (include "canarygate.redisConfigured" .)) }}
-{{- fail (printf "canarygate: %d replicas share rollout state, circuit breakers and fallback budgets only through Redis: set redis.url (or redis.existingSecret.name), or run replicaCount: 1 without autoscaling" $most) }}
+{{- fail (printf "canarygate: %d replicas share rollout state, the controller lease and rollout statistics only through Redis: set redis.url (or redis.existingSecret.name), or run replicaCount: 1 without autoscaling" $most) }}
 {{- end }}
 {{- end }}
