@@ -16,6 +16,7 @@ from gateway.errors import GatewayError, InvalidOutput, UpstreamError, UpstreamH
 from gateway.http1 import Disconnected, Response, Timeout
 from gateway.mirror import Observation, Pair
 from gateway.route import Route, RouteArm
+from gateway.streaming import MAX_PENDING, event_end
 from gateway.telemetry import ArmMetrics, RouteMetrics
 from gateway.upstream import Call, Upstream
 from gateway.validation import Failure, Rules, check_chat, check_completion
@@ -251,7 +252,7 @@ async def fetch(upstream: Upstream, attempt: Attempt) -> tuple[Response, bytes, 
 
 
 async def first_chunk(upstream: Upstream, attempt: Attempt) -> tuple[Response, bytes]:
-    """Open the stream and wait for its first bytes: only then is the client's response started."""
+    """Open the stream and wait for its first whole event: only then is the client's response started."""
     call = attempt.open()
     try:
         resp, first = await asyncio.wait_for(_open_stream(upstream, call), call.first_token_s)
@@ -275,7 +276,14 @@ async def _open_stream(upstream: Upstream, call: Call) -> tuple[Response, bytes]
     try:
         if resp.status >= 400:
             raise call.http_error(resp, await resp.read())
+        # The client's response starts with the first whole event: an upstream that breaks before it
+        # has sent the client nothing, so the request can still fall back.
         first = await resp.readany()
+        while first and not event_end(first) and len(first) <= MAX_PENDING:
+            more = await resp.readany()
+            if not more:
+                raise Disconnected(received=True)
+            first += more
         if not first:
             raise Disconnected(received=True)
         handed_over = True
