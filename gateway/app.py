@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -292,6 +293,15 @@ def _api(services: Services) -> FastAPI:
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise Unauthorized("the admin API needs 'Authorization: Bearer <CANARYGATE_ADMIN_TOKEN>'")
 
+    @api.get("/admin/runtime", dependencies=[Depends(admin)])
+    async def runtime() -> dict[str, Any]:
+        """This process's resources, for leak hunting: soak runs read them before and after."""
+        return {
+            "pid": os.getpid(),
+            **_process_resources(),
+            "upstream_connections": services.upstream.pool.stats(),
+        }
+
     @api.get("/admin/pairs", dependencies=[Depends(admin)])
     async def pairs(route: str, disagreements: bool = False, limit: int = 100) -> Response:
         """Recent compared shadow pairs of a route, newest first, as JSON lines."""
@@ -427,6 +437,20 @@ def _model_card(route: Route) -> dict[str, Any]:
         "object": "model",
         "created": int(route.source.stat().st_mtime) if route.source.exists() else 0,
         "owned_by": "canarygate",
+    }
+
+
+def _process_resources() -> dict[str, int]:
+    """RSS, open file descriptors and asyncio tasks (Linux /proc; zeros elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        pages = fds = 0
+    return {
+        "rss_bytes": pages * os.sysconf("SC_PAGE_SIZE"),
+        "open_fds": fds,
+        "tasks": len(asyncio.all_tasks()),
     }
 
 

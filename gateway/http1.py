@@ -381,6 +381,15 @@ class Pool:
                 raise
         raise AssertionError("unreachable")
 
+    def stats(self) -> dict[str, int]:
+        idle = sum(len(conns) for conns in self._idle.values())
+        return {
+            "open": len(self._open),
+            "idle": idle,
+            "busy": len(self._open) - idle,
+            "waiting": len(self._waiters),
+        }
+
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()

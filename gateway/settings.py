@@ -30,6 +30,7 @@ class Settings:
     redis_prefix: str = "canarygate:"
     admin_token: str | None = field(default=None, repr=False)
     feedback_ttl_s: float = 86400.0  # how long an answer takes feedback
+    shutdown_timeout_s: int = 30  # SIGTERM: in-flight requests get this long to finish
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -48,6 +49,7 @@ class Settings:
             redis_prefix=env.get("CANARYGATE_REDIS_PREFIX", "canarygate:"),
             admin_token=env.get("CANARYGATE_ADMIN_TOKEN") or None,
             feedback_ttl_s=_float(env, "CANARYGATE_FEEDBACK_TTL_S", 86400.0),
+            shutdown_timeout_s=_int(env, "CANARYGATE_SHUTDOWN_TIMEOUT_S", 30),
         )
 
 
