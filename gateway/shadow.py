@@ -177,7 +177,10 @@ class Shadows:
         finally:
             resp.close()
         attempt.answered(last_event(data))
-        return Accumulator.of(data).body(request.endpoint) if complete else None
+        if not complete:
+            return None
+        attempt.accumulated = Accumulator.of(data).body(request.endpoint)  # what the pair compares
+        return attempt.accumulated
 
 
 def _prompt(payload: dict[str, Any]) -> Any:

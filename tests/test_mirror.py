@@ -333,3 +333,45 @@ def test_shutdown_cancels_pending_shadow_calls(sims: tuple[Sim, Sim], tmp_path) 
         lambda: candidate.stats()["hangs"]["released"] == 1, message="the shadow call abandoned at shutdown"
     )
     assert len(app.services.spawner) == 0  # type: ignore[attr-defined]
+
+
+def test_a_streamed_pair_compares_whole_answers_not_last_chunks(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    """The shadow side of a streamed tool call is rebuilt from its chunks, like the primary: both call
+    the one declared tool, so tool_name agrees (it used to compare the primary's answer with the
+    shadow's last chunk, and every streamed tool pair disagreed)."""
+    base, candidate = sims
+    extra = "mirror: {percent: 100, sample_by: request}\nvalidation: {tool_calls: true, stream: buffer}"
+    gw = make_gateway({"chat": policy_yaml("chat", base.url, candidate.url, extra=extra)})
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "lookup",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"id": {"type": "string"}},
+                    "required": ["id"],
+                },
+            },
+        }
+    ]
+    for stream in (True, False):
+        body = {**CHAT, "tools": tools, "tool_choice": "required", "stream": stream}
+        assert gw.post("/v1/chat/completions", json=body).status_code == 200
+
+    def agreed() -> float:
+        samples = scrape(gw.url)
+        return value(
+            samples, "canarygate_mirror_agreement_total", route="chat", check="tool_name", result="agree"
+        )
+
+    wait_for(lambda: agreed() == 2, message="both pairs compared")
+    samples = scrape(gw.url)
+    assert (
+        value(
+            samples, "canarygate_mirror_agreement_total", route="chat", check="tool_name", result="disagree"
+        )
+        == 0
+    )
