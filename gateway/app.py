@@ -83,7 +83,7 @@ class Services:
                 on_sync_error=self.metrics.state_sync_errors.inc,
             )
             if settings.redis_url
-            else MemoryState()
+            else MemoryState(settings.memory_records)
         )
         self.state.on_change(self._state_changed)
         self._versions: dict[str, tuple[str, int]] = {}  # route -> (rollout, version) last applied

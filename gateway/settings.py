@@ -30,6 +30,7 @@ class Settings:
     redis_prefix: str = "canarygate:"
     admin_token: str | None = field(default=None, repr=False)
     feedback_ttl_s: float = 86400.0  # how long an answer takes feedback
+    memory_records: int = 200_000  # without Redis: assignment records kept for feedback (~220 B each)
     shutdown_timeout_s: int = 30  # SIGTERM: in-flight requests get this long to finish
 
     @classmethod
@@ -49,6 +50,7 @@ class Settings:
             redis_prefix=env.get("CANARYGATE_REDIS_PREFIX", "canarygate:"),
             admin_token=env.get("CANARYGATE_ADMIN_TOKEN") or None,
             feedback_ttl_s=_float(env, "CANARYGATE_FEEDBACK_TTL_S", 86400.0),
+            memory_records=_int(env, "CANARYGATE_MEMORY_RECORDS", 200_000),
             shutdown_timeout_s=_int(env, "CANARYGATE_SHUTDOWN_TIMEOUT_S", 30),
         )
 

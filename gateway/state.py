@@ -31,7 +31,7 @@ V = TypeVar("V")
 Phase = Literal["shadow", "progressing", "paused", "promoted", "rolled_back", "manual"]
 PHASES: tuple[Phase, ...] = ("shadow", "progressing", "paused", "promoted", "rolled_back", "manual")
 HISTORY = 50  # transitions kept per route
-MEMORY_RECORDS = 200_000  # request id -> assignment records kept in memory (the oldest go first)
+MEMORY_RECORDS = 200_000  # default bound of in-memory assignment records (the oldest go first)
 StatsKey = tuple[str, str, int, str]  # route, rollout, interval number, arm ("base", "candidate", "shadow")
 POLL_S = 1.0
 
@@ -163,12 +163,12 @@ class MemoryState:
 
     backend = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, records: int = MEMORY_RECORDS) -> None:
         self._states: dict[str, RouteState] = {}
         self._callbacks: list[Callable[[RouteState], object]] = []
         self._stats: dict[tuple[str, str], dict[int, dict[str, ArmWindow]]] = {}
-        self._records: Ring[str] = Ring(MEMORY_RECORDS)  # request id -> "expiry\x1frecord"
-        self._feedback: Ring[float] = Ring(MEMORY_RECORDS)  # request id -> until when it counted
+        self._records: Ring[str] = Ring(records)  # request id -> "expiry\x1frecord"
+        self._feedback: Ring[float] = Ring(records)  # request id -> until when it counted
 
     def current(self, route: str) -> RouteState | None:
         return self._states.get(route)

@@ -117,17 +117,13 @@ def test_feedback_through_redis_reaches_another_replica_once(
     assert feedback(answering.url).json()["recorded"] is False  # once across replicas
 
 
-def test_in_memory_assignment_records_keep_the_newest_within_their_bound(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_in_memory_assignment_records_keep_the_newest_within_their_bound() -> None:
     import asyncio
 
     import gateway.state
 
-    monkeypatch.setattr(gateway.state, "MEMORY_RECORDS", 100)
-
     async def run() -> None:
-        state = gateway.state.MemoryState()
+        state = gateway.state.MemoryState(records=100)
         for i in range(1000):
             await state.remember({f"r{i}": f"chat\x1fbase\x1fall\x1f{i}"}, 60)
             assert len(state._records) <= 100
