@@ -1,7 +1,9 @@
 """A simulated OpenAI-compatible model server (vLLM-shaped) with failure knobs, for tests, demo and bench.
 
 Knobs are set per instance and per model name, and per "MODEL@PROFILE" for requests whose body says
-`metadata: {sim_profile: PROFILE}` (one intent or tenant behaving differently). GET/PUT /sim/knobs
+`metadata: {sim_profile: PROFILE}` (one intent or tenant behaving differently); `metadata: {sim_stamp:
+true}` puts the send time before each streamed event as an SSE comment (`: sent <unix time>`), which
+clients ignore, so a benchmark can time every chunk's trip. GET/PUT /sim/knobs
 changes them live, /sim/stats and /sim/requests show what arrived (tests use them to see what the
 gateway really sent upstream).
 """
@@ -83,7 +85,7 @@ class Simulator:
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return self._stream(
-                request, _chat_chunks(model, choices, usage if include_usage else None), knobs
+                request, _chat_chunks(model, choices, usage if include_usage else None), knobs, _stamped(body)
             )
         await asyncio.sleep(knobs.latency_s + knobs.time_per_token_s * usage["completion_tokens"])
         return _json(
@@ -108,7 +110,10 @@ class Simulator:
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return self._stream(
-                request, _completion_chunks(model, choices, usage if include_usage else None), knobs
+                request,
+                _completion_chunks(model, choices, usage if include_usage else None),
+                knobs,
+                _stamped(body),
             )
         await asyncio.sleep(knobs.latency_s + knobs.time_per_token_s * usage["completion_tokens"])
         return _json(
@@ -197,7 +202,9 @@ class Simulator:
             return body, _error(knobs.error_status, "simulated upstream failure", kind, headers)
         return body, None
 
-    def _stream(self, request: Request, chunks: list[bytes], knobs: Knobs) -> StreamingResponse:
+    def _stream(
+        self, request: Request, chunks: list[bytes], knobs: Knobs, stamp: bool = False
+    ) -> StreamingResponse:
         async def events() -> AsyncIterator[bytes]:
             self.streams["started"] += 1
             self.active_streams += 1
@@ -207,7 +214,7 @@ class Simulator:
                 for index, chunk in enumerate(chunks):
                     if index and knobs.time_per_token_s:
                         await asyncio.sleep(knobs.time_per_token_s)
-                    yield chunk
+                    yield b": sent %.6f\n%b" % (time.time(), chunk) if stamp else chunk
                 yield b"data: [DONE]\n\n"
                 done = True
             finally:
@@ -415,3 +422,8 @@ def _json(data: Any, status: int = 200) -> Response:
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> Response:
     body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def _stamped(body: dict[str, Any]) -> bool:
+    metadata = body.get("metadata")
+    return isinstance(metadata, dict) and metadata.get("sim_stamp") is True
