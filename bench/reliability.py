@@ -58,6 +58,13 @@ fallback:
   on: [connect_error, timeout, http_5xx, http_429, json_parse, json_schema, tool_unknown, tool_args_parse]
   budget: {{ratio: 0.5, window_s: 10, min_per_window: 20}}
 """
+# The streams suite measures the relay itself: one arm, no mirror, timeouts that allow 1,000 opening at once.
+STREAMS_POLICY = """
+route: chat
+arms:
+  base: {{url: {sim}, model: {base}}}
+timeouts: {{connect_s: 10, first_token_s: 60, total_s: 120}}
+"""
 SCHEMA = {
     "type": "object",
     "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
@@ -95,7 +102,9 @@ def wait_up(url: str, timeout: float = 30) -> None:
 class Stack:
     """The simulator and one gateway worker as real processes on loopback."""
 
-    def __init__(self, work: Path, sim_args: list[str], extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, work: Path, sim_args: list[str], extra_env: dict[str, str] | None = None, policy: str = POLICY
+    ) -> None:
         self.work = work
         self.sim_port, self.gw_port = free_port(), free_port()
         exe = [sys.executable, "-m", "gateway"]
@@ -108,7 +117,7 @@ class Stack:
         policies = work / "policies"
         policies.mkdir(exist_ok=True)
         (policies / "chat.yaml").write_text(
-            POLICY.format(sim=f"{self.sim_url}/v1", base=BASE_MODEL, candidate=CANDIDATE_MODEL)
+            policy.format(sim=f"{self.sim_url}/v1", base=BASE_MODEL, candidate=CANDIDATE_MODEL)
         )
         env = {
             **os.environ,
@@ -413,7 +422,8 @@ def streams(count: int, work: Path) -> tuple[list[str], bool]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8 * count)), hard))  # children inherit
     # Each stream: 60 events, one every 0.25 s: 15 s open, ~4,000 events/s across 1,000 streams.
-    stack = Stack(work, ["--latency-s", "0.5", "--time-per-token-s", "0.25", "--output-tokens", "60"])
+    sim = ["--latency-s", "0.5", "--time-per-token-s", "0.25", "--output-tokens", "60"]
+    stack = Stack(work, sim, policy=STREAMS_POLICY)
     try:
         asyncio.run(streams_through(stack.gw_url, 20, "chat", lambda: 0))  # warm
         time.sleep(1)
