@@ -8,14 +8,60 @@ import socket
 import threading
 from typing import Any
 
+import orjson
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
 from gateway.asgi import ASGIApp
 
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers, as nginx's large_client_header_buffers allows
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with a bound on the request head: httptools itself has none, so a
+    client could stream headers (or one endless header value) into memory forever. Past the bound the
+    client gets a 431 in OpenAI's error format and the connection is closed."""
+
+    _in_head = False
+    _head_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self._in_head:
+            self._head_bytes = 0
+            return
+        self._head_bytes += len(data)  # all of it still head (or a pipelined request's start)
+        if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self._in_head = False
+            body = orjson.dumps(
+                {
+                    "error": {
+                        "message": f"the request line and headers are over {MAX_HEAD_BYTES} bytes",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "request_header_fields_too_large",
+                    }
+                }
+            )
+            self.transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (len(body), body)
+            )
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+
 SERVER_OPTIONS: dict[str, Any] = {
     "loop": "uvloop",
-    "http": "httptools",
+    "http": BoundedHttpToolsProtocol,
     "access_log": False,
     "lifespan": "on",
 }
