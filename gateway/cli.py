@@ -144,12 +144,29 @@ def _parser() -> argparse.ArgumentParser:
         _admin_options(verb, reason=True)
         verb.set_defaults(func=_act, action=action)
 
-    demo = sub.add_parser("demo", help="simulated base and candidate behind the gateway, with traffic")
-    demo.add_argument("--policies", type=Path, default=Path("policies"))
-    demo.add_argument("--port", type=int, default=8080)
-    demo.add_argument("--duration", type=float, default=15.0, help="seconds of traffic")
-    demo.add_argument("--users", type=int, default=40, help="simulated users (sticky keys)")
-    demo.add_argument("--keep-serving", action="store_true", help="keep the servers up after the traffic")
+    demo = sub.add_parser(
+        "demo", help="rehearse a canary: simulated base and candidate, the gateway, users, live view"
+    )
+    demo.add_argument(
+        "--scenario",
+        choices=["healthy", "bad-json", "wrong-tools", "slow", "flaky"],
+        default="healthy",
+        help="how the candidate behaves (default healthy: it should be promoted; the others rolled back)",
+    )
+    demo.add_argument("--port", type=int, default=8080, help="the gateway's port (0: any free port)")
+    demo.add_argument(
+        "--duration", type=float, default=120.0, help="give up after S seconds without a decision"
+    )
+    demo.add_argument("--users", type=int, default=60, help="simulated users (sticky keys)")
+    demo.add_argument(
+        "--interval", type=float, default=3.0, help="seconds between the controller's judgements"
+    )
+    demo.add_argument("--keep-serving", action="store_true", help="keep everything up after the verdict")
+    view = demo.add_mutually_exclusive_group()
+    view.add_argument(
+        "--live", action="store_true", default=None, help="the live view even without a terminal"
+    )
+    view.add_argument("--plain", dest="live", action="store_false", help="plain lines even in a terminal")
     demo.set_defaults(func=_demo)
     return parser
 
@@ -466,7 +483,9 @@ def _print_history(route: dict[str, Any]) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    return run_demo(args.policies, args.port, args.duration, args.users, args.keep_serving)
+    return run_demo(
+        args.scenario, args.port, args.duration, args.users, args.interval, args.keep_serving, args.live
+    )
 
 
 def _wait_forever() -> None:

@@ -1,31 +1,93 @@
-"""`canarygate demo`: simulated checkpoints behind the gateway, driven by the official openai client."""
+"""`canarygate demo`: a whole canary rehearsed on one machine, with nothing else running.
+
+Two simulated checkpoints (the base, and a candidate whose behaviour the scenario sets), the gateway
+with an automatic rollout (a mirror-only phase, then steps judged by gates every few seconds), and
+simulated users speaking through the official openai client: chat, JSON mode and tool calls, some
+streamed. A live view shows both arms, the gates and the controller's moves; the demo ends with the
+verdict and exits 0 when the scenario's expected outcome happened (promoted, or rolled back).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import logging
 import random
-import statistics
 import sys
+import tempfile
 import threading
 import time
-from collections import defaultdict
-from contextlib import ExitStack, suppress
-from dataclasses import dataclass, field
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Literal
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
-from gateway.loader import PolicyError
-from gateway.routetable import RouteTable
 from gateway.server import BackgroundServer
 from gateway.settings import Settings
 from gateway.simulator import Simulator
 from gateway.synth import Knobs
 
+ROUTE = "assistant"
 DEMO_KEY = "demo-key"
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-DEMO_KNOBS = Knobs(latency_s=0.02, time_per_token_s=0.002, output_tokens=24)
+ADMIN_TOKEN = "demo-admin-token"  # noqa: S105 - the demo's own loopback gateway, printed for the user
+BASE_MODEL, CANDIDATE_MODEL = "llama-3.1-8b-instruct", "assistant-ckpt-1124"
+BASE_KNOBS = Knobs(latency_s=0.03, time_per_token_s=0.002, output_tokens=24)
+STEPS = [10, 30, 60, 100]
+POLICY = """\
+# The demo's route: a tuned checkpoint rolled out behind its base, judged by gates.
+route: {route}
+arms:
+  base: {{url: "{base}", model: {base_model}}}
+  candidate: {{url: "{candidate}", model: {candidate_model}}}
+timeouts: {{connect_s: 2, first_token_s: 10, total_s: 30}}
+assignment: {{sticky_keys: [body:user]}}
+mirror: {{percent: 30}}
+validation: {{json: auto, tool_calls: true, stream: buffer}}
+fallback:
+  on: [connect_error, timeout, http_5xx, json_parse, json_schema, tool_unknown, tool_args_parse,
+       tool_args_schema]
+  budget: {{ratio: 0.5, window_s: 10, min_per_window: 10}}
+rollout:
+  shadow_first: true          # first a mirror-only phase: users see only the base
+  steps: {steps}
+  interval_s: {interval}
+  min_samples: 100
+  confidence: 0.95
+  gates:
+    error_rate: {{max_increase: 0.01, critical: true}}
+    validation_failure_rate: {{max_increase: 0.01, critical: true}}
+    latency_p99_ratio: {{max: 1.6}}
+    ttft_p50_ratio: {{max: 1.6}}
+"""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    story: str  # what the candidate does
+    knobs: dict[str, float]  # the candidate's simulator knobs, over the base's
+    expect: Literal["promoted", "rolled_back"]
+
+
+SCENARIOS = {
+    "healthy": Scenario("answers like the base", {}, "promoted"),
+    "bad-json": Scenario(
+        "breaks JSON mode: 30% of its JSON answers do not parse", {"invalid_json_rate": 0.3}, "rolled_back"
+    ),
+    "wrong-tools": Scenario(
+        "calls a tool nobody declared in 30% of tool calls", {"wrong_tool_rate": 0.3}, "rolled_back"
+    ),
+    "slow": Scenario(
+        "answers about 3x slower", {"latency_s": 0.15, "time_per_token_s": 0.005}, "rolled_back"
+    ),
+    "flaky": Scenario("fails 10% of its calls with HTTP 500", {"error_rate": 0.1}, "rolled_back"),
+}
+TERMINAL = {"promoted", "rolled_back"}
 TOOLS = [
     {
         "type": "function",
@@ -47,149 +109,485 @@ SCHEMA = {
 }
 
 
+# --- what the users saw ----------------------------------------------------------------------------
+
+
 @dataclass
-class Tally:
-    latencies: list[float] = field(default_factory=list)
-    errors: int = 0
-    users: set[str] = field(default_factory=set)
+class Seen:
+    """One answered request, as the client saw it."""
+
+    at: float
+    arm: str  # base / candidate, from x-canarygate-arm; "error" when the client got an error
+    latency: float
+    ttft: float | None  # streams only
+    fallback: str | None
 
 
-def run_demo(policy_dir: Path, port: int, duration: float, users: int, keep_serving: bool) -> int:
-    try:
-        import openai
-    except ImportError:
-        print("canarygate demo needs the openai client: pip install 'canarygate[demo]'", file=sys.stderr)
-        return 2
-    table = RouteTable(policy_dir)
-    try:
-        table.load()
-    except PolicyError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    origins = sorted(
-        {
-            urlsplit(arm.url).netloc
-            for route in table.routes()
-            for arm in route.arms()
-            if urlsplit(arm.url).hostname in LOOPBACK
-        }
-    )
-    with ExitStack() as stack:
-        for origin in origins:
-            parts = urlsplit(f"http://{origin}")
-            stack.enter_context(
-                BackgroundServer(Simulator(DEMO_KNOBS).app(), parts.hostname or "127.0.0.1", parts.port or 80)
-            )
-            print(f"simulated model server  http://{origin}/v1")
-        gateway = stack.enter_context(
-            BackgroundServer(create_app(Settings(policy_dir=policy_dir)), port=port)
-        )
-        print(
-            f"gateway                 {gateway.url}/v1   routes: {', '.join(r.name for r in table.routes())}"
-        )
-        print(f"sending {duration:g}s of traffic from {users} simulated users through the openai client ...")
-        client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=DEMO_KEY, max_retries=0)
-        tallies = asyncio.run(_traffic(client, [r.name for r in table.routes()], duration, users))
-        _report(tallies)
-        if keep_serving:
-            auth = f"-H 'Authorization: Bearer {DEMO_KEY}'"
-            print(f"\nstill serving: curl {auth} {gateway.url}/v1/models  (Ctrl-C stops)")
-            with suppress(KeyboardInterrupt):
-                threading.Event().wait()
-    failed = sum(t.errors for t in tallies.values())
-    return 0 if failed == 0 else 1
+@dataclass
+class Traffic:
+    seen: deque[Seen] = field(default_factory=lambda: deque(maxlen=50_000))
+    total: Counter[str] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)  # client-side errors, shown, never hidden
+
+    def window(self, seconds: float) -> list[Seen]:
+        since = time.monotonic() - seconds
+        return [s for s in list(self.seen) if s.at >= since]
 
 
-async def _traffic(
-    client: Any, routes: list[str], duration: float, users: int
-) -> dict[tuple[str, str], Tally]:
-    tallies: dict[tuple[str, str], Tally] = defaultdict(Tally)
-    arms_by_user: dict[tuple[str, str], set[str]] = defaultdict(set)
-    deadline = time.monotonic() + duration
-    next_report = time.monotonic() + 3
-
-    async def user(index: int) -> None:
-        nonlocal next_report
-        rng = random.Random(index)
-        name = f"user-{index:03d}"
-        while time.monotonic() < deadline:
-            route = rng.choice(routes)
-            started = time.perf_counter()
-            try:
-                arm = await _one_request(client, route, name, rng)
-            except Exception as exc:  # every failure is shown in the summary, none is hidden
-                tallies[(route, "error")].errors += 1
-                print(f"  request failed on {route}: {exc}")
-                continue
-            tally = tallies[(route, arm)]
-            tally.latencies.append(time.perf_counter() - started)
-            tally.users.add(name)
-            arms_by_user[(route, name)].add(arm)
-            if time.monotonic() >= next_report:
-                next_report = time.monotonic() + 3
-                done = sum(len(t.latencies) for t in tallies.values())
-                print(f"  {done} requests answered so far")
-            await asyncio.sleep(rng.uniform(0.05, 0.3))
-
-    await asyncio.gather(*(user(i) for i in range(users)))
-    switched = [key for key, arms in arms_by_user.items() if len(arms) > 1 and key[0] != "embed"]
-    print(
-        f"sticky assignment: {len(arms_by_user) - len(switched)} of {len(arms_by_user)} (route, user) pairs"
-        " stayed on one arm" + (f"; switched: {switched[:5]}" if switched else "")
-    )
-    return tallies
-
-
-async def _one_request(client: Any, route: str, user: str, rng: random.Random) -> str:
-    headers = {"x-user-id": user, "x-tenant-id": f"tenant-{int(user[-3:]) % 20:02d}"}
-    if route == "embed":
-        raw = await client.embeddings.with_raw_response.create(
-            model=route, input=["hello", user], extra_headers=headers
-        )
-        raw.parse()
-        return str(raw.headers["x-canarygate-arm"])
+async def _one_request(client: Any, user: str, rng: random.Random, traffic: Traffic) -> None:
     messages = [{"role": "user", "content": f"Help {user} with order {rng.randint(1000, 9999)}"}]
-    kind = rng.random()
-    if kind < 0.25:
-        async with client.chat.completions.with_streaming_response.create(
-            model=route,
-            messages=messages,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_headers=headers,
-        ) as response:
-            async for _ in response.iter_lines():
-                pass
-            return str(response.headers["x-canarygate-arm"])
+    kind = rng.choices(["chat", "json", "tools"], weights=[50, 25, 25])[0]
     extra: dict[str, Any] = {}
-    if route == "extractor":
+    if kind == "json":
         extra["response_format"] = {
             "type": "json_schema",
             "json_schema": {"name": "invoice", "schema": SCHEMA},
         }
-    elif kind < 0.4:
+    elif kind == "tools":
         extra["tools"] = TOOLS
-    raw = await client.chat.completions.with_raw_response.create(
-        model=route, messages=messages, extra_headers=headers, **extra
-    )
-    raw.parse()
-    return str(raw.headers["x-canarygate-arm"])
+        extra["tool_choice"] = "required"
+    stream = rng.random() < 0.3
+    started = time.perf_counter()
+    ttft = None
+    try:
+        if stream:
+            async with client.chat.completions.with_streaming_response.create(
+                model=ROUTE, messages=messages, user=user, stream=True, **extra
+            ) as response:
+                async for line in response.iter_lines():
+                    if ttft is None and line.startswith("data: {"):
+                        ttft = time.perf_counter() - started
+                    if line.startswith('data: {"error"'):
+                        raise RuntimeError(line[6:200])
+                headers = response.headers
+        else:
+            raw = await client.chat.completions.with_raw_response.create(
+                model=ROUTE, messages=messages, user=user, **extra
+            )
+            raw.parse()
+            headers = raw.headers
+    except Exception as exc:  # every failure is counted and shown, none is hidden
+        traffic.seen.append(Seen(time.monotonic(), "error", time.perf_counter() - started, None, None))
+        traffic.total["error"] += 1
+        if len(traffic.failures) < 20:
+            traffic.failures.append(f"{type(exc).__name__}: {str(exc)[:160]}")
+        return
+    arm = str(headers.get("x-canarygate-arm", "?"))
+    fallback = headers.get("x-canarygate-fallback")
+    traffic.seen.append(Seen(time.monotonic(), arm, time.perf_counter() - started, ttft, fallback))
+    traffic.total[arm] += 1
 
 
-def _report(tallies: dict[tuple[str, str], Tally]) -> None:
-    totals: dict[str, int] = defaultdict(int)
-    for (route, _), tally in tallies.items():
-        totals[route] += len(tally.latencies)
-    print(
-        f"\n{'route':<20} {'arm':<10} {'requests':>8} {'share':>7} {'users':>6} {'p50 ms':>8} {'p99 ms':>8}"
-    )
-    for (route, arm), tally in sorted(tallies.items()):
-        if arm == "error":
-            print(f"{route:<20} {'(failed)':<10} {tally.errors:>8}")
-            continue
-        lat = sorted(tally.latencies)
-        p50 = statistics.median(lat) * 1000
-        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
-        share = 100 * len(lat) / max(1, totals[route])
-        users = len(tally.users)
-        print(f"{route:<20} {arm:<10} {len(lat):>8} {share:>6.1f}% {users:>6} {p50:>8.1f} {p99:>8.1f}")
+async def _users(client: Any, count: int, stop: asyncio.Event, traffic: Traffic) -> None:
+    async def user(index: int) -> None:
+        rng = random.Random(index)
+        name = f"user-{index:03d}"
+        while not stop.is_set():
+            await _one_request(client, name, rng, traffic)
+            await asyncio.sleep(rng.uniform(0.0, 0.2))
+
+    await asyncio.gather(*(user(i) for i in range(count)))
+
+
+# --- what the gateway says -------------------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    elapsed: float
+    rollout: dict[str, Any]
+    analysis: dict[str, Any] | None
+    validation: dict[tuple[str, str], Counter[str]]  # (arm, mode) -> kind -> count
+    fallbacks: Counter[str]
+    agreement: dict[str, tuple[float, float]]  # check -> (agree, total)
+    traffic: Traffic
+
+    @property
+    def phase(self) -> str:
+        return str(self.rollout.get("phase", "?"))
+
+
+async def _snapshot(http: httpx.AsyncClient, started: float, traffic: Traffic) -> Snapshot:
+    rollout = (await http.get(f"/admin/routes/{ROUTE}")).json()
+    reply = await http.get(f"/admin/routes/{ROUTE}/analysis")
+    analysis = reply.json() if reply.status_code == 200 else None
+    validation: dict[tuple[str, str], Counter[str]] = {}
+    fallbacks: Counter[str] = Counter()
+    agreement: dict[str, tuple[float, float]] = {}
+    for family in text_string_to_metric_families((await http.get("/metrics")).text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "canarygate_validation_failures_total":
+                key = (labels["arm"], labels.get("mode", "primary"))
+                validation.setdefault(key, Counter())[labels["kind"]] += int(sample.value)
+            elif sample.name == "canarygate_fallbacks_total":
+                fallbacks[labels["reason"]] += int(sample.value)
+            elif sample.name == "canarygate_mirror_agreement_total":
+                agree, total = agreement.get(labels["check"], (0.0, 0.0))
+                agreement[labels["check"]] = (
+                    agree + sample.value * (labels["result"] == "agree"),
+                    total + sample.value,
+                )
+    return Snapshot(time.monotonic() - started, rollout, analysis, validation, fallbacks, agreement, traffic)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def _ms(values: list[float], q: float) -> str:
+    if not values:
+        return "-"
+    ordered = sorted(values)
+    return f"{ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000:.0f}"
+
+
+def _gate_value(gate: dict[str, Any]) -> str:
+    value = gate.get("value")
+    if value is None:
+        return "-"
+    if gate["gate"].endswith("_ratio"):
+        return f"x{value:.2f}"
+    return f"{value * 100:+.2f} pts"
+
+
+def _gate_threshold(gate: dict[str, Any]) -> str:
+    if gate["gate"].endswith("_ratio"):
+        return f"<= x{gate['threshold']:g}"
+    return f"<= {gate['threshold'] * 100:+.2f} pts"
+
+
+def _phase_line(snap: Snapshot) -> str:
+    rollout = snap.rollout
+    phase = snap.phase
+    if phase == "shadow":
+        where = "mirror-only phase: users get the base, 30% of requests are replayed to the candidate"
+    elif phase == "progressing":
+        where = (
+            f"step {rollout['step'] + 1} of {len(STEPS)}: candidate serves {rollout['weight']:g}% of users"
+        )
+    elif phase == "promoted":
+        where = "the candidate serves everyone"
+    elif phase == "rolled_back":
+        where = "the base serves everyone"
+    else:
+        where = f"weight {rollout.get('weight', 0):g}%"
+    return f"[{snap.elapsed:5.1f}s] {phase}: {where}"
+
+
+def _arm_rows(snap: Snapshot, window_s: float = 5.0) -> list[list[str]]:
+    recent = snap.traffic.window(window_s)
+    rows = []
+    for arm in ("base", "candidate"):
+        mine = [s for s in recent if s.arm == arm]
+        served = snap.traffic.total[arm]
+        primary = snap.validation.get((arm, "primary"), Counter())
+        shadow = snap.validation.get((arm, "shadow"), Counter())
+        kinds = primary + shadow
+        measured = None
+        if snap.analysis is not None:
+            side = "base" if arm == "base" else "candidate"
+            measured = snap.analysis["window"][side]
+        rows.append(
+            [
+                arm,
+                f"{len(mine) / window_s:.0f}/s",
+                str(served),
+                _pct(measured["error_rate"]) if measured else "-",
+                ", ".join(f"{k} {n}" for k, n in kinds.most_common(3)) or "0",
+                _ms([s.latency for s in mine], 0.5),
+                _ms([s.latency for s in mine], 0.99),
+                _ms([s.ttft for s in mine if s.ttft is not None], 0.5),
+            ]
+        )
+    return rows
+
+
+ERRORS_FOOTNOTE = (
+    "* errors: each arm's calls as the gateway counted them"
+    " (in the mirror-only phase, the candidate's shadow calls)"
+)
+ARM_HEADER = ["arm", "rate", "served", "errors*", "validation failures", "p50 ms", "p99 ms", "TTFT p50"]
+
+
+def _extras(snap: Snapshot) -> list[str]:
+    lines = []
+    fallbacks = sum(snap.fallbacks.values())
+    if fallbacks:
+        reasons = ", ".join(f"{k} {n}" for k, n in snap.fallbacks.most_common(3))
+        lines.append(f"fallbacks to base: {fallbacks} ({reasons}); users saw none of those failures")
+    if snap.agreement:
+        shown = ", ".join(
+            f"{check} {agree / total * 100:.0f}%"
+            for check, (agree, total) in sorted(snap.agreement.items())
+            if total
+        )
+        lines.append(f"mirror agreement (shadow vs base answer): {shown}")
+        if "tool_args" in snap.agreement:
+            lines.append(
+                "  (tool_args asks for identical arguments: different checkpoints rarely match word for word)"
+            )
+    errors = snap.traffic.total["error"]
+    if errors:
+        lines.append(f"client errors: {errors} (e.g. {snap.traffic.failures[0]})")
+    return lines
+
+
+# --- the two views ---------------------------------------------------------------------------------
+
+
+class PlainView:
+    """No terminal (CI, a pipe): a line of numbers every few seconds, and every controller move."""
+
+    def __init__(self, every_s: float = 3.0) -> None:
+        self.every_s = every_s
+        self._last = -every_s
+        self._moves = 0
+
+    def __enter__(self) -> PlainView:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+    def update(self, snap: Snapshot) -> None:
+        history = list(reversed(snap.rollout.get("history", [])))
+        for move in history[self._moves :]:
+            said = f"{move['phase']} at {move['weight']:g}%: {move['reason']}"
+            print(f"[{snap.elapsed:5.1f}s] controller: {said}", flush=True)
+        self._moves = len(history)
+        if snap.elapsed - self._last < self.every_s:
+            return
+        self._last = snap.elapsed
+        print(_phase_line(snap), flush=True)
+        for row in _arm_rows(snap):
+            cells = dict(zip(ARM_HEADER, row, strict=True))
+            print(
+                f"    {cells['arm']:<9} {cells['rate']:>6} served {cells['served']:>5}  "
+                f"errors {cells['errors*']:>6}  "
+                f"p50/p99 {cells['p50 ms']}/{cells['p99 ms']} ms  TTFT {cells['TTFT p50']} ms  "
+                f"validation: {cells['validation failures']}",
+                flush=True,
+            )
+        for gate in (snap.analysis or {}).get("gates", []):
+            shown = f"{gate['result']:<5} {_gate_value(gate):>11} {_gate_threshold(gate)}"
+            print(f"    gate {gate['gate']:<24} {shown}", flush=True)
+        for line in _extras(snap):
+            print(f"    {line}", flush=True)
+
+
+class LiveView:
+    """A terminal: rich's live display, redrawn four times a second."""
+
+    def __init__(self, title: str) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.title = title
+        self.console = Console()
+        self._live = Live(console=self.console, refresh_per_second=4, transient=False)
+
+    def __enter__(self) -> LiveView:
+        self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._live.__exit__(None, None, None)
+
+    def update(self, snap: Snapshot) -> None:
+        from rich.console import Group
+        from rich.panel import Panel
+        from rich.table import Table
+        from rich.text import Text
+
+        arms = Table(expand=True, title="what users were served (last 5 s)", title_justify="left")
+        for name in ARM_HEADER:
+            arms.add_column(name, justify="left" if name in ("arm", "validation failures") else "right")
+        for row in _arm_rows(snap):
+            arms.add_row(*row)
+        gates = Table(
+            expand=True, title="gates: candidate vs base since the rollout began", title_justify="left"
+        )
+        for name in ("gate", "verdict", "value", "threshold", "samples base / candidate", "why"):
+            gates.add_column(name)
+        colours = {"pass": "green", "fail": "bold red", "wait": "yellow"}
+        for gate in (snap.analysis or {}).get("gates", []):
+            gates.add_row(
+                gate["gate"] + (" (critical)" if gate["critical"] else ""),
+                Text(gate["result"], style=colours.get(gate["result"], "")),
+                _gate_value(gate),
+                _gate_threshold(gate),
+                f"{gate['n_base']} / {gate['n_candidate']}",
+                gate["reason"],
+            )
+        moves = Table(expand=True, show_header=False, title="controller", title_justify="left")
+        moves.add_column("move")
+        for move in reversed(snap.rollout.get("history", [])[:6]):
+            moves.add_row(f"{move['phase']} at {move['weight']:g}%: {move['reason']}")
+        header = Text(_phase_line(snap), style="bold")
+        extras = Text("\n".join([*_extras(snap), ERRORS_FOOTNOTE]))
+        self._live.update(Panel(Group(header, arms, gates, moves, extras), title=self.title))
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+def verdict(rollout: dict[str, Any], elapsed: float) -> tuple[str, str]:
+    """(outcome, a sentence that says what happened)."""
+    phase = rollout["phase"]
+    history = rollout.get("history", [])  # newest first
+    last = history[0] if history else {"reason": ""}
+    if phase == "promoted":
+        return "promoted", f"promoted after {len(STEPS)} steps in {elapsed:.0f} s"
+    if phase == "rolled_back":
+        before = history[1] if len(history) > 1 else None
+        if before is None or before["phase"] == "shadow":
+            where = "in the mirror-only phase, before any user was served by the candidate"
+        else:
+            where = f"at step {before['step'] + 1} (weight {before['weight']:g}%)"
+        return "rolled_back", f"rolled back {where}: {last['reason'].removeprefix('gate failed: ')}"
+    return phase, f"no decision after {elapsed:.0f} s: still {phase} at weight {rollout['weight']:g}%"
+
+
+def run_demo(
+    scenario_name: str,
+    port: int,
+    duration: float,
+    users: int,
+    interval_s: float = 3.0,
+    keep_serving: bool = False,
+    live: bool | None = None,
+) -> int:
+    if importlib.util.find_spec("openai") is None:
+        print("canarygate demo needs the openai client: pip install 'canarygate[demo]'", file=sys.stderr)
+        return 2
+    scenario = SCENARIOS[scenario_name]
+    live = sys.stdout.isatty() if live is None else live
+    if live:
+        try:
+            import rich  # noqa: F401
+        except ImportError:
+            live = False
+    with ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="canarygate-demo-")))
+        base = stack.enter_context(BackgroundServer(Simulator(BASE_KNOBS).app()))
+        candidate_knobs = replace(BASE_KNOBS, **scenario.knobs)  # type: ignore[arg-type]
+        candidate = stack.enter_context(BackgroundServer(Simulator(candidate_knobs).app()))
+        (work / f"{ROUTE}.yaml").write_text(
+            POLICY.format(
+                route=ROUTE,
+                base=f"{base.url}/v1",
+                candidate=f"{candidate.url}/v1",
+                base_model=BASE_MODEL,
+                candidate_model=CANDIDATE_MODEL,
+                steps=STEPS,
+                interval=interval_s,
+            )
+        )
+        settings = Settings(
+            policy_dir=work,
+            api_keys=frozenset({DEMO_KEY}),
+            admin_token=ADMIN_TOKEN,
+            watch_policies=False,
+            log_level="warning",
+        )
+        log_file = Path(tempfile.gettempdir()) / "canarygate-demo.log"
+        stack.enter_context(_logs_to(log_file))  # each fallback is logged: keep them off the live view
+        gateway = stack.enter_context(BackgroundServer(create_app(settings), port=port))
+        expect = scenario.expect.replace("_", " ")
+        print(f"scenario {scenario_name}: the candidate {scenario.story}; expected: {expect}")
+        print(f"simulated base       {base.url}/v1 ({BASE_MODEL})")
+        print(f"simulated candidate  {candidate.url}/v1 ({CANDIDATE_MODEL})")
+        print(
+            f"gateway              {gateway.url}/v1, route {ROUTE!r}, {users} simulated users (openai client)"
+        )
+        steps = " -> ".join(f"{s}%" for s in STEPS)
+        print(f"rollout              mirror-only, then {steps}; gates judged every {interval_s:g} s")
+        print(f"gateway log          {log_file}")
+        view: PlainView | LiveView = LiveView(f"canarygate demo: {scenario_name}") if live else PlainView()
+        started = time.monotonic()
+        with view:
+            final, elapsed, traffic = asyncio.run(_run(gateway.url, users, duration, started, view.update))
+        outcome, sentence = verdict(final, elapsed)
+        print()
+        print(f"verdict: {sentence}")
+        print(
+            f"users were served {traffic.total['base']} answers by the base and {traffic.total['candidate']} "
+            f"by the candidate; {traffic.total['error']} client errors"
+        )
+        for failure in traffic.failures[:3]:
+            print(f"  client error: {failure}")
+        expected = outcome == scenario.expect and traffic.total["error"] == 0
+        print("as expected" if expected else f"NOT as expected: wanted {scenario.expect.replace('_', ' ')}")
+        _next_steps(gateway.url, keep_serving)
+        if keep_serving:
+            with suppress(KeyboardInterrupt):
+                threading.Event().wait()
+    return 0 if expected else 1
+
+
+async def _run(
+    url: str, users: int, duration: float, started: float, show: Callable[[Snapshot], None]
+) -> tuple[dict[str, Any], float, Traffic]:
+    import openai
+
+    traffic = Traffic()
+    stop = asyncio.Event()
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=DEMO_KEY, max_retries=0, timeout=60)
+    load = asyncio.create_task(_users(client, users, stop, traffic))
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    ended_at: float | None = None
+    judged: dict[str, Any] | None = None  # the last analysis of the rollout that ran
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10) as http:
+        try:
+            while True:
+                await asyncio.sleep(0.5)
+                snap = await _snapshot(http, started, traffic)
+                if snap.phase in TERMINAL:
+                    snap.analysis = judged  # once decided, the analysis starts afresh: show what decided
+                else:
+                    judged = snap.analysis
+                show(snap)
+                if snap.phase in TERMINAL and ended_at is None:
+                    ended_at = snap.elapsed  # a little more traffic, to show everyone on one arm
+                if (ended_at is not None and snap.elapsed - ended_at > 3) or snap.elapsed > duration:
+                    break
+        finally:
+            stop.set()
+            await load
+            await client.close()
+        final = (await http.get(f"/admin/routes/{ROUTE}")).json()
+    return final, ended_at if ended_at is not None else time.monotonic() - started, traffic
+
+
+@contextmanager
+def _logs_to(path: Path) -> Iterator[None]:
+    logger = logging.getLogger("gateway")
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    saved = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = saved
+        handler.close()
+
+
+def _next_steps(url: str, keep_serving: bool) -> None:
+    print()
+    if keep_serving:
+        print("still serving (Ctrl-C stops); look around with")
+    else:
+        print("to look around afterwards, run it with --keep-serving; then, with")
+    print(f"CANARYGATE_URL={url} CANARYGATE_ADMIN_TOKEN={ADMIN_TOKEN}:")
+    for command, what in (
+        (f"curl {url}/metrics", "Prometheus metrics, by arm"),
+        (f"canarygate status {ROUTE}", "phase, weight, history"),
+        (f"canarygate compare {ROUTE}", "every gate: value, interval, verdict"),
+        (f"canarygate pairs --route {ROUTE} --disagreements", "shadow answers that differed from the base"),
+    ):
+        print(f"  {command:<50} # {what}")
+    print("next: the same gateway in front of real model servers (README: Next: real model servers)")
