@@ -57,7 +57,7 @@ rollout:
   shadow_first: true          # first a mirror-only phase: users see only the base
   steps: {steps}
   interval_s: {interval}
-  min_samples: 100
+  min_samples: 80
   confidence: 0.95
   gates:
     error_rate: {{max_increase: 0.01, critical: true}}
@@ -146,7 +146,7 @@ async def _one_request(client: Any, user: str, rng: random.Random, traffic: Traf
     elif kind == "tools":
         extra["tools"] = TOOLS
         extra["tool_choice"] = "required"
-    stream = rng.random() < 0.3
+    stream = rng.random() < 0.4
     started = time.perf_counter()
     ttft = None
     try:
@@ -282,7 +282,7 @@ def _arm_rows(snap: Snapshot, window_s: float = 5.0) -> list[list[str]]:
         mine = [s for s in recent if s.arm == arm]
         served = snap.traffic.total[arm]
         primary = snap.validation.get((arm, "primary"), Counter())
-        shadow = snap.validation.get((arm, "shadow"), Counter())
+        shadow = snap.validation.get((arm, "mirror"), Counter())  # shadow calls
         kinds = primary + shadow
         measured = None
         if snap.analysis is not None:
@@ -297,7 +297,7 @@ def _arm_rows(snap: Snapshot, window_s: float = 5.0) -> list[list[str]]:
                 ", ".join(f"{k} {n}" for k, n in kinds.most_common(3)) or "0",
                 _ms([s.latency for s in mine], 0.5),
                 _ms([s.latency for s in mine], 0.99),
-                _ms([s.ttft for s in mine if s.ttft is not None], 0.5),
+                f"{_ms(ttfts := [s.ttft for s in mine if s.ttft is not None], 0.5)}/{_ms(ttfts, 0.99)}",
             ]
         )
     return rows
@@ -307,7 +307,7 @@ ERRORS_FOOTNOTE = (
     "* errors: each arm's calls as the gateway counted them"
     " (in the mirror-only phase, the candidate's shadow calls)"
 )
-ARM_HEADER = ["arm", "rate", "served", "errors*", "validation failures", "p50 ms", "p99 ms", "TTFT p50"]
+ARM_HEADER = ["arm", "rate", "served", "errors*", "validation failures", "p50 ms", "p99 ms", "TTFT p50/p99"]
 
 
 def _extras(snap: Snapshot) -> list[str]:
@@ -365,7 +365,7 @@ class PlainView:
             print(
                 f"    {cells['arm']:<9} {cells['rate']:>6} served {cells['served']:>5}  "
                 f"errors {cells['errors*']:>6}  "
-                f"p50/p99 {cells['p50 ms']}/{cells['p99 ms']} ms  TTFT {cells['TTFT p50']} ms  "
+                f"p50/p99 {cells['p50 ms']}/{cells['p99 ms']} ms  TTFT {cells['TTFT p50/p99']} ms  "
                 f"validation: {cells['validation failures']}",
                 flush=True,
             )
