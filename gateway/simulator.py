@@ -186,6 +186,9 @@ class Simulator:
             return {}, _error(400, "request body is not valid JSON", "invalid_request_error")
         if not isinstance(body, dict) or not isinstance(body.get("model"), str) or field not in body:
             return {}, _error(400, f"'model' and '{field}' are required", "invalid_request_error")
+        problem = _shape_problem(endpoint, body)
+        if problem is not None:  # a real server's request schema refuses these with a 400 too
+            return {}, _error(400, problem, "invalid_request_error")
         self.requests[f"{endpoint}:{body['model']}"] += 1
         self.recent.append({"endpoint": endpoint, "headers": dict(request.headers), "body": body})
         knobs = self.knobs(body["model"], body)
@@ -413,6 +416,65 @@ async def _hang(request: Request) -> None:
 
 def _event(data: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def _shape_problem(endpoint: str, body: dict[str, Any]) -> str | None:
+    """What a served model's request schema (vLLM's pydantic models) would refuse, or None."""
+    if endpoint == "embeddings":
+        return None if _embeddable(body["input"]) else "'input' must be text, texts, tokens or token arrays"
+    if endpoint == "chat" and not (
+        isinstance(body["messages"], list)
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in body["messages"])
+    ):
+        return "'messages' must be an array of objects with a 'role'"
+    for field, fits in SHAPES.items():
+        if field in body and body[field] is not None and not fits(body[field]):
+            return f"'{field}' has the wrong shape"
+    return None
+
+
+def _function(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("name"), str)
+        and isinstance(value.get("parameters", {}), dict | None)
+    )
+
+
+def _choice(value: Any) -> bool:
+    return isinstance(value, str) or (
+        isinstance(value, dict) and isinstance(value.get("function", {}), dict) and _named(value)
+    )
+
+
+def _named(value: dict[str, Any]) -> bool:
+    name = value.get("name", (value.get("function") or {}).get("name", ""))
+    return isinstance(name, str)
+
+
+SHAPES: dict[str, Any] = {
+    "tools": lambda v: (
+        isinstance(v, list) and all(isinstance(t, dict) and _function(t.get("function")) for t in v)
+    ),
+    "functions": lambda v: isinstance(v, list) and all(_function(f) for f in v),
+    "tool_choice": _choice,
+    "function_call": _choice,
+    "response_format": lambda v: isinstance(v, dict) and isinstance(v.get("json_schema", {}), dict),
+    "stream_options": lambda v: isinstance(v, dict),
+}
+
+
+def _embeddable(raw: Any) -> bool:
+    def tokens(value: Any) -> bool:
+        return isinstance(value, list) and all(type(i) is int for i in value)
+
+    if isinstance(raw, str) or (tokens(raw) and raw):
+        return True
+    return (
+        isinstance(raw, list)
+        and bool(raw)
+        and (all(isinstance(i, str) for i in raw) or all(map(tokens, raw)))
+    )
 
 
 def _json(data: Any, status: int = 200) -> Response:

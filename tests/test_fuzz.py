@@ -74,7 +74,11 @@ bodies = st.fixed_dictionaries(
         "x_vendor_extension": json_values,
     },
 )
-header_names = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=20)
+# Names that frame the message are the HTTP client's to set: httpx refuses to send a made-up one.
+FRAMING = {"host", "content-length", "transfer-encoding", "connection", "expect", "upgrade", "te", "trailer"}
+header_names = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=20).filter(
+    lambda name: name not in FRAMING
+)
 header_values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60).map(str.strip)
 headers = st.dictionaries(
     header_names
