@@ -338,8 +338,8 @@ def soak(duration: float, work: Path) -> tuple[list[str], bool]:
     lines.append(
         f"  RSS after warm-up ({warm:.0f} s) {start_rss / 2**20:.1f} MiB -> end {end_rss / 2**20:.1f} MiB "
         f"({growth * 100:+.1f}%); idle before/after: fds {before['open_fds']}/{after['open_fds']}, "
-        f"tasks {before['tasks']}/{after['tasks']}, upstream connections "
-        f"{before['upstream_connections']['open']}/{after['upstream_connections']['open']}"
+        f"tasks {before['tasks']}/{after['tasks']}, upstream calls in flight "
+        f"{_in_flight(before)}/{_in_flight(after)}"
     )
     checks = {
         "every request answered completely or with a documented error": broken == 0,
@@ -433,6 +433,10 @@ def streams(count: int, work: Path) -> tuple[list[str], bool]:
     ok = via_done == count and direct_done == count
     lines.append(f"  {'ok ' if ok else 'FAIL'} every stream completed")
     return lines, ok
+
+
+def _in_flight(runtime: dict[str, Any]) -> int:
+    return sum(int(pool["in_flight"]) for pool in runtime["upstream_pools"])
 
 
 def main() -> int:

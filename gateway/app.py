@@ -99,7 +99,7 @@ class Services:
         self.controller = Controller(
             self.state, self.rollouts, self._automatic, on_analysis=self.metrics.gates
         )
-        self.upstream = Upstream(settings.upstream_max_connections)
+        self.upstream = Upstream()
         self.api_keys = ApiKeys(settings.api_keys, settings.api_key_groups)
         self.pairs: PairStore = MemoryPairStore()
         self.proxy = Proxy(
@@ -123,6 +123,8 @@ class Services:
         if accepted:
             self.metrics.prepare(self.routes.routes())
             self.spawner.spawn(self._adopt(), name="state-adopt")
+            bulkheads = [arm.bulkhead for route in self.routes.routes() for arm in route.arms()]
+            self.spawner.spawn(self.upstream.retire(bulkheads), name="upstream-retire")
 
     async def _adopt(self) -> None:
         """New or changed policies: new rollouts start from their policy, the others keep their state."""
@@ -299,7 +301,7 @@ def _api(services: Services) -> FastAPI:
         return {
             "pid": os.getpid(),
             **_process_resources(),
-            "upstream_connections": services.upstream.pool.stats(),
+            "upstream_pools": services.upstream.stats(),
         }
 
     @api.get("/admin/pairs", dependencies=[Depends(admin)])

@@ -9,16 +9,16 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 import orjson
+from aiohttp import ClientTimeout
 from opentelemetry.trace import Span
 
 from gateway.asgi import Reply
 from gateway.errors import GatewayError, InvalidOutput, UpstreamError, UpstreamHTTPError, UpstreamTimeout
-from gateway.http1 import Disconnected, Response, Timeout
 from gateway.mirror import Observation, Pair
 from gateway.route import Route, RouteArm
 from gateway.streaming import MAX_PENDING, event_end
 from gateway.telemetry import ArmMetrics, RouteMetrics
-from gateway.upstream import Call, Upstream
+from gateway.upstream import Call, Response, Upstream
 from gateway.validation import Failure, Rules, check_chat, check_completion
 
 log = logging.getLogger("gateway.proxy")
@@ -91,7 +91,7 @@ class Request:
             )
         timeout = arm.client_timeout
         if remaining < arm.timeouts.total_s:
-            timeout = Timeout(total=remaining, connect=min(arm.timeouts.connect_s, remaining))
+            timeout = ClientTimeout(total=remaining, connect=min(arm.timeouts.connect_s, remaining))
         self.payload["model"] = arm.model
         headers = upstream_headers(arm, self.headers, rid)
         if self.span is None:
@@ -100,7 +100,7 @@ class Request:
                     headers[name] = self.headers[name]
         body = orjson.dumps(self.payload)
         first_token_s = min(arm.timeouts.first_token_s, remaining)
-        return Call(arm, self.endpoint, body, headers, self.token, timeout, first_token_s)
+        return Call(arm, self.endpoint, body, headers, self.token, timeout, first_token_s, self.stream)
 
     def check(self, answer: dict[str, Any] | None) -> Failure | None:
         assert self.rules is not None
@@ -247,6 +247,11 @@ async def fetch(upstream: Upstream, attempt: Attempt) -> tuple[Response, bytes, 
         answer = orjson.loads(data)
     except orjson.JSONDecodeError:
         answer = None
+    if not isinstance(answer, dict):
+        raise UpstreamError(
+            f"the {call.arm.name} upstream answered HTTP {resp.status} with a body that is not a JSON object",
+            code="upstream_protocol_error",
+        )
     attempt.answered(answer)
     return resp, data, answer
 
@@ -282,10 +287,13 @@ async def _open_stream(upstream: Upstream, call: Call) -> tuple[Response, bytes]
         while first and not event_end(first) and len(first) <= MAX_PENDING:
             more = await resp.readany()
             if not more:
-                raise Disconnected(received=True)
+                break
             first += more
-        if not first:
-            raise Disconnected(received=True)
+        if not event_end(first) and len(first) <= MAX_PENDING:
+            raise UpstreamError(
+                f"the {call.arm.name} upstream's stream ended before its first whole event",
+                code="upstream_protocol_error",
+            )
         handed_over = True
         return resp, first
     except GatewayError:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import ssl
 from itertools import pairwise
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gateway.tls import client_context
 from gateway.validation import SchemaError, compile_schema
 
 ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
@@ -83,6 +85,25 @@ class Price(Strict):
     output_per_million: float = Field(ge=0, le=1_000_000)
 
 
+class Tls(Strict):
+    """TLS to the arm's server: a private CA, a client certificate for mTLS, or no verification."""
+
+    ca_file: str | None = Field(default=None, description="PEM file of the CAs that sign the server's cert")
+    client_cert_file: str | None = Field(default=None, description="PEM client certificate (mTLS)")
+    client_key_file: str | None = Field(default=None, description="Its private key, if not in the cert file")
+    verify: bool = Field(default=True, description="false: accept any certificate (testing only)")
+
+    @model_validator(mode="after")
+    def _loads(self) -> Tls:
+        if self.client_key_file is not None and self.client_cert_file is None:
+            raise ValueError("client_key_file needs client_cert_file")
+        self.context()  # a missing or unreadable file is a load error, not a failure at the first request
+        return self
+
+    def context(self) -> ssl.SSLContext:
+        return client_context(self.ca_file, self.client_cert_file, self.client_key_file, self.verify)
+
+
 class Arm(Strict):
     url: str = Field(description="Base URL of the OpenAI-compatible API, e.g. http://vllm:8000/v1")
     model: str = Field(min_length=1, max_length=256, description="Model name the upstream expects")
@@ -95,6 +116,19 @@ class Arm(Strict):
     price: Price | None = Field(
         default=None, description="Token prices: canarygate_cost_total and the cost gate"
     )
+    max_connections: int = Field(
+        default=256, ge=1, le=100_000, description="This arm's own connection limit (its bulkhead)"
+    )
+    keepalive_s: float = Field(
+        default=4.0, ge=0, le=300, description="How long an idle connection is kept; below the server's"
+    )
+    max_response_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        le=1024 * 1024 * 1024,
+        description="Largest non-streamed answer or error body read from the arm",
+    )
+    tls: Tls | None = Field(default=None, description="TLS settings for an https:// url")
 
     @field_validator("url")
     @classmethod
@@ -137,6 +171,8 @@ class Arm(Strict):
     def _one_credential(self) -> Arm:
         if self.api_key_env and self.forward_client_auth:
             raise ValueError("set either api_key_env or forward_client_auth, not both")
+        if self.tls is not None and not self.url.startswith("https://"):
+            raise ValueError("tls applies to an https:// url only")
         return self
 
 

@@ -3,7 +3,8 @@
 auth -> body -> route -> assign arm -> (circuit open? base) -> attempt the arm -> validate
      -> on a candidate failure listed in fallback.on, within budget and deadline: attempt base -> reply
 
-Kept framework-free (raw ASGI, orjson, gateway.http1): it is the hot path, and bench/ measures it.
+Kept framework-free (raw ASGI, orjson, aiohttp behind gateway.upstream): it is the hot path, and bench/
+measures it.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from gateway.errors import (
 )
 from gateway.fallback import CIRCUIT_OPEN, Guards, reason_for
 from gateway.feedback import Assignments
-from gateway.http1 import Response
 from gateway.pairs import PairStore
 from gateway.route import Route, RouteArm
 from gateway.routing import OVERRIDE_HEADER, choose_arm, cohort_of, mirror_sampled, unit_key
@@ -51,7 +51,7 @@ from gateway.streaming import Accumulator, Tail, collect, last_event, observer, 
 from gateway.tasks import Spawner
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
-from gateway.upstream import Upstream
+from gateway.upstream import Response, Upstream
 from gateway.validation import KINDS, Rules, SchemaCache, SchemaError, rules_for
 
 log = logging.getLogger("gateway.proxy")

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from aiohttp import ClientTimeout
+from yarl import URL
+
 from gateway.breaker import BreakerSettings
 from gateway.budget import BudgetSettings
-from gateway.http1 import Target, Timeout
 from gateway.policy import Arm as ArmPolicy
-from gateway.policy import ArmName, Policy, Rollout, Timeouts, merge_timeouts
+from gateway.policy import ArmName, Policy, Rollout, Timeouts, Tls, merge_timeouts
 from gateway.validation import KINDS, RoutePolicy, compile_schema
 
 T = TypeVar("T")
@@ -48,17 +50,31 @@ class CohortSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class Bulkhead:
+    """What an arm's own connection pool is built from; while it stays the same, reloads keep the pool."""
+
+    route: str
+    arm: ArmName
+    origin: str  # scheme://host:port
+    max_connections: int
+    keepalive_s: float
+    tls: Tls | None
+
+
+@dataclass(frozen=True, slots=True)
 class RouteArm:
     name: ArmName
     model: str
     url: str
-    urls: Mapping[str, Target]
+    urls: Mapping[str, URL]
     headers: Mapping[str, str]
     forward_client_auth: bool
     secret: str | None
     timeouts: Timeouts
-    client_timeout: Timeout
+    client_timeout: ClientTimeout
     price: tuple[float, float] | None  # per token: (input, output)
+    bulkhead: Bulkhead
+    max_response_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +116,9 @@ def compile_policy(
 ) -> tuple[Route, list[tuple[str, str]]]:
     """Build the runtime route; also returns (field path, message) for secrets missing from the env."""
     missing: list[tuple[str, str]] = []
-    base = _compile_arm("base", policy.arms.base, policy.timeouts, environ, missing)
+    base = _compile_arm(policy.route, "base", policy.arms.base, policy.timeouts, environ, missing)
     candidate = (
-        _compile_arm("candidate", policy.arms.candidate, policy.timeouts, environ, missing)
+        _compile_arm(policy.route, "candidate", policy.arms.candidate, policy.timeouts, environ, missing)
         if policy.arms.candidate
         else None
     )
@@ -201,6 +217,7 @@ def rollout_key(policy: Policy, salt: str) -> str:
 
 
 def _compile_arm(
+    route: str,
     name: ArmName,
     arm: ArmPolicy,
     route_timeouts: Timeouts,
@@ -216,17 +233,20 @@ def _compile_arm(
         else:
             headers["Authorization"] = f"Bearer {secret}"
     timeouts = merge_timeouts(route_timeouts, arm.timeouts)
+    url = URL(arm.url)
     return RouteArm(
         name=name,
         model=arm.model,
         url=arm.url,
-        urls={key: Target.parse(arm.url + path) for key, path in ENDPOINT_PATHS.items()},
+        urls={key: URL(arm.url + path) for key, path in ENDPOINT_PATHS.items()},
         headers=headers,
         forward_client_auth=arm.forward_client_auth,
         secret=secret,
         timeouts=timeouts,
-        client_timeout=Timeout(total=timeouts.total_s, connect=timeouts.connect_s),
+        client_timeout=ClientTimeout(total=timeouts.total_s, connect=timeouts.connect_s),
         price=(arm.price.input_per_million / 1e6, arm.price.output_per_million / 1e6) if arm.price else None,
+        bulkhead=Bulkhead(route, name, str(url.origin()), arm.max_connections, arm.keepalive_s, arm.tls),
+        max_response_bytes=arm.max_response_bytes,
     )
 
 

@@ -22,7 +22,6 @@ class Settings:
     api_keys: frozenset[str] = field(default_factory=frozenset, repr=False)
     api_key_groups: Mapping[str, str] = field(default_factory=dict, repr=False)  # key -> group (cohorts)
     watch_policies: bool = True
-    upstream_max_connections: int = 1000
     readyz_probe_timeout_s: float = 1.0
     log_level: str = "info"
     metrics: bool = True
@@ -42,7 +41,6 @@ class Settings:
             api_keys=frozenset(_api_keys(env)),
             api_key_groups={k: g for k, g in _api_keys(env).items() if g is not None},
             watch_policies=_bool(env, "CANARYGATE_WATCH_POLICIES", True),
-            upstream_max_connections=_int(env, "CANARYGATE_UPSTREAM_MAX_CONNECTIONS", 1000),
             readyz_probe_timeout_s=_float(env, "CANARYGATE_READYZ_PROBE_TIMEOUT_S", 1.0),
             log_level=env.get("CANARYGATE_LOG_LEVEL", "info").lower(),
             metrics=_bool(env, "CANARYGATE_METRICS", True),

@@ -121,6 +121,7 @@ class Shadows:
                 request.token,
                 arm.client_timeout,
                 arm.timeouts.first_token_s,
+                request.stream,
             )
             attempt.call = call
             attempt.span = self._tracing.mirror_span(request.span, request.route.name, call)

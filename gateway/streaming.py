@@ -4,13 +4,15 @@ event parsing, and delta accumulation into a complete answer for validation."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from gateway.asgi import Reply
 from gateway.errors import GatewayError
-from gateway.http1 import ClientError, Response
+
+if TYPE_CHECKING:
+    from gateway.upstream import Response
 
 # An upstream that never ends an event must not make the gateway hold its output without bound.
 MAX_PENDING = 1024 * 1024
@@ -50,7 +52,7 @@ async def relay(
                 await reply.chunk(pending[:cut])
                 pending = pending[cut:]
             data = await resp.readany()
-    except (ClientError, TimeoutError) as exc:
+    except GatewayError as exc:  # the upstream failed mid-stream (Response maps transport errors)
         error = on_failure(exc)
         await reply.error(error)
         return error

@@ -7,7 +7,6 @@ from typing import Any
 
 from gateway.asgi import Reply
 from gateway.errors import UpstreamError
-from gateway.http1 import Disconnected
 from gateway.streaming import MAX_PENDING, event_end, relay
 
 
@@ -52,7 +51,8 @@ def test_events_split_across_chunks_are_sent_whole() -> None:
 
 
 def test_failure_drops_the_partial_event_and_sends_an_error_event() -> None:
-    bodies, error = run(b"data: one\n\ndata: par", [Disconnected(received=True)])
+    cut = UpstreamError("the candidate upstream's answer broke off", code="upstream_protocol_error")
+    bodies, error = run(b"data: one\n\ndata: par", [cut])
     assert isinstance(error, UpstreamError)
     assert bodies[0] == b"data: one\n\n"
     assert bodies[1].startswith(b'data: {"error"')
