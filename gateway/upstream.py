@@ -304,7 +304,11 @@ def failure(exc: BaseException, arm: RouteArm, total_s: float | None = None) -> 
             f"{who} closed the connection before its answer ended", code="upstream_protocol_error"
         )
     if isinstance(exc, aiohttp.ClientPayloadError):
-        return UpstreamError(f"{who}'s answer broke off or was malformed", code="upstream_protocol_error")
+        if "not enough data" in str(exc).lower():  # the body's declared length or chunking never ended
+            return UpstreamError(
+                f"{who} closed the connection before its answer ended", code="upstream_protocol_error"
+            )
+        return UpstreamError(f"{who} sent a malformed body", code="upstream_protocol_error")
     if isinstance(exc, aiohttp.ClientResponseError):
         return UpstreamError(f"{who} sent {_head_problem(exc)}", code="upstream_protocol_error")
     if isinstance(exc, aiohttp.ClientError | OSError):
