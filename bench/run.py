@@ -15,8 +15,8 @@ sent to the candidate and compared) and on one without.
 telemetry suite: three gateways, same requests: metrics off (CANARYGATE_METRICS=false); metrics on;
 metrics on and tracing on, exporting every span through the OTLP/HTTP batch exporter to a sink.
 
-Targets: p50 overhead over direct <= 1.0 ms and >= 50% of the passthrough's req/s at 32 connections;
-validation adds <= 0.2 ms p50; mirroring everything adds <= 0.3 ms p50 and keeps >= 60% of the
+Targets: p50 overhead over direct <= 0.35 ms and >= 80% of the passthrough's req/s at 32 connections;
+validation adds <= 0.2 ms p50; mirroring everything adds <= 0.3 ms p50 and keeps >= 50% of the
 throughput; metrics add <= 0.1 ms p50; tracing adds <= 0.3 ms p50 on top.
 client suite: the upstream client alone, in-process against the same nginx: CPU time per call for
 gateway.upstream (aiohttp behind the gateway's bulkhead, classification and bounds) and bare aiohttp.
@@ -257,7 +257,7 @@ def proxy_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[lis
                 f"| {kind} | {name} | {r['p50_ms']:.3f} ms | {r['p99_ms']:.3f} ms | {overhead} | "
                 f"{r['rps_32']:.0f} | {share} | {int(r['errors'])} |"
             )
-        ok &= gateway["p50_ms"] - direct["p50_ms"] <= 1.0 and gateway["rps_32"] >= 0.5 * reference["rps_32"]
+        ok &= gateway["p50_ms"] - direct["p50_ms"] <= 0.35 and gateway["rps_32"] >= 0.8 * reference["rps_32"]
         ok &= gateway["errors"] == 0
     return rows, ok
 
@@ -324,7 +324,7 @@ def mirror_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[li
             f"{'—' if label == 'off' else f'{added:.3f} ms'} | {r['rps_32']:.0f} | "
             f"{'—' if label == 'off' else f'{100 * share:.0f}%'} | {int(r['errors'])} |"
         )
-    return rows, added <= 0.3 and share >= 0.6 and on["errors"] == 0 and off["errors"] == 0
+    return rows, added <= 0.3 and share >= 0.5 and on["errors"] == 0 and off["errors"] == 0
 
 
 def telemetry_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[list[str], bool]:

@@ -183,7 +183,13 @@ class Upstream:
         if pool is None:
             if self._closed:
                 raise UpstreamError("the gateway is shutting down", code="upstream_connect_error")
-            pool = self._pools[arm.bulkhead] = Pool(arm.bulkhead, self._environ)
+            try:
+                pool = Pool(arm.bulkhead, self._environ)
+            except ValueError as exc:  # a TLS file that loaded with the policy is gone or changed since
+                raise UpstreamError(
+                    f"the {arm.name} arm's tls settings: {exc}", code="upstream_tls_error"
+                ) from None
+            self._pools[arm.bulkhead] = pool
         return pool
 
     async def open(self, call: Call) -> Response:

@@ -100,6 +100,19 @@ def test_missing_field_points_at_its_parent(tmp_path: Path) -> None:
             "arms.candidate.api_key_env",
             "variable",
         ),
+        (
+            VALID.replace("model: m}", "model: m, tls: {verify: false}}"),
+            "arms.base",
+            "tls applies to an https:// url only",
+        ),
+        (
+            VALID.replace("http://base:8000/v1/", "https://base/v1").replace(
+                "model: m}", "model: m, tls: {ca_file: /nonexistent/ca.pem}}"
+            ),
+            "arms.base.tls",
+            "ca_file: cannot read /nonexistent/ca.pem",
+        ),
+        (VALID.replace("model: m}", "model: m, max_connections: 0}"), "arms.base.max_connections", "1"),
     ],
 )
 def test_field_checks(tmp_path: Path, text: str, path: str, fragment: str) -> None:

@@ -550,6 +550,12 @@ def test_tls_per_arm_private_ca_mtls_and_clear_failures(tmp_path: Path) -> None:
             plain = url.replace("http://", "https://")
             with pytest.raises(UpstreamError, match="TLS handshake with the base upstream failed"):
                 await post(up, make_arm(plain, tls={"ca_file": str(ca_file)}))
+            vanishing = make_arm(plain, tls={"ca_file": str(cert_file)})
+            cert_file.unlink()  # loaded with the policy, gone before the arm's first call
+            with pytest.raises(
+                UpstreamError, match=r"the base arm's tls settings: ca_file: cannot read .*client.pem"
+            ):
+                await post(up, vanishing)
 
     run(go())
 
