@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -228,3 +229,65 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class RawUpstream:
+    """A raw-socket upstream for misbehaviour a real server cannot produce, one thread per connection.
+    The first path segment of a request (/<name>/v1/...) picks the behaviour that answers it; a proxy
+    request (absolute-form target) picks "proxy"; /hang/v1 holds the request until release()."""
+
+    def __init__(self, behaviours: dict[str, Callable[[socket.socket], None]]) -> None:
+        self.behaviours = behaviours
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.requests: list[bytes] = []
+        self.hanging = threading.Semaphore(0)  # released once per request that is being held
+        self._release = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def release(self) -> None:
+        self._release.set()
+
+    def close(self) -> None:
+        self._release.set()
+        self.listener.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                part = conn.recv(65536)
+                if not part:
+                    return
+                data += part
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                ),
+                0,
+            )
+            while len(body) < length:
+                body += conn.recv(65536)
+            self.requests.append(head + b"\r\n\r\n" + body)
+            target = head.split(b" ", 2)[1].decode()
+            name = "proxy" if target.startswith("http://") else target.split("/")[1]
+            try:
+                if name == "hang":
+                    self.hanging.release()
+                    self._release.wait(60)
+                else:
+                    self.behaviours[name](conn)
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # the gateway hung up first: what a flood or a cut is for

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import REPO, GatewayFactory, Sim, closed_port, policy_yaml, up, wait_for
+from tests.conftest import REPO, GatewayFactory, RawUpstream, Sim, closed_port, policy_yaml, up, wait_for
 from tests.test_metrics import scrape, value
 from tests.test_state import RedisServer, own_redis  # noqa: F401 - fixture
 
@@ -48,48 +48,9 @@ BEHAVIOURS: dict[str, Callable[[socket.socket], None]] = {
 @pytest.fixture(scope="module")
 def rogue() -> Iterator[str]:
     """A raw-socket upstream whose path picks how it misbehaves: /silent/v1, /close/v1, ..."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def handle(conn: socket.socket) -> None:
-        with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                part = conn.recv(65536)
-                if not part:
-                    return
-                data += part
-            head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1")
-            length = next(
-                (
-                    int(line.split(":")[1])
-                    for line in head.split("\r\n")
-                    if line.lower().startswith("content-length")
-                ),
-                0,
-            )
-            body = data.split(b"\r\n\r\n", 1)[1]
-            while len(body) < length:
-                body += conn.recv(65536)
-            behaviour = head.split(" ")[1].split("/")[1]
-            BEHAVIOURS[behaviour](conn)
-            conn.shutdown(socket.SHUT_RDWR)
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    listener.close()
+    upstream = RawUpstream(BEHAVIOURS)
+    yield upstream.url
+    upstream.close()
 
 
 FALLBACK = "fallback: {on: [connect_error, timeout, http_5xx]}"

@@ -27,7 +27,7 @@ from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
 from gateway.policy import Policy
 from gateway.route import RouteArm, compile_policy
 from gateway.upstream import Call, Response, Upstream, classify, proxy_for
-from tests.conftest import Gateway, GatewayFactory, Sim, policy_yaml
+from tests.conftest import Gateway, GatewayFactory, RawUpstream, Sim, policy_yaml
 from tests.test_metrics import scrape, value
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
@@ -638,60 +638,9 @@ RAW: dict[str, Callable[[socket.socket], None]] = {
 }
 
 
-class RawUpstream:
-    """A raw-socket upstream in a thread: /<behaviour>/v1 picks what it does; /hang/v1 holds each request
-    until release()."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.requests: list[bytes] = []
-        self.hanging = threading.Semaphore(0)
-        self._release = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def release(self) -> None:
-        self._release.set()
-
-    def close(self) -> None:
-        self._release.set()
-        self.listener.close()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                part = conn.recv(65536)
-                if not part:
-                    return
-                data += part
-            self.requests.append(data)
-            target = data.split(b" ", 2)[1].decode()
-            behaviour = "proxy" if target.startswith("http://") else target.split("/")[1]
-            try:
-                if behaviour == "hang":
-                    self.hanging.release()
-                    self._release.wait(60)
-                else:
-                    RAW[behaviour](conn)
-                    conn.shutdown(socket.SHUT_WR)
-                    conn.recv(1)
-            except OSError:
-                pass
-
-
 @pytest.fixture
 def raw() -> Iterator[RawUpstream]:
-    upstream = RawUpstream()
+    upstream = RawUpstream(RAW)
     yield upstream
     upstream.close()
 
