@@ -51,7 +51,7 @@ from gateway.streaming import Accumulator, Tail, collect, last_event, observer, 
 from gateway.tasks import Spawner
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
-from gateway.upstream import Response, Upstream
+from gateway.upstream import Response, Upstream, is_json, media_type
 from gateway.validation import KINDS, Rules, SchemaCache, SchemaError, rules_for
 
 log = logging.getLogger("gateway.proxy")
@@ -405,8 +405,8 @@ def _check_fields(payload: dict[str, Any], endpoint: str) -> None:
 def _check_content_type(content_type: str | None) -> None:
     if content_type is None:
         return
-    media = content_type.partition(";")[0].strip().lower()
-    if media != "application/json" and not media.endswith("+json"):
+    media = media_type(content_type)
+    if not is_json(media):
         raise UnsupportedMediaType(f"send the body as application/json, not {media[:60]!r}")
 
 

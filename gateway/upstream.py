@@ -33,7 +33,6 @@ MAX_LINE = 8190
 MAX_HEADERS = 128
 # A 2xx for these has nothing to relay; 1xx, 3xx and codes HTTP does not define are not answers either.
 NO_CONTENT = frozenset({204, 205})
-JSON_TYPES = ("application/json",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,12 +255,21 @@ def classify(status: int, content_type: str | None, stream: bool) -> str | None:
         return f"answered HTTP {status}, which is not an answer to a {'stream' if stream else 'request'}"
     if content_type is None:
         return None  # no type said: the body is judged by what it holds
-    media = content_type.partition(";")[0].strip().lower()
+    media = media_type(content_type)
     if stream and media != "text/event-stream":
         return f"answered a stream request with {media or 'no content type'}, not text/event-stream"
-    if not stream and media not in JSON_TYPES and not media.endswith("+json"):
+    if not stream and not is_json(media):
         return f"answered with {media or 'no content type'}, not application/json"
     return None
+
+
+def media_type(content_type: str) -> str:
+    """The media type of a Content-Type value, without parameters, lower-case."""
+    return content_type.partition(";")[0].strip().lower()
+
+
+def is_json(media: str) -> bool:
+    return media == "application/json" or media.endswith("+json")
 
 
 def proxy_for(origin: URL, environ: Mapping[str, str]) -> URL | None:
