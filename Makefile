@@ -14,7 +14,7 @@ test: $(STAMP) lint prometheus  ## lint, type-check and run the whole test suite
 
 prometheus:  ## the tests check dashboards and alert rules against a real Prometheus (Debian's package)
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench monitoring

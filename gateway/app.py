@@ -10,7 +10,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -29,7 +28,6 @@ from gateway.analysis import ArmWindow
 from gateway.asgi import ASGIApp, Message, Receive, Reply, Scope, Send, header_map, request_id
 from gateway.auth import ApiKeys, bearer_token
 from gateway.errors import (
-    Conflict,
     GatewayError,
     InvalidRequest,
     MethodNotAllowed,
@@ -42,8 +40,9 @@ from gateway.errors import (
 from gateway.feedback import Assignments, Feedback, FeedbackIn
 from gateway.pairs import MemoryPairStore, PairStore, RedisPairStore
 from gateway.proxy import Proxy
+from gateway.readiness import Readiness
 from gateway.rollout import Analysis, Controller, Rollouts, analyse, effective
-from gateway.route import Route, RouteArm
+from gateway.route import Route
 from gateway.routetable import RouteTable
 from gateway.settings import Settings
 from gateway.state import MemoryState, RedisState, RouteState, State, StateUnavailable
@@ -96,10 +95,15 @@ class Services:
         self.stats = Recorder(self.state)
         self.assignments = Assignments(self.state, settings.feedback_ttl_s)
         self.feedback = Feedback(self.assignments, self.state, self.metrics, self.stats, self.routes.compiled)
-        self.controller = Controller(
-            self.state, self.rollouts, self._automatic, on_analysis=self.metrics.gates
-        )
         self.upstream = Upstream()
+        self.readiness = Readiness(self.upstream, settings.readyz_probe_timeout_s)
+        self.controller = Controller(
+            self.state,
+            self.rollouts,
+            self._automatic,
+            on_analysis=self.metrics.gates,
+            ready=self.readiness.check,
+        )
         self.api_keys = ApiKeys(settings.api_keys, settings.api_key_groups)
         self.pairs: PairStore = MemoryPairStore()
         self.proxy = Proxy(
@@ -321,15 +325,14 @@ def _api(services: Services) -> FastAPI:
 
     @api.get("/admin/routes/{route:path}/analysis", dependencies=[Depends(admin)])
     async def analysis(route: str) -> dict[str, Any]:
-        """The gates as the controller sees them: over the rollout so far, and the last interval's
-        numbers; computed from the shared statistics, so every replica answers the same."""
+        """The gates as the controller sees them (in manual mode: as it would): over the rollout so far,
+        and the last interval's numbers; computed from the shared statistics, so every replica answers the
+        same. Once the controller has ended the rollout, the gates are the verdicts it decided on."""
         policy_route, state = services.rollouts.view(route)
         try:
             result = await analyse(services.state, policy_route, state)
         except StateUnavailable as exc:
             raise Unavailable("the rollout state store (Redis) cannot be reached") from exc
-        if result is None:
-            raise Conflict(f"route {route!r} has no rollout.steps: nothing is analysed in manual mode")
         return _analysis_view(result, state)
 
     @api.get("/admin/routes/{route:path}", dependencies=[Depends(admin)])
@@ -420,6 +423,13 @@ def _analysis_view(analysis: Analysis, state: RouteState) -> dict[str, Any]:
             "output_tokens_mean": window.tokens / window.token_answers if window.token_answers else None,
         }
 
+    gates = [asdict(v) for v in analysis.verdicts]
+    decided = None
+    last = state.history[-1] if state.history else None
+    if state.phase in ("rolled_back", "promoted") and last is not None and last.gates is not None:
+        # What the decision was made on, not a recomputation (answers still in flight were counted since).
+        gates = last.gates
+        decided = {"at": last.at, "by": last.by, "phase": last.phase, "reason": last.reason}
     return {
         "route": analysis.route,
         "phase": state.phase,
@@ -427,7 +437,8 @@ def _analysis_view(analysis: Analysis, state: RouteState) -> dict[str, Any]:
         "step": state.step,
         "candidate_measured_as": analysis.candidate_arm,
         "interval_s": analysis.interval_s,
-        "gates": [asdict(v) for v in analysis.verdicts],
+        "decided": decided,
+        "gates": gates,
         "window": {"base": arm(analysis.window[0]), "candidate": arm(analysis.window[1])},
         "last_interval": {"base": arm(analysis.last[0]), "candidate": arm(analysis.last[1])},
     }
@@ -457,16 +468,16 @@ def _process_resources() -> dict[str, int]:
 
 
 async def _readiness(services: Services) -> JSONResponse:
-    """Ready once policies are loaded. Upstreams are probed for detail only: an unreachable model
-    server must not take every gateway replica out of service (fallback may still answer)."""
+    """Ready once policies are loaded. Every arm is checked for detail (reachable, authorized, its model
+    listed; cached, see readiness.py): an unreachable model server must not take every gateway replica
+    out of service (fallback may still answer), so a broken arm makes the status "degraded", not 503."""
     routes = services.routes.routes()
-    timeout = services.settings.readyz_probe_timeout_s
     arms = [(route, arm) for route in routes for arm in route.arms()]
-    results = await asyncio.gather(*(_probe(services.upstream, arm, timeout) for _, arm in arms))
+    results = await asyncio.gather(*(services.readiness.check(arm) for _, arm in arms))
     detail: dict[str, dict[str, Any]] = {}
     for (route, arm), result in zip(arms, results, strict=True):
-        detail.setdefault(route.name, {})[arm.name] = {"model": arm.model, **result}
-    all_up = all(r["ok"] for r in results)
+        detail.setdefault(route.name, {})[arm.name] = {"model": arm.model, **result.view()}
+    all_up = all(r.ok for r in results)
     body = {
         "status": "ready" if all_up else "degraded",
         "routes": detail,
@@ -479,16 +490,6 @@ async def _readiness(services: Services) -> JSONResponse:
         },
     }
     return JSONResponse(body, status_code=200 if routes else 503)
-
-
-async def _probe(upstream: Upstream, arm: RouteArm, limit_s: float) -> dict[str, Any]:
-    started = time.perf_counter()
-    try:
-        status = await upstream.probe(arm, limit_s)
-    except GatewayError as exc:
-        return {"ok": False, "error": exc.message}
-    latency_ms = round((time.perf_counter() - started) * 1000, 1)
-    return {"ok": status < 500, "status": status, "latency_ms": latency_ms}
 
 
 def _install_sighup(routes: RouteTable) -> bool:

@@ -6,20 +6,20 @@ import asyncio
 import logging
 import time
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import ClientTimeout
 from opentelemetry.trace import Span
 
 from gateway.asgi import Reply
-from gateway.errors import GatewayError, InvalidOutput, UpstreamError, UpstreamHTTPError, UpstreamTimeout
+from gateway.errors import GatewayError, InvalidOutput, UpstreamError, UpstreamTimeout
 from gateway.mirror import Observation, Pair
 from gateway.route import Route, RouteArm
 from gateway.streaming import MAX_PENDING, event_end
 from gateway.telemetry import ArmMetrics, RouteMetrics
 from gateway.upstream import Call, Response, Upstream
-from gateway.validation import Failure, Rules, check_chat, check_completion
+from gateway.validation import SHAPE_ONLY, Failure, Rules, check_chat, check_completion
 
 log = logging.getLogger("gateway.proxy")
 
@@ -102,39 +102,57 @@ class Request:
         first_token_s = min(arm.timeouts.first_token_s, remaining)
         return Call(arm, self.endpoint, body, headers, self.token, timeout, first_token_s, self.stream)
 
-    def check(self, answer: dict[str, Any] | None) -> Failure | None:
-        assert self.rules is not None
+    def check(self, answer: dict[str, Any] | None, malformed: str | None = None) -> Failure | None:
+        """The answer's first failure; malformed: what was wrong with a stream's shape, when it was.
+        Without rules, only the answer's shape is checked."""
+        if malformed is not None:
+            return Failure("malformed", malformed)
+        rules = self.rules or SHAPE_ONLY
         if self.endpoint == "chat":
-            return check_chat(answer, self.rules)
-        return check_completion(answer, self.rules)
+            return check_chat(answer, rules)
+        return check_completion(answer, rules)
 
 
 class Attempt:
-    """One upstream call: its timing, its answer as far as it was read, and its verdict."""
+    """One upstream call: its timing, its answer as far as it was read, and its verdict. The ledger books
+    it once its meaning is known (for a candidate that failed: once the base has been asked too)."""
 
     __slots__ = (
         "accumulated",
         "answer",
+        "arm",
         "call",
         "cost",
+        "duration_s",
+        "end_ns",
         "enforce",
+        "error",
         "metrics",
+        "mode",
         "opened",
         "output_tokens",
         "span",
         "started",
         "status",
         "ttft_s",
+        "unfinished",
         "upstream_s",
         "validation",
     )
 
-    def __init__(self, metrics: ArmMetrics, enforce: Collection[str]) -> None:
+    def __init__(self, arm: RouteArm, mode: str, metrics: ArmMetrics, enforce: Collection[str]) -> None:
+        self.arm = arm
+        self.mode = mode  # "primary", or "mirror" for shadow calls (and noise-floor replays)
         self.metrics = metrics
         self.enforce = enforce
         self.started = time.perf_counter()
         self.opened = self.started
+        self.duration_s = 0.0
+        self.end_ns: int | None = None  # when it ended, for its span (booked later than that, maybe)
+        self.error: GatewayError | None = None  # how it failed; None: answered
+        self.unfinished: Literal["client_closed", "internal_error"] | None = None  # no verdict on the arm
         self.call: Call | None = None
+        self.metrics.inflight.inc()
         self.span: Span | None = None
         self.answer: dict[str, Any] | None = None  # the parsed answer, or a stream's last event
         self.accumulated: dict[str, Any] | None = None  # a stream rebuilt into a complete answer, when it was
@@ -154,6 +172,13 @@ class Attempt:
     def closed(self) -> None:
         """The upstream is done (answered, failed or cut off)."""
         self.upstream_s += time.perf_counter() - self.opened
+
+    def end(self) -> None:
+        """The attempt is over (its booking may come later)."""
+        self.duration_s = time.perf_counter() - self.started
+        self.end_ns = time.time_ns()
+        self.metrics.inflight.dec()
+        self.metrics.duration.observe(self.duration_s)
 
     def first_token(self) -> None:
         self.ttft_s = time.perf_counter() - self.started
@@ -183,10 +208,13 @@ class Attempt:
             ) * price[1]
             self.metrics.cost.inc(self.cost)
 
-    def observation(self, failed: bool) -> Observation:
+    def observation(self) -> Observation:
         """This attempt as one side of a shadow pair."""
+        failed = self.error is not None or self.unfinished is not None
         answer = None if failed else (self.accumulated if self.accumulated is not None else self.answer)
-        return Observation(answer, time.perf_counter() - self.started, self.output_tokens)
+        return Observation(
+            answer, self.duration_s, self.output_tokens, self.error, self.invalid, self.unfinished is not None
+        )
 
     def judge(self, failure: Failure | None, reply: Reply, *, released: bool = False) -> InvalidOutput | None:
         """Record the verdict. Returns InvalidOutput for a kind enforced here on an answer not yet released
@@ -209,21 +237,6 @@ class Attempt:
             invalid.detail,
         )
         return None
-
-
-def outcome(error: GatewayError | None) -> str:
-    """The requests_total outcome of an attempt."""
-    if error is None:
-        return "ok"
-    if isinstance(error, InvalidOutput):
-        return "invalid_output"
-    if isinstance(error, UpstreamTimeout):
-        return "timeout"
-    if isinstance(error, UpstreamHTTPError) and error.upstream_status < 500 and error.upstream_status != 429:
-        return "rejected"  # the upstream refused the request itself (a 4xx): not a failure of the model
-    if isinstance(error, UpstreamError | UpstreamHTTPError):
-        return "upstream_error"
-    return "rejected"
 
 
 async def fetch(upstream: Upstream, attempt: Attempt) -> tuple[Response, bytes, Any]:

@@ -78,6 +78,12 @@ class CircuitBreaker:
                 f"({self._failures / count:.0%} >= {self.settings.failure_rate:.0%})"
             )
 
+    def trip(self, reason: str) -> None:
+        """Open now, whatever the failure count (the fallback budget is spent: taking the candidate out of
+        the path is how the base is protected, not failing users)."""
+        if self.state != "open":
+            self._open(reason)
+
     def release(self) -> None:
         """A request let through ended without a verdict (the client left): free its probe slot."""
         if self.state == "half_open" and self._probes_started > self._probes_ok:

@@ -99,7 +99,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME:KNOB=VALUE,...",
         help="knobs for one model name, e.g. tuned:invalid_json_rate=0.2,latency_s=0.05",
     )
-    simulate.add_argument("--served-models", default="", help="comma-separated names listed by /v1/models")
+    simulate.add_argument(
+        "--served-models",
+        default="",
+        help="comma-separated model names: listed by /v1/models, and the only ones answered (404 otherwise)",
+    )
+    simulate.add_argument(
+        "--api-key-env", default=None, metavar="NAME", help="require the key in this environment variable"
+    )
     for knob in fields(Knobs):
         default: int | float = knob.default  # type: ignore[assignment]
         simulate.add_argument(
@@ -148,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--scenario",
-        choices=["healthy", "bad-json", "wrong-tools", "slow", "flaky"],
+        choices=["healthy", "bad-json", "wrong-tools", "slow", "flaky", "misconfigured"],
         default="healthy",
         help="how the candidate behaves (default healthy: it should be promoted; the others rolled back)",
     )
@@ -283,7 +290,11 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"canarygate simulate: {exc}", file=sys.stderr)
         return 2
     served = [m for m in args.served_models.split(",") if m]
-    sim = Simulator(default, models, served)
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    if args.api_key_env and not api_key:
+        print(f"canarygate simulate: environment variable {args.api_key_env} is not set", file=sys.stderr)
+        return 2
+    sim = Simulator(default, models, served, api_key)
     with BackgroundServer(sim.app(), args.host, args.port, log_level="info") as running:
         print(f"simulated model server on {running.url}/v1 (knobs: {running.url}/sim/knobs)", flush=True)
         _wait_forever()

@@ -50,8 +50,8 @@ assignment: {{sticky_keys: [body:user]}}
 mirror: {{percent: 30}}
 validation: {{json: auto, tool_calls: true, stream: buffer}}
 fallback:
-  on: [connect_error, timeout, http_5xx, json_parse, json_schema, tool_unknown, tool_args_parse,
-       tool_args_schema]
+  on: [connect_error, timeout, http_5xx, http_4xx, malformed, json_parse, json_schema, tool_unknown,
+       tool_args_parse, tool_args_schema]
   budget: {{ratio: 0.5, window_s: 10, min_per_window: 10}}
 rollout:
   shadow_first: true          # first a mirror-only phase: users see only the base
@@ -72,6 +72,9 @@ class Scenario:
     story: str  # what the candidate does
     knobs: dict[str, float]  # the candidate's simulator knobs, over the base's
     expect: Literal["promoted", "rolled_back"]
+    policy_model: str = (
+        CANDIDATE_MODEL  # the candidate model the policy names (the server serves the right one)
+    )
 
 
 SCENARIOS = {
@@ -86,6 +89,12 @@ SCENARIOS = {
         "answers about 3x slower", {"latency_s": 0.15, "time_per_token_s": 0.005}, "rolled_back"
     ),
     "flaky": Scenario("fails 10% of its calls with HTTP 500", {"error_rate": 0.1}, "rolled_back"),
+    "misconfigured": Scenario(
+        "is deployed with its model name misspelled in the policy (the server answers 404)",
+        {},
+        "rolled_back",
+        policy_model="assistant-ckpt-1142",
+    ),
 }
 TERMINAL = {"promoted", "rolled_back"}
 TOOLS = [
@@ -472,14 +481,15 @@ def run_demo(
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="canarygate-demo-")))
         base = stack.enter_context(BackgroundServer(Simulator(BASE_KNOBS).app()))
         candidate_knobs = replace(BASE_KNOBS, **scenario.knobs)  # type: ignore[arg-type]
-        candidate = stack.enter_context(BackgroundServer(Simulator(candidate_knobs).app()))
+        served = Simulator(candidate_knobs, served_models=[CANDIDATE_MODEL])  # 404 for any other name
+        candidate = stack.enter_context(BackgroundServer(served.app()))
         (work / f"{ROUTE}.yaml").write_text(
             POLICY.format(
                 route=ROUTE,
                 base=f"{base.url}/v1",
                 candidate=f"{candidate.url}/v1",
                 base_model=BASE_MODEL,
-                candidate_model=CANDIDATE_MODEL,
+                candidate_model=scenario.policy_model,
                 steps=STEPS,
                 interval=interval_s,
             )
@@ -497,7 +507,10 @@ def run_demo(
         expect = scenario.expect.replace("_", " ")
         print(f"scenario {scenario_name}: the candidate {scenario.story}; expected: {expect}")
         print(f"simulated base       {base.url}/v1 ({BASE_MODEL})")
-        print(f"simulated candidate  {candidate.url}/v1 ({CANDIDATE_MODEL})")
+        named = (
+            "" if scenario.policy_model == CANDIDATE_MODEL else f"; the policy says {scenario.policy_model}"
+        )
+        print(f"simulated candidate  {candidate.url}/v1 ({CANDIDATE_MODEL}{named})")
         print(
             f"gateway              {gateway.url}/v1, route {ROUTE!r}, {users} simulated users (openai client)"
         )
@@ -537,16 +550,11 @@ async def _run(
     load = asyncio.create_task(_users(client, users, stop, traffic))
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     ended_at: float | None = None
-    judged: dict[str, Any] | None = None  # the last analysis of the rollout that ran
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10) as http:
         try:
             while True:
                 await asyncio.sleep(0.5)
-                snap = await _snapshot(http, started, traffic)
-                if snap.phase in TERMINAL:
-                    snap.analysis = judged  # once decided, the analysis starts afresh: show what decided
-                else:
-                    judged = snap.analysis
+                snap = await _snapshot(http, started, traffic)  # once decided: the gates it was decided on
                 show(snap)
                 if snap.phase in TERMINAL and ended_at is None:
                     ended_at = snap.elapsed  # a little more traffic, to show everyone on one arm

@@ -1,4 +1,5 @@
-"""Fallback to base: which candidate failures trigger it, and the guards (breaker, budget) per route.
+"""Fallback to base: the guards (breaker, budget) per route. Which failures fall back is each error's own
+reason (errors.py) and the route's fallback.on.
 
 Guards keeps one circuit breaker and one budget per route, across policy reloads as long as the
 candidate and the settings stay the same (a weight change must not close an open circuit).
@@ -8,38 +9,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Literal
 
 from gateway.breaker import BreakerSettings, CircuitBreaker
 from gateway.budget import RetryBudget
-from gateway.errors import GatewayError, InvalidOutput, UpstreamError, UpstreamHTTPError, UpstreamTimeout
 from gateway.route import PerRoute, Route
 
-Reason = Literal[
-    "connect_error", "timeout", "http_5xx", "http_429",
-    "json_parse", "json_schema", "tool_unknown", "tool_args_parse", "tool_args_schema", "tool_choice",
-]  # fmt: skip
-REASONS: tuple[Reason, ...] = (
-    "connect_error", "timeout", "http_5xx", "http_429",
-    "json_parse", "json_schema", "tool_unknown", "tool_args_parse", "tool_args_schema", "tool_choice",
-)  # fmt: skip
 CIRCUIT_OPEN = "circuit_open"
-
-
-def reason_for(error: GatewayError) -> Reason | None:
-    """The fallback reason for a candidate failure; None for errors that are the client's (4xx)."""
-    if isinstance(error, InvalidOutput):
-        return error.kind
-    if isinstance(error, UpstreamTimeout):
-        return "timeout"
-    if isinstance(error, UpstreamError):
-        return "connect_error"  # refused, reset, or closed before a complete answer
-    if isinstance(error, UpstreamHTTPError):
-        if error.upstream_status == 429:
-            return "http_429"
-        if error.upstream_status >= 500:
-            return "http_5xx"
-    return None
 
 
 class Guards:

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from gateway.errors import GatewayError
 from gateway.route import MirrorSettings, PerRoute, Route
 from gateway.tasks import Spawner
 from gateway.validation import Rules, check_message
@@ -97,11 +98,15 @@ class Mirrors:
 
 @dataclass(slots=True)
 class Observation:
-    """One side of a pair: the answer in its complete shape (streams rebuilt), as far as it came."""
+    """One side of a pair: the answer in its complete shape (streams rebuilt), as far as it came, and how
+    the attempt ended (so that a shadow failure is blamed only when the primary did not fail the same way)."""
 
     answer: dict[str, Any] | None
     duration_s: float
     output_tokens: int | None
+    error: GatewayError | None = None
+    invalid: bool = False  # the answer failed validation (enforced or not)
+    unfinished: bool = False  # the client left, or the gateway failed: no verdict on the arm
 
 
 class Pair:

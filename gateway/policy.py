@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 import ssl
 from itertools import pairwise
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gateway.errors import REASONS, Reason
 from gateway.tls import client_context
 from gateway.validation import SchemaError, compile_schema
 
@@ -260,15 +261,9 @@ class CircuitBreaker(Strict):
         return self
 
 
-FallbackReason = Literal[
-    "connect_error", "timeout", "http_5xx", "http_429",
-    "json_parse", "json_schema", "tool_unknown", "tool_args_parse", "tool_args_schema", "tool_choice",
-]  # fmt: skip
-
-
 class Fallback(Strict):
-    on: list[FallbackReason] = Field(
-        default_factory=lambda: list(get_args(FallbackReason)),
+    on: list[Reason] = Field(
+        default_factory=lambda: list(REASONS),
         description="Candidate failures answered by base instead",
     )
     budget: Budget = Field(default_factory=Budget)

@@ -29,9 +29,11 @@ from gateway.asgi import (
     read_body,
     request_id,
 )
-from gateway.attempt import Attempt, Request, fetch, first_chunk, outcome
+from gateway.attempt import Attempt, Request, fetch, first_chunk
 from gateway.auth import ApiKeys, bearer_token
+from gateway.breaker import CircuitBreaker
 from gateway.errors import (
+    KINDS,
     GatewayError,
     InternalError,
     InvalidRequest,
@@ -39,9 +41,11 @@ from gateway.errors import (
     UnsupportedMediaType,
     UpstreamError,
     log_error,
+    same_way,
 )
-from gateway.fallback import CIRCUIT_OPEN, Guards, reason_for
+from gateway.fallback import CIRCUIT_OPEN, Guards
 from gateway.feedback import Assignments
+from gateway.ledger import Ledger
 from gateway.pairs import PairStore
 from gateway.route import Route, RouteArm
 from gateway.routing import OVERRIDE_HEADER, choose_arm, cohort_of, mirror_sampled, unit_key
@@ -52,7 +56,7 @@ from gateway.tasks import Spawner
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
 from gateway.upstream import Response, Upstream, is_json, media_type
-from gateway.validation import KINDS, Rules, SchemaCache, SchemaError, rules_for
+from gateway.validation import Rules, SchemaCache, SchemaError, rules_for
 
 log = logging.getLogger("gateway.proxy")
 
@@ -84,7 +88,8 @@ class Proxy:
         self._tracing = tracing
         self._schemas = SchemaCache()
         self.guards = Guards()
-        self.shadows = Shadows(upstream, tracing, spawner, pairs, stats)
+        self._ledger = Ledger(stats, tracing)
+        self.shadows = Shadows(upstream, tracing, spawner, pairs, self._ledger)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         started = time.perf_counter()
@@ -154,59 +159,82 @@ class Proxy:
         budget = self.guards.budget(route)
         budget.record_request()
         deadline = time.monotonic() + route.deadline_s
-        breaker = self.guards.breaker(route)
+        base_enforce = KINDS if route.enforce_on_base else ()
         if assigned == "candidate" and route.candidate is not None:
+            breaker = self.guards.breaker(route)
             if breaker is None or breaker.allow():
-                verdict: bool | None = None
-                try:
-                    error = await self._attempt(
-                        request, route.candidate, route.enforce_on_candidate, deadline, reply, watch
-                    )
-                    verdict = error is not None and reason_for(error) is not None
-                finally:
-                    if breaker is not None:
-                        if verdict is not None:
-                            breaker.record(verdict)
-                        else:
-                            breaker.release()  # the client left: no verdict on the candidate
-                        request.metrics.circuit.set(breaker.state != "closed")
+                candidate = await self._attempt(
+                    request, route.candidate, route.enforce_on_candidate, deadline, reply, watch, breaker
+                )
+                error = candidate.error
                 if error is None or reply.started:
-                    return  # answered (a failure after the first byte was told to the client in the stream)
-                reason = self._check_fallback(route, error, budget.try_spend, deadline, reply)
-            else:
-                reason = CIRCUIT_OPEN
-                request.metrics.circuit.set(1)
-            reply.fallback = reason
-            request.metrics.fallbacks[(reason, request.cohort)].inc()
-            self._stats.fallback(route, reason != CIRCUIT_OPEN, request.cohort)
+                    # answered (a failure after the first byte was told to the client in the stream)
+                    self._ledger.book(request, candidate, breaker=breaker, stats_arm="candidate")
+                    return
+                try:
+                    reason = self._check_fallback(route, error, budget.try_spend, breaker, deadline, reply)
+                except GatewayError:
+                    self._ledger.book(request, candidate, breaker=breaker, stats_arm="candidate")
+                    raise
+                self._fell_back(request, reply, reason, attempted=True)
+                base: Attempt | None = None
+                try:
+                    base = await self._attempt(request, route.base, base_enforce, deadline, reply, watch)
+                finally:
+                    # Blame by comparison: a failure the base shares is the request's, not the candidate's.
+                    blamed = None
+                    if base is not None and base.unfinished is None:
+                        blamed = not same_way(error, base.error, base.invalid)
+                    self._ledger.book(
+                        request, candidate, blamed=blamed, breaker=breaker, stats_arm="candidate"
+                    )
+                self._ledger.book(request, base, stats_arm="base")
+                if base.error is not None and not reply.started:
+                    raise base.error
+                return
+            self._fell_back(request, reply, CIRCUIT_OPEN, attempted=False)
         else:
             for kind in shadows:
                 self.shadows.start(request, reply.request_id, kind)
-        error = await self._attempt(
-            request, route.base, KINDS if route.enforce_on_base else (), deadline, reply, watch
-        )
-        if error is not None and not reply.started:
-            raise error
+        attempt = await self._attempt(request, route.base, base_enforce, deadline, reply, watch)
+        self._ledger.book(request, attempt, stats_arm="base")
+        if attempt.error is not None and not reply.started:
+            raise attempt.error
+
+    def _fell_back(self, request: Request, reply: Reply, reason: str, *, attempted: bool) -> None:
+        reply.fallback = reason
+        request.metrics.fallbacks[(reason, request.cohort)].inc()
+        self._stats.fallback(request.route, attempted, request.cohort)
 
     def _check_fallback(
-        self, route: Route, error: GatewayError, spend: Callable[[], bool], deadline: float, reply: Reply
+        self,
+        route: Route,
+        error: GatewayError,
+        spend: Callable[[], bool],
+        breaker: CircuitBreaker | None,
+        deadline: float,
+        reply: Reply,
     ) -> str:
         """The fallback reason when base may answer instead; otherwise raises the candidate's error."""
-        reason = reason_for(error)
+        reason = error.reason
         if reason is None or reason not in route.fallback_on:
             raise error
         if deadline - time.monotonic() <= 0:
             reply.fallback_denied = "deadline"
             raise error
         if not spend():
-            reply.fallback_denied = "budget"
-            log.warning(
-                "request_id=%s route=%s fallback budget spent: the candidate's error is returned (%s)",
-                reply.request_id,
-                route.name,
-                reason,
+            if breaker is None:  # circuit_breaker.enabled: false: the budget can only refuse
+                reply.fallback_denied = "budget"
+                log.warning(
+                    "request_id=%s route=%s fallback budget spent: the candidate's error is returned (%s)",
+                    *(reply.request_id, route.name, reason),
+                )
+                raise error
+            # The budget protects the base by taking the candidate out of the path, not by failing users.
+            breaker.trip(
+                f"the fallback budget is spent (fallback.budget: {route.budget.ratio:g} of the requests "
+                f"over {route.budget.window_s:g}s)"
             )
-            raise error
         log.info(
             "request_id=%s route=%s fallback to base: %s: %s",
             reply.request_id,
@@ -224,56 +252,47 @@ class Proxy:
         deadline: float,
         reply: Reply,
         watch: DisconnectWatch,
-    ) -> GatewayError | None:
-        """One upstream call, answered to the client unless it failed before the first byte.
-
-        Returns the failure (None on success); when reply.started, the client has already been told.
-        """
+        breaker: CircuitBreaker | None = None,
+    ) -> Attempt:
+        """One upstream call, answered to the client unless it failed before the first byte. Returns the
+        attempt with its failure (attempt.error; when reply.started, the client has already been told), for
+        the caller to book once its meaning is known. When the client leaves (or the gateway fails), it is
+        booked here, without a verdict on the arm, and the exception goes on."""
         reply.arm = arm.name
-        attempt = Attempt(request.metrics.arm(arm.name, "primary", request.cohort), enforce)
-        attempt.metrics.inflight.inc()
-        error: GatewayError | None = None
-        result = "client_closed"
+        attempt = Attempt(arm, "primary", request.metrics.arm(arm.name, "primary", request.cohort), enforce)
         try:
-            try:
-                attempt.call = request.call(arm, reply.request_id, deadline)
-                if request.span is not None:
-                    attempt.span = self._tracing.client_span(request.span, request.route.name, attempt.call)
-                if not request.stream:
-                    await self._forward(attempt, request, reply, watch)
-                elif request.rules is not None and enforce and request.route.buffer_streams:
-                    error = await self._stream_validated(attempt, request, reply, watch)
-                else:
-                    error = await self._stream(attempt, request, reply, watch)
-            except GatewayError as exc:
-                error = exc
-            result = outcome(error)
-            return error
+            attempt.call = request.call(arm, reply.request_id, deadline)
+            if request.span is not None:
+                attempt.span = self._tracing.client_span(request.span, request.route.name, attempt.call)
+            if not request.stream:
+                await self._forward(attempt, request, reply, watch)
+            elif request.rules is not None and enforce and request.route.buffer_streams:
+                attempt.error = await self._stream_validated(attempt, request, reply, watch)
+            else:
+                attempt.error = await self._stream(attempt, request, reply, watch)
+        except GatewayError as exc:
+            attempt.error = exc
+        except BaseException as exc:
+            gone = isinstance(exc, ClientGone) or not isinstance(exc, Exception)  # or cancelled
+            attempt.unfinished = "client_closed" if gone else "internal_error"
+            attempt.end()
+            self._ledger.book(request, attempt, breaker=breaker, stats_arm=arm.name)
+            raise
         finally:
-            duration = time.perf_counter() - attempt.started
-            attempt.metrics.inflight.dec()
-            attempt.metrics.duration.observe(duration)
-            attempt.metrics.outcomes[result].inc()
             request.upstream_s += attempt.upstream_s
-            if request.route.automatic is not None:
-                self._stats.attempt(request.route, arm.name, result, duration, attempt, request.cohort)
-            if request.pairs and arm.name == "base":
-                observation = attempt.observation(failed=result != "ok")
-                for pair in request.pairs:
-                    pair.record_primary(observation)
-            if attempt.span is not None:
-                self._tracing.end_client(
-                    attempt.span, attempt.answer, attempt.validation, error, attempt.status
-                )
+        attempt.end()
+        return attempt
 
     async def _forward(
         self, attempt: Attempt, request: Request, reply: Reply, watch: DisconnectWatch
     ) -> None:
         resp, data, answer = await fetch(self._upstream, attempt)
-        if request.rules is not None:
-            invalid = attempt.judge(request.check(answer), reply)
-            if invalid is not None:
-                raise invalid
+        if request.endpoint != "embeddings":  # without rules, the answer's shape is still checked
+            failure = request.check(answer)
+            if failure is not None or request.rules is not None:
+                invalid = attempt.judge(failure, reply)
+                if invalid is not None:
+                    raise invalid
         watch.finishing()
         await reply.complete(resp.status, data, _content_type(resp, JSON))
 
@@ -299,7 +318,8 @@ class Proxy:
             if accumulator is not None:
                 attempt.accumulated = accumulator.body(request.endpoint)
                 if request.rules is not None:
-                    return attempt.judge(request.check(attempt.accumulated), reply, released=True)
+                    failure = request.check(attempt.accumulated, accumulator.malformed)
+                    return attempt.judge(failure, reply, released=True)
             return None
         finally:
             resp.close()
@@ -338,7 +358,7 @@ class Proxy:
                 )
             attempt.answered(last_event(data))
             attempt.accumulated = accumulator.body(request.endpoint)
-            invalid = attempt.judge(request.check(attempt.accumulated), reply)
+            invalid = attempt.judge(request.check(attempt.accumulated, accumulator.malformed), reply)
             if invalid is not None:
                 raise invalid
             await reply.start_stream(resp.status, _content_type(resp, EVENT_STREAM))

@@ -8,13 +8,14 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from gateway.analysis import ArmWindow, Verdict, decide, judge
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, Unavailable
-from gateway.route import Route
+from gateway.readiness import ArmReadiness
+from gateway.route import Route, RouteArm
 from gateway.state import Phase, RouteState, State, StateUnavailable, change
 from gateway.tracing import Tracing
 
@@ -78,10 +79,19 @@ class Rollouts:
             raise Conflict(f"route {name!r} has no candidate arm to promote")
         return await self.move(name, by, reason or "promoted", phase="promoted", weight=100.0, resume_to=None)
 
-    async def rollback(self, name: str, by: str, reason: str | None) -> RouteState:
+    async def rollback(
+        self, name: str, by: str, reason: str | None, gates: list[dict[str, Any]] | None = None
+    ) -> RouteState:
         self.view(name)
         return await self.move(
-            name, by, reason or "rolled back", phase="rolled_back", weight=0.0, mirror=False, resume_to=None
+            name,
+            by,
+            reason or "rolled back",
+            gates=gates,
+            phase="rolled_back",
+            weight=0.0,
+            mirror=False,
+            resume_to=None,
         )
 
     async def move(self, name: str, by: str, reason: str, **changes: Any) -> RouteState:
@@ -103,7 +113,7 @@ class Analysis:
 
     route: str
     phase: str
-    candidate_arm: str  # "candidate", or "shadow" during the mirror-only phase
+    candidate_arm: str  # "candidate", or "shadow" when the candidate is judged on its shadow calls
     verdicts: list[Verdict]
     window: tuple[ArmWindow, ArmWindow]  # (base, candidate) since the rollout began
     last: tuple[ArmWindow, ArmWindow]  # the same for the last complete interval
@@ -111,11 +121,24 @@ class Analysis:
     fresh: int  # candidate requests since the current step began: a step is never passed unseen
 
 
-async def analyse(state: State, route: Route, current: RouteState) -> Analysis | None:
-    auto = route.automatic
-    if auto is None:
-        return None
-    arm = "shadow" if current.phase == "shadow" else "candidate"
+def measured_arm(current: RouteState) -> str:
+    """What the candidate is judged on: its shadow calls while no user is served by it (the mirror-only
+    phase, a pause or an end reached from it, manual mode at weight 0), its own answers otherwise."""
+    phase = current.phase
+    if phase == "paused":
+        phase = current.resume_to or "manual"
+    if phase in ("rolled_back", "promoted") and len(current.history) >= 2:
+        before = current.history[-2]  # where the rollout stood when it ended
+        phase = "shadow" if before.phase == "shadow" or before.weight == 0 else "progressing"
+    if phase == "shadow" or (phase == "manual" and current.weight == 0):
+        return "shadow"
+    return "candidate"
+
+
+async def analyse(state: State, route: Route, current: RouteState) -> Analysis:
+    """The gates of the route's rollout section over the rollout so far (automatic and manual mode)."""
+    auto = route.rollout
+    arm = measured_arm(current)
     now_interval = int(time.time() // auto.interval_s)
     first = max(int(current.started_at // auto.interval_s), now_interval - MAX_INTERVALS)
     stored = await state.read_stats(route.name, route.rollout_key, range(first, now_interval + 1))
@@ -159,8 +182,10 @@ class Controller:
         routes: Callable[[], list[Route]],
         on_analysis: Callable[[Analysis], object] | None = None,
         tick_s: float = 1.0,
+        ready: Callable[[RouteArm], Awaitable[ArmReadiness]] | None = None,
     ) -> None:
         self._state = state
+        self._ready = ready
         self._rollouts = rollouts
         self._routes = routes
         self._on_analysis = on_analysis
@@ -194,7 +219,6 @@ class Controller:
         if current.phase not in ("shadow", "progressing"):
             return
         analysis = await analyse(self._state, route, current)
-        assert analysis is not None
         if self._on_analysis is not None:
             self._on_analysis(analysis)
         now = time.time()
@@ -204,28 +228,53 @@ class Controller:
         interval_end = now - judged >= auto.interval_s
         decision = decide(analysis.verdicts, auto.on_fail, auto.on_no_data, critical_only=not interval_end)
         self._judged[route.name] = (current.version, now if interval_end else judged)
+        gates = [asdict(v) for v in analysis.verdicts]
         if decision == "rollback":
             failed = [v for v in analysis.verdicts if v.result == "fail"]
             reason = "; ".join(
                 f"{v.gate}{'' if v.cohort == 'all' else f' [cohort {v.cohort}]'} {v.reason}" for v in failed
             )
-            await self._rollouts.rollback(route.name, "controller", f"gate failed: {reason}")
+            await self._rollouts.rollback(route.name, "controller", f"gate failed: {reason}", gates)
         elif decision == "advance" and analysis.fresh > 0:
-            await self._advance(route, current, auto.steps or [])
+            if current.phase == "shadow" and not await self._candidate_ready(route, current):
+                return
+            await self._advance(route, current, auto.steps or [], gates)
 
-    async def _advance(self, route: Route, current: RouteState, steps: list[float]) -> None:
+    async def _candidate_ready(self, route: Route, current: RouteState) -> bool:
+        """Users are served by the candidate only once it answers /models with its model listed; until
+        then the rollout holds in the mirror-only phase, and its history says why (once)."""
+        if self._ready is None or route.candidate is None:
+            return True
+        readiness = await self._ready(route.candidate)
+        if readiness.ok:
+            return True
+        reason = f"held in shadow: the candidate is not ready ({readiness.status}): {readiness.detail}"
+        if current.history[-1].reason != reason:
+            await self._rollouts.move(route.name, "controller", reason)
+        return False
+
+    async def _advance(
+        self, route: Route, current: RouteState, steps: list[float], gates: list[dict[str, Any]]
+    ) -> None:
         following = current.step + 1
         if following < len(steps):
             phase: Phase = "progressing"
             reason = f"gates passed: step {following + 1} of {len(steps)}, weight {steps[following]:g}%"
             await self._rollouts.move(
-                route.name, "controller", reason, phase=phase, step=following, weight=steps[following]
+                route.name,
+                "controller",
+                reason,
+                gates=gates,
+                phase=phase,
+                step=following,
+                weight=steps[following],
             )
         else:
             await self._rollouts.move(
                 route.name,
                 "controller",
                 f"gates passed at every step: promoted after {len(steps)} steps",
+                gates=gates,
                 phase="promoted",
                 weight=100.0,
             )

@@ -13,9 +13,10 @@ from yarl import URL
 
 from gateway.breaker import BreakerSettings
 from gateway.budget import BudgetSettings
+from gateway.errors import KINDS
 from gateway.policy import Arm as ArmPolicy
 from gateway.policy import ArmName, Policy, Rollout, Timeouts, Tls, merge_timeouts
-from gateway.validation import KINDS, RoutePolicy, compile_schema
+from gateway.validation import RoutePolicy, compile_schema
 
 T = TypeVar("T")
 
@@ -97,6 +98,7 @@ class Route:
     deadline_s: float
     mirror: MirrorSettings | None  # None: no shadow traffic
     cohorts: CohortSettings | None
+    rollout: Rollout  # the gates, interval and confidence the rollout is judged by (compare, controller)
     automatic: Rollout | None  # rollout.steps set: the controller walks them
     rollout_key: str  # which rollout this is (see rollout_key())
     source: Path
@@ -178,6 +180,7 @@ def compile_policy(
         if shadow.percent > 0 or shadow.noise_floor_percent > 0
         else None,
         cohorts=_cohorts(policy),
+        rollout=policy.rollout,
         automatic=policy.rollout if policy.rollout.steps is not None else None,
         rollout_key=rollout_key(policy, salt),
         source=source,

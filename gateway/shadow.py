@@ -3,19 +3,19 @@ compared with the primary's answer, counted and kept as pair records."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import time
 from typing import Any
 
 import orjson
 
-from gateway.attempt import Attempt, Request, fetch, first_chunk, outcome, upstream_headers
-from gateway.errors import GatewayError, InternalError
+from gateway.attempt import Attempt, Request, fetch, first_chunk, upstream_headers
+from gateway.errors import GatewayError, same_way
+from gateway.ledger import Ledger
 from gateway.mirror import Mirror, Mirrors, Observation, Pair, compare, pair_record
 from gateway.pairs import PairStore
 from gateway.route import RouteArm
-from gateway.stats import Recorder
 from gateway.streaming import Accumulator, collect, last_event
 from gateway.tasks import Spawner
 from gateway.tracing import Tracing
@@ -28,10 +28,10 @@ MIRROR_HEADER = "X-Canarygate-Mirror"
 
 class Shadows:
     def __init__(
-        self, upstream: Upstream, tracing: Tracing, spawner: Spawner, pairs: PairStore, stats: Recorder
+        self, upstream: Upstream, tracing: Tracing, spawner: Spawner, pairs: PairStore, ledger: Ledger
     ) -> None:
         self._upstream = upstream
-        self._stats = stats
+        self._ledger = ledger
         self._tracing = tracing
         self._pairs = pairs
         self.mirrors = Mirrors(spawner)
@@ -48,15 +48,36 @@ class Shadows:
         if mirror is None or arm is None:
             return
         pair_id = os.urandom(16).hex()  # as unique as a uuid4, a fifth of the cost
-        pair = Pair(lambda primary, shadow: self._compared(request, kind, pair_id, rid, primary, shadow))
+        made: list[Attempt] = []  # the shadow call's attempt, once it starts (it may wait in the queue)
+        pair = Pair(
+            lambda primary, shadow: self._paired(request, kind, made[0], (pair_id, rid), primary, shadow)
+        )
         payload = dict(request.payload)
-        if mirror.submit(lambda: self._call(request, arm, payload, pair, rid, mirror, pair_id)):
+        if mirror.submit(lambda: self._call(request, arm, made, payload, pair, rid, mirror, pair_id)):
             request.metrics.mirror["sent"].inc()
             request.pairs.append(pair)
             if request.span is not None and kind == "candidate":
                 request.span.set_attribute("canarygate.pair_id", pair_id)
         else:
             request.metrics.mirror["dropped"].inc()
+
+    def _paired(
+        self,
+        request: Request,
+        kind: str,
+        attempt: Attempt,
+        ids: tuple[str, str],
+        primary: Observation,
+        shadow: Observation,
+    ) -> None:
+        """Both sides are in: book the shadow call (its failure is the candidate's only when the primary did
+        not fail the same way), then compare the answers."""
+        blamed = None
+        if attempt.error is not None and not primary.unfinished:
+            blamed = not same_way(attempt.error, primary.error, primary.invalid)
+        stats_arm = "shadow" if kind == "candidate" else None
+        self._ledger.book(request, attempt, blamed=blamed, stats_arm=stats_arm)
+        self._compared(request, kind, *ids, primary, shadow)
 
     def _compared(
         self, request: Request, kind: str, pair_id: str, rid: str, primary: Observation, shadow: Observation
@@ -96,18 +117,17 @@ class Shadows:
         self,
         request: Request,
         arm: RouteArm,
+        made: list[Attempt],
         payload: dict[str, Any],
         pair: Pair,
         rid: str,
         mirror: Mirror,
         pair_id: str,
     ) -> None:
-        """One shadow call: consumed here (a stream as a stream), validated and compared, never sent to the
-        client, never raised. Cancelled at shutdown."""
-        attempt = Attempt(request.metrics.arm(arm.name, "mirror", request.cohort), ())
-        attempt.metrics.inflight.inc()
-        error: GatewayError | None = None
-        result = "client_closed"
+        """One shadow call: consumed here (a stream as a stream), validated, never sent to the client, never
+        raised; booked and compared once the primary has answered too. Cancelled at shutdown."""
+        attempt = Attempt(arm, "mirror", request.metrics.arm(arm.name, "mirror", request.cohort), ())
+        made.append(attempt)
         try:
             payload["model"] = arm.model
             headers = upstream_headers(arm, request.headers, rid)
@@ -128,43 +148,36 @@ class Shadows:
             if attempt.span is not None:
                 attempt.span.set_attribute("canarygate.pair_id", pair_id)
             try:
-                answer = await self._exchange(attempt, request)
+                answer, malformed = await self._exchange(attempt, request)
             except GatewayError as exc:
-                error, answer = exc, None
-            result = outcome(error)
-            if answer is not None and request.rules is not None:
-                failure = request.check(answer)
+                attempt.error, answer, malformed = exc, None, None
+            if answer is not None:
+                failure = request.check(answer, malformed)
                 attempt.validation = failure.kind if failure is not None else "ok"
                 if failure is not None:
                     attempt.metrics.validation[failure.kind].inc()
             if attempt.output_tokens is not None:
                 mirror.spend(attempt.output_tokens + _input_tokens(attempt.answer))
-            pair.record_shadow(attempt.observation(failed=answer is None))
-        except Exception as exc:
-            result = "upstream_error"
+        except asyncio.CancelledError:
+            attempt.unfinished = "client_closed"  # shutdown: no verdict
+            raise
+        except Exception:
+            attempt.unfinished = "internal_error"
             log.exception("request_id=%s route=%s shadow call failed", rid, request.route.name)
-            error = InternalError(str(exc))
         finally:
-            duration = time.perf_counter() - attempt.started
-            attempt.metrics.inflight.dec()
-            attempt.metrics.duration.observe(duration)
-            attempt.metrics.outcomes[result].inc()
-            if arm.name == "candidate" and request.route.automatic is not None:
-                self._stats.attempt(request.route, "shadow", result, duration, attempt, request.cohort)
-            if error is not None:
+            attempt.end()
+            if attempt.error is not None or attempt.unfinished is not None:
                 request.metrics.mirror["error"].inc()
-            if attempt.span is not None:
-                self._tracing.end_client(
-                    attempt.span, attempt.answer, attempt.validation, error, attempt.status
-                )
+            pair.record_shadow(attempt.observation())
 
-    async def _exchange(self, attempt: Attempt, request: Request) -> dict[str, Any] | None:
-        """The candidate's whole answer, in its complete shape (a stream rebuilt from its chunks)."""
+    async def _exchange(self, attempt: Attempt, request: Request) -> tuple[dict[str, Any] | None, str | None]:
+        """The shadow's whole answer in its complete shape (a stream rebuilt from its chunks), and what was
+        wrong with the stream's shape, if anything."""
         call = attempt.call
         assert call is not None
         if not request.stream:
             _, _, answer = await fetch(self._upstream, attempt)
-            return answer if isinstance(answer, dict) else {}
+            return answer, None
         resp, first = await first_chunk(self._upstream, attempt)
         try:
             try:
@@ -179,9 +192,10 @@ class Shadows:
             resp.close()
         attempt.answered(last_event(data))
         if not complete:
-            return None
-        attempt.accumulated = Accumulator.of(data).body(request.endpoint)  # what the pair compares
-        return attempt.accumulated
+            return None, None
+        accumulator = Accumulator.of(data)
+        attempt.accumulated = accumulator.body(request.endpoint)  # what the pair compares
+        return attempt.accumulated, accumulator.malformed
 
 
 def _prompt(payload: dict[str, Any]) -> Any:

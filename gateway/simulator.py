@@ -1,6 +1,8 @@
 """A simulated OpenAI-compatible model server (vLLM-shaped) with failure knobs, for tests, demo and bench.
 
-Knobs are set per instance and per model name, and per "MODEL@PROFILE" for requests whose body says
+The server as a whole may list served_models (then it answers 404 "model does not exist" for any other,
+as vLLM does) and require an api_key (401 otherwise). Knobs are set per instance and per model name, and
+per "MODEL@PROFILE" for requests whose body says
 `metadata: {sim_profile: PROFILE}` (one intent or tenant behaving differently); `metadata: {sim_stamp:
 true}` puts the send time before each streamed event as an SSE comment (`: sent <unix time>`), which
 clients ignore, so a benchmark can time every chunk's trip. GET/PUT /sim/knobs
@@ -37,10 +39,12 @@ class Simulator:
         default: Knobs | None = None,
         models: dict[str, Knobs] | None = None,
         served_models: list[str] | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.default = default or Knobs()
         self.models: dict[str, Knobs] = dict(models or {})
-        self.served_models = served_models or []
+        self.served_models = served_models or []  # when set, the only model names answered
+        self.api_key = api_key  # when set, requests must carry it as a bearer token
         self.requests: Counter[str] = Counter()
         self.streams = Counter({"started": 0, "completed": 0, "cancelled": 0})
         self.active_streams = 0
@@ -82,22 +86,23 @@ class Simulator:
         n = body["n"] if isinstance(body.get("n"), int) and body["n"] > 0 else 1
         choices = [synth.chat(body, knobs, rng) for _ in range(min(n, 16))]
         usage = _usage(prompt, choices)
+        malformed = rng.random() < knobs.malformed_rate
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            chunks = _chat_chunks(model, choices, usage if include_usage else None)
             return self._stream(
-                request, _chat_chunks(model, choices, usage if include_usage else None), knobs, _stamped(body)
+                request, _malform_chunks(chunks, rng) if malformed else chunks, knobs, _stamped(body)
             )
         await asyncio.sleep(knobs.latency_s + knobs.time_per_token_s * usage["completion_tokens"])
-        return _json(
-            {
-                "id": f"chatcmpl-{uuid.uuid4().hex}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": [_chat_choice(i, g) for i, g in enumerate(choices)],
-                "usage": usage,
-            }
-        )
+        answer = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [_chat_choice(i, g) for i, g in enumerate(choices)],
+            "usage": usage,
+        }
+        return _json(_malform(answer, rng) if malformed else answer)
 
     async def _completions(self, request: Request) -> Response:
         body, failure = await self._admit(request, "completions", "prompt")
@@ -166,7 +171,9 @@ class Simulator:
             }
         )
 
-    async def _models(self, _: Request) -> Response:
+    async def _models(self, request: Request) -> Response:
+        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return _error(401, "Incorrect API key provided", "authentication_error")
         names = self.served_models or sorted({"sim-model", *self.models})
         return _json(
             {
@@ -193,6 +200,10 @@ class Simulator:
         self.recent.append({"endpoint": endpoint, "headers": dict(request.headers), "body": body})
         knobs = self.knobs(body["model"], body)
         rng = random.Random()
+        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return body, _error(401, "Incorrect API key provided", "authentication_error")
+        if self.served_models and body["model"] not in self.served_models:
+            return body, _error(404, f"The model `{body['model']}` does not exist.", "NotFoundError")
         if rng.random() < knobs.hang_rate:
             self.hangs["started"] += 1
             await _hang(request)
@@ -230,10 +241,16 @@ class Simulator:
 
     async def _get_knobs(self, _: Request) -> Response:
         return _json(
-            {"default": asdict(self.default), "models": {k: asdict(v) for k, v in self.models.items()}}
+            {
+                "default": asdict(self.default),
+                "models": {k: asdict(v) for k, v in self.models.items()},
+                "server": {"served_models": self.served_models, "api_key_set": self.api_key is not None},
+            }
         )
 
     async def _put_knobs(self, request: Request) -> Response:
+        """{"default": {knob: value}, "models": {name: {knob: value}}, "server": {"served_models": [...],
+        "api_key": "..." or null}}: each part optional."""
         try:
             body = orjson.loads(await request.body())
             default = replace(self.default, **body.get("default", {}))
@@ -241,11 +258,19 @@ class Simulator:
                 name: replace(self.models.get(name, default), **values)
                 for name, values in body.get("models", {}).items()
             }
+            server = body.get("server", {})
+            served = server.get("served_models", self.served_models)
+            api_key = server.get("api_key", self.api_key)
+            if not isinstance(served, list) or not all(isinstance(m, str) for m in served):
+                raise ValueError("server.served_models must be a list of model names")
+            if api_key is not None and not isinstance(api_key, str):
+                raise ValueError("server.api_key must be a string or null")
         except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
             allowed = ", ".join(f.name for f in fields(Knobs))
             return _error(400, f"bad knobs: {exc}; allowed: {allowed}", "invalid_request_error")
         self.default = default
         self.models.update(models)
+        self.served_models, self.api_key = served, api_key
         return await self._get_knobs(request)
 
     async def _stats(self, _: Request) -> Response:
@@ -293,6 +318,28 @@ def _chat_choice(index: int, g: Generation) -> dict[str, Any]:
             ],
         }
     return {"index": index, "message": message, "logprobs": None, "finish_reason": g.finish_reason}
+
+
+def _malform(answer: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """The answer in a shape no OpenAI server sends: as real servers have broken under load or by bugs."""
+    message = answer["choices"][0]["message"]
+    if message.get("tool_calls"):
+        message["tool_calls"][0]["function"]["name"] = [message["tool_calls"][0]["function"]["name"]]
+    elif rng.random() < 0.5:
+        answer["choices"] = 5
+    else:
+        answer["choices"][0]["message"] = "not an object"
+    return answer
+
+
+def _malform_chunks(chunks: list[bytes], rng: random.Random) -> list[bytes]:
+    """A stream with one event in a shape no OpenAI server sends (after the first, so it starts normally)."""
+    head = {"id": "chatcmpl-malformed", "object": "chat.completion.chunk", "created": int(time.time())}
+    if rng.random() < 0.5:
+        bad = _event({**head, "choices": 5})
+    else:
+        bad = _event({**head, "choices": [{"index": 0, "delta": {"tool_calls": 5}, "finish_reason": None}]})
+    return [chunks[0], bad, *chunks[1:]]
 
 
 def _chat_chunks(model: str, choices: list[Generation], usage: dict[str, int] | None) -> list[bytes]:

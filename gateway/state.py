@@ -52,6 +52,7 @@ class Transition:
     step: int
     reason: str
     by: str  # "admin", "controller", "policy"
+    gates: list[dict[str, Any]] | None = None  # the controller's: the verdicts it decided on
 
 
 @dataclass(frozen=True)
@@ -78,13 +79,16 @@ class RouteState:
         raw["history"] = tuple(Transition(**t) for t in raw.get("history", ()))
         return cls(**raw)
 
-    def moved(self, *, reason: str, by: str, **changes: Any) -> RouteState:
-        """The next version: the changes, stamped and written into the history."""
+    def moved(
+        self, *, reason: str, by: str, gates: list[dict[str, Any]] | None = None, **changes: Any
+    ) -> RouteState:
+        """The next version: the changes, stamped and written into the history (with the gate verdicts
+        the change was decided on, when the controller made it)."""
         now = time.time()
         if "step" in changes or "phase" in changes:
             changes.setdefault("step_at", now)
         state = replace(self, **changes, version=self.version + 1, updated_at=now)
-        entry = Transition(now, state.phase, state.weight, state.step, reason, by)
+        entry = Transition(now, state.phase, state.weight, state.step, reason, by, gates)
         return replace(state, history=(*self.history, entry)[-HISTORY:])
 
 

@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from gateway.analysis import ArmWindow, bucket_of
+from gateway.errors import ERROR_OUTCOMES
 from gateway.route import Route
 from gateway.state import State, StateUnavailable, StatsKey
 
@@ -19,12 +20,13 @@ log = logging.getLogger("gateway.stats")
 
 FLUSH_S = 1.0
 MAX_PENDING = 10_000  # windows kept while the store is unreachable; beyond, the oldest batch is dropped
-ERRORS = frozenset({"upstream_error", "timeout"})
-LIVE = frozenset({"shadow", "progressing", "paused"})
+# Counted while the rollout may be judged: by the controller, or by an operator reading `compare`.
+LIVE = frozenset({"shadow", "progressing", "paused", "manual"})
+UNJUDGED = frozenset({"client_closed", "internal_error"})  # no verdict on the arm
 
 
 def _segmented(route: Route) -> bool:
-    return route.automatic is not None and route.automatic.segments is not None and route.cohorts is not None
+    return route.rollout.segments is not None and route.cohorts is not None
 
 
 class Recorder:
@@ -33,18 +35,17 @@ class Recorder:
         self._pending: dict[StatsKey, ArmWindow] = {}
 
     def _live(self, route: Route) -> bool:
-        """Counted only while the controller may judge the rollout: not once it is promoted, rolled
-        back or taken over by hand (statistics would pile up for nobody)."""
-        if route.automatic is None:
+        """Counted only while the rollout can be judged: by the controller, or (manual mode) by an operator
+        reading `canarygate compare`; not once it is promoted or rolled back (statistics would pile up for
+        nobody), and never for a route without a candidate."""
+        if route.candidate is None:
             return False
         state = self._state.current(route.name)
         return state is not None and state.phase in LIVE and state.rollout == route.rollout_key
 
     def _windows(self, route: Route, arm: str, cohort: str) -> list[ArmWindow]:
         """This interval's windows for the arm, and for the arm in this cohort with rollout.segments."""
-        auto = route.automatic
-        assert auto is not None  # only live rollouts are counted
-        interval = int(time.time() // auto.interval_s)
+        interval = int(time.time() // route.rollout.interval_s)
         windows = []
         for key in (arm, f"{arm}@{cohort}") if _segmented(route) else (arm,):
             window = self._pending.get((route.name, route.rollout_key, interval, key))
@@ -67,13 +68,13 @@ class Recorder:
     ) -> None:
         """One attempt. arm: base, candidate, or shadow (the candidate's mirrored calls). With
         rollout.segments, counted for its cohort too (arm "candidate@billing")."""
-        if outcome == "client_closed" or not self._live(route):
-            return  # the client left (no verdict on the arm), or nothing is being judged
+        if outcome in UNJUDGED or not self._live(route):
+            return  # the client left or the gateway failed (no verdict on the arm), or nothing is judged
         latency = bucket_of(duration_s)
         ttft = bucket_of(ttft_s) if ttft_s is not None else None
         for window in self._windows(route, arm, cohort):
             window.requests += 1
-            if outcome in ERRORS:
+            if outcome in ERROR_OUTCOMES:
                 window.errors += 1
             if invalid:
                 window.invalid += 1
@@ -88,15 +89,13 @@ class Recorder:
             if ttft is not None:
                 window.ttft[ttft] = window.ttft.get(ttft, 0) + 1
 
-    def attempt(
-        self, route: Route, arm: str, outcome: str, duration_s: float, attempt: Attempt, cohort: str
-    ) -> None:
-        """An upstream attempt as the proxy and the shadow calls finish it."""
+    def attempt(self, route: Route, arm: str, outcome: str, attempt: Attempt, cohort: str) -> None:
+        """An upstream attempt, as the ledger books it."""
         self.record(
             route,
             arm,
             outcome,
-            duration_s,
+            attempt.duration_s,
             attempt.invalid,
             attempt.output_tokens,
             attempt.ttft_s,

@@ -61,12 +61,16 @@ async def relay(
     return None
 
 
+# What EventParser yields for a data event that is not JSON: the accumulator calls its stream malformed.
+UNPARSEABLE = object()
+
+
 class EventParser:
-    """Splits an SSE byte stream into the parsed JSON of its data events ([DONE] is dropped)."""
+    """Splits an SSE byte stream into the parsed JSON of its data events ([DONE] is dropped; a data event
+    that is not JSON comes out as UNPARSEABLE)."""
 
     def __init__(self) -> None:
         self._pending = b""
-        self.malformed = 0
 
     def feed(self, data: bytes) -> list[Any]:
         self._pending += data
@@ -84,13 +88,14 @@ class EventParser:
             try:
                 events.append(orjson.loads(payload))
             except orjson.JSONDecodeError:
-                self.malformed += 1
+                events.append(UNPARSEABLE)
         return events
 
 
 class Accumulator:
     """Rebuilds a streamed answer (chat deltas or completion texts) into the shape of a complete one,
-    so the same checks apply to streamed and non-streamed answers."""
+    so the same checks apply to streamed and non-streamed answers. Never raises: the first event that is
+    not shaped like a chunk is kept in `malformed` (what was wrong, and where) and the rest still count."""
 
     @classmethod
     def of(cls, stream: bytes) -> Accumulator:
@@ -102,43 +107,93 @@ class Accumulator:
     def __init__(self) -> None:
         self._choices: dict[int, dict[str, Any]] = {}
         self._calls: dict[int, dict[int, dict[str, Any]]] = {}
+        self._events = 0
         self.error: Any = None
+        self.malformed: str | None = None
+
+    def _problem(self, where: str, expected: str, got: Any) -> None:
+        if self.malformed is None:
+            self.malformed = f"stream event {self._events}: {where}: expected {expected}, got {_kind(got)}"
 
     def add(self, event: Any) -> None:
+        self._events += 1
         if not isinstance(event, dict):
+            self._problem("data", "a JSON object", event)
             return
         if "error" in event:
             self.error = event["error"]
-        for choice in event.get("choices") or ():
+        choices = event.get("choices")
+        if choices is None:
+            return  # a usage-only or error event
+        if not isinstance(choices, list):
+            self._problem("choices", "an array", choices)
+            return
+        for position, choice in enumerate(choices):
             if isinstance(choice, dict):
-                self._add_choice(choice)
+                self._add_choice(choice, f"choices[{position}]")
+            else:
+                self._problem(f"choices[{position}]", "an object", choice)
 
-    def _add_choice(self, choice: dict[str, Any]) -> None:
+    def _add_choice(self, choice: dict[str, Any], where: str) -> None:
         index = choice.get("index", 0) if isinstance(choice.get("index"), int) else 0
         entry = self._choices.setdefault(index, {"index": index, "content": None, "text": None})
         if isinstance(choice.get("finish_reason"), str):
             entry["finish_reason"] = choice["finish_reason"]
-        if isinstance(choice.get("text"), str):
-            entry["text"] = (entry["text"] or "") + choice["text"]
+        text = choice.get("text")
+        if isinstance(text, str):
+            entry["text"] = (entry["text"] or "") + text
+        elif text is not None:
+            self._problem(f"{where}.text", "a string", text)
         delta = choice.get("delta")
-        if not isinstance(delta, dict):
+        if delta is None:
             return
-        if isinstance(delta.get("content"), str):
-            entry["content"] = (entry["content"] or "") + delta["content"]
-        if isinstance(delta.get("function_call"), dict):
+        if not isinstance(delta, dict):
+            self._problem(f"{where}.delta", "an object", delta)
+            return
+        content = delta.get("content")
+        if isinstance(content, str):
+            entry["content"] = (entry["content"] or "") + content
+        elif content is not None:
+            self._problem(f"{where}.delta.content", "a string", content)
+        function_call = delta.get("function_call")
+        if isinstance(function_call, dict):
             call = entry.setdefault("function_call", {"name": "", "arguments": ""})
-            _merge_function(call, delta["function_call"])
-        for piece in delta.get("tool_calls") or ():
+            self._merge(call, function_call, f"{where}.delta.function_call")
+        elif function_call is not None:
+            self._problem(f"{where}.delta.function_call", "an object", function_call)
+        pieces = delta.get("tool_calls")
+        if pieces is not None and not isinstance(pieces, list):
+            self._problem(f"{where}.delta.tool_calls", "an array", pieces)
+            return
+        for number, piece in enumerate(pieces or ()):
+            path = f"{where}.delta.tool_calls[{number}]"
             if not isinstance(piece, dict):
+                self._problem(path, "an object", piece)
                 continue
             position = piece.get("index", 0) if isinstance(piece.get("index"), int) else 0
             calls = self._calls.setdefault(index, {})
             call = calls.setdefault(
                 position, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
             )
-            call["id"] = call["id"] or piece.get("id")
-            if isinstance(piece.get("function"), dict):
-                _merge_function(call["function"], piece["function"])
+            call["id"] = call["id"] or (piece.get("id") if isinstance(piece.get("id"), str) else None)
+            function = piece.get("function")
+            if isinstance(function, dict):
+                self._merge(call["function"], function, f"{path}.function")
+            elif function is not None:
+                self._problem(f"{path}.function", "an object", function)
+
+    def _merge(self, call: dict[str, Any], piece: dict[str, Any], where: str) -> None:
+        name, arguments = piece.get("name"), piece.get("arguments")
+        # Servers send the name once; some repeat it whole in every delta. Never double it.
+        if isinstance(name, str):
+            if name and name != call["name"]:
+                call["name"] += name
+        elif name is not None:
+            self._problem(f"{where}.name", "a string", name)
+        if isinstance(arguments, str):
+            call["arguments"] += arguments
+        elif arguments is not None:
+            self._problem(f"{where}.arguments", "a string", arguments)
 
     def chat_body(self) -> dict[str, Any]:
         choices = []
@@ -163,13 +218,13 @@ class Accumulator:
         }
 
 
-def _merge_function(call: dict[str, Any], piece: dict[str, Any]) -> None:
-    name = piece.get("name")
-    # Servers send the name once; some repeat it whole in every delta. Never double it.
-    if isinstance(name, str) and name and name != call["name"]:
-        call["name"] += name
-    if isinstance(piece.get("arguments"), str):
-        call["arguments"] += piece["arguments"]
+def _kind(value: Any) -> str:
+    if value is UNPARSEABLE:
+        return "text that is not JSON"
+    if value is None:
+        return "null"
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    return names.get(type(value), "a number")
 
 
 async def collect(resp: Response, first: bytes, limit: int) -> tuple[bytes, bool]:

@@ -78,6 +78,7 @@ class Knobs:
     bad_args_rate: float = 0.0  # tool arguments that are not valid JSON
     args_mismatch_rate: float = 0.0  # tool arguments that parse but break the tool's schema
     hang_rate: float = 0.0  # accept the request, never answer
+    malformed_rate: float = 0.0  # an answer not shaped like OpenAI's (choices: 5, a tool name as a list, ...)
     embedding_dim: int = 16
 
     def __post_init__(self) -> None:
@@ -89,6 +90,7 @@ class Knobs:
             "wrong_tool_rate",
             "bad_args_rate",
             "hang_rate",
+            "malformed_rate",
         )
         for name in rates:
             value = getattr(self, name)

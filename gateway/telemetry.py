@@ -19,19 +19,17 @@ from prometheus_client import (
     multiprocess,
 )
 
+from gateway.errors import KINDS, OUTCOMES, REASONS
 from gateway.route import Route
 from gateway.state import PHASES, RouteState
 
 if TYPE_CHECKING:
     from gateway.rollout import Analysis
-from gateway.validation import KINDS
+
 
 ARMS = ("base", "candidate")
 MODES = ("primary", "mirror")
-OUTCOMES = ("ok", "upstream_error", "timeout", "invalid_output", "client_closed", "rejected")
-FALLBACK_REASONS = (
-    "connect_error", "timeout", "http_5xx", "http_429", *KINDS, "circuit_open",
-)  # fmt: skip
+FALLBACK_REASONS = (*REASONS, "circuit_open")
 MIRROR_OUTCOMES = ("sent", "dropped", "error")
 MIRROR_CHECKS = ("json_valid", "schema_valid", "tool_name", "tool_args", "finish_reason")
 RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)

@@ -121,9 +121,21 @@ class Tracing:
         return span
 
     def end_client(
-        self, span: Span, answer: Mapping[str, Any] | None, validation: str, error: Any, status: int | None
+        self,
+        span: Span,
+        answer: Mapping[str, Any] | None,
+        validation: str,
+        error: Any,
+        status: int | None,
+        *,
+        outcome: str | None = None,
+        end_ns: int | None = None,
     ) -> None:
+        """End an attempt's span, at end_ns (it may be booked after it ended: a failure is judged once
+        the other arm has answered the same request)."""
         span.set_attribute("canarygate.validation.result", validation)
+        if outcome is not None:
+            span.set_attribute("canarygate.outcome", outcome)
         if answer is not None:
             _response_attributes(span, answer, self.record_content)
         if status is not None:
@@ -131,7 +143,7 @@ class Tracing:
         if error is not None:
             span.set_attribute("error.type", getattr(error, "code", type(error).__name__))
             span.set_status(Status(StatusCode.ERROR, getattr(error, "message", str(error))))
-        span.end()
+        span.end(end_time=end_ns)
 
     def end_server(self, span: Span, arm: str | None, fallback: str | None, status: int, error: Any) -> None:
         if arm is not None:

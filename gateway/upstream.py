@@ -202,15 +202,16 @@ class Upstream:
             raise UpstreamError(f"the {arm.name} upstream {problem}", code="upstream_protocol_error")
         return resp
 
-    async def probe(self, arm: RouteArm, timeout_s: float) -> int:
-        """GET {url}/models; returns the HTTP status (raises GatewayError when unreachable)."""
+    async def probe(self, arm: RouteArm, timeout_s: float) -> tuple[int, bytes]:
+        """GET {url}/models with the arm's credentials; returns the HTTP status and the body (bounded by the
+        arm's max_response_bytes). Raises GatewayError when the upstream cannot be reached."""
         timeout = ClientTimeout(total=timeout_s, connect=min(timeout_s, arm.timeouts.connect_s))
         resp = await self._send(arm, "GET", arm.urls["models"], arm.headers, None, timeout)
         try:
-            await resp.read()
+            body = await resp.read()
         finally:
             resp.close()
-        return resp.status
+        return resp.status, body
 
     async def _send(
         self,

@@ -2,7 +2,9 @@
 
 Pure functions over parsed requests and responses. rules_for() derives what one request's answer must
 satisfy (None when nothing: such answers are never parsed or buffered); check_*() return the first
-Failure found, each with a kind and a message that names the field and what was expected.
+Failure found, each with a kind and a message that names the field and what was expected. Every field
+they read is type-checked first: an answer of any JSON shape gets a verdict (a shape that is not an
+OpenAI answer is "malformed"), never an exception.
 """
 
 from __future__ import annotations
@@ -15,12 +17,8 @@ from typing import Any, Literal
 import jsonschema_rs
 import orjson
 
-Kind = Literal[
-    "json_parse", "json_schema", "tool_unknown", "tool_args_parse", "tool_args_schema", "tool_choice"
-]
-KINDS: tuple[Kind, ...] = (
-    "json_parse", "json_schema", "tool_unknown", "tool_args_parse", "tool_args_schema", "tool_choice",
-)  # fmt: skip
+from gateway.errors import Kind
+
 JsonMode = Literal["auto", "always", "off"]
 
 
@@ -97,6 +95,10 @@ class Rules:
     legacy: bool  # functions / function_call rather than tools / tool_calls
 
 
+# An answer with nothing asked of it is still held to the shape of an OpenAI answer.
+SHAPE_ONLY = Rules(False, (), None, None, None, False)
+
+
 def rules_for(request: Mapping[str, Any], policy: RoutePolicy, cache: SchemaCache) -> Rules | None:
     """Raises SchemaError when the request carries a schema that does not compile (the client's fault)."""
     json_object = policy.json == "always"
@@ -155,32 +157,62 @@ def _tool_rules(
 
 
 def check_chat(body: Any, rules: Rules) -> Failure | None:
-    choices = body.get("choices") if isinstance(body, dict) else None
-    if not isinstance(choices, list):
-        return Failure("json_parse", "the response has no 'choices' array")
+    choices, failure = _choices(body)
+    if failure is not None:
+        return failure
     for position, choice in enumerate(choices):
-        message = choice.get("message") if isinstance(choice, dict) else None
-        where = f"choices[{choice.get('index', position) if isinstance(choice, dict) else position}].message"
-        failure = check_message(message if isinstance(message, dict) else {}, rules, where)
+        where = f"choices[{position}]"
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            return _malformed(f"{where}.message", "an object", message)
+        failure = check_message(message, rules, f"{where}.message")
         if failure is not None:
             return failure
     return None
 
 
 def check_completion(body: Any, rules: Rules) -> Failure | None:
-    choices = body.get("choices") if isinstance(body, dict) else None
-    if not isinstance(choices, list):
-        return Failure("json_parse", "the response has no 'choices' array")
+    choices, failure = _choices(body)
+    if failure is not None:
+        return failure
     for position, choice in enumerate(choices):
-        text = choice.get("text") if isinstance(choice, dict) else None
+        text = choice.get("text")
+        if text is not None and not isinstance(text, str):
+            return _malformed(f"choices[{position}].text", "a string", text)
         failure = _check_content(text, rules, f"choices[{position}].text")
         if failure is not None:
             return failure
     return None
 
 
+def _choices(body: Any) -> tuple[list[dict[str, Any]], Failure | None]:
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not isinstance(choices, list) or not choices:
+        return [], _malformed("choices", "a non-empty array", choices)
+    for position, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            return [], _malformed(f"choices[{position}]", "an object", choice)
+    return choices, None
+
+
+def _malformed(where: str, expected: str, got: Any) -> Failure:
+    return Failure("malformed", f"{where}: expected {expected}, got {_describe(got)}")
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    return names.get(type(value), "a number")
+
+
 def check_message(message: Mapping[str, Any], rules: Rules, where: str = "message") -> Failure | None:
-    calls = _calls(message, rules.legacy)
+    calls, failure = _calls(message, rules.legacy, where)
+    if failure is not None:
+        return failure
+    content = message.get("content")
+    if content is not None and not isinstance(content, str | list):
+        return _malformed(f"{where}.content", "a string", content)
     if rules.tools is not None:
         failure = _check_calls(calls, rules, where)
         if failure is not None:
@@ -188,27 +220,41 @@ def check_message(message: Mapping[str, Any], rules: Rules, where: str = "messag
     if calls:
         return None  # the model answered with a tool call: there is no content to hold to JSON
     if rules.json_object:
-        return _check_content(message.get("content"), rules, f"{where}.content")
+        return _check_content(content, rules, f"{where}.content")
     return None
 
 
-def _calls(message: Mapping[str, Any], legacy: bool) -> list[tuple[str, Any, Any]]:
-    """(field path, name, arguments) of every call in the message."""
+def _calls(
+    message: Mapping[str, Any], legacy: bool, where: str
+) -> tuple[list[tuple[str, str, str]], Failure | None]:
+    """(field path, name, arguments) of every call in the message, each checked to be strings."""
+    raw: list[tuple[str, Any]] = []
     if legacy:
         call = message.get("function_call")
-        return [("function_call", call.get("name"), call.get("arguments"))] if isinstance(call, dict) else []
-    calls = message.get("tool_calls")
-    if not isinstance(calls, list):
-        return []
+        if call is not None:
+            raw.append(("function_call", call))
+    else:
+        calls = message.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            return [], _malformed(f"{where}.tool_calls", "an array", calls)
+        for index, call in enumerate(calls or ()):
+            if not isinstance(call, dict):
+                return [], _malformed(f"{where}.tool_calls[{index}]", "an object", call)
+            raw.append((f"tool_calls[{index}].function", call.get("function")))
     out = []
-    for index, call in enumerate(calls):
-        function = call.get("function") if isinstance(call, dict) else None
-        function = function if isinstance(function, dict) else {}
-        out.append((f"tool_calls[{index}].function", function.get("name"), function.get("arguments")))
-    return out
+    for path, function in raw:
+        if not isinstance(function, dict):
+            return [], _malformed(f"{where}.{path}", "an object", function)
+        name, arguments = function.get("name"), function.get("arguments")
+        if not isinstance(name, str):
+            return [], _malformed(f"{where}.{path}.name", "a string", name)
+        if not isinstance(arguments, str):
+            return [], _malformed(f"{where}.{path}.arguments", "a string of JSON", arguments)
+        out.append((path, name, arguments))
+    return out, None
 
 
-def _check_calls(calls: list[tuple[str, Any, Any]], rules: Rules, where: str) -> Failure | None:
+def _check_calls(calls: list[tuple[str, str, str]], rules: Rules, where: str) -> Failure | None:
     tools = rules.tools or {}
     if rules.tool_choice == "none" and calls:
         return Failure("tool_choice", f"{where}: tool_choice is 'none' but the model called {calls[0][1]!r}")
@@ -228,10 +274,11 @@ def _check_calls(calls: list[tuple[str, Any, Any]], rules: Rules, where: str) ->
         if name not in tools:
             declared = ", ".join(sorted(tools)) or "none"
             return Failure(
-                "tool_unknown", f"{where}.{path}.name: {name!r} is not a declared tool (declared: {declared})"
+                "tool_unknown",
+                f"{where}.{path}.name: {name[:100]!r} is not a declared tool (declared: {declared[:300]})",
             )
         try:
-            parsed = orjson.loads(arguments) if isinstance(arguments, str | bytes) else None
+            parsed = orjson.loads(arguments)
         except orjson.JSONDecodeError as exc:
             return Failure(
                 "tool_args_parse", f"{where}.{path}.arguments of {name!r} are not valid JSON: {exc}"

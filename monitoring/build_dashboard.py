@@ -12,7 +12,7 @@ from typing import Any
 OUT = Path(__file__).with_name("grafana-dashboard.json")
 SEL = 'route=~"$route"'
 WINDOW = "$__rate_interval"
-ERRORS = 'outcome=~"upstream_error|timeout|invalid_output"'
+ERRORS = 'outcome=~"upstream_error|timeout|refused|invalid_output"'
 
 
 def rate(metric: str, labels: str = "") -> str:
