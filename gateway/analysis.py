@@ -50,7 +50,8 @@ def bucket_bound(index: int) -> float:
 class ArmWindow:
     """One arm's statistics over a window: counts, sums and histograms, mergeable across replicas."""
 
-    requests: int = 0
+    requests: int = 0  # units served (for the candidate: assigned to it, its circuit open or not)
+    unattempted: int = 0  # of which answered by the base without asking the candidate (circuit open)
     errors: int = 0
     invalid: int = 0  # answers that failed validation
     fallbacks: int = 0
@@ -65,8 +66,15 @@ class ArmWindow:
     latency: dict[int, int] = field(default_factory=dict)  # bucket -> count
     ttft: dict[int, int] = field(default_factory=dict)
 
+    @property
+    def attempts(self) -> int:
+        """Requests the arm was asked: what its error and validation rates are over (a unit answered by
+        the base while the circuit was open says nothing about the candidate, and must not dilute them)."""
+        return self.requests - self.unattempted
+
     def merge(self, other: ArmWindow) -> None:
         self.requests += other.requests
+        self.unattempted += other.unattempted
         self.errors += other.errors
         self.invalid += other.invalid
         self.fallbacks += other.fallbacks
@@ -276,12 +284,12 @@ def judge(
         crit = gate.critical
         if name == "error_rate":
             verdict = rate_increase(
-                name, (b.errors, b.requests), (c.errors, c.requests), gate.max_increase,
+                name, (b.errors, b.attempts), (c.errors, c.attempts), gate.max_increase,
                 alpha=alpha, n_star=n_star, min_samples=min_samples, critical=crit,
             )  # fmt: skip
         elif name == "validation_failure_rate":
             verdict = rate_increase(
-                name, (b.invalid, b.requests), (c.invalid, c.requests), gate.max_increase,
+                name, (b.invalid, b.attempts), (c.invalid, c.attempts), gate.max_increase,
                 alpha=alpha, n_star=n_star, min_samples=min_samples, critical=crit,
             )  # fmt: skip
         elif name in ("negative_feedback_rate", "escalation_rate"):

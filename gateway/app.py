@@ -414,11 +414,12 @@ def _rollout_view(route: Route, state: RouteState, history: bool = False) -> dic
 
 def _analysis_view(analysis: Analysis, state: RouteState) -> dict[str, Any]:
     def arm(window: ArmWindow) -> dict[str, Any]:
-        n = window.requests
+        n, asked = window.requests, window.attempts
         return {
             "requests": n,
-            "error_rate": window.errors / n if n else None,
-            "validation_failure_rate": window.invalid / n if n else None,
+            "attempts": asked,
+            "error_rate": window.errors / asked if asked else None,
+            "validation_failure_rate": window.invalid / asked if asked else None,
             "fallback_rate": window.fallbacks / n if n else None,
             "output_tokens_mean": window.tokens / window.token_answers if window.token_answers else None,
         }

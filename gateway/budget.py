@@ -38,6 +38,15 @@ class RetryBudget:
         self._spent += 1
         return True
 
+    def refund(self) -> None:
+        """A fallback spent on a failure that was not the candidate's (the base failed the same way): the
+        budget measures the candidate's failures, and requests that fail everywhere must not spend it."""
+        for bucket in reversed(self._buckets):
+            if bucket[2] > 0:
+                bucket[2] -= 1
+                self._spent -= 1
+                return
+
     def _bucket(self) -> list[float]:
         now = self._clock()
         second = float(int(now))

@@ -435,10 +435,17 @@ def _compare(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(answer, indent=2))
             return 0
+        measured = answer["candidate_measured_as"]
         print(
-            f"route {answer['route']}: {answer['phase']}, weight {answer['weight']:g}%, "
-            f"candidate measured as {answer['candidate_measured_as']}"
+            f"route {answer['route']}: {answer['phase']}, weight {answer['weight']:g}%, candidate measured "
+            f"as {measured}{' (its shadow calls)' if measured == 'shadow' else ''}"
         )
+        decided = answer.get("decided")
+        if decided is not None:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(decided["at"]))
+            print(f"{decided['phase']} by {decided['by']} at {when}, on these verdicts: {decided['reason']}")
+        elif answer["phase"] == "manual":
+            print("manual mode: the gates as the controller would judge them; nothing acts on them")
         print(
             f"\n{'gate':<38}{'verdict':<9}{'value':>10}  {'interval':<22}{'threshold':>10}"
             f"{'n base':>9}{'n cand':>9}"

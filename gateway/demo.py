@@ -479,7 +479,7 @@ def run_demo(
             live = False
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="canarygate-demo-")))
-        base = stack.enter_context(BackgroundServer(Simulator(BASE_KNOBS).app()))
+        base = stack.enter_context(BackgroundServer(Simulator(BASE_KNOBS, served_models=[BASE_MODEL]).app()))
         candidate_knobs = replace(BASE_KNOBS, **scenario.knobs)  # type: ignore[arg-type]
         served = Simulator(candidate_knobs, served_models=[CANDIDATE_MODEL])  # 404 for any other name
         candidate = stack.enter_context(BackgroundServer(served.app()))

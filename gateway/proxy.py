@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -156,93 +156,102 @@ class Proxy:
         self, request: Request, assigned: str, shadows: tuple[str, ...], reply: Reply, watch: DisconnectWatch
     ) -> None:
         route = request.route
-        budget = self.guards.budget(route)
-        budget.record_request()
+        self.guards.budget(route).record_request()
         deadline = time.monotonic() + route.deadline_s
-        base_enforce = KINDS if route.enforce_on_base else ()
         if assigned == "candidate" and route.candidate is not None:
             breaker = self.guards.breaker(route)
             if breaker is None or breaker.allow():
-                candidate = await self._attempt(
-                    request, route.candidate, route.enforce_on_candidate, deadline, reply, watch, breaker
-                )
-                error = candidate.error
-                if error is None or reply.started:
-                    # answered (a failure after the first byte was told to the client in the stream)
-                    self._ledger.book(request, candidate, breaker=breaker, stats_arm="candidate")
-                    return
-                try:
-                    reason = self._check_fallback(route, error, budget.try_spend, breaker, deadline, reply)
-                except GatewayError:
-                    self._ledger.book(request, candidate, breaker=breaker, stats_arm="candidate")
-                    raise
-                self._fell_back(request, reply, reason, attempted=True)
-                base: Attempt | None = None
-                try:
-                    base = await self._attempt(request, route.base, base_enforce, deadline, reply, watch)
-                finally:
-                    # Blame by comparison: a failure the base shares is the request's, not the candidate's.
-                    blamed = None
-                    if base is not None and base.unfinished is None:
-                        blamed = not same_way(error, base.error, base.invalid)
-                    self._ledger.book(
-                        request, candidate, blamed=blamed, breaker=breaker, stats_arm="candidate"
-                    )
-                self._ledger.book(request, base, stats_arm="base")
-                if base.error is not None and not reply.started:
-                    raise base.error
+                await self._candidate(request, route.candidate, breaker, deadline, reply, watch)
                 return
+            request.metrics.circuit.set(1)
             self._fell_back(request, reply, CIRCUIT_OPEN, attempted=False)
         else:
             for kind in shadows:
                 self.shadows.start(request, reply.request_id, kind)
-        attempt = await self._attempt(request, route.base, base_enforce, deadline, reply, watch)
+        attempt = await self._attempt(request, route.base, self._base_enforce(route), deadline, reply, watch)
         self._ledger.book(request, attempt, stats_arm="base")
         if attempt.error is not None and not reply.started:
             raise attempt.error
+
+    async def _candidate(
+        self,
+        request: Request,
+        arm: RouteArm,
+        breaker: CircuitBreaker | None,
+        deadline: float,
+        reply: Reply,
+        watch: DisconnectWatch,
+    ) -> None:
+        """The candidate's attempt, and on a failure listed in fallback.on (within the deadline) the base's.
+        The candidate's failure is booked once the base has answered: blame by comparison."""
+        route = request.route
+        candidate = await self._attempt(
+            request, arm, route.enforce_on_candidate, deadline, reply, watch, breaker
+        )
+        error = candidate.error
+        if error is None or reply.started:
+            # answered (a failure after the first byte was told to the client in the stream)
+            self._ledger.book(request, candidate, breaker=breaker, stats_arm="candidate")
+            return
+        reason = error.reason
+        if reason is None or reason not in route.fallback_on:  # a client's error is never one
+            self._no_fallback(request, candidate, breaker, reply, None)
+        if deadline - time.monotonic() <= 0:
+            self._no_fallback(request, candidate, breaker, reply, "deadline")
+        budget = self.guards.budget(route)
+        spent = budget.try_spend()
+        if not spent and breaker is None:  # circuit_breaker.enabled: false: the budget can only refuse
+            log.warning(
+                "request_id=%s route=%s fallback budget spent: the candidate's error is returned (%s)",
+                *(reply.request_id, route.name, reason),
+            )
+            self._no_fallback(request, candidate, breaker, reply, "budget")
+        log.info("request_id=%s route=%s fallback to base: %s: %s", *reply.context()[:2], reason, error)
+        self._fell_back(request, reply, reason, attempted=True)
+        base: Attempt | None = None
+        try:
+            base = await self._attempt(request, route.base, self._base_enforce(route), deadline, reply, watch)
+        finally:
+            blamed = None  # not known when the base was not heard to the end (the client left)
+            if base is not None and base.unfinished is None:
+                blamed = not same_way(error, base.error, base.invalid)
+            self._ledger.book(request, candidate, blamed=blamed, breaker=breaker, stats_arm="candidate")
+            if blamed is False and spent:
+                budget.refund()  # requests that fail everywhere must not spend the candidate's budget
+            elif not spent and breaker is not None and blamed is not False:
+                # The budget protects the base by taking the candidate out of the path, not by failing
+                # users: this user is answered all the same.
+                breaker.trip(
+                    f"the fallback budget is spent (fallback.budget: {route.budget.ratio:g} of the "
+                    f"requests over {route.budget.window_s:g}s)"
+                )
+                request.metrics.circuit.set(1)
+        self._ledger.book(request, base, stats_arm="base")
+        if base.error is not None and not reply.started:
+            raise base.error
+
+    def _no_fallback(
+        self,
+        request: Request,
+        candidate: Attempt,
+        breaker: CircuitBreaker | None,
+        reply: Reply,
+        denied: str | None,
+    ) -> NoReturn:
+        """The candidate's failure goes to the client (denied: why a fallback that was due did not happen)."""
+        reply.fallback_denied = denied
+        self._ledger.book(request, candidate, breaker=breaker, stats_arm="candidate")
+        assert candidate.error is not None
+        raise candidate.error
+
+    @staticmethod
+    def _base_enforce(route: Route) -> Collection[str]:
+        return KINDS if route.enforce_on_base else ()
 
     def _fell_back(self, request: Request, reply: Reply, reason: str, *, attempted: bool) -> None:
         reply.fallback = reason
         request.metrics.fallbacks[(reason, request.cohort)].inc()
         self._stats.fallback(request.route, attempted, request.cohort)
-
-    def _check_fallback(
-        self,
-        route: Route,
-        error: GatewayError,
-        spend: Callable[[], bool],
-        breaker: CircuitBreaker | None,
-        deadline: float,
-        reply: Reply,
-    ) -> str:
-        """The fallback reason when base may answer instead; otherwise raises the candidate's error."""
-        reason = error.reason
-        if reason is None or reason not in route.fallback_on:
-            raise error
-        if deadline - time.monotonic() <= 0:
-            reply.fallback_denied = "deadline"
-            raise error
-        if not spend():
-            if breaker is None:  # circuit_breaker.enabled: false: the budget can only refuse
-                reply.fallback_denied = "budget"
-                log.warning(
-                    "request_id=%s route=%s fallback budget spent: the candidate's error is returned (%s)",
-                    *(reply.request_id, route.name, reason),
-                )
-                raise error
-            # The budget protects the base by taking the candidate out of the path, not by failing users.
-            breaker.trip(
-                f"the fallback budget is spent (fallback.budget: {route.budget.ratio:g} of the requests "
-                f"over {route.budget.window_s:g}s)"
-            )
-        log.info(
-            "request_id=%s route=%s fallback to base: %s: %s",
-            reply.request_id,
-            route.name,
-            reason,
-            error.message,
-        )
-        return reason
 
     async def _attempt(
         self,

@@ -135,11 +135,11 @@ def measured_arm(current: RouteState) -> str:
     return "candidate"
 
 
-async def analyse(state: State, route: Route, current: RouteState) -> Analysis:
+async def analyse(state: State, route: Route, current: RouteState, now: float | None = None) -> Analysis:
     """The gates of the route's rollout section over the rollout so far (automatic and manual mode)."""
     auto = route.rollout
     arm = measured_arm(current)
-    now_interval = int(time.time() // auto.interval_s)
+    now_interval = int((time.time() if now is None else now) // auto.interval_s)
     first = max(int(current.started_at // auto.interval_s), now_interval - MAX_INTERVALS)
     stored = await state.read_stats(route.name, route.rollout_key, range(first, now_interval + 1))
     base, candidate = ArmWindow(), ArmWindow()
@@ -183,9 +183,11 @@ class Controller:
         on_analysis: Callable[[Analysis], object] | None = None,
         tick_s: float = 1.0,
         ready: Callable[[RouteArm], Awaitable[ArmReadiness]] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._state = state
         self._ready = ready
+        self._clock = clock
         self._rollouts = rollouts
         self._routes = routes
         self._on_analysis = on_analysis
@@ -218,10 +220,10 @@ class Controller:
             return
         if current.phase not in ("shadow", "progressing"):
             return
-        analysis = await analyse(self._state, route, current)
+        now = self._clock()
+        analysis = await analyse(self._state, route, current, now)
         if self._on_analysis is not None:
             self._on_analysis(analysis)
-        now = time.time()
         version, judged = self._judged.get(route.name, (current.version, current.step_at))
         if version != current.version:
             judged = current.step_at  # someone moved the rollout: its interval starts again

@@ -172,13 +172,20 @@ class Simulator:
         )
 
     async def _models(self, request: Request) -> Response:
+        self.requests["models"] += 1
         if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
             return _error(401, "Incorrect API key provided", "authentication_error")
-        names = self.served_models or sorted({"sim-model", *self.models})
+        if not self.served_models:  # like a server that ignores the model name: nothing to list
+            return _error(
+                404, "this simulated server answers any model name (served_models lists some)", "NotFound"
+            )
         return _json(
             {
                 "object": "list",
-                "data": [{"id": n, "object": "model", "created": 0, "owned_by": "simulator"} for n in names],
+                "data": [
+                    {"id": n, "object": "model", "created": 0, "owned_by": "simulator"}
+                    for n in self.served_models
+                ],
             }
         )
 

@@ -291,7 +291,7 @@ return 0
 """
 STATS_TTL_S = 7 * 86400
 _COUNTS = (
-    "requests", "errors", "invalid", "fallbacks", "tokens", "token_answers",
+    "requests", "unattempted", "errors", "invalid", "fallbacks", "tokens", "token_answers",
     "feedback", "negative", "escalated",
 )  # fmt: skip
 _FLOATS = ("tokens_sq", "cost", "cost_sq")

@@ -111,6 +111,7 @@ class Recorder:
             window.fallbacks += 1
             if not attempted:
                 window.requests += 1
+                window.unattempted += 1
 
     def feedback(self, route: Route, arm: str, cohort: str, negative: bool, escalated: bool) -> None:
         """Feedback on an answer of this rollout, counted in the interval it arrives."""

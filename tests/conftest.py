@@ -69,6 +69,8 @@ def sims(_sim_servers: tuple[Sim, Sim]) -> tuple[Sim, Sim]:
     for sim in _sim_servers:
         sim.simulator.default = Knobs()
         sim.simulator.models.clear()
+        sim.simulator.served_models = []
+        sim.simulator.api_key = None
         httpx.post(f"{sim.server.url}/sim/reset").raise_for_status()
     return _sim_servers
 

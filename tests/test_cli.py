@@ -142,10 +142,12 @@ def test_readyz_reports_each_upstream(sims: tuple[Sim, Sim], make_gateway: Gatew
     body = response.json()
     assert body["status"] == "degraded"
     assert body["routes"]["chat"]["base"]["ok"] is True
+    assert body["routes"]["chat"]["base"]["status"] == "unlisted"  # the simulator lists no models
     assert body["routes"]["chat"]["candidate"] == {
         "model": "tuned-model",
         "ok": False,
-        "error": "could not connect to the candidate upstream: connection refused",
+        "status": "unreachable",
+        "detail": "could not connect to the candidate upstream: connection refused",
     }
 
 

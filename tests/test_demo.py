@@ -44,6 +44,7 @@ def test_healthy_candidate_is_promoted_step_by_step() -> None:
         ("wrong-tools", "validation_failure_rate"),
         ("flaky", "error_rate"),
         ("slow", "_ratio"),
+        ("misconfigured", "error_rate"),  # its shadow calls all fail with a 404 the base does not give
     ],
 )
 def test_a_bad_candidate_is_rolled_back_before_users_notice(scenario: str, gate: str) -> None:

@@ -6,8 +6,13 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from gateway.errors import KINDS
+from gateway.streaming import Accumulator
 from gateway.validation import (
+    SHAPE_ONLY,
     RoutePolicy,
     SchemaCache,
     SchemaError,
@@ -195,3 +200,121 @@ def test_local_refs_and_metaschema_resolve() -> None:
     req = {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
     assert kind(req, answer('{"n": 1}')) is None
     assert kind(req, answer('{"n": "1"}')) == "json_schema"
+
+
+# Any JSON value, and the shapes the validators read, filled with any JSON values: every answer of any
+# shape gets a verdict (a Failure or None), never an exception.
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+def _shaped(value: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return value | JSON_VALUES
+
+
+FUNCTION = _shaped(st.fixed_dictionaries({}, optional={"name": JSON_VALUES, "arguments": JSON_VALUES}))
+TOOL_CALL = _shaped(
+    st.fixed_dictionaries({}, optional={"id": JSON_VALUES, "index": JSON_VALUES, "function": FUNCTION})
+)
+MESSAGE = _shaped(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "content": JSON_VALUES,
+            "tool_calls": _shaped(st.lists(TOOL_CALL, max_size=3)),
+            "function_call": FUNCTION,
+        },
+    )
+)
+CHOICE = _shaped(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "index": JSON_VALUES,
+            "message": MESSAGE,
+            "delta": MESSAGE,
+            "text": JSON_VALUES,
+            "finish_reason": JSON_VALUES,
+        },
+    )
+)
+ANSWER = _shaped(st.fixed_dictionaries({}, optional={"choices": _shaped(st.lists(CHOICE, max_size=3))}))
+EVERY_RULE = [
+    rules_for({"response_format": {"type": "json_object"}}, RoutePolicy(), SchemaCache()),
+    rules_for(
+        {
+            "tools": TOOLS,
+            "tool_choice": "required",
+            "response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}},
+        },
+        RoutePolicy(),
+        SchemaCache(),
+    ),
+    rules_for({"functions": [{"name": "search", "parameters": SCHEMA}]}, RoutePolicy(), SchemaCache()),
+    SHAPE_ONLY,
+]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(answer=ANSWER, events=st.lists(ANSWER, max_size=4))
+def test_answers_of_any_shape_get_a_verdict_never_an_exception(answer: Any, events: list[Any]) -> None:
+    for rules in EVERY_RULE:
+        assert rules is not None
+        for check in (check_chat, check_completion):
+            failure = check(answer, rules)
+            assert failure is None or failure.kind in KINDS
+    # the same shapes as a stream: each event a chunk, rebuilt and checked like a whole answer
+    stream = b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in events)
+    accumulator = Accumulator.of(stream + b"data: {not json\n\ndata: [DONE]\n\n")
+    assert accumulator.malformed is not None  # the event that is not JSON, at least
+    for endpoint in ("chat", "completions"):
+        body = accumulator.body(endpoint)
+        for rules in EVERY_RULE:
+            assert rules is not None
+            check = check_chat if endpoint == "chat" else check_completion
+            failure = check(body, rules)
+            assert failure is None or failure.kind in KINDS
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ({"choices": 5}, "choices: expected a non-empty array, got a number"),
+        ({"choices": []}, "choices: expected a non-empty array, got an array"),
+        ({"choices": ["x"]}, "choices[0]: expected an object, got a string"),
+        ({"choices": [{"message": "hi"}]}, "choices[0].message: expected an object, got a string"),
+        (
+            {"choices": [{"message": {"tool_calls": [{"function": {"name": ["f"], "arguments": "{}"}}]}}]},
+            "choices[0].message.tool_calls[0].function.name: expected a string, got an array",
+        ),
+        (
+            {"choices": [{"message": {"tool_calls": 5}}]},
+            "choices[0].message.tool_calls: expected an array, got a number",
+        ),
+    ],
+)
+def test_malformed_answers_name_the_field_and_what_was_expected(answer: dict[str, Any], message: str) -> None:
+    rules = rules_for({"tools": TOOLS}, RoutePolicy(), SchemaCache())
+    assert rules is not None
+    failure = check_chat(answer, rules)
+    assert failure is not None and failure.kind == "malformed" and failure.message == message
+
+
+def test_a_malformed_stream_event_is_named_and_the_rest_still_counts() -> None:
+    events = [
+        {"choices": [{"index": 0, "delta": {"content": '{"a": '}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": 5}}]},
+        {"choices": [{"index": 0, "delta": {"content": "1}"}}]},
+    ]
+    stream = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    accumulator = Accumulator.of(stream)
+    assert (
+        accumulator.malformed
+        == "stream event 2: choices[0].delta.tool_calls: expected an array, got a number"
+    )
+    assert accumulator.chat_body()["choices"][0]["message"]["content"] == '{"a": 1}'
