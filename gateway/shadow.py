@@ -166,7 +166,7 @@ class Shadows:
             log.exception("request_id=%s route=%s shadow call failed", rid, request.route.name)
         finally:
             attempt.end()
-            if attempt.error is not None or attempt.unfinished is not None:
+            if attempt.error is not None or attempt.unfinished == "internal_error":
                 request.metrics.mirror["error"].inc()
             pair.record_shadow(attempt.observation())
 

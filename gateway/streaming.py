@@ -139,22 +139,14 @@ class Accumulator:
         entry = self._choices.setdefault(index, {"index": index, "content": None, "text": None})
         if isinstance(choice.get("finish_reason"), str):
             entry["finish_reason"] = choice["finish_reason"]
-        text = choice.get("text")
-        if isinstance(text, str):
-            entry["text"] = (entry["text"] or "") + text
-        elif text is not None:
-            self._problem(f"{where}.text", "a string", text)
+        self._append(entry, "text", choice.get("text"), f"{where}.text")
         delta = choice.get("delta")
         if delta is None:
             return
         if not isinstance(delta, dict):
             self._problem(f"{where}.delta", "an object", delta)
             return
-        content = delta.get("content")
-        if isinstance(content, str):
-            entry["content"] = (entry["content"] or "") + content
-        elif content is not None:
-            self._problem(f"{where}.delta.content", "a string", content)
+        self._append(entry, "content", delta.get("content"), f"{where}.delta.content")
         function_call = delta.get("function_call")
         if isinstance(function_call, dict):
             call = entry.setdefault("function_call", {"name": "", "arguments": ""})
@@ -190,10 +182,14 @@ class Accumulator:
                 call["name"] += name
         elif name is not None:
             self._problem(f"{where}.name", "a string", name)
-        if isinstance(arguments, str):
-            call["arguments"] += arguments
-        elif arguments is not None:
-            self._problem(f"{where}.arguments", "a string", arguments)
+        self._append(call, "arguments", arguments, f"{where}.arguments")
+
+    def _append(self, into: dict[str, Any], key: str, piece: Any, where: str) -> None:
+        """A streamed string piece added to what came before (None: nothing came in this event)."""
+        if isinstance(piece, str):
+            into[key] = (into[key] or "") + piece
+        elif piece is not None:
+            self._problem(where, "a string", piece)
 
     def chat_body(self) -> dict[str, Any]:
         choices = []

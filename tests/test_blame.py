@@ -456,3 +456,35 @@ def test_compare_judges_a_manual_rollout_without_acting_on_it(
     assert (
         httpx.get(f"{gw.url}/admin/routes/chat", headers=admin).json()["phase"] == "manual"
     )  # nothing acted
+
+
+@pytest.mark.parametrize("base_refuses_too", [False, True])
+def test_a_shadow_call_is_blamed_only_when_the_primary_did_not_fail_the_same_way(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory, base_refuses_too: bool
+) -> None:
+    base, candidate = sims
+    candidate.set_knobs(error_rate=1, error_status=404)
+    if base_refuses_too:
+        base.set_knobs(error_rate=1, error_status=404)
+    mirror = "mirror: {percent: 100, sample_by: request}"
+    gw = make_gateway({"chat": policy_yaml("chat", base.url, candidate.url, weight=0, extra=mirror)})
+    for i in range(10):
+        assert chat(gw.url, f"u{i}").status_code == (404 if base_refuses_too else 200)
+    labels = {"route": "chat", "arm": "candidate", "mode": "mirror"}
+    wait_for(
+        lambda: (
+            sum(
+                value(scrape(gw.url), "canarygate_requests_total", **labels, outcome=o)
+                for o in ("refused", "rejected")
+            )
+            == 10
+        ),
+        message="every shadow call booked",
+    )
+    samples = scrape(gw.url)
+    assert value(samples, "canarygate_requests_total", **labels, outcome="refused") == (
+        0 if base_refuses_too else 10
+    )
+    assert value(samples, "canarygate_requests_total", **labels, outcome="rejected") == (
+        10 if base_refuses_too else 0
+    )
