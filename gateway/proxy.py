@@ -33,7 +33,6 @@ from gateway.attempt import Attempt, Request, fetch, first_chunk
 from gateway.auth import ApiKeys, bearer_token
 from gateway.breaker import CircuitBreaker
 from gateway.errors import (
-    KINDS,
     GatewayError,
     InternalError,
     InvalidRequest,
@@ -168,7 +167,7 @@ class Proxy:
         else:
             for kind in shadows:
                 self.shadows.start(request, reply.request_id, kind)
-        attempt = await self._attempt(request, route.base, self._base_enforce(route), deadline, reply, watch)
+        attempt = await self._attempt(request, route.base, route.enforce_on_base, deadline, reply, watch)
         self._ledger.book(request, attempt, stats_arm="base")
         if attempt.error is not None and not reply.started:
             raise attempt.error
@@ -210,7 +209,7 @@ class Proxy:
         self._fell_back(request, reply, reason, attempted=True)
         base: Attempt | None = None
         try:
-            base = await self._attempt(request, route.base, self._base_enforce(route), deadline, reply, watch)
+            base = await self._attempt(request, route.base, route.enforce_on_base, deadline, reply, watch)
         finally:
             blamed = None  # not known when the base was not heard to the end (the client left)
             if base is not None and base.unfinished is None:
@@ -243,10 +242,6 @@ class Proxy:
         self._ledger.book(request, candidate, breaker=breaker, stats_arm="candidate")
         assert candidate.error is not None
         raise candidate.error
-
-    @staticmethod
-    def _base_enforce(route: Route) -> Collection[str]:
-        return KINDS if route.enforce_on_base else ()
 
     def _fell_back(self, request: Request, reply: Reply, reason: str, *, attempted: bool) -> None:
         reply.fallback = reason

@@ -89,7 +89,7 @@ class Route:
     allow_override: bool
     validation: RoutePolicy
     buffer_streams: bool  # validation.stream == "buffer"
-    enforce_on_base: bool
+    enforce_on_base: frozenset[str]  # every validation kind with validation.enforce_on_base, else none
     max_buffer_bytes: int
     fallback_on: frozenset[str]
     enforce_on_candidate: frozenset[str]  # the validation kinds in fallback_on
@@ -149,7 +149,7 @@ def compile_policy(
             tool_calls=checks.tool_calls,
         ),
         buffer_streams=checks.stream == "buffer",
-        enforce_on_base=checks.enforce_on_base,
+        enforce_on_base=frozenset(KINDS if checks.enforce_on_base else ()),
         max_buffer_bytes=checks.max_buffer_bytes,
         fallback_on=frozenset(fallback.on),
         enforce_on_candidate=frozenset(fallback.on).intersection(KINDS),

@@ -151,11 +151,12 @@ class Shadows:
                 answer, malformed = await self._exchange(attempt, request)
             except GatewayError as exc:
                 attempt.error, answer, malformed = exc, None, None
-            if answer is not None:
-                failure = request.check(answer, malformed)
-                attempt.validation = failure.kind if failure is not None else "ok"
-                if failure is not None:
-                    attempt.metrics.validation[failure.kind].inc()
+            failure = request.check(answer, malformed) if answer is not None else None
+            if failure is not None:  # without rules, only the answer's shape is checked
+                attempt.validation = failure.kind
+                attempt.metrics.validation[failure.kind].inc()
+            elif answer is not None and request.rules is not None:
+                attempt.validation = "ok"
             if attempt.output_tokens is not None:
                 mirror.spend(attempt.output_tokens + _input_tokens(attempt.answer))
         except asyncio.CancelledError:
