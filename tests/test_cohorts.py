@@ -193,8 +193,10 @@ rollout:
     assert reason.startswith("gate failed: validation_failure_rate [cohort billing]"), reason
     gates = httpx.get(f"{gw.url}/admin/routes/chat/analysis", headers=admin).json()["gates"]
     by_cohort = {g["cohort"]: g for g in gates}
-    assert by_cohort["all"]["result"] == "pass"  # the average hides it: 4% against an allowed 5%
-    assert by_cohort["all"]["value"] < 0.05
+    # The verdicts the controller decided on: the average hides it (4% expected, against an allowed 5%),
+    # so it did not fail (it may still have been waiting for a narrower interval); billing's own gate did.
+    assert by_cohort["all"]["result"] in ("pass", "wait")
+    assert by_cohort["all"]["value"] < by_cohort["billing"]["value"]
     assert by_cohort["billing"]["result"] == "fail"
     assert by_cohort["support"]["result"] == "pass"
     assert "other" not in by_cohort  # below min_share: not judged alone
