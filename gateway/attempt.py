@@ -16,7 +16,7 @@ from gateway.asgi import Reply
 from gateway.errors import GatewayError, InvalidOutput, UpstreamError, UpstreamTimeout
 from gateway.mirror import Observation, Pair
 from gateway.route import Route, RouteArm
-from gateway.streaming import MAX_PENDING, event_end
+from gateway.streaming import MAX_PENDING, first_data_end
 from gateway.telemetry import ArmMetrics, RouteMetrics
 from gateway.upstream import Call, Response, Upstream
 from gateway.validation import SHAPE_ONLY, Failure, Rules, check_chat, check_completion
@@ -294,17 +294,18 @@ async def _open_stream(upstream: Upstream, call: Call) -> tuple[Response, bytes]
     try:
         if resp.status >= 400:
             raise call.http_error(resp, await resp.read())
-        # The client's response starts with the first whole event: an upstream that breaks before it
-        # has sent the client nothing, so the request can still fall back.
+        # The client's response starts with the first whole event that carries data (comments such as
+        # `: keepalive` are no first token): an upstream that breaks before it has sent the client nothing,
+        # so the request can still fall back.
         first = await resp.readany()
-        while first and not event_end(first) and len(first) <= MAX_PENDING:
+        while first and not first_data_end(first) and len(first) <= MAX_PENDING:
             more = await resp.readany()
             if not more:
                 break
             first += more
-        if not event_end(first) and len(first) <= MAX_PENDING:
+        if not first_data_end(first) and len(first) <= MAX_PENDING:
             raise UpstreamError(
-                f"the {call.arm.name} upstream's stream ended before its first whole event",
+                f"the {call.arm.name} upstream's stream ended before its first data event",
                 code="upstream_protocol_error",
             )
         handed_over = True

@@ -54,7 +54,7 @@ from gateway.streaming import Accumulator, Tail, collect, last_event, observer, 
 from gateway.tasks import Spawner
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
-from gateway.upstream import Response, Upstream, is_json, media_type
+from gateway.upstream import CutShort, Response, Upstream, is_json, media_type
 from gateway.validation import Rules, SchemaCache, SchemaError, rules_for
 
 log = logging.getLogger("gateway.proxy")
@@ -311,12 +311,13 @@ class Proxy:
             tail = Tail()
             accumulator = Accumulator() if request.rules is not None or request.pairs else None
             await reply.start_stream(resp.status, _content_type(resp, EVENT_STREAM))
-            error = await relay(resp, reply, first, call.failure, observer(tail, accumulator))
+            error = await relay(
+                resp, reply, first, call.failure, observer(tail, accumulator), watch.finishing
+            )
             attempt.closed()
             if error is not None:
                 _log_error(reply, error)
                 return error
-            watch.finishing()
             await reply.end_stream()
             attempt.answered(tail.last_event())
             if accumulator is not None:
@@ -349,9 +350,8 @@ class Proxy:
                     *reply.context(),
                 )
                 await reply.start_stream(resp.status, _content_type(resp, EVENT_STREAM))
-                error = await relay(resp, reply, data, call.failure)
+                error = await relay(resp, reply, data, call.failure, finishing=watch.finishing)
                 if error is None:
-                    watch.finishing()
                     await reply.end_stream()
                 return error
             accumulator = Accumulator.of(data)
@@ -360,6 +360,8 @@ class Proxy:
                     f"the {call.arm.name} upstream's stream ended with an error event",
                     code="upstream_protocol_error",
                 )
+            if not accumulator.finished:
+                raise call.failure(CutShort())
             attempt.answered(last_event(data))
             attempt.accumulated = accumulator.body(request.endpoint)
             invalid = attempt.judge(request.check(attempt.accumulated, accumulator.malformed), reply)

@@ -19,7 +19,7 @@ from gateway.route import RouteArm
 from gateway.streaming import Accumulator, collect, last_event
 from gateway.tasks import Spawner
 from gateway.tracing import Tracing
-from gateway.upstream import Call, Upstream
+from gateway.upstream import Call, CutShort, Upstream
 
 log = logging.getLogger("gateway.shadow")
 
@@ -195,6 +195,8 @@ class Shadows:
         if not complete:
             return None, None
         accumulator = Accumulator.of(data)
+        if not accumulator.finished:
+            raise call.failure(CutShort())
         attempt.accumulated = accumulator.body(request.endpoint)  # what the pair compares
         return attempt.accumulated, accumulator.malformed
 

@@ -3,6 +3,7 @@ event parsing, and delta accumulation into a complete answer for validation."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +11,7 @@ import orjson
 
 from gateway.asgi import Reply
 from gateway.errors import GatewayError
+from gateway.upstream import CutShort
 
 if TYPE_CHECKING:
     from gateway.upstream import Response
@@ -25,39 +27,82 @@ def event_end(data: bytes) -> int:
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
+# The stream's end marker, as the last event of what is about to be sent; and a finish_reason that says how
+# a choice ended (an upstream that was cut short, e.g. llama.cpp interrupting a generation, gives none).
+DONE_TAIL = re.compile(rb"(?:\A|\n)data: ?\[DONE\]\r?\n\r?\n\Z")
+FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
+
+
+def first_data_end(data: bytes) -> int:
+    """Index just past the first complete event that carries data (0 until one is in): SSE comments such as
+    `: keepalive` and events with empty data are not a first token."""
+    start = 0
+    while True:
+        lf, crlf = data.find(b"\n\n", start), data.find(b"\r\n\r\n", start)
+        ends = [i + 2 for i in (lf,) if i >= 0] + [i + 4 for i in (crlf,) if i >= 0]
+        if not ends:
+            return 0
+        end = min(ends)
+        for line in data[start:end].splitlines():
+            if line.startswith(b"data:") and line[5:].strip():
+                return end
+        start = end
+
+
 async def relay(
     resp: Response,
     reply: Reply,
     first: bytes,
     on_failure: Callable[[BaseException], GatewayError],
     observe: Callable[[bytes], object] | None = None,
+    finishing: Callable[[], object] | None = None,
 ) -> GatewayError | None:
     """Send first and every later chunk, cut at event boundaries so an error event never splits one.
     observe, when given, sees every chunk too (to validate what passes through).
 
-    Returns the failure that ended the stream early (already sent to the client), or None.
+    The stream's `data: [DONE]` is held back until the upstream's body has ended cleanly and some choice
+    said how it finished: only then is it sent (after finishing(), so a client that hangs up on reading
+    it is not a disconnect). Otherwise an error event takes its place: a client never reads a cut-off
+    answer as a complete one. Returns that failure (already sent to the client), or None.
     """
     pending = b""
+    done = b""  # the [DONE] event, held
+    finished = False
     data = first
     try:
         while data:
             if observe is not None:
                 observe(data)
+            if done:  # something after [DONE]: it was not the end after all
+                pending, done = done, b""
             pending = pending + data if pending else data
             cut = event_end(pending)
             if cut == len(pending) or len(pending) > MAX_PENDING:
-                await reply.chunk(pending)
-                pending = b""
-            elif cut:
-                await reply.chunk(pending[:cut])
-                pending = pending[cut:]
+                ready, pending = pending, b""
+            else:
+                ready, pending = pending[:cut], pending[cut:]
+            if ready:
+                tail = DONE_TAIL.search(ready)
+                if tail is not None:
+                    at = tail.start() + (1 if ready[tail.start() : tail.start() + 1] == b"\n" else 0)
+                    ready, done = ready[:at], ready[at:]
+                finished = finished or FINISHED.search(ready) is not None
+                if ready:
+                    await reply.chunk(ready)
             data = await resp.readany()
-    except GatewayError as exc:  # the upstream failed mid-stream (Response maps transport errors)
+        if pending:
+            finished = finished or FINISHED.search(pending) is not None
+            await reply.chunk(pending)
+        if not finished:
+            raise CutShort
+    except (GatewayError, CutShort) as exc:  # the upstream failed mid-stream (Response maps transport errors)
         error = on_failure(exc)
         await reply.error(error)
         return error
-    if pending:
-        await reply.chunk(pending)
+    if finishing is not None:
+        finishing()
+    if done:
+        await reply.chunk(done)
     return None
 
 
@@ -149,7 +194,7 @@ class Accumulator:
         self._append(entry, "content", delta.get("content"), f"{where}.delta.content")
         function_call = delta.get("function_call")
         if isinstance(function_call, dict):
-            call = entry.setdefault("function_call", {"name": "", "arguments": ""})
+            call = entry.setdefault("function_call", {"name": None, "arguments": None})
             self._merge(call, function_call, f"{where}.delta.function_call")
         elif function_call is not None:
             self._problem(f"{where}.delta.function_call", "an object", function_call)
@@ -162,12 +207,15 @@ class Accumulator:
             if not isinstance(piece, dict):
                 self._problem(path, "an object", piece)
                 continue
-            position = piece.get("index", 0) if isinstance(piece.get("index"), int) else 0
+            position = piece.get("index")
+            if not isinstance(position, int) or isinstance(position, bool):
+                self._problem(f"{path}.index", "an integer", position)  # the OpenAI SDK raises on it
+                continue
             calls = self._calls.setdefault(index, {})
             call = calls.setdefault(
-                position, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+                position, {"id": None, "type": "function", "function": {"name": None, "arguments": None}}
             )
-            call["id"] = call["id"] or (piece.get("id") if isinstance(piece.get("id"), str) else None)
+            self._append(call, "id", piece.get("id"), f"{path}.id")
             function = piece.get("function")
             if isinstance(function, dict):
                 self._merge(call["function"], function, f"{path}.function")
@@ -175,14 +223,11 @@ class Accumulator:
                 self._problem(f"{path}.function", "an object", function)
 
     def _merge(self, call: dict[str, Any], piece: dict[str, Any], where: str) -> None:
-        name, arguments = piece.get("name"), piece.get("arguments")
-        # Servers send the name once; some repeat it whole in every delta. Never double it.
-        if isinstance(name, str):
-            if name and name != call["name"]:
-                call["name"] += name
-        elif name is not None:
-            self._problem(f"{where}.name", "a string", name)
-        self._append(call, "arguments", arguments, f"{where}.arguments")
+        # As the OpenAI SDK assembles it (openai.lib.streaming accumulate_delta): every string is appended
+        # to what came before. A server that repeats the name (or id) in every delta thus gives the client
+        # "get_weatherget_weather", which is what is validated.
+        self._append(call, "name", piece.get("name"), f"{where}.name")
+        self._append(call, "arguments", piece.get("arguments"), f"{where}.arguments")
 
     def _append(self, into: dict[str, Any], key: str, piece: Any, where: str) -> None:
         """A streamed string piece added to what came before (None: nothing came in this event)."""
@@ -190,6 +235,11 @@ class Accumulator:
             into[key] = (into[key] or "") + piece
         elif piece is not None:
             self._problem(where, "a string", piece)
+
+    @property
+    def finished(self) -> bool:
+        """Did some choice say how it finished? A stream cut short says nothing."""
+        return any("finish_reason" in entry for entry in self._choices.values())
 
     def chat_body(self) -> dict[str, Any]:
         choices = []

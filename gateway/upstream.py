@@ -35,6 +35,11 @@ MAX_HEADERS = 128
 NO_CONTENT = frozenset({204, 205})
 
 
+class CutShort(Exception):
+    """A stream that ended cleanly, but without a finish_reason: its answer was cut short (llama.cpp, for
+    one, ends a generation it interrupts that way)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
     """One upstream call: where it goes, what it sends, and whose secrets its errors must not echo."""
@@ -292,6 +297,11 @@ def failure(exc: BaseException, arm: RouteArm, total_s: float | None = None) -> 
     who = f"the {arm.name} upstream"
     if isinstance(exc, GatewayError):
         return exc
+    if isinstance(exc, CutShort):
+        return UpstreamError(
+            f"{who}'s stream ended without a finish_reason: its answer was cut short",
+            code="upstream_protocol_error",
+        )
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamTimeout(f"{who} did not accept a connection within {arm.timeouts.connect_s:g}s")
     if isinstance(exc, asyncio.TimeoutError):
