@@ -25,7 +25,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from gateway.analysis import ArmWindow
-from gateway.asgi import ASGIApp, Message, Receive, Reply, Scope, Send, header_map, request_id
+from gateway.asgi import (
+    ASGIApp,
+    Message,
+    Receive,
+    Reply,
+    Scope,
+    Send,
+    client_request_id,
+    header_map,
+    new_request_id,
+)
 from gateway.auth import ApiKeys, bearer_token
 from gateway.errors import (
     GatewayError,
@@ -210,14 +220,14 @@ def create_app(
         if endpoint is not None and scope["method"] == "POST":
             await services.proxy.handle(scope, receive, send, endpoint)
             return
-        rid = request_id(header_map(scope).get("x-request-id"))
+        reply = Reply(send, new_request_id(), client_request_id(header_map(scope).get("x-request-id")))
         if endpoint is not None:
             error = MethodNotAllowed(f"use POST for {scope['path']}, not {scope['method']}")
-            log_error(error, rid)
-            await Reply(send, rid).error(error)
+            log_error(error, reply.context()[0])
+            await reply.error(error)
             return
-        scope.setdefault("state", {})["request_id"] = rid
-        await api(scope, receive, _tag_request_id(send, rid))
+        scope.setdefault("state", {})["request_id"] = reply.context()[0]  # for the log: ours, and theirs
+        await api(scope, receive, _tag_request_id(send, reply.request_id))
 
     app.services = services  # type: ignore[attr-defined]  # for tests and embedding
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
 from typing import Any
@@ -24,9 +25,16 @@ EVENT_STREAM = b"text/event-stream"
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
-def request_id(given: str | None) -> str:
-    """The client's x-request-id when it is sane (1-128 visible ASCII), a new one otherwise."""
-    return given if given and REQUEST_ID.match(given) else os.urandom(16).hex()
+def new_request_id() -> str:
+    """The gateway's own id for a request: a UUID (some servers, llama-cpp-python among them, refuse any
+    other x-request-id). It is what the client gets back, what goes upstream, and the key for feedback."""
+    return str(uuid.UUID(bytes=os.urandom(16), version=4))
+
+
+def client_request_id(given: str | None) -> str | None:
+    """The client's own x-request-id, when sane (1-128 visible ASCII): kept for logs and spans only,
+    never forwarded upstream and never a key (a client must not pick another answer's id)."""
+    return given if given and REQUEST_ID.match(given) else None
 
 
 class ClientGone(Exception):
@@ -67,12 +75,14 @@ class Reply:
     """Writes one response; remembers whether it started so a late error becomes an SSE error event."""
 
     __slots__ = (
-        "arm", "fallback", "fallback_denied", "finished", "request_id", "route", "send", "started", "status",
+        "arm", "client_request_id", "fallback", "fallback_denied", "finished", "request_id", "route", "send",
+        "started", "status",
     )  # fmt: skip
 
-    def __init__(self, send: Send, request_id: str) -> None:
+    def __init__(self, send: Send, request_id: str, client_request_id: str | None = None) -> None:
         self.send = send
         self.request_id = request_id
+        self.client_request_id = client_request_id
         self.route: str | None = None
         self.arm: str | None = None
         self.fallback: str | None = None  # why base answers instead of the candidate
@@ -82,8 +92,12 @@ class Reply:
         self.status = 499  # until a response starts: the client closed the request (nginx's convention)
 
     def context(self) -> tuple[str, str | None, str | None]:
-        """(request id, route, arm): what every log line about this request carries."""
-        return self.request_id, self.route, self.arm
+        """(request id, route, arm): what every log line about this request carries (the request id with
+        the client's own after it, when it sent one)."""
+        rid = self.request_id
+        if self.client_request_id is not None:
+            rid = f"{rid} client_request_id={self.client_request_id}"
+        return rid, self.route, self.arm
 
     def headers(
         self, content_type: bytes, extra: list[tuple[bytes, bytes]] | None = None

@@ -25,9 +25,10 @@ from gateway.asgi import (
     Reply,
     Scope,
     Send,
+    client_request_id,
     header_map,
+    new_request_id,
     read_body,
-    request_id,
 )
 from gateway.attempt import Attempt, Request, fetch, first_chunk
 from gateway.auth import ApiKeys, bearer_token
@@ -93,8 +94,10 @@ class Proxy:
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         started = time.perf_counter()
         headers = header_map(scope)
-        reply = Reply(send, request_id(headers.get("x-request-id")))
+        reply = Reply(send, new_request_id(), client_request_id(headers.get("x-request-id")))
         span = self._tracing.server_span(headers, endpoint) if self._tracing.enabled else None
+        if span is not None and reply.client_request_id is not None:
+            span.set_attribute("canarygate.client_request_id", reply.client_request_id)
         request: Request | None = None
         failure: BaseException | None = None
         try:

@@ -11,8 +11,10 @@ replaced shared a socket between two users and replayed POSTs a server had alrea
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import re
 import ssl
 import urllib.request
 from collections.abc import Iterable, Mapping
@@ -57,7 +59,9 @@ class Call:
         return failure(exc, self.arm, self.timeout.total)
 
     def http_error(self, resp: Response, data: bytes) -> UpstreamHTTPError:
-        secrets = (self.arm.secret, self.client_token)
+        # Only what was sent upstream can come back in its error text: the arm's key, and the client's
+        # when the arm forwards it.
+        secrets = (self.arm.secret, self.client_token if self.arm.forward_client_auth else None)
         return http_error(resp.status, data, self.arm, secrets, resp.headers.get("retry-after"))
 
 
@@ -375,9 +379,20 @@ def _head_problem(exc: aiohttp.ClientResponseError) -> str:
 
 
 def scrub(data: bytes, secrets: Iterable[str | None]) -> bytes:
+    """Each secret replaced by [REDACTED], as written and as JSON escapes it (a key with a quote, a
+    backslash or a slash, or non-ASCII characters), and only where it stands as a whole token: a secret
+    that happens to be part of a longer word leaves that word alone."""
     for secret in secrets:
-        if secret:
-            data = data.replace(secret.encode(), b"[REDACTED]")
+        if not secret:
+            continue
+        # JSON as orjson writes it, and with \uXXXX for non-ASCII as Python's json does; each also with
+        # \/ for a slash, as some encoders write it
+        escaped = {orjson.dumps(secret)[1:-1], json.dumps(secret)[1:-1].encode()}
+        forms = {secret.encode(), *escaped, *(form.replace(b"/", b"\\/") for form in escaped)}
+        alternatives = b"|".join(re.escape(form) for form in sorted(forms, key=len, reverse=True))
+        data = re.sub(
+            rb"(?<![A-Za-z0-9_\-])(?:" + alternatives + rb")(?![A-Za-z0-9_\-])", b"[REDACTED]", data
+        )
     return data
 
 

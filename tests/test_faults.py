@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -280,8 +281,8 @@ def test_every_error_is_logged_once_with_its_request_id(
     )
     httpx.get(f"{chat_gateway.url}/v1/chat/completions", headers={"x-request-id": "trace-2"})
     httpx.get(f"{chat_gateway.url}/v2/unknown", headers={"x-request-id": "trace-3"})
-    for rid in ("trace-1", "trace-2", "trace-3"):
-        lines = [r.getMessage() for r in caplog.records if f"request_id={rid} " in r.getMessage()]
+    for rid in ("trace-1", "trace-2", "trace-3"):  # the client's id, kept beside the gateway's own
+        lines = [r.getMessage() for r in caplog.records if f"client_request_id={rid} " in r.getMessage()]
         assert len(lines) == 1, lines
 
 
@@ -289,7 +290,7 @@ def test_non_proxy_endpoints_return_a_request_id(chat_gateway) -> None:  # type:
     response = httpx.get(f"{chat_gateway.url}/v2/unknown")
     error = assert_openai_error(response, 404, "not_found")
     assert "GET /v2/unknown" in str(error["message"])
-    assert (
-        httpx.get(f"{chat_gateway.url}/v1/models", headers={"x-request-id": "abc"}).headers["x-request-id"]
-        == "abc"
-    )
+    minted = httpx.get(f"{chat_gateway.url}/v1/models", headers={"x-request-id": "abc"}).headers[
+        "x-request-id"
+    ]
+    assert minted != "abc" and str(uuid.UUID(minted)) == minted

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import httpx
 import openai
@@ -47,23 +48,30 @@ def test_chat_completion_goes_to_base_with_model_rewritten(
     assert completion.usage is not None and completion.usage.completion_tokens > 0
     assert raw.headers["x-canarygate-route"] == "chat"
     assert raw.headers["x-canarygate-arm"] == "base"
-    assert raw.headers["x-request-id"] == "req-123"
+    ours = raw.headers["x-request-id"]
+    assert str(uuid.UUID(ours)) == ours  # the gateway's own id, a UUID: the client's is never a key
     (seen,) = sims[0].requests()
     assert seen["body"]["model"] == BASE_MODEL
-    assert seen["headers"]["x-request-id"] == "req-123"
+    assert seen["headers"]["x-request-id"] == ours  # and never forwarded: the upstream gets ours
     assert "authorization" not in seen["headers"]  # the client's key never goes upstream by default
     assert sims[1].requests() == []
 
 
-def test_request_id_is_generated_when_absent_or_invalid(
-    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+def test_the_gateway_mints_every_request_id_and_keeps_the_clients_for_its_logs(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level("INFO", logger="gateway")
+    sims[0].set_knobs(error_rate=1, error_status=400)  # an error: logged with both ids
     gw = make_gateway(canary(sims))
     body = {"model": "chat", "messages": [{"role": "user", "content": "x"}]}
-    generated = gw.post("/v1/chat/completions", json=body).headers["x-request-id"]
-    assert len(generated) == 32
-    replaced = gw.post("/v1/chat/completions", json=body, headers={"x-request-id": "bad id with spaces"})
-    assert replaced.headers["x-request-id"] != "bad id with spaces"
+    ids = set()
+    for given in (None, "bad id with spaces", "trace-77", "trace-77"):
+        headers = {"x-request-id": given} if given else {}
+        ids.add(gw.post("/v1/chat/completions", json=body, headers=headers).headers["x-request-id"])
+    assert len(ids) == 4 and all(str(uuid.UUID(rid)) == rid for rid in ids)  # one per request, never theirs
+    assert {r["headers"]["x-request-id"] for r in sims[0].requests()} == ids
+    logged = [r.getMessage() for r in caplog.records if "client_request_id=trace-77 " in r.getMessage()]
+    assert len(logged) == 2 and all(line.split()[0][len("request_id=") :] in ids for line in logged)
 
 
 def test_streaming_is_relayed_chunk_by_chunk(sims: tuple[Sim, Sim], make_gateway: GatewayFactory) -> None:

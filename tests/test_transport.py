@@ -809,3 +809,19 @@ def test_tls_and_proxy_failures_say_what_happened(
     answer = client.chat.completions.create(model="proxied", messages=messages)
     assert answer.choices[0].message.content == "hi"
     assert raw.requests[-1].startswith(b"POST http://vllm-base.internal:8000/v1/chat/completions HTTP/1.1")
+
+
+def test_secrets_are_scrubbed_as_sent_and_as_json_escapes_them_never_inside_other_words() -> None:
+    from gateway.upstream import scrub
+
+    key = 'k/ey"é-7'
+    text = (
+        b'{"error": {"message": "bad key k/ey\\"\\u00e9-7 (also k\\/ey\\"\\u00e9-7), '
+        + 'raw: k/ey"é-7'.encode()
+        + b', keyboard k/ey\\"\\u00e9-77 stays"}}'
+    )
+    scrubbed = scrub(text, [key, None])
+    assert scrubbed.count(b"[REDACTED]") == 3
+    assert b"k/ey" not in scrubbed.replace(b'k/ey\\"\\u00e9-77', b"")  # only the longer word is left
+    assert b'k/ey\\"\\u00e9-77' in scrubbed  # a longer token that merely contains it is not corrupted
+    assert scrub(b"the token tok is not tokenised", ["tok"]) == b"the token [REDACTED] is not tokenised"
