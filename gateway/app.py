@@ -136,6 +136,8 @@ class Services:
         self.metrics.policy_reloads.labels("ok" if accepted else "rejected").inc()
         if accepted:
             self.metrics.prepare(self.routes.routes())
+            for route in self.routes.routes():
+                self.proxy.shadows.mirrors.get(route)  # a new rollout: the old one's shadow calls stop
             self.spawner.spawn(self._adopt(), name="state-adopt")
             bulkheads = [arm.bulkhead for route in self.routes.routes() for arm in route.arms()]
             self.spawner.spawn(self.upstream.retire(bulkheads), name="upstream-retire")
@@ -156,6 +158,9 @@ class Services:
         seen = self._versions.get(state.route)
         self._versions[state.route] = (state.rollout, state.version)
         self.routes.refresh(state.route)
+        route = self.routes.get(state.route)
+        if route is not None:
+            self.proxy.shadows.mirrors.get(route)  # shadow traffic turned off: its mirror stops now
         moved = seen is not None and seen[0] == state.rollout and seen[1] < state.version
         self.metrics.rollout(state, transition=moved)
         if moved:

@@ -150,7 +150,9 @@ class Attempt:
         self.duration_s = 0.0
         self.end_ns: int | None = None  # when it ended, for its span (booked later than that, maybe)
         self.error: GatewayError | None = None  # how it failed; None: answered
-        self.unfinished: Literal["client_closed", "internal_error"] | None = None  # no verdict on the arm
+        # client_closed: the client left; cancelled: a shadow call that yielded to a user or was turned
+        # off; internal_error: the gateway failed. No verdict on the arm, either way.
+        self.unfinished: Literal["client_closed", "cancelled", "internal_error"] | None = None
         self.call: Call | None = None
         self.metrics.inflight.inc()
         self.span: Span | None = None

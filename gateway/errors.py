@@ -51,7 +51,7 @@ REASONS: tuple[Reason, ...] = get_args(Reason)
 # canarygate_requests_total{outcome}: what became of an attempt. ERROR_OUTCOMES are its arm's failures.
 Outcome = Literal[
     "ok", "upstream_error", "timeout", "invalid_output", "refused",
-    "rejected", "client_closed", "internal_error",
+    "rejected", "client_closed", "cancelled", "internal_error",
 ]  # fmt: skip
 OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 ERROR_OUTCOMES = frozenset({"upstream_error", "timeout", "refused"})

@@ -3,6 +3,7 @@ delay or fail the primary, and each one compared with the answer the user actual
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -38,35 +39,48 @@ class Mirror:
         self._clock = clock
         self._task_name = f"mirror:{name}"
         self._queue: deque[Callable[[], Coroutine[Any, Any, None]]] = deque()
-        self._running = 0  # runner tasks, each working through the queue until it is empty
+        self._runners: set[asyncio.Task[Any]] = set()  # each works through the queue until it is empty
+        self._stopped = False
         self.pending = 0  # running or waiting for a runner
         self._spent: deque[tuple[float, int]] = deque()  # (when, tokens) over the last minute
         self._spent_total = 0
 
     def submit(self, work: Callable[[], Coroutine[Any, Any, None]]) -> bool:
-        if self.pending >= self.settings.max_concurrency + self.settings.max_queue:
+        if self._stopped or self.pending >= self.settings.max_concurrency + self.settings.max_queue:
             return False
         budget = self.settings.tokens_per_minute
         if budget is not None and self._tokens_last_minute() >= budget:
             return False
         self.pending += 1
-        if self._running < self.settings.max_concurrency:
-            self._running += 1
-            self._spawner.spawn(self._run(work), name=self._task_name)
+        if len(self._runners) < self.settings.max_concurrency:
+            runner = self._spawner.spawn(self._run(work), name=self._task_name)
+            self._runners.add(runner)
+            runner.add_done_callback(self._runners.discard)
         else:
             self._queue.append(work)
         return True
 
+    def stop(self) -> None:
+        """Shadow traffic is off (rollback, pause, promotion, a new policy): what waits is dropped, what
+        runs is cancelled, nothing more is admitted."""
+        self._stopped = True
+        dropped = len(self._queue)
+        self._queue.clear()
+        for runner in list(self._runners):
+            runner.cancel()
+        if dropped or self._runners:
+            log.info(
+                "route=%s shadow traffic off: %d queued shadow calls dropped, %d running cancelled",
+                *(self.name, dropped, len(self._runners)),
+            )
+
     async def _run(self, work: Callable[[], Coroutine[Any, Any, None]] | None) -> None:
-        try:
-            while work is not None:
-                try:
-                    await work()
-                finally:
-                    self.pending -= 1
-                work = self._queue.popleft() if self._queue else None
-        finally:
-            self._running -= 1
+        while work is not None:
+            try:
+                await work()
+            finally:
+                self.pending -= 1
+            work = self._queue.popleft() if self._queue else None
 
     def spend(self, tokens: int) -> None:
         if self.settings.tokens_per_minute is None:
@@ -90,7 +104,12 @@ class Mirrors:
             assert route.mirror is not None  # PerRoute builds only when the settings key exists
             return Mirror(route.name, route.mirror, spawner)
 
-        self._mirrors = PerRoute(lambda route: route.mirror, new_mirror)
+        # A new rollout (another candidate) gets a mirror of its own: the old one's queue never reaches it.
+        self._mirrors = PerRoute(
+            lambda route: (route.mirror, route.rollout_key) if route.mirror is not None else None,
+            new_mirror,
+            retire=Mirror.stop,
+        )
 
     def get(self, route: Route) -> Mirror | None:
         return self._mirrors.get(route)

@@ -123,6 +123,13 @@ class Arm(Strict):
     keepalive_s: float = Field(
         default=4.0, ge=0, le=300, description="How long an idle connection is kept; below the server's"
     )
+    max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="Requests the arm's server runs at once (llama.cpp: its slots): shadow calls take only "
+        "spare ones, and yield to users",
+    )
     max_response_bytes: int = Field(
         default=32 * 1024 * 1024,
         ge=1024,

@@ -33,6 +33,7 @@ from gateway.asgi import (
 from gateway.attempt import Attempt, Request, fetch, first_chunk
 from gateway.auth import ApiKeys, bearer_token
 from gateway.breaker import CircuitBreaker
+from gateway.capacity import Capacity
 from gateway.errors import (
     GatewayError,
     InternalError,
@@ -89,7 +90,8 @@ class Proxy:
         self._schemas = SchemaCache()
         self.guards = Guards()
         self._ledger = Ledger(stats, tracing)
-        self.shadows = Shadows(upstream, tracing, spawner, pairs, self._ledger)
+        self._capacity = Capacity()
+        self.shadows = Shadows(upstream, tracing, spawner, pairs, self._ledger, self._capacity)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         started = time.perf_counter()
@@ -267,6 +269,9 @@ class Proxy:
         booked here, without a verdict on the arm, and the exception goes on."""
         reply.arm = arm.name
         attempt = Attempt(arm, "primary", request.metrics.arm(arm.name, "primary", request.cohort), enforce)
+        slots = self._capacity.slots(request.route.name, arm)
+        if slots is not None:
+            slots.primary_started()  # a shadow call in the user's way is cancelled
         try:
             attempt.call = request.call(arm, reply.request_id, deadline)
             if request.span is not None:
@@ -287,6 +292,8 @@ class Proxy:
             raise
         finally:
             request.upstream_s += attempt.upstream_s
+            if slots is not None:
+                slots.primary_ended()
         attempt.end()
         return attempt
 

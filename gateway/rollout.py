@@ -24,11 +24,15 @@ log = logging.getLogger("gateway.rollout")
 MAX_INTERVALS = 5000  # the analysis window never reads more intervals than this
 
 
+# Phases without shadow traffic: nothing is being judged on it (paused, ended).
+NO_SHADOWS = frozenset({"paused", "promoted", "rolled_back"})
+
+
 def effective(route: Route, state: RouteState | None) -> Route:
     """The route as it serves now: the policy's, with the weight (and mirror switch) of its state."""
     if state is None or state.rollout != route.rollout_key:
         return route
-    mirror = route.mirror if state.mirror else None
+    mirror = route.mirror if state.mirror and state.phase not in NO_SHADOWS else None
     if state.weight == route.weight and mirror is route.mirror:
         return route
     return replace(route, weight=state.weight, mirror=mirror)

@@ -76,6 +76,7 @@ class RouteArm:
     price: tuple[float, float] | None  # per token: (input, output)
     bulkhead: Bulkhead
     max_response_bytes: int
+    max_concurrency: int | None  # what its server runs at once, when declared (shadow calls yield)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +251,7 @@ def _compile_arm(
         price=(arm.price.input_per_million / 1e6, arm.price.output_per_million / 1e6) if arm.price else None,
         bulkhead=Bulkhead(route, name, str(url.origin()), arm.max_connections, arm.keepalive_s, arm.tls),
         max_response_bytes=arm.max_response_bytes,
+        max_concurrency=arm.max_concurrency,
     )
 
 
@@ -258,9 +260,15 @@ class PerRoute(Generic[T]):
     settings stay the same: a weight change must not close an open circuit or empty a mirror's queue.
     Routes are immutable and a reload builds new ones, so identity answers the common case."""
 
-    def __init__(self, settings: Callable[[Route], Hashable | None], build: Callable[[Route], T]) -> None:
+    def __init__(
+        self,
+        settings: Callable[[Route], Hashable | None],
+        build: Callable[[Route], T],
+        retire: Callable[[T], object] | None = None,
+    ) -> None:
         self._settings = settings  # what the object depends on; None: the route has no such object
         self._build = build
+        self._retire = retire  # told when its object gives way (its settings changed or went)
         self._items: dict[str, tuple[Route, Hashable | None, T | None]] = {}
 
     def get(self, route: Route) -> T | None:
@@ -269,7 +277,10 @@ class PerRoute(Generic[T]):
             return current[2]
         key = self._settings(route)
         item: T | None = None
+        kept = current is not None and current[1] == key
         if key is not None:
-            item = current[2] if current is not None and current[1] == key else self._build(route)
+            item = current[2] if current is not None and kept else self._build(route)
+        if current is not None and not kept and current[2] is not None and self._retire is not None:
+            self._retire(current[2])
         self._items[route.name] = (route, key, item)
         return item

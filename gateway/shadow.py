@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 import orjson
 
 from gateway.attempt import Attempt, Request, fetch, first_chunk, upstream_headers
+from gateway.capacity import Capacity, Preempted
 from gateway.errors import GatewayError, same_way
 from gateway.ledger import Ledger
 from gateway.mirror import Mirror, Mirrors, Observation, Pair, compare, pair_record
@@ -24,17 +26,38 @@ from gateway.upstream import Call, CutShort, Upstream
 log = logging.getLogger("gateway.shadow")
 
 MIRROR_HEADER = "X-Canarygate-Mirror"
+LOG_EVERY_S = 10.0
 
 
 class Shadows:
     def __init__(
-        self, upstream: Upstream, tracing: Tracing, spawner: Spawner, pairs: PairStore, ledger: Ledger
+        self,
+        upstream: Upstream,
+        tracing: Tracing,
+        spawner: Spawner,
+        pairs: PairStore,
+        ledger: Ledger,
+        capacity: Capacity,
     ) -> None:
         self._upstream = upstream
         self._ledger = ledger
+        self.capacity = capacity
+        self._logged: dict[str, tuple[float, int]] = {}  # route -> (last logged, failures left out since)
         self._tracing = tracing
         self._pairs = pairs
         self.mirrors = Mirrors(spawner)
+
+    def _log_failure(self, route: str, rid: str, error: GatewayError) -> None:
+        """A failed shadow call, logged with its reason: at most one line per route every LOG_EVERY_S,
+        with how many were left out since."""
+        now = time.monotonic()
+        last, quiet = self._logged.get(route, (-LOG_EVERY_S, 0))
+        if now - last < LOG_EVERY_S:
+            self._logged[route] = (last, quiet + 1)
+            return
+        self._logged[route] = (now, 0)
+        more = f" ({quiet} more since the last such line)" if quiet else ""
+        log.warning("request_id=%s route=%s shadow call failed: %s%s", rid, route, error.message, more)
 
     def use_pair_store(self, store: PairStore) -> None:
         self._pairs = store
@@ -128,7 +151,12 @@ class Shadows:
         raised; booked and compared once the primary has answered too. Cancelled at shutdown."""
         attempt = Attempt(arm, "mirror", request.metrics.arm(arm.name, "mirror", request.cohort), ())
         made.append(attempt)
+        slots = self.capacity.slots(request.route.name, arm)
         try:
+            if slots is not None and not slots.spare:
+                request.metrics.mirror["deferred"].inc()  # users first: it waits for a spare slot
+                await slots.wait_for_spare()
+            attempt.started = time.perf_counter()  # measured from here, as the primary is: like with like
             payload["model"] = arm.model
             headers = upstream_headers(arm, request.headers, rid)
             headers[MIRROR_HEADER] = "1"
@@ -147,10 +175,15 @@ class Shadows:
             attempt.span = self._tracing.mirror_span(request.span, request.route.name, call)
             if attempt.span is not None:
                 attempt.span.set_attribute("canarygate.pair_id", pair_id)
+            exchange = self._exchange(attempt, request)
             try:
-                answer, malformed = await self._exchange(attempt, request)
+                if slots is None:
+                    answer, malformed = await exchange
+                else:
+                    answer, malformed = await slots.run_shadow(exchange)
             except GatewayError as exc:
                 attempt.error, answer, malformed = exc, None, None
+                self._log_failure(request.route.name, rid, exc)
             failure = request.check(answer, malformed) if answer is not None else None
             if failure is not None:  # without rules, only the answer's shape is checked
                 attempt.validation = failure.kind
@@ -159,8 +192,12 @@ class Shadows:
                 attempt.validation = "ok"
             if attempt.output_tokens is not None:
                 mirror.spend(attempt.output_tokens + _input_tokens(attempt.answer))
+        except Preempted:
+            attempt.unfinished = "cancelled"  # it made room for a user's request: no verdict
+            request.metrics.mirror["cancelled"].inc()
         except asyncio.CancelledError:
-            attempt.unfinished = "client_closed"  # shutdown: no verdict
+            attempt.unfinished = "cancelled"  # shadow traffic turned off, or shutdown: no verdict
+            request.metrics.mirror["cancelled"].inc()
             raise
         except Exception:
             attempt.unfinished = "internal_error"

@@ -22,7 +22,7 @@ FLUSH_S = 1.0
 MAX_PENDING = 10_000  # windows kept while the store is unreachable; beyond, the oldest batch is dropped
 # Counted while the rollout may be judged: by the controller, or by an operator reading `compare`.
 LIVE = frozenset({"shadow", "progressing", "paused", "manual"})
-UNJUDGED = frozenset({"client_closed", "internal_error"})  # no verdict on the arm
+UNJUDGED = frozenset({"client_closed", "cancelled", "internal_error"})  # no verdict on the arm
 
 
 def _segmented(route: Route) -> bool:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 ARMS = ("base", "candidate")
 MODES = ("primary", "mirror")
 FALLBACK_REASONS = (*REASONS, "circuit_open")
-MIRROR_OUTCOMES = ("sent", "dropped", "error")
+MIRROR_OUTCOMES = ("sent", "deferred", "dropped", "cancelled", "error")
 MIRROR_CHECKS = ("json_valid", "schema_valid", "tool_name", "tool_args", "finish_reason")
 RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
