@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from gateway.errors import GatewayError
 from gateway.route import RouteArm
 
 T = TypeVar("T")
@@ -21,11 +22,12 @@ class Preempted(Exception):
 
 
 class Slots:
-    __slots__ = ("_changed", "limit", "primaries", "shadows")
+    __slots__ = ("_changed", "limit", "primaries", "shadows", "started")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.primaries = 0
+        self.started = 0  # users' requests ever started here
         self.shadows: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()
 
@@ -35,6 +37,7 @@ class Slots:
 
     def primary_started(self) -> None:
         self.primaries += 1
+        self.started += 1
         while self.shadows and self.primaries + len(self.shadows) > self.limit:
             self.shadows.pop().cancel()  # the user's request goes first
 
@@ -52,8 +55,15 @@ class Slots:
         when a user's request needs the slot first."""
         task = asyncio.ensure_future(work)
         self.shadows.add(task)
+        started = self.started
         try:
             return await asyncio.shield(task)
+        except GatewayError:
+            # A user's request started while it ran: a one-slot server may have cut it short for that
+            # user (its cancellation races the request to the server). Not evidence against the arm.
+            if self.started != started:
+                raise Preempted from None
+            raise
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if task.cancelled() and (current is None or not current.cancelling()):

@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         default: int | float = knob.default  # type: ignore[assignment]
         simulate.add_argument(
             f"--{knob.name.replace('_', '-')}",
-            type=type(default),
+            type=_knob_type(default),
             default=default,
             metavar=type(default).__name__.upper(),
             help=f"default {default}",
@@ -305,7 +305,7 @@ def _model_knobs(spec: str, default: Knobs) -> tuple[str, Knobs]:
     name, _, settings = spec.partition(":")
     if not name or not settings:
         raise ValueError(f"--model expects NAME:KNOB=VALUE[,KNOB=VALUE], got {spec!r}")
-    types = {f.name: type(getattr(default, f.name)) for f in fields(Knobs)}
+    types = {f.name: _knob_type(getattr(default, f.name)) for f in fields(Knobs)}
     values: dict[str, object] = {}
     for pair in settings.split(","):
         key, _, raw = pair.partition("=")
@@ -316,6 +316,22 @@ def _model_knobs(spec: str, default: Knobs) -> tuple[str, Knobs]:
         except ValueError:
             raise ValueError(f"knob {key} expects a {types[key].__name__}, got {raw!r}") from None
     return name, replace(default, **values)  # type: ignore[arg-type]
+
+
+def _knob_type(default: object) -> Callable[[str], object]:
+    """How a knob's value is read from the command line: bool("false") is True, so booleans are spelled."""
+    if not isinstance(default, bool):
+        return type(default)
+
+    def boolean(raw: str) -> bool:
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(raw)
+
+    boolean.__name__ = "bool"
+    return boolean
 
 
 def _admin_options(parser: argparse.ArgumentParser, *, reason: bool = False, json_flag: bool = True) -> None:

@@ -1,7 +1,10 @@
 """A simulated OpenAI-compatible model server (vLLM-shaped) with failure knobs, for tests, demo and bench.
 
 The server as a whole may list served_models (then it answers 404 "model does not exist" for any other,
-as vLLM does) and require an api_key (401 otherwise). Knobs are set per instance and per model name, and
+as vLLM does), require an api_key (401 otherwise), refuse an x-request-id that is not a UUID (400, as
+llama-cpp-python does: uuid_request_ids), and stop a running stream when another request arrives
+(interrupt, as llama-cpp-python does by default: the stream ends at once, without a finish_reason).
+Knobs are set per instance and per model name, and
 per "MODEL@PROFILE" for requests whose body says
 `metadata: {sim_profile: PROFILE}` (one intent or tenant behaving differently); `metadata: {sim_stamp:
 true}` puts the send time before each streamed event as an SSE comment (`: sent <unix time>`), which
@@ -40,13 +43,18 @@ class Simulator:
         models: dict[str, Knobs] | None = None,
         served_models: list[str] | None = None,
         api_key: str | None = None,
+        interrupt: bool = False,
+        uuid_request_ids: bool = False,
     ) -> None:
+        self.interrupt = interrupt
+        self.uuid_request_ids = uuid_request_ids
+        self.arrivals = 0  # requests admitted so far: a stream that sees it move on was interrupted
         self.default = default or Knobs()
         self.models: dict[str, Knobs] = dict(models or {})
         self.served_models = served_models or []  # when set, the only model names answered
         self.api_key = api_key  # when set, requests must carry it as a bearer token
         self.requests: Counter[str] = Counter()
-        self.streams = Counter({"started": 0, "completed": 0, "cancelled": 0})
+        self.streams = Counter({"started": 0, "completed": 0, "cancelled": 0, "interrupted": 0})
         self.active_streams = 0
         self.hangs = Counter({"started": 0, "released": 0})
         self.recent: deque[dict[str, Any]] = deque(maxlen=200)
@@ -89,7 +97,7 @@ class Simulator:
         malformed = rng.random() < knobs.malformed_rate
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            chunks = _chat_chunks(model, choices, usage if include_usage else None)
+            chunks = _chat_chunks(model, choices, usage if include_usage else None, knobs.repeat_tool_fields)
             return self._stream(
                 request, _malform_chunks(chunks, rng) if malformed else chunks, knobs, _stamped(body)
             )
@@ -204,11 +212,17 @@ class Simulator:
         if problem is not None:  # a real server's request schema refuses these with a 400 too
             return {}, _error(400, problem, "invalid_request_error")
         self.requests[f"{endpoint}:{body['model']}"] += 1
+        self.arrivals += 1
         self.recent.append({"endpoint": endpoint, "headers": dict(request.headers), "body": body})
         knobs = self.knobs(body["model"], body)
         rng = random.Random()
         if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
             return body, _error(401, "Incorrect API key provided", "authentication_error")
+        given_id = request.headers.get("x-request-id")
+        if self.uuid_request_ids and given_id is not None and not _is_uuid(given_id):
+            return body, _error(
+                400, f"x-request-id must be a UUID, got {given_id[:80]!r}", "invalid_request_error"
+            )
         if self.served_models and body["model"] not in self.served_models:
             return body, _error(404, f"The model `{body['model']}` does not exist.", "NotFoundError")
         if rng.random() < knobs.hang_rate:
@@ -226,17 +240,29 @@ class Simulator:
     def _stream(
         self, request: Request, chunks: list[bytes], knobs: Knobs, stamp: bool = False
     ) -> StreamingResponse:
+        arrival = self.arrivals
+        rng = random.Random()
+
         async def events() -> AsyncIterator[bytes]:
             self.streams["started"] += 1
             self.active_streams += 1
             done = False
             try:
+                if knobs.keepalive_first:
+                    yield b": keepalive\n\n"
                 await asyncio.sleep(knobs.latency_s)
                 for index, chunk in enumerate(chunks):
                     if index and knobs.time_per_token_s:
                         await asyncio.sleep(knobs.time_per_token_s)
+                    if self.interrupt and self.arrivals != arrival and index:
+                        self.streams["interrupted"] += 1
+                        break  # another request came: this generation stops where it is, no finish_reason
                     yield b": sent %.6f\n%b" % (time.time(), chunk) if stamp else chunk
                 yield b"data: [DONE]\n\n"
+                if rng.random() < knobs.break_after_done_rate:
+                    raise ConnectionAbortedError("simulated: the connection drops before the stream's end")
+                if knobs.done_delay_s:
+                    await asyncio.sleep(knobs.done_delay_s)
                 done = True
             finally:
                 self.active_streams -= 1
@@ -295,7 +321,7 @@ class Simulator:
 
     async def _reset(self, _: Request) -> Response:
         self.requests.clear()
-        self.streams = Counter({"started": 0, "completed": 0, "cancelled": 0})
+        self.streams = Counter({"started": 0, "completed": 0, "cancelled": 0, "interrupted": 0})
         self.hangs = Counter({"started": 0, "released": 0})
         self.recent.clear()
         return _json({"reset": True})
@@ -349,7 +375,9 @@ def _malform_chunks(chunks: list[bytes], rng: random.Random) -> list[bytes]:
     return [chunks[0], bad, *chunks[1:]]
 
 
-def _chat_chunks(model: str, choices: list[Generation], usage: dict[str, int] | None) -> list[bytes]:
+def _chat_chunks(
+    model: str, choices: list[Generation], usage: dict[str, int] | None, repeat_tool_fields: bool = False
+) -> list[bytes]:
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion.chunk",
@@ -383,7 +411,7 @@ def _chat_chunks(model: str, choices: list[Generation], usage: dict[str, int] | 
                         "choices": [
                             {
                                 "index": index,
-                                "delta": _delta(g, step),
+                                "delta": _delta(g, step, repeat_tool_fields),
                                 "logprobs": None,
                                 "finish_reason": None,
                             }
@@ -407,7 +435,15 @@ def _chat_chunks(model: str, choices: list[Generation], usage: dict[str, int] | 
     return out
 
 
-def _delta(g: Generation, step: int) -> dict[str, Any]:
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _delta(g: Generation, step: int, repeat: bool = False) -> dict[str, Any]:
     piece = g.pieces[step]
     if g.tool_name is None:
         return {"content": piece}
@@ -416,7 +452,7 @@ def _delta(g: Generation, step: int) -> dict[str, Any]:
             "function_call": {"name": g.tool_name, "arguments": piece} if step == 0 else {"arguments": piece}
         }
     call: dict[str, Any] = {"index": 0, "function": {"arguments": piece}}
-    if step == 0:
+    if step == 0 or repeat:  # llama.cpp repeats the id and name in every delta
         call = {
             "index": 0,
             "id": g.tool_call_id,

@@ -79,6 +79,10 @@ class Knobs:
     args_mismatch_rate: float = 0.0  # tool arguments that parse but break the tool's schema
     hang_rate: float = 0.0  # accept the request, never answer
     malformed_rate: float = 0.0  # an answer not shaped like OpenAI's (choices: 5, a tool name as a list, ...)
+    break_after_done_rate: float = 0.0  # a stream that sends [DONE], then drops the connection uncleanly
+    keepalive_first: bool = False  # a stream opens with an SSE comment (`: keepalive`) before latency_s
+    repeat_tool_fields: bool = False  # every tool-call delta repeats its id and name (as llama.cpp does)
+    done_delay_s: float = 0.0  # [DONE] goes out, and the stream ends this much later, in a write of its own
     embedding_dim: int = 16
 
     def __post_init__(self) -> None:
@@ -91,6 +95,7 @@ class Knobs:
             "bad_args_rate",
             "hang_rate",
             "malformed_rate",
+            "break_after_done_rate",
         )
         for name in rates:
             value = getattr(self, name)
@@ -100,6 +105,7 @@ class Knobs:
             raise ValueError(f"error_status must be an HTTP error status, got {self.error_status}")
         if (
             self.latency_s < 0
+            or self.done_delay_s < 0
             or self.time_per_token_s < 0
             or self.output_tokens < 1
             or self.embedding_dim < 1

@@ -71,6 +71,8 @@ def sims(_sim_servers: tuple[Sim, Sim]) -> tuple[Sim, Sim]:
         sim.simulator.models.clear()
         sim.simulator.served_models = []
         sim.simulator.api_key = None
+        sim.simulator.interrupt = False
+        sim.simulator.uuid_request_ids = False
         httpx.post(f"{sim.server.url}/sim/reset").raise_for_status()
     return _sim_servers
 
