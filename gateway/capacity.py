@@ -79,15 +79,17 @@ class Slots:
 
 
 class Capacity:
-    """The slots of every arm that declares max_concurrency, by route and arm."""
+    """The slots of every server an arm declares max_concurrency for. Arms on one server (the same
+    scheme://host:port, e.g. a vLLM serving the base and the tuned adapter, or one llama.cpp behind two
+    routes) share its slots, so one route's shadow calls yield to another route's users too."""
 
     def __init__(self) -> None:
-        self._slots: dict[tuple[str, str, int], Slots] = {}
+        self._slots: dict[tuple[str, int], Slots] = {}
 
-    def slots(self, route: str, arm: RouteArm) -> Slots | None:
+    def slots(self, arm: RouteArm) -> Slots | None:
         if arm.max_concurrency is None:
             return None
-        key = (route, arm.name, arm.max_concurrency)
+        key = (arm.bulkhead.origin, arm.max_concurrency)
         slots = self._slots.get(key)
         if slots is None:
             slots = self._slots[key] = Slots(arm.max_concurrency)

@@ -269,7 +269,7 @@ class Proxy:
         booked here, without a verdict on the arm, and the exception goes on."""
         reply.arm = arm.name
         attempt = Attempt(arm, "primary", request.metrics.arm(arm.name, "primary", request.cohort), enforce)
-        slots = self._capacity.slots(request.route.name, arm)
+        slots = self._capacity.slots(arm)
         if slots is not None:
             slots.primary_started()  # a shadow call in the user's way is cancelled
         try:

@@ -151,7 +151,7 @@ class Shadows:
         raised; booked and compared once the primary has answered too. Cancelled at shutdown."""
         attempt = Attempt(arm, "mirror", request.metrics.arm(arm.name, "mirror", request.cohort), ())
         made.append(attempt)
-        slots = self.capacity.slots(request.route.name, arm)
+        slots = self.capacity.slots(arm)
         try:
             if slots is not None and not slots.spare:
                 request.metrics.mirror["deferred"].inc()  # users first: it waits for a spare slot

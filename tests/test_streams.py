@@ -201,6 +201,7 @@ def test_against_a_real_llama_cpp_server(make_gateway: GatewayFactory) -> None:
 route: chat
 arms:
   base: {{url: "{url}", model: {model}, max_concurrency: 1}}
+  candidate: {{url: "{url}", model: {model}, max_concurrency: 1}}
 mirror: {{noise_floor_percent: 100, sample_by: request}}
 """
     gw = make_gateway({"chat": policy})
