@@ -88,7 +88,9 @@ ANSWERS = {
         "data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "fixed",
                                "choices": [{"index": 0, "delta": {"content": w + " "},
                                             "finish_reason": None}]}) + "\n\n" for w in WORDS
-    ) + "data: [DONE]\n\n"),
+    ) + "data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "fixed",
+                               "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+      + "\n\ndata: [DONE]\n\n"),  # as every OpenAI-compatible server ends a stream: how it finished
     "valjson": ("application/json", completion({"content": json.dumps({
         "customer": "Ada Lovelace", "order_id": "UK-12345", "priority": "high",
         "items": [{"sku": "A1", "qty": 2, "price": 9.5}, {"sku": "B7", "qty": 1, "price": 120.0}]})})),

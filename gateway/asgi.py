@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
 from typing import Any
@@ -28,7 +27,8 @@ REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 def new_request_id() -> str:
     """The gateway's own id for a request: a UUID (some servers, llama-cpp-python among them, refuse any
     other x-request-id). It is what the client gets back, what goes upstream, and the key for feedback."""
-    return str(uuid.UUID(bytes=os.urandom(16), version=4))
+    h = os.urandom(16).hex()  # a version-4 UUID, spelled out: a fifth of what uuid.UUID() costs
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 def client_request_id(given: str | None) -> str | None:

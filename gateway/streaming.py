@@ -29,8 +29,19 @@ def event_end(data: bytes) -> int:
 
 # The stream's end marker, as the last event of what is about to be sent; and a finish_reason that says how
 # a choice ended (an upstream that was cut short, e.g. llama.cpp interrupting a generation, gives none).
-DONE_TAIL = re.compile(rb"(?:\A|\n)data: ?\[DONE\]\r?\n\r?\n\Z")
+DONE_EVENTS = (b"data: [DONE]\n\n", b"data:[DONE]\n\n", b"data: [DONE]\r\n\r\n", b"data:[DONE]\r\n\r\n")
 FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
+
+
+def done_at(ready: bytes) -> int:
+    """Where the [DONE] event that ends these whole events starts, or -1 (a look at the tail only: a regex
+    anchored at the end still scans the whole buffer, 17 us for a short stream)."""
+    for event in DONE_EVENTS:
+        if ready.endswith(event):
+            at = len(ready) - len(event)
+            if at == 0 or ready[at - 1 : at] == b"\n":
+                return at
+    return -1
 
 
 def first_data_end(data: bytes) -> int:
@@ -82,9 +93,8 @@ async def relay(
             else:
                 ready, pending = pending[:cut], pending[cut:]
             if ready:
-                tail = DONE_TAIL.search(ready)
-                if tail is not None:
-                    at = tail.start() + (1 if ready[tail.start() : tail.start() + 1] == b"\n" else 0)
+                at = done_at(ready)
+                if at >= 0:
                     ready, done = ready[:at], ready[at:]
                 finished = finished or FINISHED.search(ready) is not None
                 if ready:
