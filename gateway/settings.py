@@ -55,19 +55,27 @@ class Settings:
 
 def _api_keys(env: Mapping[str, str]) -> dict[str, str | None]:
     """key -> its group: the file's lines are `KEY` or `KEY GROUP` (the group is a cohort source)."""
-    keys: dict[str, str | None] = {
-        k.strip(): None for k in env.get("CANARYGATE_API_KEYS", "").split(",") if k.strip()
-    }
+    listed = env.get("CANARYGATE_API_KEYS", "")
+    keys: dict[str, str | None] = {k.strip(): None for k in listed.split(",") if k.strip()}
+    if listed.strip() and not keys:  # authentication fails closed: a setting that names no key is a mistake
+        raise SettingsError("CANARYGATE_API_KEYS is set but names no key; list keys separated by commas")
     path = env.get("CANARYGATE_API_KEYS_FILE")
     if path:
         try:
             lines = Path(path).read_text().splitlines()
         except OSError as exc:
             raise SettingsError(f"CANARYGATE_API_KEYS_FILE: cannot read {path}: {exc.strerror}") from None
+        found = 0
         for line in lines:
             if line.strip() and not line.lstrip().startswith("#"):
                 key, _, group = line.strip().partition(" ")
                 keys[key] = group.strip() or None
+                found += 1
+        if not found:
+            raise SettingsError(
+                f"CANARYGATE_API_KEYS_FILE: {path} holds no keys (only blank lines or comments), which would "
+                "turn authentication off; put one key per line (KEY or KEY GROUP), or unset the variable"
+            )
     return keys
 
 

@@ -42,6 +42,18 @@ def test_bad_settings_say_what_to_fix(env: dict[str, str], fragment: str) -> Non
         Settings.from_env(env)
 
 
+def test_authentication_fails_closed_on_a_keys_setting_that_names_no_key(tmp_path: Path) -> None:
+    empty = tmp_path / "keys"
+    empty.write_text("# the keys go here\n\n   \n")
+    with pytest.raises(SettingsError, match=f"{empty} holds no keys"):
+        Settings.from_env({"CANARYGATE_API_KEYS_FILE": str(empty)})
+    with pytest.raises(SettingsError, match="names no key"):
+        Settings.from_env({"CANARYGATE_API_KEYS": " , ,"})
+    result = canarygate("serve", "--port", "1", env={"CANARYGATE_API_KEYS_FILE": str(empty)})
+    assert result.returncode == 2  # refuses to start rather than serve with authentication off
+    assert "holds no keys" in result.stderr and "would turn authentication off" in result.stderr
+
+
 def test_serve_exits_2_on_bad_settings() -> None:
     result = canarygate("serve", "--port", "1", env={"CANARYGATE_MAX_BODY_BYTES": "lots"})
     assert result.returncode == 2
