@@ -13,7 +13,7 @@ from aiohttp import ClientTimeout
 from opentelemetry.trace import Span
 
 from gateway.asgi import Reply
-from gateway.errors import GatewayError, InvalidOutput, UpstreamError, UpstreamTimeout
+from gateway.errors import GatewayError, InvalidOutput, InvalidRequest, UpstreamError, UpstreamTimeout
 from gateway.mirror import Observation, Pair
 from gateway.route import Route, RouteArm
 from gateway.streaming import MAX_PENDING, first_data_end
@@ -98,7 +98,13 @@ class Request:
             for name in TRACE_HEADERS:
                 if name in self.headers:
                     headers[name] = self.headers[name]
-        body = orjson.dumps(self.payload)
+        try:
+            body = orjson.dumps(self.payload)
+        except orjson.JSONEncodeError:  # nested past what the encoder takes (254 levels)
+            raise InvalidRequest(
+                "the request body nests JSON deeper than the gateway forwards (254 levels); flatten it",
+                code="invalid_json",
+            ) from None
         first_token_s = min(arm.timeouts.first_token_s, remaining)
         return Call(arm, self.endpoint, body, headers, self.token, timeout, first_token_s, self.stream)
 

@@ -57,7 +57,7 @@ from gateway.tasks import Spawner
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
 from gateway.upstream import CutShort, Response, Upstream, is_json, media_type
-from gateway.validation import Rules, SchemaCache, SchemaError, rules_for
+from gateway.validation import FieldError, Rules, SchemaCache, SchemaError, rules_for
 
 log = logging.getLogger("gateway.proxy")
 
@@ -408,6 +408,8 @@ class Proxy:
             return rules_for(payload, route.validation, self._schemas)
         except SchemaError as exc:
             raise InvalidRequest(str(exc), code="invalid_schema") from None
+        except FieldError as exc:
+            raise InvalidRequest(str(exc), param=exc.param) from None
 
 
 def _parse(body: bytes) -> dict[str, Any]:

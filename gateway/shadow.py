@@ -160,7 +160,11 @@ class Shadows:
             payload["model"] = arm.model
             headers = upstream_headers(arm, request.headers, rid)
             headers[MIRROR_HEADER] = "1"
-            body = orjson.dumps(payload)
+            try:
+                body = orjson.dumps(payload)
+            except orjson.JSONEncodeError:  # too deep to forward: the primary tells the client so
+                attempt.unfinished = "cancelled"
+                return
             call = Call(
                 arm,
                 request.endpoint,

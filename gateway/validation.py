@@ -32,27 +32,48 @@ class SchemaError(ValueError):
     """A schema that does not compile; the message says where it came from and why."""
 
 
+class FieldError(ValueError):
+    """A request field the checks read, in a shape the API does not allow (the client's mistake)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 def _refuse_remote(uri: str) -> Any:
     # Schemas arrive with requests: fetching their remote $refs would let any client make the
     # gateway issue HTTP requests (SSRF). Only local references (#/$defs/...) resolve.
     raise ValueError(f"remote $ref is not allowed ({uri}); inline it under $defs")
 
 
+# Patterns run on fancy-regex with a bound on backtracking: plain patterns go to its linear-time engine,
+# and one with backreferences or lookaround (`(a*)*\1$`) gives up after this many steps (about 0.25 ms)
+# instead of taking seconds of the event loop; the answer then fails validation, saying so.
+PATTERN_STEPS = 10_000
+PATTERNS = jsonschema_rs.FancyRegexOptions(backtrack_limit=PATTERN_STEPS)
+# A request's schema (response_format or a tool's parameters), as JSON: compiling is CPU on the serving
+# loop, so it is bounded (a structured-output schema is a few KiB; 20,000 properties took 0.7-2 s).
+MAX_SCHEMA_BYTES = 64 * 1024
+
+
 def compile_schema(schema: Any, where: str) -> jsonschema_rs.Validator:
     if not isinstance(schema, dict | bool):
         raise SchemaError(f"{where} must be a JSON Schema object, got {type(schema).__name__}")
     try:
-        return jsonschema_rs.validator_for(schema, retriever=_refuse_remote)
+        return jsonschema_rs.validator_for(schema, retriever=_refuse_remote, pattern_options=PATTERNS)
     except (jsonschema_rs.ValidationError, ValueError) as exc:
         reason = str(exc).split("\n", 1)[0]
         raise SchemaError(f"{where} is not a valid JSON Schema: {reason}") from None
 
 
 class SchemaCache:
-    """Validators for schemas that come with requests, compiled once per distinct schema (LRU)."""
+    """Validators for schemas that come with requests, compiled once per distinct schema (LRU), bounded by
+    entries and by the schemas' size together (a compiled validator takes a multiple of its schema's)."""
 
-    def __init__(self, size: int = 1024) -> None:
+    def __init__(self, size: int = 1024, max_bytes: int = 16 * 1024 * 1024) -> None:
         self._size = size
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._entries: OrderedDict[bytes, jsonschema_rs.Validator] = OrderedDict()
 
     def get(self, schema: Any, where: str) -> jsonschema_rs.Validator:
@@ -60,12 +81,18 @@ class SchemaCache:
             key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
         except TypeError as exc:
             raise SchemaError(f"{where} cannot be read as JSON: {exc}") from None
+        if len(key) > MAX_SCHEMA_BYTES:
+            raise SchemaError(
+                f"{where} is {len(key)} bytes as JSON; the gateway validates schemas of at most "
+                f"{MAX_SCHEMA_BYTES} bytes"
+            )
         validator = self._entries.get(key)
         if validator is None:
             validator = compile_schema(schema, where)
             self._entries[key] = validator
-            if len(self._entries) > self._size:
-                self._entries.popitem(last=False)
+            self._bytes += len(key)
+            while len(self._entries) > self._size or self._bytes > self._max_bytes:
+                self._bytes -= len(self._entries.popitem(last=False)[0])
         else:
             self._entries.move_to_end(key)
         return validator
@@ -146,13 +173,18 @@ def _tool_rules(
         parameters = function.get("parameters")
         where = f"{field}[{index}].{'' if legacy else 'function.'}parameters"
         tools[function["name"]] = cache.get(parameters, where) if parameters is not None else None
-    raw_choice = request.get("function_call" if legacy else "tool_choice")
+    field = "function_call" if legacy else "tool_choice"
+    raw_choice = request.get(field)
     named = None
     choice: Any = None
     if raw_choice in ("auto", "none", "required"):
         choice = raw_choice
     elif isinstance(raw_choice, dict):
-        named = (raw_choice.get("function") or {}).get("name") if not legacy else raw_choice.get("name")
+        function = raw_choice if legacy else raw_choice.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            where = field if legacy else f"{field}.function"
+            raise FieldError(f'{where}: expected an object with "name" (a string)', param=field)
+        named = function["name"]
     return tools, choice, named, legacy
 
 
@@ -310,10 +342,16 @@ def _check_content(content: Any, rules: Rules, where: str) -> Failure | None:
 
 
 def _first_error(validator: jsonschema_rs.Validator, value: Any) -> str | None:
-    if validator.is_valid(value):  # the common case, and several times faster than collecting errors
-        return None
-    for error in validator.iter_errors(value):
+    """One pass: validate() stops at the first error and raises it (a valid answer collects nothing)."""
+    try:
+        validator.validate(value)
+    except jsonschema_rs.ValidationError as error:
         path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.instance_path)
+        if "backtracking" in error.message:
+            return (
+                f"{path}: checking the schema's pattern took too long (past {PATTERN_STEPS} backtracking "
+                "steps), so the answer is treated as not matching it"
+            )
         return f"{path}: {error.message}"
     return None
 

@@ -1,0 +1,92 @@
+"""Bad input never hurts: a running gateway against hostile schemas, deep JSON, malformed fields."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import httpx
+
+from gateway.validation import MAX_SCHEMA_BYTES
+from tests.conftest import GatewayFactory, Sim, policy_yaml
+from tests.test_fallback import MESSAGES
+
+
+def post(url: str, **body: Any) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions", json={"model": "chat", "messages": MESSAGES, **body}, timeout=60
+    )
+
+
+def schema_format(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+
+
+def test_a_schema_past_the_size_limit_is_a_400_naming_it(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    gw = make_gateway({"chat": policy_yaml("chat", sims[0].url)})
+    properties = {f"field_{i}": {"type": "string", "pattern": "^[a-z]+$"} for i in range(3000)}
+    response = post(gw.url, **schema_format({"type": "object", "properties": properties}))
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_schema" and f"at most {MAX_SCHEMA_BYTES} bytes" in error["message"]
+
+
+def test_a_catastrophic_pattern_gives_up_at_once_and_the_gateway_keeps_answering(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    base, candidate = sims
+    gw = make_gateway({"chat": policy_yaml("chat", base.url, candidate.url, weight=100)})
+    schema = {
+        "type": "object",
+        "properties": {"words": {"type": "array", "items": {"type": "string", "pattern": r"(a*)*\1$"}}},
+        "required": ["words"],
+    }
+    answered: list[httpx.Response] = []
+    hostile = threading.Thread(
+        target=lambda: answered.extend(post(gw.url, **schema_format(schema)) for _ in range(5))
+    )
+    hostile.start()
+    while hostile.is_alive():  # the health probe answers while the hostile requests are in flight
+        assert httpx.get(f"{gw.url}/healthz", timeout=10).status_code == 200
+        hostile.join(0.01)
+    assert [r.status_code for r in answered] == [200] * 5  # validated (or given up on) and answered
+
+
+def test_json_nested_deeper_than_the_gateway_forwards_is_a_400(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    gw = make_gateway({"chat": policy_yaml("chat", sims[0].url)})
+    for depth in (300, 1000):
+        deep = "[" * depth + "]" * depth
+        body = (
+            '{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "metadata": {"x": '
+            + deep
+            + "}}"
+        )
+        response = httpx.post(
+            f"{gw.url}/v1/chat/completions",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_malformed_tool_choice_is_a_400_naming_the_field(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    gw = make_gateway({"chat": policy_yaml("chat", sims[0].url)})
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for choice in (
+        {"type": "function", "function": "f"},
+        {"type": "function", "function": {"name": 5}},
+        {"type": "function"},
+    ):
+        response = post(gw.url, tools=tools, tool_choice=choice)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "tool_choice"
+        assert error["message"] == 'tool_choice.function: expected an object with "name" (a string)'
