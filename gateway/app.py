@@ -265,7 +265,7 @@ def _api(services: Services) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await services.start()
-        hup = _install_sighup(services.routes)
+        hup = _install_sighup(services.routes, services.spawner)
         try:
             yield
         finally:
@@ -508,8 +508,9 @@ async def _readiness(services: Services) -> JSONResponse:
     return JSONResponse(body, status_code=200 if routes else 503)
 
 
-def _install_sighup(routes: RouteTable) -> bool:
+def _install_sighup(routes: RouteTable, spawner: Spawner) -> bool:
     if threading.current_thread() is not threading.main_thread():
         return False  # signals reach only the main thread (embedded servers in tests run elsewhere)
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, routes.reload)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, lambda: spawner.spawn(routes.reload(), name="policy-reload"))
     return True

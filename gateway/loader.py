@@ -86,6 +86,9 @@ def load_file(file: Path) -> tuple[Policy | None, list[Problem]]:
         return None, [Problem(file, line, "", f"is not valid YAML: {exc.problem}")]
     except _DuplicateKey as exc:
         return None, [Problem(file, exc.line, exc.path, "is defined twice in the same mapping")]
+    except _TooLarge as exc:
+        message = f"too many aliases: the file expands past {MAX_NODES} YAML nodes (an alias bomb?)"
+        return None, [Problem(file, exc.line, "", message)]
     if not isinstance(data, dict):
         return None, [Problem(file, 1, "", "must be a mapping with at least `route` and `arms.base`")]
     try:
@@ -114,19 +117,32 @@ class _DuplicateKey(Exception):
         self.path, self.line = path, line
 
 
+# A policy is a few hundred nodes. Aliases can make a 565-byte file expand to billions (an alias bomb):
+# past this many nodes, counted with every alias expanded, the file is refused before anything walks it.
+MAX_NODES = 100_000
+
+
+class _TooLarge(Exception):
+    def __init__(self, line: int) -> None:
+        self.line = line
+
+
 def _parse(text: str) -> tuple[yaml.Node | None, Any]:
     loader = PolicyYAMLLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None, None
-        _check_duplicates(node, ())
+        _check_duplicates(node, (), [MAX_NODES])
         return node, loader.construct_document(node)
     finally:
         loader.dispose()
 
 
-def _check_duplicates(node: yaml.Node, path: tuple[PathPart, ...]) -> None:
+def _check_duplicates(node: yaml.Node, path: tuple[PathPart, ...], budget: list[int]) -> None:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooLarge(node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         seen: set[Any] = set()
         for key, value in node.value:
@@ -134,10 +150,10 @@ def _check_duplicates(node: yaml.Node, path: tuple[PathPart, ...]) -> None:
             if key.value in seen:
                 raise _DuplicateKey(_dotted(here), key.start_mark.line + 1)
             seen.add(key.value)
-            _check_duplicates(value, here)
+            _check_duplicates(value, here, budget)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _check_duplicates(item, (*path, index))
+            _check_duplicates(item, (*path, index), budget)
 
 
 def _problem(file: Path, root: yaml.Node | None, err: Mapping[str, Any]) -> Problem:

@@ -33,6 +33,7 @@ class RouteTable:
         self.loaded_at: float | None = None
         self.reloads = 0
         self.last_problems: list[Problem] = []
+        self._reloading = asyncio.Lock()
 
     def get(self, name: str) -> Route | None:
         return self._routes.get(name)
@@ -62,9 +63,15 @@ class RouteTable:
             raise PolicyError(errors)
         self._swap(routes)
 
-    def reload(self) -> bool:
-        """Later loads: an invalid directory is reported and the current routes keep serving."""
-        routes, problems = load_dir(self.policy_dir, self._environ)
+    async def reload(self) -> bool:
+        """Later loads, parsed and compiled in a worker thread (a large or hostile file never stalls the
+        serving loop), then swapped in on the loop: an invalid directory is reported and the current routes
+        keep serving."""
+        async with self._reloading:  # one at a time, in the order asked
+            routes, problems = await asyncio.to_thread(load_dir, self.policy_dir, self._environ)
+            return self._apply(routes, problems)
+
+    def _apply(self, routes: dict[str, Route], problems: list[Problem]) -> bool:
         errors = [p for p in problems if p.severity == "error"]
         self.last_problems = errors
         if errors:
@@ -102,5 +109,4 @@ class RouteTable:
     async def watch(self, debounce_ms: int = 300) -> None:
         """Reload whenever a file in the policy directory changes (ConfigMap symlink swaps included)."""
         async for _ in awatch(self.policy_dir, debounce=debounce_ms, step=50, watch_filter=None):
-            await asyncio.sleep(0)
-            self.reload()
+            await self.reload()

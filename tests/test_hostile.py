@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from gateway.loader import load_dir
 from gateway.validation import MAX_SCHEMA_BYTES
 from tests.conftest import GatewayFactory, Sim, policy_yaml
 from tests.test_fallback import MESSAGES
@@ -90,3 +92,34 @@ def test_a_malformed_tool_choice_is_a_400_naming_the_field(
         error = response.json()["error"]
         assert error["param"] == "tool_choice"
         assert error["message"] == 'tool_choice.function: expected an object with "name" (a string)'
+
+
+ALIAS_BOMB = """\
+a: &a [x, x, x, x, x, x, x, x, x]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+route: bomb
+arms: {base: {url: "http://127.0.0.1:9/v1", model: m}}
+"""
+
+
+def test_a_yaml_alias_bomb_is_refused_with_file_line_and_reason(tmp_path: Path) -> None:
+    (tmp_path / "bomb.yaml").write_text(ALIAS_BOMB)  # 9^9 nodes once its aliases are expanded
+    routes, problems = load_dir(tmp_path)
+    assert routes == {}
+    (problem,) = problems
+    assert str(problem).startswith(f"{tmp_path / 'bomb.yaml'}:")
+    assert "too many aliases" in problem.message
+    shared = (
+        "route: ok\narms:\n  base: {url: 'http://127.0.0.1:9/v1', model: m, headers: &h {X-Team: search}}\n"
+        "  candidate: {url: 'http://127.0.0.1:9/v1', model: n, headers: *h}\n"
+    )
+    (tmp_path / "bomb.yaml").write_text(shared)  # aliases in reasonable use still load
+    routes, problems = load_dir(tmp_path)
+    assert "ok" in routes, problems
