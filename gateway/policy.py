@@ -173,6 +173,13 @@ class Arm(Strict):
                 raise ValueError(f"header {name!r} is set by the gateway; use api_key_env for credentials")
             if "\r" in header_value or "\n" in header_value:
                 raise ValueError(f"value of header {name!r} contains a line break")
+            try:
+                header_value.encode("latin-1")  # what HTTP/1.1 can carry; anything else fails every call
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"value of header {name!r} has characters HTTP headers cannot carry (only Latin-1); "
+                    "percent-encode them"
+                ) from None
         return value
 
     @model_validator(mode="after")

@@ -123,3 +123,14 @@ def test_a_yaml_alias_bomb_is_refused_with_file_line_and_reason(tmp_path: Path) 
     (tmp_path / "bomb.yaml").write_text(shared)  # aliases in reasonable use still load
     routes, problems = load_dir(tmp_path)
     assert "ok" in routes, problems
+
+
+def test_check_refuses_a_header_value_no_http_request_can_carry(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(
+        "route: r\narms:\n"
+        "  base: {url: 'http://127.0.0.1:9/v1', model: m, headers: {X-Team: 'équipe→search'}}\n"
+    )
+    _, problems = load_dir(tmp_path)
+    (problem,) = problems
+    assert problem.line == 3 and problem.path == "arms.base.headers"
+    assert "cannot carry (only Latin-1)" in problem.message
