@@ -121,6 +121,7 @@ class Services:
             self.upstream,
             self.api_keys,
             settings.max_body_bytes,
+            settings.client_timeout_s,
             self.metrics,
             self.tracing,
             self.spawner,

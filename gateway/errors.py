@@ -8,6 +8,7 @@ GatewayError                status type                   code                  
 ├── ModelNotFound           404    invalid_request_error  model_not_found         - / rejected
 ├── NotFound                404    invalid_request_error  not_found               - / rejected
 ├── MethodNotAllowed        405    invalid_request_error  method_not_allowed      - / rejected
+├── RequestTimeout          408    invalid_request_error  request_timeout         - / rejected
 ├── PayloadTooLarge         413    invalid_request_error  request_too_large       - / rejected
 ├── UnsupportedMediaType    415    invalid_request_error  unsupported_media_type  - / rejected
 ├── Conflict                409    invalid_request_error  conflict                - / rejected
@@ -112,6 +113,15 @@ class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"connection", b"close")]
 
 
 class PayloadTooLarge(GatewayError):

@@ -72,6 +72,7 @@ class Proxy:
         upstream: Upstream,
         api_keys: ApiKeys,
         max_body_bytes: int,
+        client_timeout_s: float,
         metrics: Metrics,
         tracing: Tracing,
         spawner: Spawner,
@@ -85,6 +86,7 @@ class Proxy:
         self._upstream = upstream
         self._api_keys = api_keys
         self._max_body = max_body_bytes
+        self._client_timeout = client_timeout_s
         self._metrics = metrics
         self._tracing = tracing
         self._schemas = SchemaCache()
@@ -106,7 +108,9 @@ class Proxy:
             token = bearer_token(headers.get("authorization"))
             key_group = self._api_keys.authenticate(token)
             _check_content_type(headers.get("content-type"))
-            body = await read_body(receive, headers.get("content-length"), self._max_body)
+            body = await read_body(
+                receive, headers.get("content-length"), self._max_body, self._client_timeout
+            )
             payload = _parse(body)
             route = self._route(payload)
             reply.route = route.name

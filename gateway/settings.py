@@ -19,6 +19,7 @@ class SettingsError(ValueError):
 class Settings:
     policy_dir: Path = Path("policies")
     max_body_bytes: int = 10 * 1024 * 1024
+    client_timeout_s: float = 30.0  # for a client to send its whole request body
     api_keys: frozenset[str] = field(default_factory=frozenset, repr=False)
     api_key_groups: Mapping[str, str] = field(default_factory=dict, repr=False)  # key -> group (cohorts)
     watch_policies: bool = True
@@ -38,6 +39,7 @@ class Settings:
         return cls(
             policy_dir=Path(env.get("CANARYGATE_POLICY_DIR", "policies")),
             max_body_bytes=_int(env, "CANARYGATE_MAX_BODY_BYTES", 10 * 1024 * 1024),
+            client_timeout_s=_float(env, "CANARYGATE_CLIENT_TIMEOUT_S", 30.0),
             api_keys=frozenset(_api_keys(env)),
             api_key_groups={k: g for k, g in _api_keys(env).items() if g is not None},
             watch_policies=_bool(env, "CANARYGATE_WATCH_POLICIES", True),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -134,3 +136,22 @@ def test_check_refuses_a_header_value_no_http_request_can_carry(tmp_path: Path) 
     (problem,) = problems
     assert problem.line == 3 and problem.path == "arms.base.headers"
     assert "cannot carry (only Latin-1)" in problem.message
+
+
+def test_a_client_that_stops_sending_its_body_gets_a_408_and_the_connection_closes(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    gw = make_gateway({"chat": policy_yaml("chat", sims[0].url)}, client_timeout_s=0.5)
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as slow:
+        slow.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n" + b'{"model": "chat", '  # ... and nothing more
+        )
+        answer = b""
+        while chunk := slow.recv(65536):  # read to the end: the gateway closes the connection
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert httpx.get(f"{gw.url}/healthz").status_code == 200
