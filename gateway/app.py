@@ -377,7 +377,16 @@ def _api(services: Services) -> FastAPI:
         return Response(body, media_type=content_type)
 
     @api.get("/readyz")
-    async def readyz() -> JSONResponse:
+    async def readyz(request: Request) -> JSONResponse:
+        """Ready once policies are loaded. The detail (every arm checked, the state store, the last
+        reload's problems) goes only to the admin token: it names models, upstreams and their errors."""
+        try:
+            await admin(request)
+        except GatewayError:
+            ready = bool(services.routes.routes())
+            return JSONResponse(
+                {"status": "ready" if ready else "not_ready"}, status_code=200 if ready else 503
+            )
         return await _readiness(services)
 
     @api.post("/v1/feedback", dependencies=[Depends(authenticated)])

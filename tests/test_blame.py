@@ -73,7 +73,8 @@ def test_a_misconfigured_candidate_falls_back_is_blamed_and_readiness_says_why(
         monkeypatch.setenv("CANDIDATE_KEY", "a-stale-key")
         candidate_extra = "api_key_env: CANDIDATE_KEY"
     gw = make_gateway(
-        {"chat": policy_yaml("chat", base.url, candidate.url, weight=100, candidate_extra=candidate_extra)}
+        {"chat": policy_yaml("chat", base.url, candidate.url, weight=100, candidate_extra=candidate_extra)},
+        admin_token="t",
     )
     client = gw.client()
     for i in range(30):  # the SDK never sees the candidate's 404 or 401
@@ -112,7 +113,7 @@ def test_a_misconfigured_candidate_falls_back_is_blamed_and_readiness_says_why(
     assert value(samples, "canarygate_fallbacks_total", route="chat", reason="circuit_open") > 0
     assert value(samples, "canarygate_circuit_open", route="chat") == 1
 
-    ready = httpx.get(f"{gw.url}/readyz").json()
+    ready = httpx.get(f"{gw.url}/readyz", headers={"Authorization": "Bearer t"}).json()
     assert ready["status"] == "degraded"
     arms = ready["routes"]["chat"]
     assert arms["base"]["ok"] and arms["base"]["status"] == "ok"
@@ -308,9 +309,9 @@ def test_readyz_never_fans_out_to_the_upstreams_per_call(
     sims: tuple[Sim, Sim], make_gateway: GatewayFactory
 ) -> None:
     base, candidate = sims
-    gw = make_gateway({"chat": policy_yaml("chat", base.url, candidate.url)})
+    gw = make_gateway({"chat": policy_yaml("chat", base.url, candidate.url)}, admin_token="t")
     for _ in range(20):
-        assert httpx.get(f"{gw.url}/readyz").status_code == 200
+        assert httpx.get(f"{gw.url}/readyz", headers={"Authorization": "Bearer t"}).status_code == 200
     assert base.stats()["requests"]["models"] == 1 and candidate.stats()["requests"]["models"] == 1
 
 

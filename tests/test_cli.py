@@ -12,6 +12,8 @@ import httpx
 
 from tests.conftest import REPO, GatewayFactory, Sim, closed_port, policy_yaml, up, wait_for
 
+ADMIN = {"Authorization": "Bearer t"}
+
 
 def canarygate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -76,7 +78,7 @@ def test_sighup_reloads_and_keeps_the_last_good_policy(
     tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     policies = route_a_dir(tmp_path, sims[0])
-    process, url = serve(policies, env={"CANARYGATE_WATCH_POLICIES": "false"})
+    process, url = serve(policies, env={"CANARYGATE_WATCH_POLICIES": "false", "CANARYGATE_ADMIN_TOKEN": "t"})
     chat = {"model": "route-a", "messages": [{"role": "user", "content": "hi"}]}
     assert httpx.post(f"{url}/v1/chat/completions", json=chat).status_code == 200
 
@@ -87,7 +89,7 @@ def test_sighup_reloads_and_keeps_the_last_good_policy(
     (policies / "b.yaml").write_text("route: route-b\narms:\n  base: {url: http://x/v1}\n")
     process.send_signal(signal.SIGHUP)
     wait_for(
-        lambda: bool(httpx.get(f"{url}/readyz").json()["policies"]["last_reload_errors"]),
+        lambda: bool(httpx.get(f"{url}/readyz", headers=ADMIN).json()["policies"]["last_reload_errors"]),
         message="the rejected reload to show in /readyz",
     )
     assert model_ids(url) == ["route-a", "route-b"]  # the last good policies keep serving
@@ -136,8 +138,10 @@ def test_policy_file_change_is_picked_up(sims: tuple[Sim, Sim], make_gateway: Ga
 
 def test_readyz_reports_each_upstream(sims: tuple[Sim, Sim], make_gateway: GatewayFactory) -> None:
     dead = f"http://127.0.0.1:{closed_port()}/v1"
-    gw = make_gateway({"chat": policy_yaml("chat", sims[0].url, dead)})
-    response = httpx.get(f"{gw.url}/readyz")
+    gw = make_gateway({"chat": policy_yaml("chat", sims[0].url, dead)}, admin_token="t")
+    anonymous = httpx.get(f"{gw.url}/readyz")
+    assert anonymous.status_code == 200 and anonymous.json() == {"status": "ready"}  # no detail to strangers
+    response = httpx.get(f"{gw.url}/readyz", headers=ADMIN)
     assert response.status_code == 200  # a dead candidate must not take the gateway out of service
     body = response.json()
     assert body["status"] == "degraded"

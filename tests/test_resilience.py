@@ -231,13 +231,23 @@ def test_a_redis_restart_during_traffic_fails_no_request(
     )
     results = _load(gw.url, 40)
     own_redis.stop()
-    wait_for(lambda: not httpx.get(f"{gw.url}/readyz").json()["state"]["ok"], timeout=10, message="blind")
+    wait_for(
+        lambda: (
+            not httpx.get(f"{gw.url}/readyz", headers={"Authorization": "Bearer t"}).json()["state"]["ok"]
+        ),
+        timeout=10,
+        message="blind",
+    )
     results += _load(gw.url, 40) + _load(gw.url, 10, stream=True)  # served while Redis is down
     own_redis.start()
     results += _load(gw.url, 40) + _load(gw.url, 10, stream=True)
     assert len(results) == 140
     assert [r for r in results if not _complete(r)] == []
-    wait_for(lambda: httpx.get(f"{gw.url}/readyz").json()["state"]["ok"], timeout=10, message="state back")
+    wait_for(
+        lambda: httpx.get(f"{gw.url}/readyz", headers={"Authorization": "Bearer t"}).json()["state"]["ok"],
+        timeout=10,
+        message="state back",
+    )
 
 
 def test_a_client_that_stops_reading_holds_the_upstream_not_the_gateways_memory(

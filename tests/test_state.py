@@ -237,12 +237,15 @@ def test_redis_down_keeps_serving_the_last_state_and_recovers(
     refused = admin_post(gw.url, "chat", "weight", weight=0)
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "state_unavailable"
-    ready = httpx.get(f"{gw.url}/readyz", timeout=10)
+    ready = httpx.get(f"{gw.url}/readyz", headers=ADMIN, timeout=10)
     assert ready.status_code == 200 and ready.json()["state"]["ok"] is False
     assert "canarygate_state_sync_errors_total" in httpx.get(f"{gw.url}/metrics").text
 
     own_redis.start()  # empty: it kept nothing on disk
-    wait_for(lambda: httpx.get(f"{gw.url}/readyz", timeout=10).json()["state"]["ok"], message="resync")
+    wait_for(
+        lambda: httpx.get(f"{gw.url}/readyz", headers=ADMIN, timeout=10).json()["state"]["ok"],
+        message="resync",
+    )
     assert arm_of(gw.url) == "candidate"  # the replica wrote its state back; the rollout did not reset
     assert admin_post(gw.url, "chat", "rollback").status_code == 200
     assert arm_of(gw.url) == "base"
