@@ -106,7 +106,21 @@ class RouteTable:
         self._routes = {n: overlay(r) for n, r in routes.items()} if overlay is not None else routes
         self.loaded_at = time.time()
 
-    async def watch(self, debounce_ms: int = 300) -> None:
-        """Reload whenever a file in the policy directory changes (ConfigMap symlink swaps included)."""
-        async for _ in awatch(self.policy_dir, debounce=debounce_ms, step=50, watch_filter=None):
-            await self.reload()
+    async def watch(self, debounce_ms: int = 300, poll_s: float = 0.5) -> None:
+        """Reload whenever a file in the policy directory changes (ConfigMap symlink swaps included). A
+        directory deleted and created again is a new one to the OS's watcher: wait for it, reload, and
+        watch the new one (the previous policies keep serving meanwhile)."""
+        reload = False
+        while True:
+            if not self.policy_dir.is_dir():
+                await asyncio.sleep(poll_s)
+                reload = True
+                continue
+            if reload:
+                await self.reload()
+            inode = self.policy_dir.stat().st_ino
+            async for _ in awatch(self.policy_dir, debounce=debounce_ms, step=50, watch_filter=None):
+                await self.reload()
+                if not self.policy_dir.is_dir() or self.policy_dir.stat().st_ino != inode:
+                    break  # the directory went away (or was replaced): watch whatever comes next
+            reload = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,6 +135,21 @@ def test_policy_file_change_is_picked_up(sims: tuple[Sim, Sim], make_gateway: Ga
     (gw.policy_dir / "chat.yaml").write_text("route: chat\narms: nonsense\n")
     wait_for(lambda: bool(gw.app.services.routes.last_problems), message="the bad file to be seen")
     assert arm() == "candidate"
+
+
+def test_the_watcher_follows_a_policy_directory_deleted_and_created_again(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    base, candidate = sims
+    gw = make_gateway({"chat": policy_yaml("chat", base.url, candidate.url, weight=0)}, watch_policies=True)
+    shutil.rmtree(gw.policy_dir)
+    wait_for(lambda: bool(gw.app.services.routes.last_problems), message="the missing directory to be seen")
+    assert model_ids(gw.url) == ["chat"]  # the last good policies keep serving
+    gw.policy_dir.mkdir()
+    (gw.policy_dir / "other.yaml").write_text(policy_yaml("other", base.url))
+    wait_for(lambda: model_ids(gw.url) == ["other"], message="the new directory's policies")
+    (gw.policy_dir / "more.yaml").write_text(policy_yaml("more", base.url))  # and it is watched
+    wait_for(lambda: model_ids(gw.url) == ["more", "other"], message="a file added to the new directory")
 
 
 def test_readyz_reports_each_upstream(sims: tuple[Sim, Sim], make_gateway: GatewayFactory) -> None:
