@@ -142,12 +142,13 @@ def rng_for(request: dict[str, Any], model: str, prompt: str) -> random.Random:
 
 def prompt_text(request: dict[str, Any]) -> str:
     parts: list[str] = []
-    for message in request.get("messages") or []:
+    messages = request.get("messages")
+    for message in messages if isinstance(messages, list) else []:  # e.g. a stray field on completions
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str):
             parts.append(content)
         elif isinstance(content, list):
-            parts.extend(p.get("text", "") for p in content if isinstance(p, dict))
+            parts.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     prompt = request.get("prompt")
     if isinstance(prompt, str):
         parts.append(prompt)

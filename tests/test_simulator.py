@@ -164,3 +164,16 @@ def test_knob_parsing_for_the_cli() -> None:
         _model_knobs("tuned:speed=1", Knobs())
     with pytest.raises(ValueError, match="within"):
         _model_knobs("tuned:error_rate=2", Knobs())
+
+
+def test_the_prompt_is_read_from_any_request_shape_without_failing() -> None:
+    from gateway import synth
+
+    for body in (
+        {"messages": 1.5, "prompt": "p"},
+        {"messages": [{"content": [{"text": 5}, {"text": "a"}, "x"]}, 7]},
+        {"prompt": ["a", 3, None]},
+        {"messages": "text", "prompt": {"x": 1}},
+    ):
+        assert isinstance(synth.prompt_text(body), str)
+    assert synth.prompt_text({"messages": 1.5, "prompt": "p"}) == "p"
