@@ -12,6 +12,7 @@ import orjson
 from gateway.asgi import Reply
 from gateway.errors import GatewayError
 from gateway.upstream import CutShort
+from gateway.validation import describe
 
 if TYPE_CHECKING:
     from gateway.upstream import Response
@@ -275,12 +276,7 @@ class Accumulator:
 
 
 def _kind(value: Any) -> str:
-    if value is UNPARSEABLE:
-        return "text that is not JSON"
-    if value is None:
-        return "null"
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
-    return names.get(type(value), "a number")
+    return "text that is not JSON" if value is UNPARSEABLE else describe(value)
 
 
 async def collect(resp: Response, first: bytes, limit: int) -> tuple[bytes, bool]:

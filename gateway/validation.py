@@ -228,14 +228,17 @@ def _choices(body: Any) -> tuple[list[dict[str, Any]], Failure | None]:
 
 
 def _malformed(where: str, expected: str, got: Any) -> Failure:
-    return Failure("malformed", f"{where}: expected {expected}, got {_describe(got)}")
+    return Failure("malformed", f"{where}: expected {expected}, got {describe(got)}")
 
 
-def _describe(value: Any) -> str:
+def describe(value: Any) -> str:
+    """What a JSON value is, for a message: "an object", "a string", ... ("nothing" for null)."""
     if value is None:
         return "nothing"
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
-    return names.get(type(value), "a number")
+    if isinstance(value, dict):
+        return "an object"
+    name = _json_type(value)
+    return f"an {name}" if name == "array" else f"a {name}"
 
 
 def check_message(message: Mapping[str, Any], rules: Rules, where: str = "message") -> Failure | None:
