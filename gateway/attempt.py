@@ -13,7 +13,8 @@ from aiohttp import ClientTimeout
 from opentelemetry.trace import Span
 
 from gateway.asgi import Reply
-from gateway.errors import GatewayError, InvalidOutput, InvalidRequest, UpstreamError, UpstreamTimeout
+from gateway.body import Body
+from gateway.errors import GatewayError, InvalidOutput, UpstreamError, UpstreamTimeout
 from gateway.mirror import Observation, Pair
 from gateway.route import Route, RouteArm
 from gateway.streaming import MAX_PENDING, first_data_end
@@ -43,6 +44,7 @@ class Request:
     """What every attempt at one client request shares."""
 
     __slots__ = (
+        "body",
         "cohort",
         "endpoint",
         "headers",
@@ -61,7 +63,7 @@ class Request:
         self,
         route: Route,
         endpoint: str,
-        payload: dict[str, Any],
+        body: Body,
         headers: dict[str, str],
         token: str | None,
         rules: Rules | None,
@@ -72,7 +74,8 @@ class Request:
         self.route = route
         self.cohort = cohort
         self.endpoint = endpoint
-        self.payload = payload
+        self.body = body
+        self.payload = payload = body.payload
         self.headers = headers
         self.token = token
         self.rules = rules
@@ -92,19 +95,12 @@ class Request:
         timeout = arm.client_timeout
         if remaining < arm.timeouts.total_s:
             timeout = ClientTimeout(total=remaining, connect=min(arm.timeouts.connect_s, remaining))
-        self.payload["model"] = arm.model
         headers = upstream_headers(arm, self.headers, rid)
         if self.span is None:
             for name in TRACE_HEADERS:
                 if name in self.headers:
                     headers[name] = self.headers[name]
-        try:
-            body = orjson.dumps(self.payload)
-        except orjson.JSONEncodeError:  # nested past what the encoder takes (254 levels)
-            raise InvalidRequest(
-                "the request body nests JSON deeper than the gateway forwards (254 levels); flatten it",
-                code="invalid_json",
-            ) from None
+        body = self.body.with_model(arm.model)  # the client's bytes, this arm's model
         first_token_s = min(arm.timeouts.first_token_s, remaining)
         return Call(arm, self.endpoint, body, headers, self.token, timeout, first_token_s, self.stream)
 

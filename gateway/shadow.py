@@ -9,8 +9,6 @@ import os
 import time
 from typing import Any
 
-import orjson
-
 from gateway.attempt import Attempt, Request, fetch, first_chunk, upstream_headers
 from gateway.capacity import Capacity, Preempted
 from gateway.errors import GatewayError, same_way
@@ -75,8 +73,7 @@ class Shadows:
         pair = Pair(
             lambda primary, shadow: self._paired(request, kind, made[0], (pair_id, rid), primary, shadow)
         )
-        payload = dict(request.payload)
-        if mirror.submit(lambda: self._call(request, arm, made, payload, pair, rid, mirror, pair_id)):
+        if mirror.submit(lambda: self._call(request, arm, made, pair, rid, mirror, pair_id)):
             request.metrics.mirror["sent"].inc()
             request.pairs.append(pair)
             if request.span is not None and kind == "candidate":
@@ -141,7 +138,6 @@ class Shadows:
         request: Request,
         arm: RouteArm,
         made: list[Attempt],
-        payload: dict[str, Any],
         pair: Pair,
         rid: str,
         mirror: Mirror,
@@ -157,18 +153,12 @@ class Shadows:
                 request.metrics.mirror["deferred"].inc()  # users first: it waits for a spare slot
                 await slots.wait_for_spare()
             attempt.started = time.perf_counter()  # measured from here, as the primary is: like with like
-            payload["model"] = arm.model
             headers = upstream_headers(arm, request.headers, rid)
             headers[MIRROR_HEADER] = "1"
-            try:
-                body = orjson.dumps(payload)
-            except orjson.JSONEncodeError:  # too deep to forward: the primary tells the client so
-                attempt.unfinished = "cancelled"
-                return
             call = Call(
                 arm,
                 request.endpoint,
-                body,
+                request.body.with_model(arm.model),
                 headers,
                 request.token,
                 arm.client_timeout,

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from gateway.body import MAX_DEPTH
 from gateway.loader import load_dir
 from gateway.validation import MAX_SCHEMA_BYTES
 from tests.conftest import GatewayFactory, Sim, policy_yaml
@@ -58,11 +59,12 @@ def test_a_catastrophic_pattern_gives_up_at_once_and_the_gateway_keeps_answering
     assert [r.status_code for r in answered] == [200] * 5  # validated (or given up on) and answered
 
 
-def test_json_nested_deeper_than_the_gateway_forwards_is_a_400(
+def test_json_nested_deeper_than_the_parser_takes_is_a_400_naming_the_limit(
     sims: tuple[Sim, Sim], make_gateway: GatewayFactory
 ) -> None:
     gw = make_gateway({"chat": policy_yaml("chat", sims[0].url)})
-    for depth in (300, 1000):
+    # The body object and "metadata" are two levels: MAX_DEPTH - 2 arrays inside them is the most it takes.
+    for depth, status in ((300, 200), (MAX_DEPTH - 2, 200), (MAX_DEPTH - 1, 400), (5000, 400)):
         deep = "[" * depth + "]" * depth
         body = (
             '{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "metadata": {"x": '
@@ -75,8 +77,10 @@ def test_json_nested_deeper_than_the_gateway_forwards_is_a_400(
             headers={"content-type": "application/json"},
             timeout=30,
         )
-        assert response.status_code == 400, response.text
-        assert response.json()["error"]["type"] == "invalid_request_error"
+        assert response.status_code == status, response.text
+        if status == 400:
+            error = response.json()["error"]
+            assert error["type"] == "invalid_request_error" and f"({MAX_DEPTH} levels)" in error["message"]
 
 
 def test_a_malformed_tool_choice_is_a_400_naming_the_field(
