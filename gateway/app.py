@@ -36,7 +36,8 @@ from gateway.asgi import (
     header_map,
     new_request_id,
 )
-from gateway.auth import ApiKeys, bearer_token
+from gateway.auth import ApiKeys, KeysFile, bearer_token
+from gateway.checks import SchemaChecks
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -115,6 +116,11 @@ class Services:
             ready=self.readiness.check,
         )
         self.api_keys = ApiKeys(settings.api_keys, settings.api_key_groups)
+        self.keys_file = (
+            KeysFile(settings.api_keys_file, self.api_keys, settings.env_api_keys)
+            if settings.api_keys_file is not None
+            else None
+        )
         self.pairs: PairStore = MemoryPairStore()
         self.proxy = Proxy(
             self.routes.get,
@@ -122,6 +128,7 @@ class Services:
             self.api_keys,
             settings.max_body_bytes,
             settings.client_timeout_s,
+            SchemaChecks(settings.schema_check_timeout_s),
             self.metrics,
             self.tracing,
             self.spawner,
@@ -190,6 +197,8 @@ class Services:
         self.spawner.spawn(self.controller.run(), name="rollout-controller")
         if self.settings.watch_policies:
             self.spawner.spawn(self.routes.watch(), name="policy-watch")
+        if self.keys_file is not None:
+            self.spawner.spawn(self.keys_file.watch(), name="keys-file-watch")
         log.info(
             "serving %d routes from %s: %s",
             len(self.routes.routes()),
@@ -207,6 +216,7 @@ class Services:
         await self.state.close()
         await self.pairs.close()
         await self.upstream.close()
+        self.proxy.checks.close()
         self.tracing.shutdown()
         self.metrics.worker_exited(os.getpid())
 
@@ -266,7 +276,7 @@ def _api(services: Services) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await services.start()
-        hup = _install_sighup(services.routes, services.spawner)
+        hup = _install_sighup(services)
         try:
             yield
         finally:
@@ -322,6 +332,7 @@ def _api(services: Services) -> FastAPI:
             "pid": os.getpid(),
             **_process_resources(),
             "upstream_pools": services.upstream.stats(),
+            "schema_checks": services.proxy.checks.stats(),
         }
 
     @api.get("/admin/pairs", dependencies=[Depends(admin)])
@@ -514,13 +525,23 @@ async def _readiness(services: Services) -> JSONResponse:
             "reloads": services.routes.reloads,
             "last_reload_errors": [str(p) for p in services.routes.last_problems],
         },
+        "api_keys": {
+            "keys": len(services.api_keys),
+            **(services.keys_file.view() if services.keys_file is not None else {}),
+        },
     }
     return JSONResponse(body, status_code=200 if routes else 503)
 
 
-def _install_sighup(routes: RouteTable, spawner: Spawner) -> bool:
+def _install_sighup(services: Services) -> bool:
+    """SIGHUP reads the policies, and the API keys file, again."""
     if threading.current_thread() is not threading.main_thread():
         return False  # signals reach only the main thread (embedded servers in tests run elsewhere)
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, lambda: spawner.spawn(routes.reload(), name="policy-reload"))
+
+    def reload() -> None:
+        services.spawner.spawn(services.routes.reload(), name="policy-reload")
+        if services.keys_file is not None:
+            services.spawner.spawn(services.keys_file.reload(), name="keys-reload")
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
     return True

@@ -14,13 +14,14 @@ from opentelemetry.trace import Span
 
 from gateway.asgi import Reply
 from gateway.body import Body
+from gateway.checks import SchemaChecks
 from gateway.errors import GatewayError, InvalidOutput, UpstreamError, UpstreamTimeout
 from gateway.mirror import Observation, Pair
 from gateway.route import Route, RouteArm
 from gateway.streaming import MAX_PENDING, first_data_end
 from gateway.telemetry import ArmMetrics, RouteMetrics
 from gateway.upstream import Call, Response, Upstream
-from gateway.validation import SHAPE_ONLY, Failure, Rules, check_chat, check_completion
+from gateway.validation import SHAPE_ONLY, Deferred, Failure, Rules, check_chat, check_completion
 
 log = logging.getLogger("gateway.proxy")
 
@@ -45,6 +46,7 @@ class Request:
 
     __slots__ = (
         "body",
+        "checks",
         "cohort",
         "endpoint",
         "headers",
@@ -70,7 +72,9 @@ class Request:
         metrics: RouteMetrics,
         span: Span | None,
         cohort: str = "all",
+        checks: SchemaChecks | None = None,
     ) -> None:
+        self.checks = checks  # where schema checks too costly for the loop run
         self.route = route
         self.cohort = cohort
         self.endpoint = endpoint
@@ -104,15 +108,20 @@ class Request:
         first_token_s = min(arm.timeouts.first_token_s, remaining)
         return Call(arm, self.endpoint, body, headers, self.token, timeout, first_token_s, self.stream)
 
-    def check(self, answer: dict[str, Any] | None, malformed: str | None = None) -> Failure | None:
+    async def check(self, answer: dict[str, Any] | None, malformed: str | None = None) -> Failure | None:
         """The answer's first failure; malformed: what was wrong with a stream's shape, when it was.
-        Without rules, only the answer's shape is checked."""
+        Without rules, only the answer's shape is checked. Schema checks that may be costly run in the
+        worker processes, after everything else has passed."""
         if malformed is not None:
             return Failure("malformed", malformed)
         rules = self.rules or SHAPE_ONLY
-        if self.endpoint == "chat":
-            return check_chat(answer, rules)
-        return check_completion(answer, rules)
+        later: list[Deferred] | None = [] if self.checks is not None else None
+        check = check_chat if self.endpoint == "chat" else check_completion
+        failure = check(answer, rules, later)
+        if failure is None and later:
+            assert self.checks is not None
+            failure = await self.checks.first_failure(later)
+        return failure
 
 
 class Attempt:
@@ -217,7 +226,13 @@ class Attempt:
         failed = self.error is not None or self.unfinished is not None
         answer = None if failed else (self.accumulated if self.accumulated is not None else self.answer)
         return Observation(
-            answer, self.duration_s, self.output_tokens, self.error, self.invalid, self.unfinished is not None
+            answer,
+            self.duration_s,
+            self.output_tokens,
+            self.error,
+            self.invalid,
+            self.unfinished is not None,
+            self.validation if self.invalid else None,
         )
 
     def judge(self, failure: Failure | None, reply: Reply, *, released: bool = False) -> InvalidOutput | None:

@@ -17,7 +17,7 @@ import orjson
 from gateway.errors import GatewayError
 from gateway.route import MirrorSettings, PerRoute, Route
 from gateway.tasks import Spawner
-from gateway.validation import Rules, check_message
+from gateway.validation import Rules
 
 log = logging.getLogger("gateway.mirror")
 
@@ -126,6 +126,7 @@ class Observation:
     error: GatewayError | None = None
     invalid: bool = False  # the answer failed validation (enforced or not)
     unfinished: bool = False  # the client left, or the gateway failed: no verdict on the arm
+    failure: str | None = None  # the kind of the validation failure
 
 
 class Pair:
@@ -203,15 +204,22 @@ def _utc_now() -> str:
     return _clock_text[1]
 
 
-def compare(base: dict[str, Any], candidate: dict[str, Any], rules: Rules | None) -> dict[str, bool]:
-    """The checks that apply to this pair, each True when both sides agree (first choice of each)."""
+def compare(
+    base: dict[str, Any],
+    candidate: dict[str, Any],
+    rules: Rules | None,
+    failures: tuple[str | None, str | None] = (None, None),
+) -> dict[str, bool]:
+    """The checks that apply to this pair, each True when both sides agree (first choice of each).
+    failures: the kind of each answer's validation failure, as its attempt found it (None: it passed), so
+    nothing is validated twice."""
     left, right = _first_message(base), _first_message(candidate)
     out: dict[str, bool] = {}
     if rules is not None and rules.json_object:
-        left_kind, right_kind = _failure_kind(left, rules), _failure_kind(right, rules)
+        left_kind, right_kind = failures
         out["json_valid"] = (left_kind == "json_parse") == (right_kind == "json_parse")
         if rules.schemas:
-            out["schema_valid"] = (left_kind in (None, "tool")) == (right_kind in (None, "tool"))
+            out["schema_valid"] = _content_ok(left_kind) == _content_ok(right_kind)
     left_calls, right_calls = _calls(left), _calls(right)
     if left_calls or right_calls:
         out["tool_name"] = [name for name, _ in left_calls] == [name for name, _ in right_calls]
@@ -235,11 +243,9 @@ def _first_message(answer: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _failure_kind(message: dict[str, Any], rules: Rules) -> str | None:
-    if _calls(message):
-        return "tool"  # JSON content checks do not apply to a tool call
-    failure = check_message(message, Rules(True, rules.schemas, None, None, None, False))
-    return failure.kind if failure is not None else None
+def _content_ok(failure: str | None) -> bool:
+    """Whether the content passed its JSON checks (a tool call's failures are about the call)."""
+    return failure is None or failure.startswith("tool_")
 
 
 def _calls(message: dict[str, Any]) -> list[tuple[Any, str]]:

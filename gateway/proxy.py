@@ -34,6 +34,7 @@ from gateway.auth import ApiKeys, bearer_token
 from gateway.body import parse
 from gateway.breaker import CircuitBreaker
 from gateway.capacity import Capacity
+from gateway.checks import SchemaChecks
 from gateway.errors import (
     GatewayError,
     InternalError,
@@ -57,7 +58,7 @@ from gateway.tasks import Spawner
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
 from gateway.upstream import CutShort, Response, Upstream, is_json, media_type
-from gateway.validation import FieldError, Rules, SchemaCache, SchemaError, rules_for
+from gateway.validation import Compiling, FieldError, Rules, SchemaCache, SchemaError, rules_for
 
 log = logging.getLogger("gateway.proxy")
 
@@ -74,6 +75,7 @@ class Proxy:
         api_keys: ApiKeys,
         max_body_bytes: int,
         client_timeout_s: float,
+        checks: SchemaChecks,
         metrics: Metrics,
         tracing: Tracing,
         spawner: Spawner,
@@ -88,6 +90,7 @@ class Proxy:
         self._api_keys = api_keys
         self._max_body = max_body_bytes
         self._client_timeout = client_timeout_s
+        self.checks = checks
         self._metrics = metrics
         self._tracing = tracing
         self._schemas = SchemaCache()
@@ -123,9 +126,18 @@ class Proxy:
             cohort = cohort_of(route, headers, payload, key_group)
             override = headers.get(OVERRIDE_HEADER) if route.allow_override else None
             assigned = choose_arm(route, key, override, cohort=cohort).arm
-            rules = self._rules(payload, route, endpoint)
+            rules = await self._rules(payload, route, endpoint)
             request = Request(
-                route, endpoint, body, headers, token, rules, self._metrics.route(route), span, cohort
+                route,
+                endpoint,
+                body,
+                headers,
+                token,
+                rules,
+                self._metrics.route(route),
+                span,
+                cohort,
+                self.checks,
             )
             if span is not None and route.cohorts is not None:
                 span.set_attribute("canarygate.cohort", cohort)
@@ -308,7 +320,7 @@ class Proxy:
     ) -> None:
         resp, data, answer = await fetch(self._upstream, attempt)
         if request.endpoint != "embeddings":  # without rules, the answer's shape is still checked
-            failure = request.check(answer)
+            failure = await request.check(answer)
             if failure is not None or request.rules is not None:
                 invalid = attempt.judge(failure, reply)
                 if invalid is not None:
@@ -339,7 +351,7 @@ class Proxy:
             if accumulator is not None:
                 attempt.accumulated = accumulator.body(request.endpoint)
                 if request.rules is not None:
-                    failure = request.check(attempt.accumulated, accumulator.malformed)
+                    failure = await request.check(attempt.accumulated, accumulator.malformed)
                     return attempt.judge(failure, reply, released=True)
             return None
         finally:
@@ -380,7 +392,8 @@ class Proxy:
                 raise call.failure(CutShort())
             attempt.answered(last_event(data))
             attempt.accumulated = accumulator.body(request.endpoint)
-            invalid = attempt.judge(request.check(attempt.accumulated, accumulator.malformed), reply)
+            failure = await request.check(attempt.accumulated, accumulator.malformed)
+            invalid = attempt.judge(failure, reply)
             if invalid is not None:
                 raise invalid
             await reply.start_stream(resp.status, _content_type(resp, EVENT_STREAM))
@@ -407,15 +420,20 @@ class Proxy:
             )
         return route
 
-    def _rules(self, payload: dict[str, Any], route: Route, endpoint: str) -> Rules | None:
+    async def _rules(self, payload: dict[str, Any], route: Route, endpoint: str) -> Rules | None:
         if endpoint == "embeddings":
             return None
+        compiling = Compiling()
         try:
-            return rules_for(payload, route.validation, self._schemas)
+            rules = rules_for(payload, route.validation, self._schemas, compiling)
+            for schema, where in compiling.pending:  # past the request's share of the loop
+                await self.checks.compile(schema, where)
+                self._schemas.add(schema)
         except SchemaError as exc:
             raise InvalidRequest(str(exc), code="invalid_schema") from None
         except FieldError as exc:
             raise InvalidRequest(str(exc), param=exc.param) from None
+        return rules
 
 
 def _check_fields(payload: dict[str, Any], endpoint: str) -> None:

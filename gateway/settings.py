@@ -20,8 +20,11 @@ class Settings:
     policy_dir: Path = Path("policies")
     max_body_bytes: int = 10 * 1024 * 1024
     client_timeout_s: float = 30.0  # for a client to send its whole request body
+    schema_check_timeout_s: float = 2.0  # a schema check in a worker process gives up after this
     api_keys: frozenset[str] = field(default_factory=frozenset, repr=False)
     api_key_groups: Mapping[str, str] = field(default_factory=dict, repr=False)  # key -> group (cohorts)
+    api_keys_file: Path | None = None  # read again on SIGHUP and when it changes
+    env_api_keys: frozenset[str] = field(default_factory=frozenset, repr=False)  # CANARYGATE_API_KEYS's
     watch_policies: bool = True
     readyz_probe_timeout_s: float = 1.0
     log_level: str = "info"
@@ -36,12 +39,16 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
+        keys_file = env.get("CANARYGATE_API_KEYS_FILE") or None
         return cls(
             policy_dir=Path(env.get("CANARYGATE_POLICY_DIR", "policies")),
             max_body_bytes=_int(env, "CANARYGATE_MAX_BODY_BYTES", 10 * 1024 * 1024),
             client_timeout_s=_float(env, "CANARYGATE_CLIENT_TIMEOUT_S", 30.0),
+            schema_check_timeout_s=_float(env, "CANARYGATE_SCHEMA_CHECK_TIMEOUT_S", 2.0),
             api_keys=frozenset(_api_keys(env)),
             api_key_groups={k: g for k, g in _api_keys(env).items() if g is not None},
+            api_keys_file=Path(keys_file) if keys_file else None,
+            env_api_keys=frozenset(_env_keys(env)),
             watch_policies=_bool(env, "CANARYGATE_WATCH_POLICIES", True),
             readyz_probe_timeout_s=_float(env, "CANARYGATE_READYZ_PROBE_TIMEOUT_S", 1.0),
             log_level=env.get("CANARYGATE_LOG_LEVEL", "info").lower(),
@@ -56,28 +63,40 @@ class Settings:
 
 
 def _api_keys(env: Mapping[str, str]) -> dict[str, str | None]:
-    """key -> its group: the file's lines are `KEY` or `KEY GROUP` (the group is a cohort source)."""
-    listed = env.get("CANARYGATE_API_KEYS", "")
-    keys: dict[str, str | None] = {k.strip(): None for k in listed.split(",") if k.strip()}
-    if listed.strip() and not keys:  # authentication fails closed: a setting that names no key is a mistake
-        raise SettingsError("CANARYGATE_API_KEYS is set but names no key; list keys separated by commas")
+    """key -> its group (a cohort source; keys from CANARYGATE_API_KEYS have none)."""
+    keys: dict[str, str | None] = dict.fromkeys(_env_keys(env))
     path = env.get("CANARYGATE_API_KEYS_FILE")
     if path:
-        try:
-            lines = Path(path).read_text().splitlines()
-        except OSError as exc:
-            raise SettingsError(f"CANARYGATE_API_KEYS_FILE: cannot read {path}: {exc.strerror}") from None
-        found = 0
-        for line in lines:
-            if line.strip() and not line.lstrip().startswith("#"):
-                key, _, group = line.strip().partition(" ")
-                keys[key] = group.strip() or None
-                found += 1
-        if not found:
-            raise SettingsError(
-                f"CANARYGATE_API_KEYS_FILE: {path} holds no keys (only blank lines or comments), which would "
-                "turn authentication off; put one key per line (KEY or KEY GROUP), or unset the variable"
-            )
+        keys.update(read_keys_file(Path(path)))
+    return keys
+
+
+def _env_keys(env: Mapping[str, str]) -> list[str]:
+    listed = env.get("CANARYGATE_API_KEYS", "")
+    keys = [k.strip() for k in listed.split(",") if k.strip()]
+    if listed.strip() and not keys:  # authentication fails closed: a setting that names no key is a mistake
+        raise SettingsError("CANARYGATE_API_KEYS is set but names no key; list keys separated by commas")
+    return keys
+
+
+def read_keys_file(path: Path) -> dict[str, str | None]:
+    """The file's lines are `KEY` or `KEY GROUP`; blank lines and # comments are skipped. A file that
+    cannot be read or holds no keys is an error: authentication fails closed."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise SettingsError(f"CANARYGATE_API_KEYS_FILE: cannot read {path}: {why}") from None
+    keys: dict[str, str | None] = {}
+    for line in lines:
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, group = line.strip().partition(" ")
+            keys[key] = group.strip() or None
+    if not keys:
+        raise SettingsError(
+            f"CANARYGATE_API_KEYS_FILE: {path} holds no keys (only blank lines or comments), which would "
+            "turn authentication off; put one key per line (KEY or KEY GROUP), or unset the variable"
+        )
     return keys
 
 

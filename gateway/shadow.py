@@ -105,7 +105,7 @@ class Shadows:
         """Count how a shadow answer compares with the primary one, and keep the pair as a record."""
         if primary.answer is None or shadow.answer is None:
             return  # one side failed: nothing to compare (the failure is counted where it happened)
-        checks = compare(primary.answer, shadow.answer, request.rules)
+        checks = compare(primary.answer, shadow.answer, request.rules, (primary.failure, shadow.failure))
         counters = request.metrics.agreement if kind == "candidate" else request.metrics.noise
         for check, agreed in checks.items():
             counters[(check, "agree" if agreed else "disagree")].inc()
@@ -178,7 +178,7 @@ class Shadows:
             except GatewayError as exc:
                 attempt.error, answer, malformed = exc, None, None
                 self._log_failure(request.route.name, rid, exc)
-            failure = request.check(answer, malformed) if answer is not None else None
+            failure = await request.check(answer, malformed) if answer is not None else None
             if failure is not None:  # without rules, only the answer's shape is checked
                 attempt.validation = failure.kind
                 attempt.metrics.validation[failure.kind].inc()

@@ -51,14 +51,55 @@ def _refuse_remote(uri: str) -> Any:
 # instead of taking seconds of the event loop; the answer then fails validation, saying so.
 PATTERN_STEPS = 10_000
 PATTERNS = jsonschema_rs.FancyRegexOptions(backtrack_limit=PATTERN_STEPS)
-# A request's schema (response_format or a tool's parameters), as JSON: compiling is CPU on the serving
-# loop, so it is bounded (a structured-output schema is a few KiB; 20,000 properties took 0.7-2 s).
+# A request's schema (response_format or a tool's parameters), as JSON: a structured-output schema is a few
+# KiB; 20,000 properties took 0.7-2 s to compile.
 MAX_SCHEMA_BYTES = 64 * 1024
+# jsonschema-rs holds the GIL while it compiles and validates, so a thread does not spare the serving loop:
+# work that may take long goes to the worker processes (gateway.checks), each check under a time limit.
+# A request compiles at most this many bytes of schema on the loop (about 1 ms); the rest in the workers.
+ON_LOOP_SCHEMA_BYTES = 16 * 1024
+# Schema bytes x answer bytes past which a check leaves the loop: the worst case measured here (an anyOf
+# of a thousand branches over a long array) costs about 60 ps per unit, so this is about 1 ms.
+ON_LOOP_CHECK = 1 << 24
 
 
-def compile_schema(schema: Any, where: str) -> jsonschema_rs.Validator:
+@dataclass(frozen=True, slots=True, eq=False)
+class Schema:
+    """A compiled JSON Schema and its text (sorted-key JSON: the cache key, and what a worker compiles)."""
+
+    text: bytes
+    validator: jsonschema_rs.Validator | None  # None: compiled and checked in the workers only
+    refs: bool  # it has references, so its cost is not bounded by its size (a recursive oneOf doubles
+    # the work per level of the answer): always checked in the workers
+
+    def on_loop(self, instance: str) -> bool:
+        """Whether checking this answer text against it is cheap enough for the serving loop."""
+        return (
+            self.validator is not None and not self.refs and len(self.text) * len(instance) <= ON_LOOP_CHECK
+        )
+
+
+def schema_text(schema: Any, where: str) -> bytes:
     if not isinstance(schema, dict | bool):
-        raise SchemaError(f"{where} must be a JSON Schema object, got {type(schema).__name__}")
+        raise SchemaError(f"{where} must be a JSON Schema object, got {describe(schema)}")
+    try:
+        text = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
+    except TypeError as exc:
+        raise SchemaError(f"{where} cannot be read as JSON: {exc}") from None
+    if len(text) > MAX_SCHEMA_BYTES:
+        raise SchemaError(
+            f"{where} is {len(text)} bytes as JSON; the gateway validates schemas of at most "
+            f"{MAX_SCHEMA_BYTES} bytes"
+        )
+    return text
+
+
+def compile_schema(schema: Any, where: str) -> Schema:
+    text = schema_text(schema, where)
+    return Schema(text, compile_validator(schema, where), _has_refs(text))
+
+
+def compile_validator(schema: Any, where: str) -> jsonschema_rs.Validator:
     try:
         return jsonschema_rs.validator_for(schema, retriever=_refuse_remote, pattern_options=PATTERNS)
     except (jsonschema_rs.ValidationError, ValueError) as exc:
@@ -66,36 +107,51 @@ def compile_schema(schema: Any, where: str) -> jsonschema_rs.Validator:
         raise SchemaError(f"{where} is not a valid JSON Schema: {reason}") from None
 
 
+def _has_refs(text: bytes) -> bool:
+    return b'"$ref"' in text or b'"$dynamicRef"' in text or b'"$recursiveRef"' in text
+
+
+class Compiling:
+    """One request's schemas as they are read: the bytes it may still compile on the loop, and the schemas
+    left to the workers to compile (each must compile before the request goes on: a bad one is a 400)."""
+
+    __slots__ = ("budget", "pending")
+
+    def __init__(self) -> None:
+        self.budget = ON_LOOP_SCHEMA_BYTES
+        self.pending: list[tuple[Schema, str]] = []
+
+
 class SchemaCache:
-    """Validators for schemas that come with requests, compiled once per distinct schema (LRU), bounded by
-    entries and by the schemas' size together (a compiled validator takes a multiple of its schema's)."""
+    """Schemas that come with requests, compiled once per distinct schema (LRU), bounded by entries and by
+    the schemas' size together (a compiled validator takes a multiple of its schema's)."""
 
     def __init__(self, size: int = 1024, max_bytes: int = 16 * 1024 * 1024) -> None:
         self._size = size
         self._max_bytes = max_bytes
         self._bytes = 0
-        self._entries: OrderedDict[bytes, jsonschema_rs.Validator] = OrderedDict()
+        self._entries: OrderedDict[bytes, Schema] = OrderedDict()
 
-    def get(self, schema: Any, where: str) -> jsonschema_rs.Validator:
-        try:
-            key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
-        except TypeError as exc:
-            raise SchemaError(f"{where} cannot be read as JSON: {exc}") from None
-        if len(key) > MAX_SCHEMA_BYTES:
-            raise SchemaError(
-                f"{where} is {len(key)} bytes as JSON; the gateway validates schemas of at most "
-                f"{MAX_SCHEMA_BYTES} bytes"
-            )
-        validator = self._entries.get(key)
-        if validator is None:
-            validator = compile_schema(schema, where)
-            self._entries[key] = validator
-            self._bytes += len(key)
-            while len(self._entries) > self._size or self._bytes > self._max_bytes:
-                self._bytes -= len(self._entries.popitem(last=False)[0])
-        else:
-            self._entries.move_to_end(key)
-        return validator
+    def get(self, schema: Any, where: str, compiling: Compiling) -> Schema:
+        text = schema_text(schema, where)
+        found = self._entries.get(text)
+        if found is not None:
+            self._entries.move_to_end(text)
+            return found
+        if len(text) > compiling.budget:  # compiled by a worker; cached once it has compiled there
+            found = Schema(text, None, _has_refs(text))
+            compiling.pending.append((found, where))
+            return found
+        compiling.budget -= len(text)
+        found = Schema(text, compile_validator(schema, where), _has_refs(text))
+        self.add(found)
+        return found
+
+    def add(self, schema: Schema) -> None:
+        self._entries[schema.text] = schema
+        self._bytes += len(schema.text)
+        while len(self._entries) > self._size or self._bytes > self._max_bytes:
+            self._bytes -= len(self._entries.popitem(last=False)[0])
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -106,7 +162,7 @@ class RoutePolicy:
     """The route's validation settings, compiled at policy load."""
 
     json: JsonMode = "auto"
-    schema: jsonschema_rs.Validator | None = None
+    schema: Schema | None = None
     tool_calls: bool = True
 
 
@@ -115,8 +171,8 @@ class Rules:
     """What one request's answer must satisfy."""
 
     json_object: bool
-    schemas: tuple[tuple[jsonschema_rs.Validator, str], ...]  # (validator, where it came from)
-    tools: Mapping[str, jsonschema_rs.Validator | None] | None  # declared tools; None: not checked
+    schemas: tuple[tuple[Schema, str], ...]  # (schema, where it came from)
+    tools: Mapping[str, Schema | None] | None  # declared tools; None: not checked
     tool_choice: Literal["auto", "none", "required"] | None
     named_tool: str | None
     legacy: bool  # functions / function_call rather than tools / tool_calls
@@ -126,10 +182,14 @@ class Rules:
 SHAPE_ONLY = Rules(False, (), None, None, None, False)
 
 
-def rules_for(request: Mapping[str, Any], policy: RoutePolicy, cache: SchemaCache) -> Rules | None:
-    """Raises SchemaError when the request carries a schema that does not compile (the client's fault)."""
+def rules_for(
+    request: Mapping[str, Any], policy: RoutePolicy, cache: SchemaCache, compiling: Compiling | None = None
+) -> Rules | None:
+    """Raises SchemaError when the request carries a schema that does not compile (the client's fault).
+    Schemas past the request's on-loop budget are left in compiling.pending, for the workers to compile."""
+    compiling = compiling or Compiling()
     json_object = policy.json == "always"
-    schemas: list[tuple[jsonschema_rs.Validator, str]] = []
+    schemas: list[tuple[Schema, str]] = []
     fmt = request.get("response_format")
     if policy.json != "off" and isinstance(fmt, dict):
         kind = fmt.get("type")
@@ -140,13 +200,16 @@ def rules_for(request: Mapping[str, Any], policy: RoutePolicy, cache: SchemaCach
             if not isinstance(spec, dict) or "schema" not in spec:
                 raise SchemaError("response_format.json_schema.schema is required for type json_schema")
             schemas.append(
-                (cache.get(spec["schema"], "response_format.json_schema.schema"), "response_format")
+                (
+                    cache.get(spec["schema"], "response_format.json_schema.schema", compiling),
+                    "response_format",
+                )
             )
     if policy.schema is not None:
         json_object = True
         schemas.append((policy.schema, "the route's validation.schema"))
     tools, choice, named, legacy = (
-        _tool_rules(request, cache) if policy.tool_calls else (None, None, None, False)
+        _tool_rules(request, cache, compiling) if policy.tool_calls else (None, None, None, False)
     )
     if not json_object and tools is None:
         return None
@@ -154,8 +217,8 @@ def rules_for(request: Mapping[str, Any], policy: RoutePolicy, cache: SchemaCach
 
 
 def _tool_rules(
-    request: Mapping[str, Any], cache: SchemaCache
-) -> tuple[dict[str, jsonschema_rs.Validator | None] | None, Any, str | None, bool]:
+    request: Mapping[str, Any], cache: SchemaCache, compiling: Compiling
+) -> tuple[dict[str, Schema | None] | None, Any, str | None, bool]:
     declared = request.get("tools")
     legacy = False
     field = "tools"
@@ -165,14 +228,14 @@ def _tool_rules(
         return None, None, None, False
     if not isinstance(declared, list):
         raise SchemaError(f"{field} must be an array")
-    tools: dict[str, jsonschema_rs.Validator | None] = {}
+    tools: dict[str, Schema | None] = {}
     for index, tool in enumerate(declared):
         function = tool if legacy else (tool.get("function") if isinstance(tool, dict) else None)
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             continue  # not a function tool (hosted tools): nothing to check it against
         parameters = function.get("parameters")
         where = f"{field}[{index}].{'' if legacy else 'function.'}parameters"
-        tools[function["name"]] = cache.get(parameters, where) if parameters is not None else None
+        tools[function["name"]] = cache.get(parameters, where, compiling) if parameters is not None else None
     field = "function_call" if legacy else "tool_choice"
     raw_choice = request.get(field)
     named = None
@@ -188,7 +251,9 @@ def _tool_rules(
     return tools, choice, named, legacy
 
 
-def check_chat(body: Any, rules: Rules) -> Failure | None:
+def check_chat(body: Any, rules: Rules, later: list[Deferred] | None = None) -> Failure | None:
+    """The answer's first failure. With later, schema checks too costly for the loop are not run but
+    appended to it (the answer passes only if they pass too); without, every check runs here."""
     choices, failure = _choices(body)
     if failure is not None:
         return failure
@@ -197,13 +262,13 @@ def check_chat(body: Any, rules: Rules) -> Failure | None:
         message = choice.get("message")
         if not isinstance(message, dict):
             return _malformed(f"{where}.message", "an object", message)
-        failure = check_message(message, rules, f"{where}.message")
+        failure = check_message(message, rules, f"{where}.message", later)
         if failure is not None:
             return failure
     return None
 
 
-def check_completion(body: Any, rules: Rules) -> Failure | None:
+def check_completion(body: Any, rules: Rules, later: list[Deferred] | None = None) -> Failure | None:
     choices, failure = _choices(body)
     if failure is not None:
         return failure
@@ -211,7 +276,7 @@ def check_completion(body: Any, rules: Rules) -> Failure | None:
         text = choice.get("text")
         if text is not None and not isinstance(text, str):
             return _malformed(f"choices[{position}].text", "a string", text)
-        failure = _check_content(text, rules, f"choices[{position}].text")
+        failure = _check_content(text, rules, f"choices[{position}].text", later)
         if failure is not None:
             return failure
     return None
@@ -241,7 +306,9 @@ def describe(value: Any) -> str:
     return f"an {name}" if name == "array" else f"a {name}"
 
 
-def check_message(message: Mapping[str, Any], rules: Rules, where: str = "message") -> Failure | None:
+def check_message(
+    message: Mapping[str, Any], rules: Rules, where: str = "message", later: list[Deferred] | None = None
+) -> Failure | None:
     calls, failure = _calls(message, rules.legacy, where)
     if failure is not None:
         return failure
@@ -249,13 +316,13 @@ def check_message(message: Mapping[str, Any], rules: Rules, where: str = "messag
     if content is not None and not isinstance(content, str | list):
         return _malformed(f"{where}.content", "a string", content)
     if rules.tools is not None:
-        failure = _check_calls(calls, rules, where)
+        failure = _check_calls(calls, rules, where, later)
         if failure is not None:
             return failure
     if calls:
         return None  # the model answered with a tool call: there is no content to hold to JSON
     if rules.json_object:
-        return _check_content(content, rules, f"{where}.content")
+        return _check_content(content, rules, f"{where}.content", later)
     return None
 
 
@@ -289,7 +356,9 @@ def _calls(
     return out, None
 
 
-def _check_calls(calls: list[tuple[str, str, str]], rules: Rules, where: str) -> Failure | None:
+def _check_calls(
+    calls: list[tuple[str, str, str]], rules: Rules, where: str, later: list[Deferred] | None
+) -> Failure | None:
     tools = rules.tools or {}
     if rules.tool_choice == "none" and calls:
         return Failure("tool_choice", f"{where}: tool_choice is 'none' but the model called {calls[0][1]!r}")
@@ -320,15 +389,18 @@ def _check_calls(calls: list[tuple[str, str, str]], rules: Rules, where: str) ->
             )
         if not isinstance(parsed, dict):
             return Failure("tool_args_parse", f"{where}.{path}.arguments of {name!r} must be a JSON object")
-        validator = tools[name]
-        if validator is not None:
-            error = _first_error(validator, parsed)
-            if error is not None:
-                return Failure("tool_args_schema", f"{where}.{path}.arguments{error} (tool {name!r})")
+        schema = tools[name]
+        if schema is not None:
+            check = Deferred(
+                schema, arguments, "tool_args_schema", f"{where}.{path}.arguments", f" (tool {name!r})"
+            )
+            failure = check.run(parsed, later)
+            if failure is not None:
+                return failure
     return None
 
 
-def _check_content(content: Any, rules: Rules, where: str) -> Failure | None:
+def _check_content(content: Any, rules: Rules, where: str, later: list[Deferred] | None) -> Failure | None:
     if not isinstance(content, str) or not content.strip():
         return Failure("json_parse", f"{where}: expected a JSON object, got no content")
     try:
@@ -337,14 +409,39 @@ def _check_content(content: Any, rules: Rules, where: str) -> Failure | None:
         return Failure("json_parse", f"{where}: not valid JSON ({exc})")
     if not isinstance(value, dict):
         return Failure("json_parse", f"{where}: expected a JSON object, got a JSON {_json_type(value)}")
-    for validator, source in rules.schemas:
-        error = _first_error(validator, value)
-        if error is not None:
-            return Failure("json_schema", f"{where}{error} (schema from {source})")
+    for schema, source in rules.schemas:
+        failure = Deferred(schema, content, "json_schema", where, f" (schema from {source})").run(
+            value, later
+        )
+        if failure is not None:
+            return failure
     return None
 
 
-def _first_error(validator: jsonschema_rs.Validator, value: Any) -> str | None:
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """One schema check of one piece of an answer (its JSON text), and how its failure reads."""
+
+    schema: Schema
+    instance: str
+    kind: Kind
+    where: str
+    source: str
+
+    def run(self, value: Any, later: list[Deferred] | None) -> Failure | None:
+        """Checks the parsed value here, or, when it may be costly and there is a later, leaves it there."""
+        if later is not None and not self.schema.on_loop(self.instance):
+            later.append(self)
+            return None
+        validator = self.schema.validator or compile_validator(orjson.loads(self.schema.text), self.where)
+        error = first_error(validator, value)
+        return None if error is None else self.failed(error)
+
+    def failed(self, error: str) -> Failure:
+        return Failure(self.kind, f"{self.where}{error}{self.source}")
+
+
+def first_error(validator: jsonschema_rs.Validator, value: Any) -> str | None:
     """One pass: validate() stops at the first error and raises it (a valid answer collects nothing)."""
     try:
         validator.validate(value)

@@ -58,14 +58,15 @@ def test_compare_checks_that_apply() -> None:
     assert compare(answer("a"), answer("b", finish="length"), plain) == {"finish_reason": False}
     json_rules = rules_for({"response_format": {"type": "json_object"}}, RoutePolicy(), SchemaCache())
     assert compare(answer('{"a": 1}'), answer('{"b": 2}'), json_rules)["json_valid"] is True
-    assert compare(answer('{"a": 1}'), answer('{"b": 2'), json_rules)["json_valid"] is False
+    broken = compare(answer('{"a": 1}'), answer('{"b": 2'), json_rules, (None, "json_parse"))
+    assert broken["json_valid"] is False
     schema = {"type": "object", "required": ["a"]}
     schema_rules = rules_for(
         {"response_format": {"type": "json_schema", "json_schema": {"schema": schema}}},
         RoutePolicy(),
         SchemaCache(),
     )
-    checks = compare(answer('{"a": 1}'), answer('{"b": 1}'), schema_rules)
+    checks = compare(answer('{"a": 1}'), answer('{"b": 1}'), schema_rules, (None, "json_schema"))
     assert checks["json_valid"] is True and checks["schema_valid"] is False
     same_args = compare(
         answer(calls=[("f", '{"x": 1, "y": 2}')], finish="tool_calls"),

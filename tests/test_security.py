@@ -247,3 +247,41 @@ def _exercise(url: str, base: Sim, candidate: Sim) -> list[str]:
     pairs = httpx.get(f"{url}/admin/pairs", params={"route": "chat"}, headers=admin, timeout=30)
     seen.append(pairs.text)
     return seen
+
+
+def test_a_rotated_keys_file_is_read_again_and_an_emptied_one_keeps_the_keys_in_force(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    from gateway.settings import Settings
+
+    keys = tmp_path / "keys"
+    keys.write_text("sk-old\n")
+    settings = Settings.from_env({"CANARYGATE_API_KEYS_FILE": str(keys), "CANARYGATE_API_KEYS": "sk-env"})
+    gw = make_gateway(
+        {"chat": policy_yaml("chat", sims[0].url)},
+        api_keys=settings.api_keys,
+        api_keys_file=settings.api_keys_file,
+        env_api_keys=settings.env_api_keys,
+        admin_token=ADMIN_TOKEN,
+    )
+
+    def status(key: str) -> int:
+        return gw.post(
+            "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"}
+        ).status_code
+
+    def keys_view() -> dict[str, Any]:
+        detail = httpx.get(f"{gw.url}/readyz", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+        return detail["api_keys"]  # type: ignore[no-any-return]
+
+    assert status("sk-old") == 200 and status("sk-env") == 200
+    keys.write_text("# emptied by mistake\n")  # a botched rotation must not turn authentication off
+    wait_for(lambda: keys_view()["last_error"] is not None, message="the emptied file to be read")
+    assert "holds no keys" in keys_view()["last_error"]
+    assert status("sk-old") == 200 and status("nothing") == 401 and keys_view()["keys"] == 2
+    rotated = tmp_path / "keys.new"
+    rotated.write_text("sk-new\n")
+    rotated.replace(keys)  # as a mounted secret is swapped: a new file in place of the old
+    wait_for(lambda: keys_view()["reloads"] == 1, message="the rotated file to be read")
+    assert keys_view()["last_error"] is None
+    assert status("sk-new") == 200 and status("sk-env") == 200 and status("sk-old") == 401

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from gateway.errors import KINDS
 from gateway.streaming import Accumulator
 from gateway.validation import (
+    ON_LOOP_SCHEMA_BYTES,
     SHAPE_ONLY,
+    Compiling,
     RoutePolicy,
     SchemaCache,
     SchemaError,
@@ -20,6 +22,7 @@ from gateway.validation import (
     check_completion,
     compile_schema,
     rules_for,
+    schema_text,
 )
 
 SCHEMA = {
@@ -167,13 +170,26 @@ def test_completions_text() -> None:
 
 def test_schemas_compile_once_per_distinct_schema() -> None:
     cache = SchemaCache(size=2)
-    first = cache.get(SCHEMA, "x")
-    assert cache.get(json.loads(json.dumps(SCHEMA)), "x") is first  # equal schema, same validator
+    compiling = Compiling()
+    first = cache.get(SCHEMA, "x", compiling)
+    assert cache.get(json.loads(json.dumps(SCHEMA)), "x", compiling) is first  # equal schema, same one
     reordered = dict(reversed(list(SCHEMA.items())))
-    assert cache.get(reordered, "x") is first  # key order does not matter
-    cache.get({"type": "string"}, "x")
-    cache.get({"type": "integer"}, "x")
+    assert cache.get(reordered, "x", compiling) is first  # key order does not matter
+    cache.get({"type": "string"}, "x", compiling)
+    cache.get({"type": "integer"}, "x", compiling)
     assert len(cache) == 2  # bounded
+    assert compiling.pending == []
+
+
+def test_a_request_compiles_only_its_share_of_schema_bytes_on_the_loop() -> None:
+    cache = SchemaCache()
+    compiling = Compiling()
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(600)}}
+    assert len(schema_text(big, "x")) <= ON_LOOP_SCHEMA_BYTES
+    assert cache.get(big, "first", compiling).validator is not None  # within the request's share
+    other = {**big, "required": ["p1"]}
+    left = cache.get(other, "second", compiling)  # past it: compiled by a worker, cached once it has
+    assert left.validator is None and compiling.pending == [(left, "second")] and len(cache) == 1
 
 
 @pytest.mark.parametrize(

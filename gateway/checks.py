@@ -1,0 +1,199 @@
+"""Schema work that may take long, in worker processes, each piece under a time limit.
+
+jsonschema-rs holds the GIL while it compiles or validates, so a thread would not spare the serving loop,
+and some checks have no useful bound on their cost: a recursive oneOf doubles its work with each level of
+the answer (14 levels of a 60-byte answer took 1.8 s here). Such checks, and those of large answers or
+schemas, go to a few worker processes (`python -m gateway.checks`, one socket each, framed by
+multiprocessing.connection). A check past the time limit is given up: its worker is killed and replaced,
+and the answer is treated as failing the schema, saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections import OrderedDict
+from multiprocessing.connection import Connection
+from typing import Any
+
+import orjson
+
+from gateway.validation import Deferred, Failure, Schema, SchemaError, compile_validator, first_error
+
+log = logging.getLogger("gateway.checks")
+
+WORKERS = 2
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START_TIMEOUT_S = 60.0  # a worker imports jsonschema-rs and orjson, then says it is ready
+
+
+class TimedOut(Exception):
+    """The worker did not answer within the time limit (it has been killed)."""
+
+
+class Worker:
+    """One worker process and its end of the socket. Used by one thread at a time."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)  # the gateway package importable however the gateway was started
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (_PACKAGE_ROOT, env.get("PYTHONPATH"))))
+        with theirs:
+            self.process = subprocess.Popen(  # noqa: S603 (our own module, no client input)
+                [sys.executable, "-m", "gateway.checks", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        self.conn = Connection(os.dup(ours.fileno()))
+        ours.close()
+        if not self.conn.poll(START_TIMEOUT_S) or self.conn.recv_bytes() != b"ready":
+            self.stop()
+            raise RuntimeError("the schema check worker did not start")
+
+    def ask(self, request: bytes, timeout_s: float) -> Any:
+        self.conn.send_bytes(request)
+        if not self.conn.poll(timeout_s):
+            self.stop()
+            raise TimedOut
+        return orjson.loads(self.conn.recv_bytes())
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.conn.close()
+
+
+class SchemaChecks:
+    """A few workers, started on first use; a request waits for a free one (its wait counts towards its
+    deadline, not towards the check's time limit)."""
+
+    def __init__(self, timeout_s: float, workers: int = WORKERS) -> None:
+        self.timeout_s = timeout_s
+        self._free: asyncio.Queue[Worker | None] = asyncio.Queue()
+        for _ in range(workers):
+            self._free.put_nowait(None)  # a place for a worker, started when first needed
+        self._lock = threading.Lock()
+        self._all: set[Worker] = set()
+        self.timed_out = 0  # checks given up on, for /admin/runtime
+
+    async def first_failure(self, checks: list[Deferred]) -> Failure | None:
+        """The first of these checks that fails (a check past the time limit fails, saying so)."""
+        for check in checks:
+            reply = await self._ask(b"check", check.schema.text, check.instance)
+            if reply is _TIMED_OUT:
+                return check.failed(
+                    f": checking the answer against the schema took longer than {self.timeout_s:g}s "
+                    "(CANARYGATE_SCHEMA_CHECK_TIMEOUT_S), so it is treated as not matching it"
+                )
+            if reply is _FAILED:
+                return check.failed(
+                    ": the schema check could not run (its worker failed; see the gateway's log), so the "
+                    "answer is treated as not matching it"
+                )
+            if reply is not None:
+                return check.failed(str(reply))
+        return None
+
+    async def compile(self, schema: Schema, where: str) -> None:
+        """Compiles a schema in a worker (where it is kept for the checks); SchemaError if it does not."""
+        reply = await self._ask(b"compile", schema.text, "")
+        if reply is _TIMED_OUT:
+            raise SchemaError(f"{where} took longer than {self.timeout_s:g}s to compile; simplify it")
+        if reply is _FAILED:
+            raise RuntimeError("the schema check worker failed")
+        if reply is not None:
+            raise SchemaError(f"{where} is not a valid JSON Schema: {reply}")
+
+    async def _ask(self, op: bytes, text: bytes, instance: str) -> Any:
+        request = orjson.dumps([op.decode(), text.decode(), instance])
+        worker = await self._free.get()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+
+        def run() -> None:  # on a thread: the worker goes back to the queue whatever becomes of the request
+            current = worker
+            try:
+                if current is None:
+                    current = self._start()
+                result: Any = current.ask(request, self.timeout_s)
+            except TimedOut:
+                assert current is not None
+                self._forget(current)
+                current, result = None, _TIMED_OUT
+            except Exception:  # a worker that died or would not start: replaced, and never a lost place
+                log.exception("a schema check worker failed")
+                if current is not None:
+                    self._forget(current)
+                    current.stop()
+                current, result = None, _FAILED
+            loop.call_soon_threadsafe(self._release, current, done, result)
+
+        threading.Thread(target=run, name="schema-check", daemon=True).start()
+        return await done
+
+    def _release(self, worker: Worker | None, done: asyncio.Future[Any], result: Any) -> None:
+        self._free.put_nowait(worker)
+        if result is _TIMED_OUT:
+            self.timed_out += 1
+            log.warning("a schema check took longer than %gs; its worker was replaced", self.timeout_s)
+        if not done.done():
+            done.set_result(result)
+
+    def _start(self) -> Worker:
+        worker = Worker()
+        with self._lock:
+            self._all.add(worker)
+        return worker
+
+    def _forget(self, worker: Worker) -> None:
+        with self._lock:
+            self._all.discard(worker)
+
+    def stats(self) -> dict[str, int]:
+        """Workers running (they start on first use) and checks given up on since start."""
+        with self._lock:
+            return {"workers": len(self._all), "timed_out": self.timed_out}
+
+    def close(self) -> None:
+        with self._lock:
+            workers, self._all = self._all, set()
+        for worker in workers:
+            worker.stop()
+
+
+_TIMED_OUT = object()
+_FAILED = object()
+
+
+def serve(conn: Connection) -> None:
+    """The worker: compiles (keeping the most recent schemas) and checks, one request at a time."""
+    compiled: OrderedDict[str, Any] = OrderedDict()
+    conn.send_bytes(b"ready")
+    while True:
+        try:
+            op, text, instance = orjson.loads(conn.recv_bytes())
+        except EOFError:
+            return
+        reply: str | None
+        try:
+            validator = compiled.get(text)
+            if validator is None:
+                validator = compiled[text] = compile_validator(orjson.loads(text), "the schema")
+                while len(compiled) > 256:
+                    compiled.popitem(last=False)
+            else:
+                compiled.move_to_end(text)
+            reply = first_error(validator, orjson.loads(instance)) if op == "check" else None
+        except SchemaError as exc:
+            reply = str(exc).removeprefix("the schema is not a valid JSON Schema: ")
+        conn.send_bytes(orjson.dumps(reply))
+
+
+if __name__ == "__main__":
+    serve(Connection(int(sys.argv[1])))
