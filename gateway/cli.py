@@ -223,6 +223,7 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
         **server.SERVER_OPTIONS,
     )
+    config.head_timeout_s = settings.client_timeout_s  # type: ignore[attr-defined]  # read by the protocol
     try:
         server.run(config)
     finally:

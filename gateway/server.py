@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -16,47 +17,101 @@ from uvicorn.supervisors import Multiprocess
 from gateway.asgi import ASGIApp
 
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers, as nginx's large_client_header_buffers allows
+DEFAULT_HEAD_TIMEOUT_S = 30.0
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with a bound on the request head: httptools itself has none, so a
-    client could stream headers (or one endless header value) into memory forever. Past the bound the
-    client gets a 431 in OpenAI's error format and the connection is closed."""
+    """uvicorn's httptools protocol, with bounds on the request head that neither has of its own:
+    - size: httptools keeps an unfinished header in memory however long it grows, so past MAX_HEAD_BYTES
+      (counted per request, pipelined ones included) the client gets a 431;
+    - time: uvicorn waits for a head for ever (its keep-alive timer stops at the first byte), so a client
+      that sends a head a byte at a time (slowloris), or connects and sends nothing, would hold a
+      connection and its memory. The head must arrive within the config's head_timeout_s (the gateway sets
+      CANARYGATE_CLIENT_TIMEOUT_S) of the connection or of the request's first byte: then a 408 (or, with
+      no request begun, the connection is simply closed, like an idle keep-alive one).
+    Errors are in OpenAI's format, and the connection is closed after them."""
 
-    _in_head = False
+    _in_head = False  # between a request's first byte and the end of its headers
+    _in_message = False  # between a request's first byte and its end
+    _began = 0  # requests begun during the data being parsed
     _head_bytes = 0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        pipelined = self._in_message  # the data may end one request and begin the next
+        self._began = 0
         super().data_received(data)
         if not self._in_head:
             self._head_bytes = 0
             return
-        self._head_bytes += len(data)  # all of it still head (or a pipelined request's start)
+        if self._began > 1 or (self._began and pipelined):
+            self._head_bytes = 0  # how much of this data was the last request's is not known: one read
+        else:
+            self._head_bytes += len(data)  # at most, so the bound is MAX_HEAD_BYTES and one read
         if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
             self._in_head = False
-            body = orjson.dumps(
-                {
-                    "error": {
-                        "message": f"the request line and headers are over {MAX_HEAD_BYTES} bytes",
-                        "type": "invalid_request_error",
-                        "param": None,
-                        "code": "request_header_fields_too_large",
-                    }
-                }
+            self._refuse(
+                b"431 Request Header Fields Too Large",
+                "request_header_fields_too_large",
+                f"the request line and headers are over {MAX_HEAD_BYTES} bytes",
             )
-            self.transport.write(
-                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (len(body), body)
-            )
-            self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head = True
+        self._in_head = self._in_message = True
+        self._began += 1
+        if self._head_timer is None:
+            self._start_head_timer()
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._stop_head_timer()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        super().on_message_complete()
+
+    def _start_head_timer(self) -> None:
+        timeout = getattr(self.config, "head_timeout_s", DEFAULT_HEAD_TIMEOUT_S)
+        self._head_timer = self.loop.call_later(timeout, self._head_timed_out, timeout)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self, timeout: float) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if not self._in_head:
+            self.transport.close()  # connected, and no request begun
+            return
+        self._in_head = False
+        self._refuse(
+            b"408 Request Timeout",
+            "request_timeout",
+            f"the request line and headers did not arrive within {timeout:g}s (CANARYGATE_CLIENT_TIMEOUT_S)",
+        )
+
+    def _refuse(self, status: bytes, code: str, message: str) -> None:
+        body = orjson.dumps(
+            {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+        )
+        self.transport.write(
+            b"HTTP/1.1 %b\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n"
+            b"\r\n%b" % (status, len(body), body)
+        )
+        self.transport.close()
 
 
 SERVER_OPTIONS: dict[str, Any] = {
@@ -93,7 +148,12 @@ class BackgroundServer:
     """An app served on 127.0.0.1 at an ephemeral (or given) port from a thread with its own loop."""
 
     def __init__(
-        self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+        self,
+        app: ASGIApp,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S,
     ) -> None:
         self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -105,6 +165,7 @@ class BackgroundServer:
         self.host = host
         self.port = self._sock.getsockname()[1]
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, **SERVER_OPTIONS)
+        config.head_timeout_s = head_timeout_s  # type: ignore[attr-defined]  # read by the protocol
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"server-{self.port}", daemon=True)
 

@@ -139,8 +139,10 @@ def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
         settings.setdefault("watch_policies", False)
         problems = [str(p) for p in load_dir(policy_dir)[1] if p.severity == "error"]
         assert not problems, "\n".join(problems)
-        app = create_app(Settings(policy_dir=policy_dir, **settings), registry=registry)
-        gateway = Gateway(BackgroundServer(app).start(), policy_dir, app)
+        config = Settings(policy_dir=policy_dir, **settings)
+        app = create_app(config, registry=registry)
+        server = BackgroundServer(app, head_timeout_s=config.client_timeout_s).start()
+        gateway = Gateway(server, policy_dir, app)
         started.append(gateway)
         return gateway
 

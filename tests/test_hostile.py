@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import select
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,10 @@ import httpx
 from gateway.body import MAX_DEPTH
 from gateway.loader import load_dir
 from gateway.validation import MAX_SCHEMA_BYTES
-from tests.conftest import GatewayFactory, Sim, policy_yaml
+from tests.conftest import GatewayFactory, RawUpstream, Sim, policy_yaml
 from tests.test_fallback import MESSAGES
+from tests.test_metrics import scrape, value
+from tests.test_transport import answer
 
 
 def post(url: str, **body: Any) -> httpx.Response:
@@ -159,3 +163,158 @@ def test_a_client_that_stops_sending_its_body_gets_a_408_and_the_connection_clos
     assert head.startswith(b"HTTP/1.1 408"), answer
     assert json.loads(body)["error"]["code"] == "request_timeout"
     assert httpx.get(f"{gw.url}/healthz").status_code == 200
+
+
+# A recursive oneOf: each level of the answer doubles the work (14 levels of a 60-byte answer took 1.8 s
+# on the serving loop before such checks moved to the workers).
+DOUBLING = {
+    "$defs": {
+        "n": {"oneOf": [{"items": {"$ref": "#/$defs/n"}, "minItems": 2}, {"items": {"$ref": "#/$defs/n"}}]}
+    },
+    "type": "object",
+    "properties": {"x": {"$ref": "#/$defs/n"}},
+}
+
+
+def _reply(content: str) -> Callable[[socket.socket], None]:
+    completion = {
+        "id": "chatcmpl-raw",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        ],
+    }
+    return lambda conn: conn.sendall(answer(json.dumps(completion).encode()))
+
+
+def _runtime(url: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/admin/runtime", headers={"Authorization": "Bearer admin"}).json()  # type: ignore[no-any-return]
+
+
+def test_a_schema_check_past_its_time_limit_fails_the_answer_and_the_loop_keeps_serving(
+    make_gateway: GatewayFactory,
+) -> None:
+    nested = "[0," * 40 + "0" + "]" * 40  # 2**40 steps: only the time limit ends it
+    upstream = RawUpstream({"ok": _reply(json.dumps({"x": json.loads(nested)}))})
+    try:
+        gw = make_gateway(
+            {"chat": policy_yaml("chat", f"{upstream.url}/ok/v1")},
+            schema_check_timeout_s=0.5,
+            admin_token="admin",
+        )
+        answered: list[httpx.Response] = []
+        hostile = threading.Thread(target=lambda: answered.append(post(gw.url, **schema_format(DOUBLING))))
+        hostile.start()
+        while hostile.is_alive():  # the health probe answers while the check runs
+            assert httpx.get(f"{gw.url}/healthz", timeout=10).status_code == 200
+            hostile.join(0.01)
+        (response,) = answered
+        assert response.status_code == 200  # the base's invalid answer is returned, and counted
+        samples = scrape(gw.url)
+        assert value(samples, "canarygate_validation_failures_total", route="chat", kind="json_schema") == 1
+        assert _runtime(gw.url)["schema_checks"]["timed_out"] == 1
+        # The worker that ran out of time was replaced: the next check runs (and passes) there.
+        upstream.behaviours["ok"] = _reply(json.dumps({"x": []}))
+        assert post(gw.url, **schema_format(DOUBLING)).status_code == 200
+        samples = scrape(gw.url)
+        assert value(samples, "canarygate_validation_failures_total", route="chat", kind="json_schema") == 1
+    finally:
+        upstream.close()
+
+
+def _tool(name: str, extra: dict[str, Any]) -> dict[str, Any]:
+    properties = {f"field_{i}": {"type": "string", "maxLength": 20} for i in range(400)}
+    return {
+        "type": "function",
+        "function": {"name": name, "parameters": {"type": "object", "properties": properties, **extra}},
+    }
+
+
+def test_schemas_past_a_request_s_share_of_the_loop_compile_in_the_workers(
+    make_gateway: GatewayFactory,
+) -> None:
+    calls = [{"id": "c", "type": "function", "function": {"name": "second", "arguments": '{"field_1": 5}'}}]
+    completion = {
+        "id": "chatcmpl-raw",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": None, "tool_calls": calls},
+                "finish_reason": "tool_calls",
+            }
+        ],
+    }
+    upstream = RawUpstream({"ok": lambda conn: conn.sendall(answer(json.dumps(completion).encode()))})
+    try:
+        gw = make_gateway({"chat": policy_yaml("chat", f"{upstream.url}/ok/v1")}, admin_token="admin")
+        # Two 12 KiB schemas: the first compiles on the loop, the second in a worker.
+        tools = [_tool("first", {}), _tool("second", {"required": ["field_1"]})]
+        response = post(gw.url, tools=tools)
+        assert response.status_code == 200
+        assert _runtime(gw.url)["schema_checks"]["workers"] >= 1
+        samples = scrape(gw.url)  # the worker checked the call's arguments against the second schema
+        assert (
+            value(samples, "canarygate_validation_failures_total", route="chat", kind="tool_args_schema") == 1
+        )
+        # A schema that does not compile is the client's mistake, found by the worker all the same.
+        bad = [_tool("first", {}), _tool("second", {"required": "field_1"})]
+        response = post(gw.url, tools=bad)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "invalid_schema" and error["message"].startswith(
+            "tools[1].function.parameters is not a valid JSON Schema"
+        )
+    finally:
+        upstream.close()
+
+
+def _read_to_close(conn: socket.socket) -> bytes:
+    answer = b""
+    while chunk := conn.recv(65536):  # the gateway closes the connection after its answer
+        answer += chunk
+    return answer
+
+
+def test_a_client_that_trickles_its_head_gets_a_408_and_one_that_sends_nothing_is_closed(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    gw = make_gateway({"chat": policy_yaml("chat", sims[0].url)}, client_timeout_s=0.5)
+    host, port = gw.url.removeprefix("http://").split(":")
+    with (
+        socket.create_connection((host, int(port)), timeout=30) as slow,
+        socket.create_connection((host, int(port)), timeout=30) as idle,
+    ):
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        while True:  # a header a byte at a time (slowloris), until the gateway gives up on the head
+            try:
+                slow.sendall(b"X")
+            except OSError:
+                break
+            if select.select([slow], [], [], 0.05)[0]:
+                break
+        answer = _read_to_close(slow)
+        assert _read_to_close(idle) == b""  # no request begun: closed without a word
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert httpx.get(f"{gw.url}/healthz").status_code == 200
+
+
+def test_the_head_bound_counts_each_pipelined_request_on_its_own(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    gw = make_gateway({"chat": policy_yaml("chat", sims[0].url)})
+    host, port = gw.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "chat", "messages": MESSAGES, "metadata": {"pad": "x" * 100_000}}).encode()
+    first = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    first += b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        # A 100 KB request and the first bytes of the next in one write: the next one's head is small.
+        conn.sendall(first + b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        conn.sendall(b"Connection: close\r\n\r\n")
+        answers = _read_to_close(conn)
+    assert answers.startswith(b"HTTP/1.1 200"), answers[:200]
+    assert answers.count(b"HTTP/1.1 200") == 2 and b"431" not in answers
