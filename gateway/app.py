@@ -58,7 +58,7 @@ from gateway.routetable import RouteTable
 from gateway.settings import Settings
 from gateway.state import MemoryState, RedisState, RouteState, State, StateUnavailable
 from gateway.stats import Recorder
-from gateway.tasks import Spawner
+from gateway.tasks import LoopLag, Spawner
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
 from gateway.upstream import Upstream
@@ -116,6 +116,7 @@ class Services:
             ready=self.readiness.check,
         )
         self.api_keys = ApiKeys(settings.api_keys, settings.api_key_groups)
+        self.loop_lag = LoopLag()
         self.keys_file = (
             KeysFile(settings.api_keys_file, self.api_keys, settings.env_api_keys)
             if settings.api_keys_file is not None
@@ -195,6 +196,7 @@ class Services:
         self.spawner.spawn(self.stats.run(), name="stats-flush")
         self.spawner.spawn(self.assignments.run(), name="assignments-flush")
         self.spawner.spawn(self.controller.run(), name="rollout-controller")
+        self.spawner.spawn(self.loop_lag.run(), name="loop-lag")
         if self.settings.watch_policies:
             self.spawner.spawn(self.routes.watch(), name="policy-watch")
         if self.keys_file is not None:
@@ -333,6 +335,7 @@ def _api(services: Services) -> FastAPI:
             **_process_resources(),
             "upstream_pools": services.upstream.stats(),
             "schema_checks": services.proxy.checks.stats(),
+            "loop_lag": services.loop_lag.view(),
         }
 
     @api.get("/admin/pairs", dependencies=[Depends(admin)])

@@ -11,23 +11,33 @@ and the answer is treated as failing the schema, saying why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import subprocess
 import sys
 import threading
-from collections import OrderedDict
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import orjson
 
-from gateway.validation import Deferred, Failure, Schema, SchemaError, compile_validator, first_error
+from gateway.validation import (
+    Deferred,
+    Failure,
+    Schema,
+    SchemaCache,
+    SchemaError,
+    compile_schema,
+    first_error,
+)
 
 log = logging.getLogger("gateway.checks")
 
 WORKERS = 2
+WORKER_CACHE_BYTES = 32 * 1024 * 1024  # compiled schemas each worker keeps (see compiled_size)
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT_S = 60.0  # a worker imports jsonschema-rs and orjson, then says it is ready
 
@@ -156,9 +166,14 @@ class SchemaChecks:
             self._all.discard(worker)
 
     def stats(self) -> dict[str, int]:
-        """Workers running (they start on first use) and checks given up on since start."""
+        """Workers running (they start on first use), their RSS together, and checks given up on."""
         with self._lock:
-            return {"workers": len(self._all), "timed_out": self.timed_out}
+            pids = [worker.process.pid for worker in self._all]
+        rss = 0
+        for pid in pids:
+            with contextlib.suppress(OSError, IndexError, ValueError):  # gone meanwhile, or not Linux
+                rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return {"workers": len(pids), "rss_bytes": rss, "timed_out": self.timed_out}
 
     def close(self) -> None:
         with self._lock:
@@ -173,7 +188,7 @@ _FAILED = object()
 
 def serve(conn: Connection) -> None:
     """The worker: compiles (keeping the most recent schemas) and checks, one request at a time."""
-    compiled: OrderedDict[str, Any] = OrderedDict()
+    cache = SchemaCache(max_bytes=WORKER_CACHE_BYTES)
     conn.send_bytes(b"ready")
     while True:
         try:
@@ -182,14 +197,12 @@ def serve(conn: Connection) -> None:
             return
         reply: str | None
         try:
-            validator = compiled.get(text)
-            if validator is None:
-                validator = compiled[text] = compile_validator(orjson.loads(text), "the schema")
-                while len(compiled) > 256:
-                    compiled.popitem(last=False)
-            else:
-                compiled.move_to_end(text)
-            reply = first_error(validator, orjson.loads(instance)) if op == "check" else None
+            schema = cache.find(text.encode())
+            if schema is None:
+                schema = compile_schema(orjson.loads(text), "the schema")
+                cache.add(schema)
+            assert schema.validator is not None
+            reply = first_error(schema.validator, orjson.loads(instance)) if op == "check" else None
         except SchemaError as exc:
             reply = str(exc).removeprefix("the schema is not a valid JSON Schema: ")
         conn.send_bytes(orjson.dumps(reply))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
@@ -33,3 +34,26 @@ class Spawner:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class LoopLag:
+    """How late the event loop runs a timer, sampled every interval: the time something else held the
+    loop (a long computation, a blocking call). The largest over the last minute, and since start."""
+
+    def __init__(self, interval_s: float = 0.25, window: int = 240) -> None:
+        self._interval_s = interval_s
+        self._recent: deque[float] = deque(maxlen=window)
+        self._max_s = 0.0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(self._interval_s)
+            lag = max(0.0, loop.time() - started - self._interval_s)
+            self._recent.append(lag)
+            self._max_s = max(self._max_s, lag)
+
+    def view(self) -> dict[str, float]:
+        recent = max(self._recent, default=0.0)
+        return {"recent_max_ms": round(recent * 1000, 1), "max_ms": round(self._max_s * 1000, 1)}

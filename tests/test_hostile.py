@@ -31,15 +31,18 @@ def schema_format(schema: dict[str, Any]) -> dict[str, Any]:
     return {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
 
 
-def test_a_schema_past_the_size_limit_is_a_400_naming_it(
+def test_schemas_past_the_size_limit_are_400s_naming_it_and_cost_no_memory(
     sims: tuple[Sim, Sim], make_gateway: GatewayFactory
 ) -> None:
-    gw = make_gateway({"chat": policy_yaml("chat", sims[0].url)})
-    properties = {f"field_{i}": {"type": "string", "pattern": "^[a-z]+$"} for i in range(3000)}
-    response = post(gw.url, **schema_format({"type": "object", "properties": properties}))
-    assert response.status_code == 400
-    error = response.json()["error"]
-    assert error["code"] == "invalid_schema" and f"at most {MAX_SCHEMA_BYTES} bytes" in error["message"]
+    gw = make_gateway({"chat": policy_yaml("chat", sims[0].url)}, admin_token="admin")
+    before = _runtime(gw.url)["rss_bytes"]
+    for n in range(4):  # 1.2 MB each, all distinct (before the limit: +600 MiB, kept)
+        properties = {f"field_{n}_{i}": {"type": "string", "pattern": "^[a-z]+$"} for i in range(20_000)}
+        response = post(gw.url, **schema_format({"type": "object", "properties": properties}))
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["code"] == "invalid_schema" and f"at most {MAX_SCHEMA_BYTES} bytes" in error["message"]
+    assert _runtime(gw.url)["rss_bytes"] - before < 64 * 2**20  # what parsing four such bodies takes
 
 
 def test_a_catastrophic_pattern_gives_up_at_once_and_the_gateway_keeps_answering(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from gateway.validation import (
     check_chat,
     check_completion,
     compile_schema,
+    compiled_size,
     rules_for,
     schema_text,
 )
@@ -179,6 +181,32 @@ def test_schemas_compile_once_per_distinct_schema() -> None:
     cache.get({"type": "integer"}, "x", compiling)
     assert len(cache) == 2  # bounded
     assert compiling.pending == []
+
+
+def test_the_cache_is_bounded_by_what_compiled_schemas_take() -> None:
+    def schema(n: int) -> dict[str, Any]:
+        return {"type": "object", "properties": {f"p{n:02}_{i:03}": {"type": "string"} for i in range(300)}}
+
+    one = compile_schema(schema(0), "x")
+    cache = SchemaCache(max_bytes=compiled_size(one) * 5 + 1)
+    for n in range(20):
+        cache.get(schema(n), "x", Compiling())
+    assert len(cache) == 5  # by the compiled size (20 times the text and more), not the text's 15 KB each
+
+
+def test_a_cached_schema_text_holds_only_its_bytes() -> None:
+    schema = {
+        "type": "object",
+        "properties": {f"f{i}": {"type": "string", "maxLength": 9} for i in range(1400)},
+    }
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        text = schema_text(schema, "x")
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * len(text)  # orjson's own buffer is rounded up: 507 KiB for these 57 KB
 
 
 def test_a_request_compiles_only_its_share_of_schema_bytes_on_the_loop() -> None:
