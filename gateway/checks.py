@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,7 @@ class SchemaChecks:
             self._free.put_nowait(None)  # a place for a worker, started when first needed
         self._lock = threading.Lock()
         self._all: set[Worker] = set()
+        self._threads = ThreadPoolExecutor(workers, thread_name_prefix="schema-check")
         self.timed_out = 0  # checks given up on, for /admin/runtime
 
     async def first_failure(self, checks: list[Deferred]) -> Failure | None:
@@ -142,9 +144,10 @@ class SchemaChecks:
                     self._forget(current)
                     current.stop()
                 current, result = None, _FAILED
-            loop.call_soon_threadsafe(self._release, current, done, result)
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the gateway is gone
+                loop.call_soon_threadsafe(self._release, current, done, result)
 
-        threading.Thread(target=run, name="schema-check", daemon=True).start()
+        self._threads.submit(run)  # one thread per worker, each waiting on its worker's answer
         return await done
 
     def _release(self, worker: Worker | None, done: asyncio.Future[Any], result: Any) -> None:
@@ -180,6 +183,7 @@ class SchemaChecks:
             workers, self._all = self._all, set()
         for worker in workers:
             worker.stop()
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
 
 _TIMED_OUT = object()
