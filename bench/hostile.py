@@ -32,14 +32,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from run import free_port, wait_up
+
+from tests.wellformed import WellFormed, well_formed
 
 TOKEN = "bench-admin-token"
 POLICY = """
@@ -56,45 +58,6 @@ ALIAS_BOMB = (
     )
     + "route: bomb\narms: {base: {url: 'http://127.0.0.1:9/v1', model: m}}\n"
 )
-
-
-class Upstream(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    content = "{}"
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("content-length", 0)))
-        answer = {
-            "id": "x",
-            "object": "chat.completion",
-            "created": 1,
-            "model": "m",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": self.content},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }
-        data = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        data = b'{"object": "list", "data": [{"id": "m", "object": "model"}]}'
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 class Gateway:
@@ -226,14 +189,14 @@ def distinct_schemas(gw: Gateway) -> dict[str, Any]:
 def catastrophic_pattern(gw: Gateway) -> dict[str, Any]:
     # Each string fails the pattern only after backtracking, and then passes the second branch: all 150
     # are checked, and the answer is valid.
-    Upstream.content = json.dumps({"words": [f"{'a' * 30}b{i}" for i in range(150)]})  # distinct: no cache
+    WellFormed.content = json.dumps({"words": [f"{'a' * 30}b{i}" for i in range(150)]})  # distinct: no cache
     slow = {"anyOf": [{"type": "string", "pattern": r"(a*)*\1$"}, {"type": "string"}]}
     schema = {"type": "object", "properties": {"words": {"type": "array", "items": slow}}}
     return stall(gw, lambda: _bounded(lambda: gw.chat(**schema_format(schema)).status_code))
 
 
 def recursive_one_of(gw: Gateway) -> dict[str, Any]:
-    Upstream.content = json.dumps({"x": json.loads("[0," * 40 + "0" + "]" * 40)})
+    WellFormed.content = json.dumps({"x": json.loads("[0," * 40 + "0" + "]" * 40)})
     doubling = {
         "$defs": {
             "n": {
@@ -312,21 +275,17 @@ def main() -> int:
     unknown = set(chosen) - set(PROBES)
     if unknown:
         parser.error(f"no such probe: {', '.join(sorted(unknown))}")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    upstream = f"http://127.0.0.1:{server.server_address[1]}/v1"
     results = {}
-    for name in chosen:  # each on a gateway of its own: one that a probe hangs is killed
-        probe = PROBES[name]
-        with tempfile.TemporaryDirectory() as workdir:
-            gw = Gateway(upstream, Path(workdir))
-            try:
-                results[name] = probe(gw)
-            finally:
-                gw.stop()
-                Upstream.content = "{}"
-    server.shutdown()
+    answer = WellFormed.content
+    with well_formed() as upstream:
+        for name in chosen:  # each on a gateway of its own: one that a probe hangs is killed
+            with tempfile.TemporaryDirectory() as workdir:
+                gw = Gateway(upstream, Path(workdir))
+                try:
+                    results[name] = PROBES[name](gw)
+                finally:
+                    gw.stop()
+                    WellFormed.content = answer
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -4,10 +4,7 @@ doing, so it must be a success or a 4xx naming the field, never a 5xx."""
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -17,87 +14,13 @@ from hypothesis import strategies as st
 
 from tests.conftest import GatewayFactory, policy_yaml
 from tests.test_fuzz import assert_answer, json_values
-
-CONTENT = '{"answer": "yes", "items": [1, 2]}'
-
-
-class WellFormed(BaseHTTPRequestHandler):
-    """An upstream that answers every chat, completions and embeddings request with a well-formed answer
-    (streamed when asked), whatever the request says."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
-        if self.path.endswith("/embeddings"):
-            self._json(
-                {
-                    "object": "list",
-                    "model": "m",
-                    "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
-                    "usage": {"prompt_tokens": 1, "total_tokens": 1},
-                }
-            )
-            return
-        chat = self.path.endswith("/chat/completions")
-        usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
-        if body.get("stream") is True:
-            self._stream(chat, bool((body.get("stream_options") or {}).get("include_usage")), usage)
-            return
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": CONTENT}
-        else:
-            choice["text"] = CONTENT
-        kind = "chat.completion" if chat else "text_completion"
-        self._json(
-            {"id": "x", "object": kind, "created": 1, "model": "m", "choices": [choice], "usage": usage}
-        )
-
-    def _json(self, answer: dict[str, Any]) -> None:
-        data = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _stream(self, chat: bool, include_usage: bool, usage: dict[str, int]) -> None:
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-            chunk = {"id": "x", "object": kind, "created": 1, "model": "m", "choices": choices, **extra}
-            return b"data: " + json.dumps(chunk).encode() + b"\n\n"
-
-        piece = (lambda text: {"delta": {"content": text}}) if chat else (lambda text: {"text": text})
-        events = [
-            event([{"index": 0, **piece(CONTENT[:10]), "finish_reason": None}]),
-            event([{"index": 0, **piece(CONTENT[10:]), "finish_reason": "stop"}]),
-        ]
-        if include_usage:
-            events.append(event([], usage=usage))
-        data = b"".join(events) + b"data: [DONE]\n\n"
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        self._json({"object": "list", "data": []})
-
-    def log_message(self, *args: Any) -> None:
-        pass
+from tests.wellformed import well_formed
 
 
 @pytest.fixture(scope="module")
-def well_formed() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), WellFormed)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+def upstream() -> Iterator[str]:
+    with well_formed() as url:
+        yield url
 
 
 SETTINGS = settings(
@@ -274,8 +197,8 @@ validation: {json: auto, tool_calls: true}
 """
 
 
-def test_no_request_shape_gets_a_5xx_from_the_gateway(well_formed: str, make_gateway: GatewayFactory) -> None:
-    gw = make_gateway({"chat": policy_yaml("chat", well_formed, well_formed, weight=50, extra=POLICY)})
+def test_no_request_shape_gets_a_5xx_from_the_gateway(upstream: str, make_gateway: GatewayFactory) -> None:
+    gw = make_gateway({"chat": policy_yaml("chat", upstream, upstream, weight=50, extra=POLICY)})
     with httpx.Client(base_url=gw.url, timeout=30) as client:
 
         @SETTINGS
