@@ -71,21 +71,21 @@ class Request:
         rules: Rules | None,
         metrics: RouteMetrics,
         span: Span | None,
-        cohort: str = "all",
-        checks: SchemaChecks | None = None,
+        cohort: str,
+        checks: SchemaChecks,
     ) -> None:
         self.checks = checks  # where schema checks too costly for the loop run
         self.route = route
         self.cohort = cohort
         self.endpoint = endpoint
         self.body = body
-        self.payload = payload = body.payload
+        self.payload = body.payload
         self.headers = headers
         self.token = token
         self.rules = rules
         self.metrics = metrics
         self.span = span
-        self.stream = payload.get("stream") is True
+        self.stream = body.payload.get("stream") is True
         self.upstream_s = 0.0  # time spent waiting on upstreams, summed over attempts
         self.pairs: list[Pair] = []  # shadow calls that will be compared with this request's answer
 
@@ -115,11 +115,10 @@ class Request:
         if malformed is not None:
             return Failure("malformed", malformed)
         rules = self.rules or SHAPE_ONLY
-        later: list[Deferred] | None = [] if self.checks is not None else None
+        later: list[Deferred] = []
         check = check_chat if self.endpoint == "chat" else check_completion
         failure = check(answer, rules, later)
         if failure is None and later:
-            assert self.checks is not None
             failure = await self.checks.first_failure(later)
         return failure
 

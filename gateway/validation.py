@@ -162,6 +162,8 @@ class SchemaCache:
         return found
 
     def add(self, schema: Schema) -> None:
+        if self.find(schema.text) is not None:
+            return  # a request that carries the same schema twice compiles it twice, and counts it once
         self._entries[schema.text] = schema
         self._bytes += compiled_size(schema)
         while len(self._entries) > self._size or self._bytes > self._max_bytes:

@@ -192,6 +192,10 @@ def test_the_cache_is_bounded_by_what_compiled_schemas_take() -> None:
     for n in range(20):
         cache.get(schema(n), "x", Compiling())
     assert len(cache) == 5  # by the compiled size (20 times the text and more), not the text's 15 KB each
+    for n in range(15, 20):
+        cache.add(compile_schema(schema(n), "x"))  # again: counted once
+    cache.get(schema(0), "x", Compiling())
+    assert len(cache) == 5
 
 
 def test_a_cached_schema_text_holds_only_its_bytes() -> None:
