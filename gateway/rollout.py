@@ -16,7 +16,7 @@ from gateway.analysis import ArmWindow, Verdict, decide, judge
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, Unavailable
 from gateway.readiness import ArmReadiness
 from gateway.route import Route, RouteArm
-from gateway.state import Phase, RouteState, State, StateUnavailable, change
+from gateway.state import Phase, RouteState, State, StateUnavailable, VersionConflict, change
 from gateway.tracing import Tracing
 
 log = logging.getLogger("gateway.rollout")
@@ -84,13 +84,19 @@ class Rollouts:
         return await self.move(name, by, reason or "promoted", phase="promoted", weight=100.0, resume_to=None)
 
     async def rollback(
-        self, name: str, by: str, reason: str | None, gates: list[dict[str, Any]] | None = None
+        self,
+        name: str,
+        by: str,
+        reason: str | None,
+        gates: list[dict[str, Any]] | None = None,
+        basis: RouteState | None = None,
     ) -> RouteState:
         self.view(name)
         return await self.move(
             name,
             by,
             reason or "rolled back",
+            basis,
             gates=gates,
             phase="rolled_back",
             weight=0.0,
@@ -98,9 +104,12 @@ class Rollouts:
             resume_to=None,
         )
 
-    async def move(self, name: str, by: str, reason: str, **changes: Any) -> RouteState:
+    async def move(
+        self, name: str, by: str, reason: str, basis: RouteState | None = None, **changes: Any
+    ) -> RouteState:
+        """basis: the state a controller move was judged on (see state.change)."""
         try:
-            state = await change(self._state, name, by, reason, **changes)
+            state = await change(self._state, name, by, reason, basis, **changes)
         except StateUnavailable as exc:
             raise Unavailable(
                 "the rollout state store (Redis) cannot be reached: nothing was changed; "
@@ -214,6 +223,11 @@ class Controller:
                     await self.consider(route)
                 except (StateUnavailable, Unavailable):
                     log.warning("route=%s controller holds: the state store cannot be reached", route.name)
+                except VersionConflict:  # an operator (or another leader) moved it since it was judged
+                    log.info(
+                        "route=%s controller move dropped: the rollout changed since it was judged",
+                        route.name,
+                    )
                 except Exception:
                     log.exception("route=%s controller failed to judge the rollout", route.name)
 
@@ -240,7 +254,7 @@ class Controller:
             reason = "; ".join(
                 f"{v.gate}{'' if v.cohort == 'all' else f' [cohort {v.cohort}]'} {v.reason}" for v in failed
             )
-            await self._rollouts.rollback(route.name, "controller", f"gate failed: {reason}", gates)
+            await self._rollouts.rollback(route.name, "controller", f"gate failed: {reason}", gates, current)
         elif decision == "advance" and analysis.fresh > 0:
             if current.phase == "shadow" and not await self._candidate_ready(route, current):
                 return
@@ -256,7 +270,7 @@ class Controller:
             return True
         reason = f"held in shadow: the candidate is not ready ({readiness.status}): {readiness.detail}"
         if current.history[-1].reason != reason:
-            await self._rollouts.move(route.name, "controller", reason)
+            await self._rollouts.move(route.name, "controller", reason, current)
         return False
 
     async def _advance(
@@ -270,6 +284,7 @@ class Controller:
                 route.name,
                 "controller",
                 reason,
+                current,
                 gates=gates,
                 phase=phase,
                 step=following,
@@ -280,6 +295,7 @@ class Controller:
                 route.name,
                 "controller",
                 f"gates passed at every step: promoted after {len(steps)} steps",
+                current,
                 gates=gates,
                 phase="promoted",
                 weight=100.0,

@@ -541,8 +541,17 @@ def _windows(fields: Mapping[bytes, bytes]) -> dict[str, ArmWindow]:
     return arms
 
 
-async def change(state: State, route: str, by: str, reason: str, **changes: Any) -> RouteState:
-    """Read-modify-write with retries on conflict: the operator's change lands on the newest state."""
+async def change(
+    state: State, route: str, by: str, reason: str, basis: RouteState | None = None, **changes: Any
+) -> RouteState:
+    """Read-modify-write. Without a basis (an operator's change) it retries on conflict, so it lands on
+    the newest state. With one (the state a controller judged), it is written on that version or not at
+    all: VersionConflict means the rollout moved since it was judged, and the move is dropped, to be
+    judged again on the new state, never re-applied over an operator's word."""
+    if basis is not None:
+        new = basis.moved(reason=reason, by=by, **changes)
+        await state.write(new, basis.version)
+        return new
     for _ in range(5):
         current = state.current(route)
         if current is None:
