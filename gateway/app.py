@@ -56,7 +56,7 @@ from gateway.rollout import Analysis, Controller, Rollouts, analyse, effective
 from gateway.route import Route
 from gateway.routetable import RouteTable
 from gateway.settings import Settings
-from gateway.state import MemoryState, RedisState, RouteState, State, StateUnavailable
+from gateway.state import MemoryState, RedisState, RouteState, State, StateUnavailable, order, skewed
 from gateway.stats import Recorder
 from gateway.tasks import LoopLag, Spawner
 from gateway.telemetry import Metrics
@@ -97,6 +97,7 @@ class Services:
         )
         self.state.on_change(self._state_changed)
         self._versions: dict[str, tuple[str, int]] = {}  # route -> (rollout, version) last applied
+        self._skews: dict[str, dict[str, str] | None] = {}  # route -> its policy skew, last seen
         self.routes = RouteTable(
             settings.policy_dir,
             on_reload=self._reloaded,
@@ -162,8 +163,39 @@ class Services:
             state = self.state.current(route.name)
             if state is not None:
                 self.metrics.rollout(state)
+            self._check_skew(route.name)
+
+    def skew(self, name: str) -> dict[str, str] | None:
+        """How this replica's policy for a route differs from the active rollout (None: it does not)."""
+        route = self.routes.compiled(name)
+        state = self.state.current(name)
+        if route is None or state is None or not skewed(route, state):
+            return None
+        standing = "superseded" if order(route, state) == "older" else "not yet started"
+        return {"policy_rollout": route.rollout_key, "active_rollout": state.rollout, "policy_is": standing}
+
+    def _check_skew(self, name: str) -> None:
+        """The skew gauge, and a log line each time a route's skew begins or ends."""
+        skew = self.skew(name)
+        seen = self._skews.get(name)
+        self._skews[name] = skew
+        self.metrics.skew(name, skew is not None)
+        if skew == seen:
+            return
+        if skew is not None and skew["policy_is"] == "superseded":
+            log.warning(
+                "route=%s policy skew: this replica's policy is rollout %s, which rollout %s superseded; "
+                "the route is served from the base only until this replica's policy catches up (to run it "
+                "again, give it a new identity: see 'Several replicas' in the README)",
+                name,
+                skew["policy_rollout"],
+                skew["active_rollout"],
+            )
+        elif skew is None and seen is not None:
+            log.info("route=%s policy skew over: this replica serves the active rollout", name)
 
     def _state_changed(self, state: RouteState) -> None:
+        self._check_skew(state.route)
         seen = self._versions.get(state.route)
         self._versions[state.route] = (state.rollout, state.version)
         self.routes.refresh(state.route)
@@ -528,6 +560,8 @@ async def _readiness(services: Services) -> JSONResponse:
             "reloads": services.routes.reloads,
             "last_reload_errors": [str(p) for p in services.routes.last_problems],
         },
+        # Routes whose policy here is not the active rollout's: served from the base until it catches up.
+        "policy_skew": {r.name: skew for r in routes if (skew := services.skew(r.name)) is not None},
         "api_keys": {
             "keys": len(services.api_keys),
             **(services.keys_file.view() if services.keys_file is not None else {}),

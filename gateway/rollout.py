@@ -16,7 +16,7 @@ from gateway.analysis import ArmWindow, Verdict, decide, judge
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, Unavailable
 from gateway.readiness import ArmReadiness
 from gateway.route import Route, RouteArm
-from gateway.state import Phase, RouteState, State, StateUnavailable, VersionConflict, change
+from gateway.state import Phase, RouteState, State, StateUnavailable, VersionConflict, change, skewed
 from gateway.tracing import Tracing
 
 log = logging.getLogger("gateway.rollout")
@@ -29,9 +29,14 @@ NO_SHADOWS = frozenset({"paused", "promoted", "rolled_back"})
 
 
 def effective(route: Route, state: RouteState | None) -> Route:
-    """The route as it serves now: the policy's, with the weight (and mirror switch) of its state."""
-    if state is None or state.rollout != route.rollout_key:
+    """The route as it serves now: the policy's, with the weight (and mirror switch) of its state. A
+    replica whose policy is not the active rollout's serves the base only: the safe side."""
+    if state is None:
         return route
+    if skewed(route, state):
+        return (
+            route if route.weight == 0 and route.mirror is None else replace(route, weight=0.0, mirror=None)
+        )
     mirror = route.mirror if state.mirror and state.phase not in NO_SHADOWS else None
     if state.weight == route.weight and mirror is route.mirror:
         return route

@@ -31,6 +31,7 @@ V = TypeVar("V")
 Phase = Literal["shadow", "progressing", "paused", "promoted", "rolled_back", "manual"]
 PHASES: tuple[Phase, ...] = ("shadow", "progressing", "paused", "promoted", "rolled_back", "manual")
 HISTORY = 50  # transitions kept per route
+SUPERSEDED = 50  # earlier rollouts remembered per route
 MEMORY_RECORDS = 200_000  # default bound of in-memory assignment records (the oldest go first)
 StatsKey = tuple[str, str, int, str]  # route, rollout, interval number, arm ("base", "candidate", "shadow")
 POLL_S = 1.0
@@ -69,6 +70,7 @@ class RouteState:
     history: tuple[Transition, ...] = field(default=())
     started_at: float = 0.0  # when this rollout began: the analysis window opens here
     step_at: float = 0.0  # when the current phase or step began
+    superseded: tuple[str, ...] = ()  # the route's earlier rollouts, oldest first: never started again
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -77,6 +79,7 @@ class RouteState:
     def from_json(cls, data: bytes | str) -> RouteState:
         raw = orjson.loads(data)
         raw["history"] = tuple(Transition(**t) for t in raw.get("history", ()))
+        raw["superseded"] = tuple(raw.get("superseded", ()))
         return cls(**raw)
 
     def moved(
@@ -92,9 +95,10 @@ class RouteState:
         return replace(state, history=(*self.history, entry)[-HISTORY:])
 
 
-def initial(route: Route) -> RouteState:
+def initial(route: Route, replacing: RouteState | None = None) -> RouteState:
     """Where a rollout starts. Manual mode: the policy's weight, changed only by an operator from then
-    on. Automatic mode: the mirror-only phase (shadow_first) or the first step."""
+    on. Automatic mode: the mirror-only phase (shadow_first) or the first step. replacing: the route's
+    rollout this one supersedes (remembered, so that no replica starts that one again)."""
     now = time.time()
     auto = route.automatic
     phase: Phase = "manual"
@@ -116,7 +120,22 @@ def initial(route: Route) -> RouteState:
         history=(entry,),
         started_at=now,
         step_at=now,
+        superseded=() if replacing is None else (*replacing.superseded, replacing.rollout)[-SUPERSEDED:],
     )
+
+
+def order(route: Route, stored: RouteState | None) -> str:
+    """How this replica's policy for a route stands to the rollout stored for it: "same", "newer" (a
+    rollout the store has not seen: it starts, superseding the stored one) or "older" (superseded already:
+    never written again; the replica serves the route from the base until its policy catches up)."""
+    if stored is None or stored.rollout == route.rollout_key:
+        return "same" if stored is not None else "newer"
+    return "older" if route.rollout_key in stored.superseded else "newer"
+
+
+def skewed(route: Route, state: RouteState | None) -> bool:
+    """This replica's policy is not the active rollout's (a rolling update, a ConfigMap on its way)."""
+    return state is not None and state.rollout != route.rollout_key
 
 
 class State(Protocol):
@@ -185,8 +204,8 @@ class MemoryState:
         for route in routes:
             current.add((route.name, route.rollout_key))
             state = self._states.get(route.name)
-            if state is None or state.rollout != route.rollout_key:
-                self._set(initial(route))
+            if order(route, state) == "newer":
+                self._set(initial(route, state))
         for key in [k for k in self._stats if k not in current]:
             del self._stats[key]  # statistics of rollouts that ended
 
@@ -468,13 +487,14 @@ class RedisState:
         for name, raw in zip(names, stored, strict=True):
             route = self._routes[name]
             state = RouteState.from_json(raw) if raw else None
-            if state is not None and state.rollout == route.rollout_key:
-                self._set(state)
+            if state is not None and order(route, state) != "newer":
+                self._set(state)  # ours, or a newer rollout's: this replica serves the base (skewed)
                 continue
             known = self._states.get(name)
-            # Nothing stored for this rollout: ours, when this replica knows it (Redis restarted empty:
-            # the rollout resumes where it was), else the policy's starting point.
-            seed = known if known is not None and known.rollout == route.rollout_key else initial(route)
+            if state is None and known is not None and order(route, known) != "newer":
+                seed = known  # Redis restarted empty: the rollout this replica knows resumes where it was
+            else:
+                seed = initial(route, state or known)  # ours starts, superseding what was there
             expected = state.version if state else 0
             version = max(expected, known.version if known is not None else 0) + 1  # never goes back
             try:

@@ -136,6 +136,13 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.policy_skew = Gauge(
+            "canarygate_policy_skew",
+            "1 while this replica's policy for the route is not the active rollout's (it serves the base)",
+            ["route"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.rollout_phase = Gauge(
             "canarygate_rollout_phase",
             "1 for the route's current rollout phase",
@@ -227,6 +234,10 @@ class Metrics:
             self.rollout_transitions.labels(state.route, phase)
         if transition:
             self.rollout_transitions.labels(state.route, state.phase).inc()
+
+    def skew(self, route: str, skewed: bool) -> None:
+        if self.enabled:
+            self.policy_skew.labels(route).set(1 if skewed else 0)
 
     def gates(self, analysis: Analysis) -> None:
         """The controller's latest judgement of a route (set by the replica that holds the lease)."""

@@ -1,18 +1,23 @@
-"""Replicas that agree: on one real Redis, an operator's word wins over a controller move judged before
-it, on every interleaving tried."""
+"""Replicas that agree, on one real Redis: an operator's word wins over a controller move judged before
+it, on every interleaving tried; a replica whose policy was superseded never writes it again and serves
+the route from the base until it catches up."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from gateway.errors import Conflict
-from gateway.rollout import Rollouts
-from gateway.state import RedisState, RouteState, VersionConflict
+from gateway.rollout import Rollouts, effective
+from gateway.state import RedisState, RouteState, VersionConflict, change, order, skewed
 from gateway.tasks import Spawner
-from tests.conftest import REDIS_URL, policy_yaml
-from tests.test_state import AUTOMATIC, routes_of
+from tests.conftest import REDIS_URL, GatewayFactory, Sim, policy_yaml, wait_for
+from tests.test_metrics import scrape, value
+from tests.test_state import AUTOMATIC, canary_text, routes_of
 
 OPERATOR_ACTIONS = ("pause", "resume", "rollback", "promote", "set_weight")
 
@@ -83,3 +88,71 @@ def test_an_operator_s_action_wins_over_a_controller_move_judged_before_it(
         assert sum(o for o, _ in totals) > 0 and sum(landed for _, landed in totals) > 0  # both paths ran
 
     asyncio.run(run())
+
+
+def test_a_replica_with_a_superseded_policy_never_writes_it_and_serves_the_base(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    (old,) = routes_of(tmp_path, canary_text(weight=30))
+    (new,) = routes_of(tmp_path, canary_text(weight=30, model="tuned-2"))
+
+    async def run() -> None:
+        spawner = Spawner()
+        a, b, c = (RedisState(REDIS_URL, redis_prefix, spawner, poll_s=30) for _ in range(3))
+        try:
+            await a.start([old])  # the old policy's rollout, rolled back by an operator
+            await change(a, "chat", "admin", "rolled back", phase="rolled_back", weight=0.0, mirror=False)
+            await b.start([new])  # a rolling update: the new policy starts its rollout once
+            started = b.current("chat")
+            assert started is not None and started.rollout == new.rollout_key
+            assert started.superseded == (old.rollout_key,) and started.phase == "manual"
+            await change(b, "chat", "admin", "rolled back", phase="rolled_back", weight=0.0, mirror=False)
+            rolled_back = b.current("chat")
+            assert rolled_back is not None
+            await c.start([old])  # a replica still on the old policy starts, or restarts
+            for _ in range(5):  # and they all sync, again and again: nobody rewrites the rollout
+                for state, route in ((a, old), (b, new), (c, old)):
+                    await state.adopt([route])
+            for state, route in ((a, old), (c, old)):
+                seen = state.current("chat")
+                assert seen == rolled_back  # the active rollout, as stored: rolled back, and staying so
+                assert skewed(route, seen) and order(route, seen) == "older"
+                served = effective(route, seen)
+                assert served.weight == 0 and served.mirror is None  # the old candidate gets no one
+            await a.adopt([new])  # its policy catches up
+            caught_up = a.current("chat")
+            assert caught_up == rolled_back and not skewed(new, caught_up)
+        finally:
+            await spawner.close()
+            for state in (a, b, c):
+                await state.close()
+
+    asyncio.run(run())
+
+
+def test_a_skewed_replica_says_so_and_its_users_get_the_base(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory, redis_prefix: str
+) -> None:
+    base, candidate = sims
+    shared = {"redis_url": REDIS_URL, "redis_prefix": redis_prefix, "admin_token": "admin"}
+    old = make_gateway({"chat": policy_yaml("chat", base.url, candidate.url, weight=100)}, **shared)
+    newer = policy_yaml("chat", base.url, candidate.url, weight=100).replace(
+        "model: tuned-model", "model: tuned-2"
+    )
+    make_gateway({"chat": newer}, **shared)  # a replica with the new policy: its rollout supersedes
+
+    def detail() -> dict[str, Any]:
+        return httpx.get(f"{old.url}/readyz", headers={"Authorization": "Bearer admin"}).json()  # type: ignore[no-any-return]
+
+    wait_for(lambda: "chat" in detail()["policy_skew"], message="the old replica to see the new rollout")
+    skew = detail()["policy_skew"]["chat"]
+    assert skew["policy_is"] == "superseded" and skew["policy_rollout"] != skew["active_rollout"]
+    assert value(scrape(old.url), "canarygate_policy_skew", route="chat") == 1
+    client = old.client()
+    arms = {
+        client.chat.completions.with_raw_response.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}], user=f"user-{n}"
+        ).headers["x-canarygate-arm"]
+        for n in range(10)
+    }
+    assert arms == {"base"}  # weight 100 in its policy, and still: the superseded candidate serves no one
