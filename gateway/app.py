@@ -244,6 +244,7 @@ class Services:
 
     async def close(self) -> None:
         await self.spawner.close()
+        await self.controller.resign()
         with contextlib.suppress(StateUnavailable):
             await self.stats.flush()
             await self.assignments.flush()
@@ -375,7 +376,10 @@ def _api(services: Services) -> FastAPI:
         """Recent compared shadow pairs of a route, newest first, as JSON lines."""
         if services.routes.get(route) is None:
             raise ModelNotFound(f"no route {route[:100]!r} on this gateway", param="route")
-        records = await services.pairs.recent(route, max(1, min(limit, 100_000)), disagreements)
+        try:
+            records = await services.pairs.recent(route, max(1, min(limit, 100_000)), disagreements)
+        except StateUnavailable as exc:
+            raise Unavailable("the pair store (Redis) cannot be reached") from exc
         body = b"".join(orjson.dumps(record) + b"\n" for record in records)
         return Response(body, media_type="application/x-ndjson")
 

@@ -16,6 +16,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.state import StateUnavailable
 from gateway.tasks import Spawner
 
 log = logging.getLogger("gateway.pairs")
@@ -73,7 +74,10 @@ class RedisPairStore:
         await self.flush()
         # Newest first; the stream is capped, so scanning it for disagreements stays bounded.
         scan = self.SCAN if disagreements else count
-        entries = await self._redis.xrevrange(self.key(route), count=scan)
+        try:
+            entries = await self._redis.xrevrange(self.key(route), count=scan)
+        except RedisError as exc:
+            raise StateUnavailable(str(exc)) from exc
         records = [orjson.loads(fields[b"record"]) for _, fields in entries or () if fields]
         return [r for r in records if not disagreements or not r["agree"]][:count]
 

@@ -236,6 +236,14 @@ class Controller:
                 except Exception:
                     log.exception("route=%s controller failed to judge the rollout", route.name)
 
+    async def resign(self) -> None:
+        """At shutdown: give the lease up, so that another replica leads at its next tick, not after the
+        lease's TTL."""
+        if self.leading:
+            self.leading = False
+            await self._state.resign(self._owner)
+            log.info("controller lease given up by %s", self._owner)
+
     async def consider(self, route: Route) -> None:
         auto = route.automatic
         current = self._state.current(route.name)

@@ -165,6 +165,9 @@ class State(Protocol):
     async def lead(self, owner: str, ttl_s: float) -> bool:
         """Take or renew the controller lease; True while owner holds it."""
 
+    async def resign(self, owner: str) -> None:
+        """Give the lease up (at shutdown), if owner holds it: another replica takes it at its next tick."""
+
     async def remember(self, records: Mapping[str, str], ttl_s: float) -> None:
         """Keep request id -> assignment records (who answered) for ttl_s, for feedback."""
 
@@ -220,6 +223,9 @@ class MemoryState:
 
     async def lead(self, owner: str, ttl_s: float) -> bool:
         return True  # one process: it is the controller
+
+    async def resign(self, owner: str) -> None:
+        pass
 
     async def remember(self, records: Mapping[str, str], ttl_s: float) -> None:
         expires = f"{time.monotonic() + ttl_s:.3f}\x1f"
@@ -308,6 +314,10 @@ if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 e
 if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
 return 0
 """
+_RESIGN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
 STATS_TTL_S = 7 * 86400
 _COUNTS = (
     "requests", "unattempted", "errors", "invalid", "fallbacks", "tokens", "token_answers",
@@ -341,6 +351,7 @@ class RedisState:
         self._callbacks: list[Callable[[RouteState], object]] = []
         self._cas = self._redis.register_script(_CAS)
         self._lease = self._redis.register_script(_LEASE)
+        self._resign = self._redis.register_script(_RESIGN)
         self._error: str | None = None
         self._last_sync: float | None = None
 
@@ -456,6 +467,12 @@ class RedisState:
         except RedisError as exc:
             self._failed(exc)
             return False  # blind: nobody should move a rollout on what it cannot see
+
+    async def resign(self, owner: str) -> None:
+        try:
+            await self._resign(keys=[f"{self._prefix}controller"], args=[owner])
+        except RedisError as exc:
+            self._failed(exc)  # it expires with its TTL
 
     async def refresh(self) -> None:
         try:

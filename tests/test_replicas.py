@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from gateway.errors import Conflict
-from gateway.rollout import Rollouts, effective
+from gateway.rollout import Controller, Rollouts, effective
 from gateway.state import RedisState, RouteState, VersionConflict, change, order, skewed
 from gateway.tasks import Spawner
 from tests.conftest import REDIS_URL, GatewayFactory, Sim, policy_yaml, wait_for
@@ -156,3 +156,24 @@ def test_a_skewed_replica_says_so_and_its_users_get_the_base(
         for n in range(10)
     }
     assert arms == {"base"}  # weight 100 in its policy, and still: the superseded candidate serves no one
+
+
+def test_a_leader_that_stops_gives_the_lease_up_at_once(redis_prefix: str) -> None:
+    async def run() -> None:
+        spawner = Spawner()
+        a, b = (RedisState(REDIS_URL, redis_prefix, spawner) for _ in range(2))
+        leader = Controller(a, Rollouts(a, lambda name: None), list)
+        try:
+            assert await a.lead(leader._owner, Controller.LEASE_S)
+            leader.leading = True
+            assert not await b.lead("other", Controller.LEASE_S)  # held, for LEASE_S unless given up
+            await leader.resign()  # what a replica does at shutdown
+            assert await b.lead("other", Controller.LEASE_S)  # taken at the next tick, not after the TTL
+            await a.resign("someone else")  # only the holder can give it up
+            assert not await a.lead(leader._owner, Controller.LEASE_S)
+        finally:
+            await spawner.close()
+            for state in (a, b):
+                await state.close()
+
+    asyncio.run(run())

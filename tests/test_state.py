@@ -240,6 +240,8 @@ def test_redis_down_keeps_serving_the_last_state_and_recovers(
     ready = httpx.get(f"{gw.url}/readyz", headers=ADMIN, timeout=10)
     assert ready.status_code == 200 and ready.json()["state"]["ok"] is False
     assert "canarygate_state_sync_errors_total" in httpx.get(f"{gw.url}/metrics").text
+    pairs = httpx.get(f"{gw.url}/admin/pairs", params={"route": "chat"}, headers=ADMIN, timeout=10)
+    assert pairs.status_code == 503 and pairs.json()["error"]["code"] == "state_unavailable"
 
     own_redis.start()  # empty: it kept nothing on disk
     wait_for(
