@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Annotated, Literal
 
@@ -23,6 +24,11 @@ from gateway.telemetry import Metrics
 log = logging.getLogger("gateway.feedback")
 
 FLUSH_S = 1.0
+# Feedback may name an answer another replica gave a moment ago and has not flushed yet: with a shared
+# store, an id not found is looked for again (every LOOK_AGAIN_S) for up to one flush window and a half
+# before the 404. Writing every record through instead would put a Redis round trip on every request.
+LOOK_AGAIN_S = 0.25
+WAIT_FOR_FLUSH_S = FLUSH_S + 0.5
 SEPARATOR = "\x1f"
 MAX_PENDING = 100_000
 
@@ -103,13 +109,24 @@ class Feedback:
         self._stats = stats
         self._routes = routes
 
+    async def _recall(self, request_id: str) -> dict[str, str] | None:
+        found = await self._assignments.recall(request_id)
+        if self._state.backend == "memory":
+            return found  # every record is this process's own
+        deadline = time.monotonic() + WAIT_FOR_FLUSH_S
+        while found is None and time.monotonic() < deadline:
+            await asyncio.sleep(LOOK_AGAIN_S)
+            found = await self._assignments.recall(request_id)
+        return found
+
     async def record(self, given: FeedbackIn) -> dict[str, object]:
         try:
-            found = await self._assignments.recall(given.request_id)
+            found = await self._recall(given.request_id)
             if found is None:
                 hours = self._assignments.ttl_s / 3600
                 raise NotFound(
-                    f"no answer with request id {given.request_id!r} in the last {hours:g} h: send the "
+                    f"no answer with request id {given.request_id!r} in the last {hours:g} h (looked for "
+                    f"{WAIT_FOR_FLUSH_S:g} s, for answers other replicas have just given): send the "
                     "x-request-id header of a response this gateway gave (CANARYGATE_FEEDBACK_TTL_S)",
                     code="request_not_found",
                     param="request_id",

@@ -177,3 +177,24 @@ def test_a_leader_that_stops_gives_the_lease_up_at_once(redis_prefix: str) -> No
                 await state.close()
 
     asyncio.run(run())
+
+
+def test_feedback_sent_at_once_to_another_replica_finds_the_answer(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory, redis_prefix: str
+) -> None:
+    shared = {"redis_url": REDIS_URL, "redis_prefix": redis_prefix}
+    policies = {"chat": policy_yaml("chat", sims[0].url, sims[1].url, weight=50)}
+    answering, other = make_gateway(policies, **shared), make_gateway(policies, **shared)
+    client = answering.client()
+    for n in range(5):  # each sent to the other replica the moment the answer arrives (before a flush)
+        answer = client.chat.completions.with_raw_response.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}], user=f"user-{n}"
+        )
+        rid = answer.headers["x-request-id"]
+        given = httpx.post(f"{other.url}/v1/feedback", json={"request_id": rid, "score": "down"}, timeout=10)
+        assert given.status_code == 200, given.text
+        assert given.json()["arm"] == answer.headers["x-canarygate-arm"] and given.json()["recorded"]
+    unknown = httpx.post(
+        f"{other.url}/v1/feedback", json={"request_id": "never-answered", "score": "up"}, timeout=10
+    )
+    assert unknown.status_code == 404 and "looked for 1.5 s" in unknown.json()["error"]["message"]
