@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -156,8 +157,9 @@ class State(Protocol):
     async def refresh(self) -> None:
         """Read the store again now (after a conflict)."""
 
-    async def add_stats(self, batch: Mapping[StatsKey, ArmWindow]) -> None:
-        """Add per-interval statistics (deltas from one replica)."""
+    async def add_stats(self, batch: Mapping[StatsKey, ArmWindow], batch_id: str = "") -> None:
+        """Add per-interval statistics (deltas from one replica), once per batch_id: a batch sent again
+        after a write that timed out (and may have been applied) is not counted twice."""
 
     async def read_stats(self, route: str, rollout: str, intervals: range) -> dict[int, dict[str, ArmWindow]]:
         """interval -> arm -> statistics summed over every replica."""
@@ -212,7 +214,7 @@ class MemoryState:
         for key in [k for k in self._stats if k not in current]:
             del self._stats[key]  # statistics of rollouts that ended
 
-    async def add_stats(self, batch: Mapping[StatsKey, ArmWindow]) -> None:
+    async def add_stats(self, batch: Mapping[StatsKey, ArmWindow], batch_id: str = "") -> None:
         for (route, rollout, interval, arm), window in batch.items():
             arms = self._stats.setdefault((route, rollout), {}).setdefault(interval, {})
             arms.setdefault(arm, ArmWindow()).merge(window)
@@ -318,6 +320,27 @@ _RESIGN = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
+# A statistics batch, applied once: KEYS[1] marks the batch as applied (for ARGV[1] s); ARGV[2] is the
+# hashes' TTL; then per hash: its key, its number of increments, and each as field, "i"|"f", amount.
+_ADD_ONCE = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+local i = 3
+while i <= #ARGV do
+  local key, n = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  for _ = 1, n do
+    if ARGV[i + 1] == 'f' then
+      redis.call('HINCRBYFLOAT', key, ARGV[i], ARGV[i + 2])
+    else
+      redis.call('HINCRBY', key, ARGV[i], ARGV[i + 2])
+    end
+    i = i + 3
+  end
+  redis.call('EXPIRE', key, ARGV[2])
+end
+return 1
+"""
+BATCH_MARK_S = 3600  # how long a batch id is remembered: longer than any retry of it
 STATS_TTL_S = 7 * 86400
 _COUNTS = (
     "requests", "unattempted", "errors", "invalid", "fallbacks", "tokens", "token_answers",
@@ -352,6 +375,7 @@ class RedisState:
         self._cas = self._redis.register_script(_CAS)
         self._lease = self._redis.register_script(_LEASE)
         self._resign = self._redis.register_script(_RESIGN)
+        self._add_once = self._redis.register_script(_ADD_ONCE)
         self._error: str | None = None
         self._last_sync: float | None = None
 
@@ -393,25 +417,25 @@ class RedisState:
             raise VersionConflict(new.route)
         self._set(new)
 
-    async def add_stats(self, batch: Mapping[StatsKey, ArmWindow]) -> None:
-        """One pipeline per flush: HINCRBY into a hash per (route, rollout, interval)."""
-        pipe = self._redis.pipeline(transaction=False)
+    async def add_stats(self, batch: Mapping[StatsKey, ArmWindow], batch_id: str = "") -> None:
+        """One script call per flush: HINCRBY into a hash per (route, rollout, interval), applied once per
+        batch id (a batch whose write timed out, and is sent again, may have been applied already)."""
+        args: list[str | int | float] = [BATCH_MARK_S, STATS_TTL_S]
         for (route, rollout, interval, arm), w in batch.items():
-            key = f"{self._prefix}stats:{route}:{rollout}:{interval}"
+            fields: list[str | int | float] = []
             for name in _COUNTS:
-                value = getattr(w, name)
-                if value:
-                    pipe.hincrby(key, f"{arm}|{name}", value)
+                if value := getattr(w, name):
+                    fields += (f"{arm}|{name}", "i", value)
             for name in _FLOATS:
-                value = getattr(w, name)
-                if value:
-                    pipe.hincrbyfloat(key, f"{arm}|{name}", value)
+                if value := getattr(w, name):
+                    fields += (f"{arm}|{name}", "f", repr(float(value)))
             for kind, hist in (("l", w.latency), ("t", w.ttft)):
                 for bucket, count in hist.items():
-                    pipe.hincrby(key, f"{arm}|{kind}{bucket}", count)
-            pipe.expire(key, STATS_TTL_S)
+                    fields += (f"{arm}|{kind}{bucket}", "i", count)
+            args += (f"{self._prefix}stats:{route}:{rollout}:{interval}", len(fields) // 3, *fields)
+        marker = f"{self._prefix}stats-batch:{batch_id or os.urandom(12).hex()}"
         try:
-            await pipe.execute()
+            await self._add_once(keys=[marker], args=args)
         except RedisError as exc:
             self._failed(exc)
             raise StateUnavailable(str(exc)) from exc

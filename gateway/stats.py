@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 from gateway.analysis import ArmWindow, bucket_of
@@ -33,6 +35,7 @@ class Recorder:
     def __init__(self, state: State) -> None:
         self._state = state
         self._pending: dict[StatsKey, ArmWindow] = {}
+        self._unsent: deque[tuple[str, dict[StatsKey, ArmWindow]]] = deque()  # (batch id, batch)
 
     def _live(self, route: Route) -> bool:
         """Counted only while the rollout can be judged: by the controller, or (manual mode) by an operator
@@ -123,17 +126,22 @@ class Recorder:
             window.escalated += escalated
 
     async def flush(self) -> None:
+        """Sends the batches not yet sent, oldest first, each as it was first sent and under its id: a
+        write that timed out may have been applied, and the store counts a batch id once."""
         batch, self._pending = self._pending, {}
-        if not batch:
-            return
-        try:
-            await self._state.add_stats(batch)
-        except StateUnavailable:
-            if len(batch) + len(self._pending) <= MAX_PENDING:
-                for key, window in batch.items():  # kept for the next flush
-                    self._pending.setdefault(key, ArmWindow()).merge(window)
-            else:
-                log.warning("state store unreachable: dropped %d statistics windows", len(batch))
+        if batch:
+            self._unsent.append((os.urandom(12).hex(), batch))
+        while self._unsent:
+            batch_id, batch = self._unsent[0]
+            try:
+                await self._state.add_stats(batch, batch_id)
+            except StateUnavailable:
+                held = sum(len(b) for _, b in self._unsent)
+                while held > MAX_PENDING and len(self._unsent) > 1:
+                    held -= len(self._unsent.popleft()[1])
+                    log.warning("state store unreachable: dropped the oldest batch of statistics windows")
+                return
+            self._unsent.popleft()
 
     async def run(self) -> None:
         while True:

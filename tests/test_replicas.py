@@ -6,14 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from gateway.analysis import ArmWindow
 from gateway.errors import Conflict
 from gateway.rollout import Controller, Rollouts, effective
-from gateway.state import RedisState, RouteState, VersionConflict, change, order, skewed
+from gateway.state import (
+    RedisState,
+    RouteState,
+    StateUnavailable,
+    StatsKey,
+    VersionConflict,
+    change,
+    order,
+    skewed,
+)
+from gateway.stats import Recorder
 from gateway.tasks import Spawner
 from tests.conftest import REDIS_URL, GatewayFactory, Sim, policy_yaml, wait_for
 from tests.test_metrics import scrape, value
@@ -198,3 +211,43 @@ def test_feedback_sent_at_once_to_another_replica_finds_the_answer(
         f"{other.url}/v1/feedback", json={"request_id": "never-answered", "score": "up"}, timeout=10
     )
     assert unknown.status_code == 404 and "looked for 1.5 s" in unknown.json()["error"]["message"]
+
+
+class TimesOutAfterWriting(RedisState):
+    """Redis applied the write, and the answer never came back (Redis frozen past the socket timeout)."""
+
+    lost_answers = 1
+
+    async def add_stats(self, batch: Mapping[StatsKey, ArmWindow], batch_id: str = "") -> None:
+        await super().add_stats(batch, batch_id)
+        if self.lost_answers:
+            self.lost_answers -= 1
+            raise StateUnavailable("timed out")
+
+
+def test_a_statistics_batch_whose_write_timed_out_is_counted_once(tmp_path: Path, redis_prefix: str) -> None:
+    (route,) = routes_of(tmp_path, canary_text(weight=30))
+
+    async def run() -> None:
+        spawner = Spawner()
+        state = TimesOutAfterWriting(REDIS_URL, redis_prefix, spawner, poll_s=30)
+        try:
+            await state.start([route])
+            recorder = Recorder(state)
+            now = int(time.time() // route.rollout.interval_s)
+            intervals = range(now - 1, now + 60)  # wherever the test's seconds fall
+            for _ in range(72):
+                recorder.feedback(route, "candidate", "all", negative=True, escalated=False)
+            await recorder.flush()  # applied, but answered as a failure: held for the next flush
+            for _ in range(10):
+                recorder.feedback(route, "candidate", "all", negative=False, escalated=False)
+            await recorder.flush()  # the held batch again (same id), then the new one
+            stored = await state.read_stats(route.name, route.rollout_key, intervals)
+            counted = sum(arms["candidate"].feedback for arms in stored.values())
+            negative = sum(arms["candidate"].negative for arms in stored.values())
+            assert (counted, negative) == (82, 72)  # not 154 / 144
+        finally:
+            await spawner.close()
+            await state.close()
+
+    asyncio.run(run())
