@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import deque
 from typing import Any, Protocol
 
@@ -16,7 +17,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.state import StateUnavailable
+from gateway.state import BATCH_MARK_S, StateUnavailable
 from gateway.tasks import Spawner
 
 log = logging.getLogger("gateway.pairs")
@@ -49,6 +50,17 @@ class MemoryPairStore:
         pass
 
 
+# A batch of pair records, added once: KEYS[1] marks the batch as added (for ARGV[1] s); then per
+# record: its stream, the stream's cap, the record.
+_ADD_ONCE = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+for i = 2, #ARGV, 3 do
+  redis.call('XADD', ARGV[i], 'MAXLEN', '~', ARGV[i + 1], '*', 'record', ARGV[i + 2])
+end
+return 1
+"""
+
+
 class RedisPairStore:
     """A capped stream per route (XADD MAXLEN ~), fed from a local buffer flushed twice a second."""
 
@@ -62,6 +74,8 @@ class RedisPairStore:
         self._buffer: deque[tuple[dict[str, Any], int]] = deque(maxlen=self.BUFFER)
         self._wake = asyncio.Event()
         self._failing = False
+        self._unsent: tuple[str, list[tuple[dict[str, Any], int]]] | None = None  # (batch id, records)
+        self._add_once = self._redis.register_script(_ADD_ONCE)
         spawner.spawn(self._flush_forever(), name="pair-records-flush")
 
     def key(self, route: str) -> str:
@@ -82,28 +96,30 @@ class RedisPairStore:
         return [r for r in records if not disagreements or not r["agree"]][:count]
 
     async def flush(self) -> None:
-        if not self._buffer:
-            return
-        pending = list(self._buffer)
-        self._buffer.clear()
+        """Sends what failed last time (as it was, under its id: a write that timed out may have been
+        applied, and the store adds a batch id once), then what came since."""
+        if self._unsent is None:
+            if not self._buffer:
+                return
+            self._unsent = (os.urandom(12).hex(), list(self._buffer))
+            self._buffer.clear()
+        batch_id, pending = self._unsent
+        args: list[str | int | bytes] = [BATCH_MARK_S]
+        for record, limit in pending:
+            args += (self.key(record["route"]), limit, orjson.dumps(record))
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for record, limit in pending:
-                    pipe.xadd(
-                        self.key(record["route"]),
-                        {"record": orjson.dumps(record)},
-                        maxlen=limit,
-                        approximate=True,
-                    )
-                await pipe.execute()
-            if self._failing:
-                log.warning("pair records reach Redis again")
-            self._failing = False
+            await self._add_once(keys=[f"{self._prefix}pairs-batch:{batch_id}"], args=args)
         except (RedisError, OSError) as exc:
-            self._buffer.extendleft(reversed(pending))  # keep them for the next try (bounded)
             if not self._failing:
                 log.warning("pair records cannot reach Redis, holding up to %d: %s", self.BUFFER, exc)
             self._failing = True
+            return
+        self._unsent = None
+        if self._failing:
+            log.warning("pair records reach Redis again")
+        self._failing = False
+        if self._buffer:
+            await self.flush()
 
     async def _flush_forever(self) -> None:
         while True:

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.analysis import ArmWindow
 from gateway.errors import Conflict
+from gateway.pairs import RedisPairStore
 from gateway.rollout import Controller, Rollouts, effective
 from gateway.state import (
     RedisState,
@@ -249,5 +251,31 @@ def test_a_statistics_batch_whose_write_timed_out_is_counted_once(tmp_path: Path
         finally:
             await spawner.close()
             await state.close()
+
+    asyncio.run(run())
+
+
+def test_pair_records_whose_write_timed_out_are_kept_once(redis_prefix: str) -> None:
+    async def run() -> None:
+        spawner = Spawner()
+        store = RedisPairStore(REDIS_URL, redis_prefix, spawner)
+        applied = store._add_once
+
+        async def applied_then_lost(**kwargs: Any) -> Any:  # Redis wrote them; the answer never came
+            await applied(**kwargs)
+            store._add_once = applied
+            raise RedisTimeoutError("timed out")
+
+        store._add_once = applied_then_lost  # type: ignore[assignment]
+        try:
+            for n in range(4):
+                store.add({"pair_id": f"p{n}", "route": "chat", "agree": True}, 100)
+            await store.flush()  # failed, as far as the store can tell: held
+            store.add({"pair_id": "p4", "route": "chat", "agree": False}, 100)
+            kept = await store.recent("chat", 100, disagreements=False)  # flushes: the held ones, then p4
+            assert sorted(r["pair_id"] for r in kept) == ["p0", "p1", "p2", "p3", "p4"]
+        finally:
+            await spawner.close()
+            await store.close()
 
     asyncio.run(run())
