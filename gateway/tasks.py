@@ -29,11 +29,18 @@ class Spawner:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = 2.0) -> None:
+        """Cancels every task and waits for them, for timeout_s at most: a library that swallows the
+        cancellation (redis-py's pub/sub, cancelled while it subscribes) must not hold shutdown for ever."""
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks:
+            return
+        _, stuck = await asyncio.wait(tasks, timeout=timeout_s)
+        if stuck:
+            names = ", ".join(sorted(task.get_name() for task in stuck))
+            log.warning("background tasks did not stop within %gs of being cancelled: %s", timeout_s, names)
 
 
 class LoopLag:
