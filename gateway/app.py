@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
@@ -406,17 +406,26 @@ def _api(services: Services) -> FastAPI:
         return _rollout_view(*services.rollouts.view(route), history=True)
 
     @api.post("/admin/routes/{route:path}/{action}", dependencies=[Depends(admin)])
-    async def act(route: str, action: str, change: Change | None = None) -> dict[str, Any]:
-        """weight (with {"weight": N}), pause, resume, promote, rollback; optional reason and by."""
+    async def act(
+        route: str,
+        action: str,
+        change: Change | None = None,
+        idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    ) -> dict[str, Any]:
+        """weight (with {"weight": N}), pause, resume, promote, rollback; optional reason and by. With an
+        Idempotency-Key header, a retry of a change already applied (its answer lost) is not applied again."""
         change = change or Change()
         by = f"admin:{change.by}" if change.by else "admin"
         rollouts = services.rollouts
+        key = f"{action}:{idempotency_key}" if idempotency_key else None
+        if key is not None and await rollouts.replayed(route, key) is not None:
+            return _rollout_view(*rollouts.view(route), history=True)
         if action == "weight":
             if change.weight is None:
                 raise InvalidRequest('set the new weight: {"weight": 25}', param="weight")
-            await rollouts.set_weight(route, change.weight, by, change.reason)
+            await rollouts.set_weight(route, change.weight, by, change.reason, key)
         elif action in ("pause", "resume", "promote", "rollback"):
-            await getattr(rollouts, action)(route, by, change.reason)
+            await getattr(rollouts, action)(route, by, change.reason, key=key)
         else:
             raise NotFound(f"no admin action {action!r}: use weight, pause, resume, promote or rollback")
         return _rollout_view(*rollouts.view(route), history=True)

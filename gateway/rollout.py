@@ -16,7 +16,16 @@ from gateway.analysis import ArmWindow, Verdict, decide, judge
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, Unavailable
 from gateway.readiness import ArmReadiness
 from gateway.route import Route, RouteArm
-from gateway.state import Phase, RouteState, State, StateUnavailable, VersionConflict, change, skewed
+from gateway.state import (
+    Phase,
+    RouteState,
+    State,
+    StateUnavailable,
+    VersionConflict,
+    applied,
+    change,
+    skewed,
+)
 from gateway.tracing import Tracing
 
 log = logging.getLogger("gateway.rollout")
@@ -51,6 +60,18 @@ class Rollouts:
         self._tracing = tracing
         self._policy_route = policy_route  # name -> the route as its policy compiled it (or None)
 
+    async def replayed(self, name: str, key: str) -> RouteState | None:
+        """The state, when the operator's change with this Idempotency-Key was applied already (its answer
+        was lost): read from the store first, since this replica may not have seen the write yet."""
+        try:
+            await self._state.refresh()
+        except StateUnavailable as exc:
+            raise Unavailable(
+                "the rollout state store (Redis) cannot be reached: nothing was changed"
+            ) from exc
+        _, state = self.view(name)
+        return state if applied(state, key) else None
+
     def view(self, name: str) -> tuple[Route, RouteState]:
         route = self._policy_route(name)
         state = self._state.current(name) if route is not None else None
@@ -58,35 +79,45 @@ class Rollouts:
             raise ModelNotFound(f"no route {name[:100]!r} on this gateway", param="route")
         return route, state
 
-    async def set_weight(self, name: str, weight: float, by: str, reason: str | None) -> RouteState:
+    async def set_weight(
+        self, name: str, weight: float, by: str, reason: str | None, key: str | None = None
+    ) -> RouteState:
         route, _ = self.view(name)
         if not 0 <= weight <= 100:
             raise InvalidRequest(f"weight must be a percent in [0, 100], got {weight:g}", param="weight")
         if route.candidate is None and weight > 0:
             raise Conflict(f"route {name!r} has no candidate arm: only weight 0 is possible")
         return await self.move(
-            name, by, reason or f"weight set to {weight:g}", phase="manual", weight=weight, mirror=True
+            name,
+            by,
+            reason or f"weight set to {weight:g}",
+            key=key,
+            phase="manual",
+            weight=weight,
+            mirror=True,
         )
 
-    async def pause(self, name: str, by: str, reason: str | None) -> RouteState:
+    async def pause(self, name: str, by: str, reason: str | None, key: str | None = None) -> RouteState:
         _, state = self.view(name)
         if state.phase in ("paused", "promoted", "rolled_back"):
             raise Conflict(f"route {name!r} is {state.phase}: there is nothing to pause")
-        return await self.move(name, by, reason or "paused", phase="paused", resume_to=state.phase)
+        return await self.move(name, by, reason or "paused", key=key, phase="paused", resume_to=state.phase)
 
-    async def resume(self, name: str, by: str, reason: str | None) -> RouteState:
+    async def resume(self, name: str, by: str, reason: str | None, key: str | None = None) -> RouteState:
         _, state = self.view(name)
         if state.phase != "paused":
             raise Conflict(f"route {name!r} is {state.phase}, not paused")
         return await self.move(
-            name, by, reason or "resumed", phase=state.resume_to or "manual", resume_to=None
+            name, by, reason or "resumed", key=key, phase=state.resume_to or "manual", resume_to=None
         )
 
-    async def promote(self, name: str, by: str, reason: str | None) -> RouteState:
+    async def promote(self, name: str, by: str, reason: str | None, key: str | None = None) -> RouteState:
         route, _ = self.view(name)
         if route.candidate is None:
             raise Conflict(f"route {name!r} has no candidate arm to promote")
-        return await self.move(name, by, reason or "promoted", phase="promoted", weight=100.0, resume_to=None)
+        return await self.move(
+            name, by, reason or "promoted", key=key, phase="promoted", weight=100.0, resume_to=None
+        )
 
     async def rollback(
         self,
@@ -95,6 +126,7 @@ class Rollouts:
         reason: str | None,
         gates: list[dict[str, Any]] | None = None,
         basis: RouteState | None = None,
+        key: str | None = None,
     ) -> RouteState:
         self.view(name)
         return await self.move(
@@ -102,6 +134,7 @@ class Rollouts:
             by,
             reason or "rolled back",
             basis,
+            key=key,
             gates=gates,
             phase="rolled_back",
             weight=0.0,
@@ -110,12 +143,25 @@ class Rollouts:
         )
 
     async def move(
-        self, name: str, by: str, reason: str, basis: RouteState | None = None, **changes: Any
+        self,
+        name: str,
+        by: str,
+        reason: str,
+        basis: RouteState | None = None,
+        key: str | None = None,
+        **changes: Any,
     ) -> RouteState:
-        """basis: the state a controller move was judged on (see state.change)."""
+        """basis: the state a controller move was judged on; key: an operator's Idempotency-Key (see
+        state.change)."""
         try:
-            state = await change(self._state, name, by, reason, basis, **changes)
+            state = await change(self._state, name, by, reason, basis, key, **changes)
         except StateUnavailable as exc:
+            if exc.maybe_applied:
+                raise Unavailable(
+                    "the rollout state store (Redis) did not answer in time: the change may or may not "
+                    "have been applied; check `canarygate status`, or send it again with the same "
+                    "Idempotency-Key header, which applies it at most once"
+                ) from exc
             raise Unavailable(
                 "the rollout state store (Redis) cannot be reached: nothing was changed; "
                 "traffic keeps the last state seen"

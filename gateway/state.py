@@ -21,6 +21,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.analysis import ArmWindow
 from gateway.route import Route
@@ -39,7 +40,12 @@ POLL_S = 1.0
 
 
 class StateUnavailable(Exception):
-    """The shared store cannot be reached: nothing was changed."""
+    """The shared store cannot be reached. maybe_applied: a write was sent and its answer never came
+    (a timeout), so it may have been applied; otherwise nothing was changed."""
+
+    def __init__(self, message: str, maybe_applied: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
 
 
 class VersionConflict(Exception):
@@ -55,6 +61,7 @@ class Transition:
     reason: str
     by: str  # "admin", "controller", "policy"
     gates: list[dict[str, Any]] | None = None  # the controller's: the verdicts it decided on
+    key: str | None = None  # the operator's Idempotency-Key: a retry of this change is not applied again
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,13 @@ class RouteState:
         return cls(**raw)
 
     def moved(
-        self, *, reason: str, by: str, gates: list[dict[str, Any]] | None = None, **changes: Any
+        self,
+        *,
+        reason: str,
+        by: str,
+        gates: list[dict[str, Any]] | None = None,
+        key: str | None = None,
+        **changes: Any,
     ) -> RouteState:
         """The next version: the changes, stamped and written into the history (with the gate verdicts
         the change was decided on, when the controller made it)."""
@@ -92,7 +105,7 @@ class RouteState:
         if "step" in changes or "phase" in changes:
             changes.setdefault("step_at", now)
         state = replace(self, **changes, version=self.version + 1, updated_at=now)
-        entry = Transition(now, state.phase, state.weight, state.step, reason, by, gates)
+        entry = Transition(now, state.phase, state.weight, state.step, reason, by, gates, key)
         return replace(state, history=(*self.history, entry)[-HISTORY:])
 
 
@@ -412,7 +425,7 @@ class RedisState:
             )
         except RedisError as exc:
             self._failed(exc)
-            raise StateUnavailable(str(exc)) from exc
+            raise StateUnavailable(str(exc), maybe_applied=isinstance(exc, RedisTimeoutError)) from exc
         if not done:
             raise VersionConflict(new.route)
         self._set(new)
@@ -603,7 +616,13 @@ def _windows(fields: Mapping[bytes, bytes]) -> dict[str, ArmWindow]:
 
 
 async def change(
-    state: State, route: str, by: str, reason: str, basis: RouteState | None = None, **changes: Any
+    state: State,
+    route: str,
+    by: str,
+    reason: str,
+    basis: RouteState | None = None,
+    key: str | None = None,
+    **changes: Any,
 ) -> RouteState:
     """Read-modify-write. Without a basis (an operator's change) it retries on conflict, so it lands on
     the newest state. With one (the state a controller judged), it is written on that version or not at
@@ -617,10 +636,17 @@ async def change(
         current = state.current(route)
         if current is None:
             raise KeyError(route)
-        new = current.moved(reason=reason, by=by, **changes)
+        if key is not None and applied(current, key):
+            return current  # a retry of a change that was applied (its first answer was lost)
+        new = current.moved(reason=reason, by=by, key=key, **changes)
         try:
             await state.write(new, current.version)
             return new
         except VersionConflict:
             await state.refresh()
     raise StateUnavailable(f"route {route}: the state kept changing under this write")
+
+
+def applied(state: RouteState, key: str) -> bool:
+    """Whether the operator's change with this Idempotency-Key is in the state's history."""
+    return any(t.key == key for t in state.history)

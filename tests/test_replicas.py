@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.analysis import ArmWindow
-from gateway.errors import Conflict
+from gateway.errors import Conflict, Unavailable
 from gateway.pairs import RedisPairStore
 from gateway.rollout import Controller, Rollouts, effective
 from gateway.state import (
@@ -76,7 +77,7 @@ def test_an_operator_s_action_wins_over_a_controller_move_judged_before_it(
                     except Conflict:
                         spoken = None  # not possible in this phase: nothing was said
                 move = rng.choice(("advance", "rollback", "promote"))
-                changes: dict[str, object] = {
+                changes: dict[str, Any] = {
                     "advance": {"phase": "progressing", "step": 1, "weight": 50.0},
                     "rollback": {"phase": "rolled_back", "weight": 0.0, "mirror": False, "resume_to": None},
                     "promote": {"phase": "promoted", "weight": 100.0},
@@ -277,5 +278,44 @@ def test_pair_records_whose_write_timed_out_are_kept_once(redis_prefix: str) -> 
         finally:
             await spawner.close()
             await store.close()
+
+    asyncio.run(run())
+
+
+class WriteAnswerLost(RedisState):
+    """The rollout write reaches Redis, and its answer does not come back (Redis frozen a moment)."""
+
+    lost_answers = 0
+
+    async def write(self, new: RouteState, expect_version: int) -> None:
+        await super().write(new, expect_version)
+        if self.lost_answers:
+            self.lost_answers -= 1
+            raise StateUnavailable("timed out", maybe_applied=True)
+
+
+def test_an_admin_change_whose_answer_was_lost_says_so_and_its_retry_applies_once(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    (route,) = routes_of(tmp_path, canary_text(weight=30))
+
+    async def run() -> None:
+        spawner = Spawner()
+        state = WriteAnswerLost(REDIS_URL, redis_prefix, spawner, poll_s=30)
+        rollouts = Rollouts(state, lambda name: route)
+        try:
+            await state.start([route])
+            state.lost_answers = 1
+            with pytest.raises(Unavailable, match="may or may not have been applied"):
+                await rollouts.set_weight("chat", 50.0, "admin", None, key="weight:k1")
+            assert await rollouts.replayed("chat", "weight:k1") is not None  # it was: the retry says so
+            await rollouts.set_weight("chat", 50.0, "admin", None, key="weight:k1")  # and a retry anyway
+            current = state.current("chat")
+            assert current is not None and current.weight == 50
+            assert [t.key for t in current.history].count("weight:k1") == 1  # applied once
+            assert await rollouts.replayed("chat", "weight:other") is None
+        finally:
+            await spawner.close()
+            await state.close()
 
     asyncio.run(run())
