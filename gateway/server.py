@@ -117,6 +117,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 SERVER_OPTIONS: dict[str, Any] = {
     "loop": "uvloop",
     "http": BoundedHttpToolsProtocol,
+    # Idle keep-alive connections are closed by the client first: httpx (the openai SDK) drops them after
+    # 5 s, nginx's upstream keepalive after 60 s. uvicorn's own 5 s raced httpx's, and a request sent on a
+    # connection the server was closing at that instant failed (seen as an APIConnectionError).
+    "timeout_keep_alive": 65,
     "access_log": False,
     "lifespan": "on",
 }

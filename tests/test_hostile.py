@@ -320,4 +320,4 @@ def test_the_head_bound_counts_each_pipelined_request_on_its_own(
         conn.sendall(b"Connection: close\r\n\r\n")
         answers = _read_to_close(conn)
     assert answers.startswith(b"HTTP/1.1 200"), answers[:200]
-    assert answers.count(b"HTTP/1.1 200") == 2 and b"431" not in answers
+    assert answers.count(b"HTTP/1.1 200") == 2 and b"HTTP/1.1 431" not in answers
