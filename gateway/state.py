@@ -138,12 +138,14 @@ def initial(route: Route, replacing: RouteState | None = None) -> RouteState:
     )
 
 
-def order(route: Route, stored: RouteState | None) -> str:
+def order(route: Route, stored: RouteState | None) -> Literal["same", "newer", "older"]:
     """How this replica's policy for a route stands to the rollout stored for it: "same", "newer" (a
     rollout the store has not seen: it starts, superseding the stored one) or "older" (superseded already:
     never written again; the replica serves the route from the base until its policy catches up)."""
-    if stored is None or stored.rollout == route.rollout_key:
-        return "same" if stored is not None else "newer"
+    if stored is None:
+        return "newer"
+    if stored.rollout == route.rollout_key:
+        return "same"
     return "older" if route.rollout_key in stored.superseded else "newer"
 
 
