@@ -75,6 +75,7 @@ class RedisPairStore:
         self._wake = asyncio.Event()
         self._failing = False
         self._unsent: tuple[str, list[tuple[dict[str, Any], int]]] | None = None  # (batch id, records)
+        self._flushing = asyncio.Lock()
         self._add_once = self._redis.register_script(_ADD_ONCE)
         spawner.spawn(self._flush_forever(), name="pair-records-flush")
 
@@ -97,29 +98,28 @@ class RedisPairStore:
 
     async def flush(self) -> None:
         """Sends what failed last time (as it was, under its id: a write that timed out may have been
-        applied, and the store adds a batch id once), then what came since."""
-        if self._unsent is None:
-            if not self._buffer:
-                return
-            self._unsent = (os.urandom(12).hex(), list(self._buffer))
-            self._buffer.clear()
-        batch_id, pending = self._unsent
-        args: list[str | int | bytes] = [BATCH_MARK_S]
-        for record, limit in pending:
-            args += (self.key(record["route"]), limit, orjson.dumps(record))
-        try:
-            await self._add_once(keys=[f"{self._prefix}pairs-batch:{batch_id}"], args=args)
-        except (RedisError, OSError) as exc:
-            if not self._failing:
-                log.warning("pair records cannot reach Redis, holding up to %d: %s", self.BUFFER, exc)
-            self._failing = True
-            return
-        self._unsent = None
-        if self._failing:
-            log.warning("pair records reach Redis again")
-        self._failing = False
-        if self._buffer:
-            await self.flush()
+        applied, and the store adds a batch id once), then what came since. One flush at a time: the
+        periodic one and a reader's (`recent`) would otherwise each take the other's batch for theirs."""
+        async with self._flushing:
+            while self._unsent is not None or self._buffer:
+                if self._unsent is None:
+                    self._unsent = (os.urandom(12).hex(), list(self._buffer))
+                    self._buffer.clear()
+                batch_id, pending = self._unsent
+                args: list[str | int | bytes] = [BATCH_MARK_S]
+                for record, limit in pending:
+                    args += (self.key(record["route"]), limit, orjson.dumps(record))
+                try:
+                    await self._add_once(keys=[f"{self._prefix}pairs-batch:{batch_id}"], args=args)
+                except (RedisError, OSError) as exc:
+                    if not self._failing:
+                        log.warning("pair records cannot reach Redis, holding up to %d: %s", self.BUFFER, exc)
+                    self._failing = True
+                    return
+                self._unsent = None
+                if self._failing:
+                    log.warning("pair records reach Redis again")
+                self._failing = False
 
     async def _flush_forever(self) -> None:
         while True:
