@@ -49,15 +49,15 @@ from gateway.errors import (
     log_error,
 )
 from gateway.feedback import Assignments, Feedback, FeedbackIn
-from gateway.pairs import MemoryPairStore, PairStore, RedisPairStore
 from gateway.proxy import Proxy
 from gateway.readiness import Readiness
 from gateway.rollout import Analysis, Controller, Rollouts, analyse, effective
 from gateway.route import Route
 from gateway.routetable import RouteTable
 from gateway.settings import Settings
-from gateway.state import MemoryState, RedisState, RouteState, State, StateUnavailable, order, skewed
 from gateway.stats import Recorder
+from gateway.store import StateUnavailable, Store
+from gateway.store.rollouts import RouteState, order, skewed
 from gateway.tasks import LoopLag, Spawner
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
@@ -85,32 +85,37 @@ class Services:
         self.metrics = Metrics(registry, enabled=settings.metrics)
         self.tracing = tracing if tracing is not None else Tracing.from_env(os.environ)
         self.spawner = Spawner()
-        self.state: State = (
-            RedisState(
+        self.store = (
+            Store.redis(
                 settings.redis_url,
                 settings.redis_prefix,
                 self.spawner,
-                on_sync_error=self.metrics.state_sync_errors.inc,
+                records_ttl_s=settings.feedback_ttl_s,
+                records=settings.redis_records,
+                on_error=self.metrics.state_sync_errors.inc,
             )
             if settings.redis_url
-            else MemoryState(settings.memory_records)
+            else Store.memory(settings.feedback_ttl_s, settings.memory_records)
         )
-        self.state.on_change(self._state_changed)
+        self.store.rollouts.on_change(self._state_changed)
         self._versions: dict[str, tuple[str, int]] = {}  # route -> (rollout, version) last applied
         self._skews: dict[str, dict[str, str] | None] = {}  # route -> its policy skew, last seen
         self.routes = RouteTable(
             settings.policy_dir,
             on_reload=self._reloaded,
-            overlay=lambda route: effective(route, self.state.current(route.name)),
+            overlay=lambda route: effective(route, self.store.rollouts.current(route.name)),
         )
-        self.rollouts = Rollouts(self.state, self.routes.compiled, self.tracing)
-        self.stats = Recorder(self.state)
-        self.assignments = Assignments(self.state, settings.feedback_ttl_s)
-        self.feedback = Feedback(self.assignments, self.state, self.metrics, self.stats, self.routes.compiled)
+        self.rollouts = Rollouts(self.store.rollouts, self.routes.compiled, self.tracing)
+        self.stats = Recorder(self.store.stats, self.store.rollouts)
+        self.assignments = Assignments(self.store.records, on_dropped=self.metrics.records_dropped.inc)
+        self.feedback = Feedback(
+            self.assignments, self.store.backend, self.metrics, self.stats, self.routes.compiled
+        )
         self.upstream = Upstream()
         self.readiness = Readiness(self.upstream, settings.readyz_probe_timeout_s)
         self.controller = Controller(
-            self.state,
+            self.store.lease,
+            self.store.stats,
             self.rollouts,
             self._automatic,
             on_analysis=self.metrics.gates,
@@ -123,7 +128,6 @@ class Services:
             if settings.api_keys_file is not None
             else None
         )
-        self.pairs: PairStore = MemoryPairStore()
         self.proxy = Proxy(
             self.routes.get,
             self.upstream,
@@ -134,7 +138,7 @@ class Services:
             self.metrics,
             self.tracing,
             self.spawner,
-            self.pairs,
+            self.store.pairs,
             self.stats,
             self.assignments,
         )
@@ -154,13 +158,13 @@ class Services:
 
     async def _adopt(self) -> None:
         """New or changed policies: new rollouts start from their policy, the others keep their state."""
-        await self.state.adopt(self.routes.policies())
+        await self.store.rollouts.adopt(self.routes.policies())
         self._show_rollouts()
 
     def _show_rollouts(self) -> None:
         """The rollout gauges of every route, from its current state."""
         for route in self.routes.routes():
-            state = self.state.current(route.name)
+            state = self.store.rollouts.current(route.name)
             if state is not None:
                 self.metrics.rollout(state)
             self._check_skew(route.name)
@@ -168,7 +172,7 @@ class Services:
     def skew(self, name: str) -> dict[str, str] | None:
         """How this replica's policy for a route differs from the active rollout (None: it does not)."""
         route = self.routes.compiled(name)
-        state = self.state.current(name)
+        state = self.store.rollouts.current(name)
         if route is None or state is None or not skewed(route, state):
             return None
         standing = "superseded" if order(route, state) == "older" else "not yet started"
@@ -217,11 +221,8 @@ class Services:
             )
 
     async def start(self) -> None:
-        if self.settings.redis_url:
-            self.pairs = RedisPairStore(self.settings.redis_url, self.settings.redis_prefix, self.spawner)
-            self.proxy.shadows.use_pair_store(self.pairs)
         self.routes.load()
-        await self.state.start(self.routes.policies())
+        await self.store.start(self.routes.policies())
         self.metrics.prepare(self.routes.routes())
         self._show_rollouts()
         await self.upstream.start()
@@ -248,8 +249,7 @@ class Services:
         with contextlib.suppress(StateUnavailable):
             await self.stats.flush()
             await self.assignments.flush()
-        await self.state.close()
-        await self.pairs.close()
+        await self.store.close()
         await self.upstream.close()
         self.proxy.checks.close()
         self.tracing.shutdown()
@@ -377,7 +377,7 @@ def _api(services: Services) -> FastAPI:
         if services.routes.get(route) is None:
             raise ModelNotFound(f"no route {route[:100]!r} on this gateway", param="route")
         try:
-            records = await services.pairs.recent(route, max(1, min(limit, 100_000)), disagreements)
+            records = await services.store.pairs.recent(route, max(1, min(limit, 100_000)), disagreements)
         except StateUnavailable as exc:
             raise Unavailable("the pair store (Redis) cannot be reached") from exc
         body = b"".join(orjson.dumps(record) + b"\n" for record in records)
@@ -387,7 +387,7 @@ def _api(services: Services) -> FastAPI:
     async def routes() -> dict[str, Any]:
         """Every route with its rollout state."""
         views = [_rollout_view(*services.rollouts.view(r.name)) for r in services.routes.policies()]
-        return {"routes": views, "state": services.state.health()}
+        return {"routes": views, "state": services.store.health()}
 
     @api.get("/admin/routes/{route:path}/analysis", dependencies=[Depends(admin)])
     async def analysis(route: str) -> dict[str, Any]:
@@ -396,7 +396,7 @@ def _api(services: Services) -> FastAPI:
         same. Once the controller has ended the rollout, the gates are the verdicts it decided on."""
         policy_route, state = services.rollouts.view(route)
         try:
-            result = await analyse(services.state, policy_route, state)
+            result = await analyse(services.store.stats, policy_route, state)
         except StateUnavailable as exc:
             raise Unavailable("the rollout state store (Redis) cannot be reached") from exc
         return _analysis_view(result, state)
@@ -566,7 +566,7 @@ async def _readiness(services: Services) -> JSONResponse:
     body = {
         "status": "ready" if all_up else "degraded",
         "routes": detail,
-        "state": services.state.health(),  # Redis down: detail only, replicas keep serving (fail static)
+        "state": services.store.health(),  # Redis down: detail only, replicas keep serving (fail static)
         "policies": {
             "directory": str(services.routes.policy_dir),
             "loaded_at": services.routes.loaded_at,

@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.errors import NotFound, Unavailable
 from gateway.route import Route
-from gateway.state import State, StateUnavailable
 from gateway.stats import Recorder
+from gateway.store import StateUnavailable
+from gateway.store.records import RecordStore
 from gateway.telemetry import Metrics
 
 log = logging.getLogger("gateway.feedback")
@@ -50,9 +51,10 @@ class FeedbackIn(BaseModel):
 
 
 class Assignments:
-    def __init__(self, state: State, ttl_s: float) -> None:
-        self._state = state
-        self.ttl_s = ttl_s
+    def __init__(self, store: RecordStore, on_dropped: Callable[[float], object] | None = None) -> None:
+        self._store = store
+        self.ttl_s = store.ttl_s
+        self._on_dropped = on_dropped  # older records dropped to stay within the store's bound
         self._pending: dict[str, tuple[str, str, str, str]] = {}
 
     def remember(self, request_id: str, route: str, arm: str, cohort: str, rollout: str) -> None:
@@ -64,11 +66,14 @@ class Assignments:
         pending = self._pending.get(request_id)
         if pending is not None:
             return _record(pending)
-        raw = await self._state.recall(request_id)
+        raw = await self._store.recall(request_id)
         if raw is None:
             return None
         route, arm, cohort, rollout = raw.split(SEPARATOR)
         return _record((route, arm, cohort, rollout))
+
+    async def first_feedback(self, request_id: str) -> bool:
+        return await self._store.first_feedback(request_id)
 
     async def flush(self) -> None:
         batch, self._pending = self._pending, {}
@@ -76,12 +81,15 @@ class Assignments:
             return
         records = {rid: SEPARATOR.join(r) for rid, r in batch.items()}  # names cannot hold \x1f
         try:
-            await self._state.remember(records, self.ttl_s)
+            dropped = await self._store.remember(records)
         except StateUnavailable:
             if len(batch) + len(self._pending) <= MAX_PENDING:
                 self._pending = {**batch, **self._pending}
             else:
                 log.warning("state store unreachable: %d answers will not take feedback", len(batch))
+            return
+        if dropped and self._on_dropped is not None:
+            self._on_dropped(dropped)
 
     async def run(self) -> None:
         while True:
@@ -98,20 +106,20 @@ class Feedback:
     def __init__(
         self,
         assignments: Assignments,
-        state: State,
+        backend: str,
         metrics: Metrics,
         stats: Recorder,
         routes: Callable[[str], Route | None],
     ) -> None:
         self._assignments = assignments
-        self._state = state
+        self._backend = backend
         self._metrics = metrics
         self._stats = stats
         self._routes = routes
 
     async def _recall(self, request_id: str) -> dict[str, str] | None:
         found = await self._assignments.recall(request_id)
-        if self._state.backend == "memory":
+        if self._backend == "memory":
             return found  # every record is this process's own
         deadline = time.monotonic() + WAIT_FOR_FLUSH_S
         while found is None and time.monotonic() < deadline:
@@ -131,7 +139,7 @@ class Feedback:
                     code="request_not_found",
                     param="request_id",
                 )
-            first = await self._state.first_feedback(given.request_id, self._assignments.ttl_s)
+            first = await self._assignments.first_feedback(given.request_id)
         except StateUnavailable as exc:
             raise Unavailable("the state store (Redis) cannot be reached: feedback was not recorded") from exc
         route, arm, cohort = found["route"], found["arm"], found["cohort"]

@@ -47,11 +47,11 @@ from gateway.errors import (
 from gateway.fallback import CIRCUIT_OPEN, Guards
 from gateway.feedback import Assignments
 from gateway.ledger import Ledger
-from gateway.pairs import PairStore
 from gateway.route import Route, RouteArm
 from gateway.routing import OVERRIDE_HEADER, choose_arm, cohort_of, mirror_sampled, unit_key
 from gateway.shadow import Shadows
 from gateway.stats import Recorder
+from gateway.store.pairs import PairStore
 from gateway.streaming import Accumulator, Tail, collect, last_event, observer, relay
 from gateway.tasks import Spawner
 from gateway.telemetry import Metrics

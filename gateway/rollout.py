@@ -16,16 +16,10 @@ from gateway.analysis import ArmWindow, Verdict, decide, judge
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, Unavailable
 from gateway.readiness import ArmReadiness
 from gateway.route import Route, RouteArm
-from gateway.state import (
-    Phase,
-    RouteState,
-    State,
-    StateUnavailable,
-    VersionConflict,
-    applied,
-    change,
-    skewed,
-)
+from gateway.store import StateUnavailable
+from gateway.store.lease import Lease
+from gateway.store.rollouts import Phase, RolloutStore, RouteState, VersionConflict, applied, change, skewed
+from gateway.store.stats import StatsStore
 from gateway.tracing import Tracing
 
 log = logging.getLogger("gateway.rollout")
@@ -54,9 +48,9 @@ def effective(route: Route, state: RouteState | None) -> Route:
 
 class Rollouts:
     def __init__(
-        self, state: State, policy_route: Callable[[str], Route | None], tracing: Tracing | None = None
+        self, store: RolloutStore, policy_route: Callable[[str], Route | None], tracing: Tracing | None = None
     ) -> None:
-        self._state = state
+        self._store = store
         self._tracing = tracing
         self._policy_route = policy_route  # name -> the route as its policy compiled it (or None)
 
@@ -64,7 +58,7 @@ class Rollouts:
         """The state, when the operator's change with this Idempotency-Key was applied already (its answer
         was lost): read from the store first, since this replica may not have seen the write yet."""
         try:
-            await self._state.refresh()
+            await self._store.refresh()
         except StateUnavailable as exc:
             raise Unavailable(
                 "the rollout state store (Redis) cannot be reached: nothing was changed"
@@ -72,9 +66,12 @@ class Rollouts:
         _, state = self.view(name)
         return state if applied(state, key) else None
 
+    def current(self, name: str) -> RouteState | None:
+        return self._store.current(name)
+
     def view(self, name: str) -> tuple[Route, RouteState]:
         route = self._policy_route(name)
-        state = self._state.current(name) if route is not None else None
+        state = self._store.current(name) if route is not None else None
         if route is None or state is None:
             raise ModelNotFound(f"no route {name[:100]!r} on this gateway", param="route")
         return route, state
@@ -154,7 +151,7 @@ class Rollouts:
         """basis: the state a controller move was judged on; key: an operator's Idempotency-Key (see
         state.change)."""
         try:
-            state = await change(self._state, name, by, reason, basis, key, **changes)
+            state = await change(self._store, name, by, reason, basis, key, **changes)
         except StateUnavailable as exc:
             if exc.maybe_applied:
                 raise Unavailable(
@@ -199,13 +196,13 @@ def measured_arm(current: RouteState) -> str:
     return "candidate"
 
 
-async def analyse(state: State, route: Route, current: RouteState, now: float | None = None) -> Analysis:
+async def analyse(stats: StatsStore, route: Route, current: RouteState, now: float | None = None) -> Analysis:
     """The gates of the route's rollout section over the rollout so far (automatic and manual mode)."""
     auto = route.rollout
     arm = measured_arm(current)
     now_interval = int((time.time() if now is None else now) // auto.interval_s)
     first = max(int(current.started_at // auto.interval_s), now_interval - MAX_INTERVALS)
-    stored = await state.read_stats(route.name, route.rollout_key, range(first, now_interval + 1))
+    stored = await stats.read(route.name, route.rollout_key, range(first, now_interval + 1))
     base, candidate = ArmWindow(), ArmWindow()
     for arms in stored.values():
         base.merge(arms.get("base", ArmWindow()))
@@ -233,7 +230,7 @@ async def analyse(state: State, route: Route, current: RouteState, now: float | 
 
 
 class Controller:
-    """Walks automatic rollouts step by step. One replica at a time holds the lease (MemoryState: this
+    """Walks automatic rollouts step by step. One replica at a time holds the lease (without Redis: this
     process); the others serve what it decides. Critical gates are checked every tick; every gate at
     the end of each interval."""
 
@@ -241,7 +238,8 @@ class Controller:
 
     def __init__(
         self,
-        state: State,
+        lease: Lease,
+        stats: StatsStore,
         rollouts: Rollouts,
         routes: Callable[[], list[Route]],
         on_analysis: Callable[[Analysis], object] | None = None,
@@ -249,7 +247,8 @@ class Controller:
         ready: Callable[[RouteArm], Awaitable[ArmReadiness]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._state = state
+        self._lease = lease
+        self._stats = stats
         self._ready = ready
         self._clock = clock
         self._rollouts = rollouts
@@ -263,7 +262,7 @@ class Controller:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self._tick_s)
-            leading = await self._state.lead(self._owner, self.LEASE_S)
+            leading = await self._lease.lead(self._owner, self.LEASE_S)
             if leading != self.leading:
                 log.info("controller lease %s by %s", "taken" if leading else "lost", self._owner)
                 self.leading = leading
@@ -287,18 +286,18 @@ class Controller:
         lease's TTL."""
         if self.leading:
             self.leading = False
-            await self._state.resign(self._owner)
+            await self._lease.resign(self._owner)
             log.info("controller lease given up by %s", self._owner)
 
     async def consider(self, route: Route) -> None:
         auto = route.automatic
-        current = self._state.current(route.name)
+        current = self._rollouts.current(route.name)
         if auto is None or current is None or current.rollout != route.rollout_key:
             return
         if current.phase not in ("shadow", "progressing"):
             return
         now = self._clock()
-        analysis = await analyse(self._state, route, current, now)
+        analysis = await analyse(self._stats, route, current, now)
         if self._on_analysis is not None:
             self._on_analysis(analysis)
         version, judged = self._judged.get(route.name, (current.version, current.step_at))

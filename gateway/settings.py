@@ -34,6 +34,7 @@ class Settings:
     admin_token: str | None = field(default=None, repr=False)
     feedback_ttl_s: float = 86400.0  # how long an answer takes feedback
     memory_records: int = 200_000  # without Redis: assignment records kept for feedback (~220 B each)
+    redis_records: int = 2_000_000  # with Redis: request records kept for feedback, newest first
     shutdown_timeout_s: int = 30  # SIGTERM: in-flight requests get this long to finish
 
     @classmethod
@@ -58,6 +59,7 @@ class Settings:
             admin_token=env.get("CANARYGATE_ADMIN_TOKEN") or None,
             feedback_ttl_s=_float(env, "CANARYGATE_FEEDBACK_TTL_S", 86400.0),
             memory_records=_int(env, "CANARYGATE_MEMORY_RECORDS", 200_000),
+            redis_records=_int(env, "CANARYGATE_REDIS_RECORDS", 2_000_000),
             shutdown_timeout_s=_int(env, "CANARYGATE_SHUTDOWN_TIMEOUT_S", 30),
         )
 

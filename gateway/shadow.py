@@ -14,8 +14,8 @@ from gateway.capacity import Capacity, Preempted
 from gateway.errors import GatewayError, same_way
 from gateway.ledger import Ledger
 from gateway.mirror import Mirror, Mirrors, Observation, Pair, compare, pair_record
-from gateway.pairs import PairStore
 from gateway.route import RouteArm
+from gateway.store.pairs import PairStore
 from gateway.streaming import Accumulator, collect, last_event
 from gateway.tasks import Spawner
 from gateway.tracing import Tracing

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 from gateway.analysis import ArmWindow, bucket_of
 from gateway.errors import ERROR_OUTCOMES
 from gateway.route import Route
-from gateway.state import State, StateUnavailable, StatsKey
+from gateway.store import StateUnavailable
+from gateway.store.rollouts import RolloutStore
+from gateway.store.stats import StatsKey, StatsStore
 
 if TYPE_CHECKING:
     from gateway.attempt import Attempt
@@ -32,8 +34,9 @@ def _segmented(route: Route) -> bool:
 
 
 class Recorder:
-    def __init__(self, state: State) -> None:
-        self._state = state
+    def __init__(self, store: StatsStore, rollouts: RolloutStore) -> None:
+        self._store = store
+        self._rollouts = rollouts
         self._pending: dict[StatsKey, ArmWindow] = {}
         self._unsent: deque[tuple[str, dict[StatsKey, ArmWindow]]] = deque()  # (batch id, batch)
 
@@ -43,7 +46,7 @@ class Recorder:
         nobody), and never for a route without a candidate."""
         if route.candidate is None:
             return False
-        state = self._state.current(route.name)
+        state = self._rollouts.current(route.name)
         return state is not None and state.phase in LIVE and state.rollout == route.rollout_key
 
     def _windows(self, route: Route, arm: str, cohort: str) -> list[ArmWindow]:
@@ -134,7 +137,7 @@ class Recorder:
         while self._unsent:
             batch_id, batch = self._unsent[0]
             try:
-                await self._state.add_stats(batch, batch_id)
+                await self._store.add(batch, batch_id)
             except StateUnavailable:
                 held = sum(len(b) for _, b in self._unsent)
                 while held > MAX_PENDING and len(self._unsent) > 1:

@@ -21,7 +21,7 @@ from prometheus_client import (
 
 from gateway.errors import KINDS, OUTCOMES, REASONS
 from gateway.route import Route
-from gateway.state import PHASES, RouteState
+from gateway.store.rollouts import PHASES, RouteState
 
 if TYPE_CHECKING:
     from gateway.rollout import Analysis
@@ -186,6 +186,12 @@ class Metrics:
         self.state_sync_errors = Counter(
             "canarygate_state_sync_errors",
             "Failed reads or writes of the shared rollout state (Redis); the last state seen keeps serving",
+            registry=r,
+        )
+        self.records_dropped = Counter(
+            "canarygate_feedback_records_dropped",
+            "Request records dropped, oldest first, to keep within CANARYGATE_REDIS_RECORDS or "
+            "CANARYGATE_MEMORY_RECORDS: those answers no longer take feedback",
             registry=r,
         )
         self.circuit_open = Gauge(

@@ -17,8 +17,8 @@ import pytest
 
 from gateway.readiness import CACHE_S, Readiness
 from gateway.rollout import Controller, Rollouts
-from gateway.state import MemoryState
 from gateway.stats import Recorder
+from gateway.store import Store
 from gateway.synth import Knobs
 from gateway.upstream import Upstream
 from tests.conftest import (
@@ -263,19 +263,21 @@ def test_readiness_is_cached_and_the_controller_holds_in_shadow_until_the_candid
     (route,) = routes_of(tmp_path, text)
 
     async def run() -> None:
-        state = MemoryState()
-        await state.start([route])
+        store = Store.memory()
+        await store.start([route])
+        state = store.rollouts
         upstream = Upstream()
         now = [time.time()]
         readiness = Readiness(upstream, timeout_s=5, clock=lambda: now[0])
         controller = Controller(
-            state,
+            store.lease,
+            store.stats,
             Rollouts(state, lambda _: route),
             lambda: [route],
             ready=readiness.check,
             clock=lambda: now[0],
         )
-        recorder = Recorder(state)
+        recorder = Recorder(store.stats, state)
         for _ in range(40):  # healthy shadow traffic, as the ledger books it
             recorder.record(route, "base", "ok", 0.05, False, 10, None)
             recorder.record(route, "shadow", "ok", 0.05, False, 10, None)

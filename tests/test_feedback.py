@@ -120,15 +120,17 @@ def test_feedback_through_redis_reaches_another_replica_once(
 def test_in_memory_assignment_records_keep_the_newest_within_their_bound() -> None:
     import asyncio
 
-    import gateway.state
+    from gateway.store.records import MemoryRecordStore
 
     async def run() -> None:
-        state = gateway.state.MemoryState(records=100)
+        store = MemoryRecordStore(ttl_s=60, size=100)
+        dropped = 0
         for i in range(1000):
-            await state.remember({f"r{i}": f"chat\x1fbase\x1fall\x1f{i}"}, 60)
-            assert len(state._records) <= 100
-        assert await state.recall("r999") == "chat\x1fbase\x1fall\x1f999"
-        assert await state.recall("r0") is None  # the oldest went first
-        assert await state.first_feedback("r999", 60) and not await state.first_feedback("r999", 60)
+            dropped += await store.remember({f"r{i}": f"chat\x1fbase\x1fall\x1f{i}"})
+            assert len(store._records) <= 100
+        assert dropped == 900
+        assert await store.recall("r999") == "chat\x1fbase\x1fall\x1f999"
+        assert await store.recall("r0") is None  # the oldest went first
+        assert await store.first_feedback("r999") and not await store.first_feedback("r999")
 
     asyncio.run(run())

@@ -17,24 +17,19 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.analysis import ArmWindow
 from gateway.errors import Conflict, Unavailable
-from gateway.pairs import RedisPairStore
 from gateway.rollout import Controller, Rollouts, effective
-from gateway.state import (
-    RedisState,
-    RouteState,
-    StateUnavailable,
-    StatsKey,
-    VersionConflict,
-    change,
-    order,
-    skewed,
-)
 from gateway.stats import Recorder
+from gateway.store import StateUnavailable, Store
+from gateway.store.pairs import RedisPairStore
+from gateway.store.rollouts import RedisRolloutStore, RouteState, VersionConflict, change, order, skewed
+from gateway.store.shared import Shared
+from gateway.store.stats import RedisStatsStore, StatsKey
 from gateway.tasks import Spawner
 from tests.conftest import REDIS_URL, GatewayFactory, Sim, policy_yaml, wait_for
 from tests.test_metrics import scrape, value
 from tests.test_state import AUTOMATIC, canary_text, routes_of
 
+ROLLED_BACK: dict[str, Any] = {"phase": "rolled_back", "weight": 0.0, "mirror": False}
 OPERATOR_ACTIONS = ("pause", "resume", "rollback", "promote", "set_weight")
 
 
@@ -57,21 +52,21 @@ def test_an_operator_s_action_wins_over_a_controller_move_judged_before_it(
         rng = random.Random(seed)
         spawner = Spawner()
         prefix = f"{redis_prefix}{seed}:"
-        leader = RedisState(REDIS_URL, prefix, spawner, poll_s=30)  # the controller's replica
-        other = RedisState(REDIS_URL, prefix, spawner, poll_s=30)  # the operator's
+        leader = Store.redis(REDIS_URL, prefix, spawner, poll_s=30)  # the controller's replica
+        other = Store.redis(REDIS_URL, prefix, spawner, poll_s=30)  # the operator's
         for state in (leader, other):
             await state.start([route])
-        controller = Rollouts(leader, lambda name: route)
-        operator = Rollouts(other, lambda name: route)
+        controller = Rollouts(leader.rollouts, lambda name: route)
+        operator = Rollouts(other.rollouts, lambda name: route)
         overruled = landed = 0
         try:
             for _ in range(8):
-                await leader.refresh()
-                judged = leader.current("chat")  # what the controller decided on
+                await leader.rollouts.refresh()
+                judged = leader.rollouts.current("chat")  # what the controller decided on
                 assert judged is not None
                 spoken: RouteState | None = None
                 if rng.random() < 0.5:  # the operator acts after the controller judged, before it writes
-                    await other.refresh()
+                    await other.rollouts.refresh()
                     try:
                         spoken = await _operator(operator, rng.choice(OPERATOR_ACTIONS), rng)
                     except Conflict:
@@ -89,8 +84,8 @@ def test_an_operator_s_action_wins_over_a_controller_move_judged_before_it(
                 except VersionConflict:
                     assert spoken is not None, "a controller move on the newest state was refused"
                     overruled += 1
-                    await other.refresh()
-                    stored = other.current("chat")
+                    await other.rollouts.refresh()
+                    stored = other.rollouts.current("chat")
                     assert stored is not None and stored.version == spoken.version
                     assert (stored.phase, stored.weight) == (spoken.phase, spoken.weight)  # their word stands
         finally:
@@ -114,29 +109,33 @@ def test_a_replica_with_a_superseded_policy_never_writes_it_and_serves_the_base(
 
     async def run() -> None:
         spawner = Spawner()
-        a, b, c = (RedisState(REDIS_URL, redis_prefix, spawner, poll_s=30) for _ in range(3))
+        a, b, c = (Store.redis(REDIS_URL, redis_prefix, spawner, poll_s=30) for _ in range(3))
         try:
             await a.start([old])  # the old policy's rollout, rolled back by an operator
-            await change(a, "chat", "admin", "rolled back", phase="rolled_back", weight=0.0, mirror=False)
+            await change(
+                a.rollouts, "chat", "admin", "rolled back", phase="rolled_back", weight=0.0, mirror=False
+            )
             await b.start([new])  # a rolling update: the new policy starts its rollout once
-            started = b.current("chat")
+            started = b.rollouts.current("chat")
             assert started is not None and started.rollout == new.rollout_key
             assert started.superseded == (old.rollout_key,) and started.phase == "manual"
-            await change(b, "chat", "admin", "rolled back", phase="rolled_back", weight=0.0, mirror=False)
-            rolled_back = b.current("chat")
+            await change(
+                b.rollouts, "chat", "admin", "rolled back", phase="rolled_back", weight=0.0, mirror=False
+            )
+            rolled_back = b.rollouts.current("chat")
             assert rolled_back is not None
             await c.start([old])  # a replica still on the old policy starts, or restarts
             for _ in range(5):  # and they all sync, again and again: nobody rewrites the rollout
                 for state, route in ((a, old), (b, new), (c, old)):
-                    await state.adopt([route])
+                    await state.rollouts.adopt([route])
             for state, route in ((a, old), (c, old)):
-                seen = state.current("chat")
+                seen = state.rollouts.current("chat")
                 assert seen == rolled_back  # the active rollout, as stored: rolled back, and staying so
                 assert skewed(route, seen) and order(route, seen) == "older"
                 served = effective(route, seen)
                 assert served.weight == 0 and served.mirror is None  # the old candidate gets no one
-            await a.adopt([new])  # its policy catches up
-            caught_up = a.current("chat")
+            await a.rollouts.adopt([new])  # its policy catches up
+            caught_up = a.rollouts.current("chat")
             assert caught_up == rolled_back and not skewed(new, caught_up)
         finally:
             await spawner.close()
@@ -177,16 +176,18 @@ def test_a_skewed_replica_says_so_and_its_users_get_the_base(
 def test_a_leader_that_stops_gives_the_lease_up_at_once(redis_prefix: str) -> None:
     async def run() -> None:
         spawner = Spawner()
-        a, b = (RedisState(REDIS_URL, redis_prefix, spawner) for _ in range(2))
-        leader = Controller(a, Rollouts(a, lambda name: None), list)
+        a, b = (Store.redis(REDIS_URL, redis_prefix, spawner) for _ in range(2))
+        leader = Controller(a.lease, a.stats, Rollouts(a.rollouts, lambda name: None), list)
         try:
-            assert await a.lead(leader._owner, Controller.LEASE_S)
+            assert await a.lease.lead(leader._owner, Controller.LEASE_S)
             leader.leading = True
-            assert not await b.lead("other", Controller.LEASE_S)  # held, for LEASE_S unless given up
+            assert not await b.lease.lead("other", Controller.LEASE_S)  # held, for LEASE_S unless given up
             await leader.resign()  # what a replica does at shutdown
-            assert await b.lead("other", Controller.LEASE_S)  # taken at the next tick, not after the TTL
-            await a.resign("someone else")  # only the holder can give it up
-            assert not await a.lead(leader._owner, Controller.LEASE_S)
+            assert await b.lease.lead(
+                "other", Controller.LEASE_S
+            )  # taken at the next tick, not after the TTL
+            await a.lease.resign("someone else")  # only the holder can give it up
+            assert not await a.lease.lead(leader._owner, Controller.LEASE_S)
         finally:
             await spawner.close()
             for state in (a, b):
@@ -216,13 +217,13 @@ def test_feedback_sent_at_once_to_another_replica_finds_the_answer(
     assert unknown.status_code == 404 and "looked for 1.5 s" in unknown.json()["error"]["message"]
 
 
-class TimesOutAfterWriting(RedisState):
+class TimesOutAfterWriting(RedisStatsStore):
     """Redis applied the write, and the answer never came back (Redis frozen past the socket timeout)."""
 
     lost_answers = 1
 
-    async def add_stats(self, batch: Mapping[StatsKey, ArmWindow], batch_id: str = "") -> None:
-        await super().add_stats(batch, batch_id)
+    async def add(self, batch: Mapping[StatsKey, ArmWindow], batch_id: str) -> None:
+        await super().add(batch, batch_id)
         if self.lost_answers:
             self.lost_answers -= 1
             raise StateUnavailable("timed out")
@@ -233,10 +234,11 @@ def test_a_statistics_batch_whose_write_timed_out_is_counted_once(tmp_path: Path
 
     async def run() -> None:
         spawner = Spawner()
-        state = TimesOutAfterWriting(REDIS_URL, redis_prefix, spawner, poll_s=30)
+        shared = Shared(REDIS_URL, redis_prefix)
+        rollouts, stats = RedisRolloutStore(shared, spawner, 30), TimesOutAfterWriting(shared)
         try:
-            await state.start([route])
-            recorder = Recorder(state)
+            await rollouts.start([route])
+            recorder = Recorder(stats, rollouts)
             now = int(time.time() // route.rollout.interval_s)
             intervals = range(now - 1, now + 60)  # wherever the test's seconds fall
             for _ in range(72):
@@ -245,13 +247,13 @@ def test_a_statistics_batch_whose_write_timed_out_is_counted_once(tmp_path: Path
             for _ in range(10):
                 recorder.feedback(route, "candidate", "all", negative=False, escalated=False)
             await recorder.flush()  # the held batch again (same id), then the new one
-            stored = await state.read_stats(route.name, route.rollout_key, intervals)
+            stored = await stats.read(route.name, route.rollout_key, intervals)
             counted = sum(arms["candidate"].feedback for arms in stored.values())
             negative = sum(arms["candidate"].negative for arms in stored.values())
             assert (counted, negative) == (82, 72)  # not 154 / 144
         finally:
             await spawner.close()
-            await state.close()
+            await shared.close()
 
     asyncio.run(run())
 
@@ -259,7 +261,8 @@ def test_a_statistics_batch_whose_write_timed_out_is_counted_once(tmp_path: Path
 def test_pair_records_whose_write_timed_out_are_kept_once(redis_prefix: str) -> None:
     async def run() -> None:
         spawner = Spawner()
-        store = RedisPairStore(REDIS_URL, redis_prefix, spawner)
+        shared = Shared(REDIS_URL, redis_prefix)
+        store = RedisPairStore(shared, spawner)
         applied = store._add_once
 
         async def applied_then_lost(**kwargs: Any) -> Any:  # Redis wrote them; the answer never came
@@ -278,11 +281,12 @@ def test_pair_records_whose_write_timed_out_are_kept_once(redis_prefix: str) -> 
         finally:
             await spawner.close()
             await store.close()
+            await shared.close()
 
     asyncio.run(run())
 
 
-class WriteAnswerLost(RedisState):
+class WriteAnswerLost(RedisRolloutStore):
     """The rollout write reaches Redis, and its answer does not come back (Redis frozen a moment)."""
 
     lost_answers = 0
@@ -301,7 +305,8 @@ def test_an_admin_change_whose_answer_was_lost_says_so_and_its_retry_applies_onc
 
     async def run() -> None:
         spawner = Spawner()
-        state = WriteAnswerLost(REDIS_URL, redis_prefix, spawner, poll_s=30)
+        shared = Shared(REDIS_URL, redis_prefix)
+        state = WriteAnswerLost(shared, spawner, 30)
         rollouts = Rollouts(state, lambda name: route)
         try:
             await state.start([route])
@@ -316,6 +321,6 @@ def test_an_admin_change_whose_answer_was_lost_says_so_and_its_retry_applies_onc
             assert await rollouts.replayed("chat", "weight:other") is None
         finally:
             await spawner.close()
-            await state.close()
+            await shared.close()
 
     asyncio.run(run())

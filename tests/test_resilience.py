@@ -18,9 +18,18 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import REPO, GatewayFactory, RawUpstream, Sim, closed_port, policy_yaml, up, wait_for
+from tests.conftest import (
+    REPO,
+    GatewayFactory,
+    RawUpstream,
+    RedisServer,
+    Sim,
+    closed_port,
+    policy_yaml,
+    up,
+    wait_for,
+)
 from tests.test_metrics import scrape, value
-from tests.test_state import RedisServer, own_redis  # noqa: F401 - fixture
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
 SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -221,7 +230,7 @@ def _admitted(sim: Sim) -> int:
 def test_a_redis_restart_during_traffic_fails_no_request(
     sims: tuple[Sim, Sim],
     make_gateway: GatewayFactory,
-    own_redis: RedisServer,  # noqa: F811
+    own_redis: RedisServer,
 ) -> None:
     gw = make_gateway(
         {"chat": policy_yaml("chat", sims[0].url, sims[1].url, weight=30)},

@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -19,15 +18,10 @@ import pytest
 
 from gateway.loader import load_dir
 from gateway.route import Route
-from gateway.state import (
-    HISTORY,
-    MemoryState,
-    RedisState,
-    VersionConflict,
-    change,
-)
+from gateway.store.rollouts import HISTORY, MemoryRolloutStore, RedisRolloutStore, VersionConflict, change
+from gateway.store.shared import Shared
 from gateway.tasks import Spawner
-from tests.conftest import REDIS_URL, GatewayFactory, Sim, closed_port, policy_yaml, up, wait_for
+from tests.conftest import REDIS_URL, GatewayFactory, RedisServer, Sim, policy_yaml, up, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
@@ -49,7 +43,7 @@ def canary_text(weight: float = 10, model: str = "tuned-model") -> str:
 
 def test_memory_state_starts_from_the_policy_and_keeps_a_bounded_history(tmp_path: Path) -> None:
     async def run() -> None:
-        state = MemoryState()
+        state = MemoryRolloutStore()
         await state.start(routes_of(tmp_path, canary_text(weight=10)))
         first = state.current("chat")
         assert first is not None
@@ -77,8 +71,9 @@ def test_redis_state_is_shared_compare_and_set_and_survives_an_emptied_store(
     async def run() -> None:
         routes = routes_of(tmp_path, canary_text(weight=10))
         spawner = Spawner()
-        a = RedisState(REDIS_URL, redis_prefix, spawner)
-        b = RedisState(REDIS_URL, redis_prefix, spawner, poll_s=30)  # only pub/sub can tell b in time
+        shared = Shared(REDIS_URL, redis_prefix)
+        a = RedisRolloutStore(shared, spawner)
+        b = RedisRolloutStore(Shared(REDIS_URL, redis_prefix), spawner, poll_s=30)  # only pub/sub tells b
         await a.start(routes)
         await b.start(routes)
         await asyncio.sleep(0.2)  # subscriptions in place
@@ -96,7 +91,7 @@ def test_redis_state_is_shared_compare_and_set_and_survives_an_emptied_store(
         with pytest.raises(VersionConflict):
             await a.write(stale.moved(reason="stale", by="test", weight=5.0), stale.version)
         # A restart of the process: a new instance reads where the rollout is.
-        c = RedisState(REDIS_URL, redis_prefix, spawner)
+        c = RedisRolloutStore(Shared(REDIS_URL, redis_prefix), spawner)
         await c.start(routes)
         resumed = c.current("chat")
         assert resumed is not None and resumed.weight == 50
@@ -112,67 +107,9 @@ def test_redis_state_is_shared_compare_and_set_and_survives_an_emptied_store(
         await change(a, "chat", "test", "after the restart", weight=60.0)
         await spawner.close()
         for state in (a, b, c):
-            await state.close()
+            await state._shared.close()
 
     asyncio.run(run())
-
-
-class RedisServer:
-    """A redis-server of the test's own, on a free port, that can be stopped and started again."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        import redis
-
-        client = redis.Redis(port=self.port)
-        wait_for(lambda: _pings(client), message="redis-server to start")
-        client.close()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-
-def _pings(client: object) -> bool:
-    import redis
-
-    try:
-        return bool(client.ping())  # type: ignore[attr-defined]
-    except redis.ConnectionError:
-        return False
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is not installed (.ci/run installs it)")
-    server = RedisServer(closed_port())
-    server.start()
-    yield server
-    server.stop()
 
 
 def admin_post(url: str, route: str, action: str, **body: object) -> httpx.Response:

@@ -179,7 +179,7 @@ def test_a_rollout_transition_is_a_span_with_an_event(sims: tuple[Sim, Sim], tmp
 
     from gateway.loader import load_dir
     from gateway.rollout import Rollouts
-    from gateway.state import MemoryState
+    from gateway.store.rollouts import MemoryRolloutStore
 
     (tmp_path / "chat.yaml").write_text(policy_yaml("chat", sims[0].url, sims[1].url, weight=5))
     routes, _ = load_dir(tmp_path)
@@ -188,7 +188,7 @@ def test_a_rollout_transition_is_a_span_with_an_event(sims: tuple[Sim, Sim], tmp
     provider.add_span_processor(SimpleSpanProcessor(exporter))
 
     async def run() -> None:
-        state = MemoryState()
+        state = MemoryRolloutStore()
         await state.start(routes.values())
         rollouts = Rollouts(state, routes.get, Tracing(provider))
         await rollouts.rollback("chat", "admin", "p99 doubled")

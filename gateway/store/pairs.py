@@ -2,7 +2,8 @@
 
 In memory by default (a bounded deque per route); with CANARYGATE_REDIS_URL, a capped Redis stream per
 route shared by every replica, written in batches by one background flusher (never a round trip per
-request). Redis being down never fails a request: records wait in a bounded buffer, then are dropped.
+request), kept PAIRS_TTL_S after its last record (a deleted route's goes then). Redis being down never
+fails a request: records wait in a bounded buffer, then are dropped.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ from collections import deque
 from typing import Any, Protocol
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.state import BATCH_MARK_S, StateUnavailable
+from gateway.store.shared import BATCH_MARK_S, Shared
 from gateway.tasks import Spawner
 
-log = logging.getLogger("gateway.pairs")
+log = logging.getLogger("gateway.store.pairs")
+PAIRS_TTL_S = 7 * 86400
 
 
 class PairStore(Protocol):
+    def start(self) -> None: ...
+
     def add(self, record: dict[str, Any], limit: int) -> None: ...
 
     async def recent(self, route: str, count: int, disagreements: bool) -> list[dict[str, Any]]: ...
@@ -34,6 +37,9 @@ class PairStore(Protocol):
 class MemoryPairStore:
     def __init__(self) -> None:
         self._records: dict[str, deque[dict[str, Any]]] = {}
+
+    def start(self) -> None:
+        pass
 
     def add(self, record: dict[str, Any], limit: int) -> None:
         kept = self._records.get(record["route"])
@@ -50,12 +56,13 @@ class MemoryPairStore:
         pass
 
 
-# A batch of pair records, added once: KEYS[1] marks the batch as added (for ARGV[1] s); then per
-# record: its stream, the stream's cap, the record.
+# A batch of pair records, added once: KEYS[1] marks the batch as added (for ARGV[1] s); ARGV[2] is the
+# streams' TTL; then per record: its stream, the stream's cap, the record.
 _ADD_ONCE = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   redis.call('XADD', ARGV[i], 'MAXLEN', '~', ARGV[i + 1], '*', 'record', ARGV[i + 2])
+  redis.call('EXPIRE', ARGV[i], ARGV[2])
 end
 return 1
 """
@@ -68,16 +75,20 @@ class RedisPairStore:
     BUFFER = 10_000
     SCAN = 100_000
 
-    def __init__(self, url: str, prefix: str, spawner: Spawner) -> None:
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-        self._prefix = prefix
+    def __init__(self, shared: Shared, spawner: Spawner) -> None:
+        self._shared = shared
+        self._redis = shared.redis
+        self._prefix = shared.prefix
         self._buffer: deque[tuple[dict[str, Any], int]] = deque(maxlen=self.BUFFER)
         self._wake = asyncio.Event()
         self._failing = False
         self._unsent: tuple[str, list[tuple[dict[str, Any], int]]] | None = None  # (batch id, records)
         self._flushing = asyncio.Lock()
         self._add_once = self._redis.register_script(_ADD_ONCE)
-        spawner.spawn(self._flush_forever(), name="pair-records-flush")
+        self._spawner = spawner
+
+    def start(self) -> None:
+        self._spawner.spawn(self._flush_forever(), name="pair-records-flush")
 
     def key(self, route: str) -> str:
         return f"{self._prefix}pairs:{route}"
@@ -92,7 +103,7 @@ class RedisPairStore:
         try:
             entries = await self._redis.xrevrange(self.key(route), count=scan)
         except RedisError as exc:
-            raise StateUnavailable(str(exc)) from exc
+            self._shared.unavailable(exc)
         records = [orjson.loads(fields[b"record"]) for _, fields in entries or () if fields]
         return [r for r in records if not disagreements or not r["agree"]][:count]
 
@@ -106,7 +117,7 @@ class RedisPairStore:
                     self._unsent = (os.urandom(12).hex(), list(self._buffer))
                     self._buffer.clear()
                 batch_id, pending = self._unsent
-                args: list[str | int | bytes] = [BATCH_MARK_S]
+                args: list[str | int | bytes] = [BATCH_MARK_S, PAIRS_TTL_S]
                 for record, limit in pending:
                     args += (self.key(record["route"]), limit, orjson.dumps(record))
                 try:
@@ -127,5 +138,4 @@ class RedisPairStore:
             await self.flush()
 
     async def close(self) -> None:
-        await self.flush()
-        await self._redis.aclose()
+        await self.flush()  # the connection is the store's: it closes it

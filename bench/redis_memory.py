@@ -1,0 +1,170 @@
+"""Redis memory per request record, per pair record and per route, measured on a redis-server of this
+run's own (empty, so INFO's used_memory moves only with what is written here), through the gateway's own
+stores. For contrast, request records also as the earlier layout kept them: one key per answer.
+
+Usage: python bench/redis_memory.py [--records 200000] [--pairs 20000] [--routes 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gateway.analysis import ArmWindow
+from gateway.asgi import new_request_id
+from gateway.store.pairs import RedisPairStore
+from gateway.store.records import RedisRecordStore
+from gateway.store.rollouts import HISTORY, RouteState, Transition
+from gateway.store.shared import Shared
+from gateway.store.stats import RedisStatsStore
+from gateway.tasks import Spawner
+
+RECORD = "support-chat\x1fcandidate\x1fenterprise\x1f3f9a0c41d2b7e815"  # route, arm, cohort, rollout
+TTL_S = 86400.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def used(client: redis.Redis) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def pair(n: int) -> dict[str, Any]:
+    """A pair record as the shadow path writes it (content capture off)."""
+    side = {"model": "tuned-model", "latency_ms": 812.345, "output_tokens": 231, "finish_reason": "stop"}
+    return {
+        "pair_id": os.urandom(16).hex(),
+        "kind": "candidate",
+        "route": "support-chat",
+        "time": "2026-12-06T23:59:59.123Z",
+        "request_id": new_request_id(),
+        "agree": n % 7 != 0,
+        "checks": {"json_valid": True, "schema_valid": True, "tool_calls": n % 7 != 0},
+        "primary": {**side, "model": "base-model"},
+        "shadow": side,
+    }
+
+
+async def records(url: str, count: int, client: redis.Redis) -> tuple[float, float]:
+    shared = Shared(url, "cg:")
+    now = [time.time()]
+    store = RedisRecordStore(shared, TTL_S, bound=count, clock=lambda: now[0])
+    before = used(client)
+    for start in range(0, count, 1000):  # steady traffic that fills the bound over the TTL
+        await store.remember({new_request_id(): RECORD for _ in range(min(1000, count - start))})
+        now[0] += TTL_S * 1000 / count
+    bucketed = (used(client) - before) / count
+    client.flushall()
+    before = used(client)
+    for start in range(0, count, 1000):  # the earlier layout: SET request:<id> record EX ttl
+        pipe = shared.redis.pipeline(transaction=False)
+        for _ in range(min(1000, count - start)):
+            pipe.set(f"cg:request:{new_request_id()}", RECORD, ex=int(TTL_S))
+        await pipe.execute()
+    per_key = (used(client) - before) / count
+    client.flushall()
+    await shared.close()
+    return bucketed, per_key
+
+
+async def pairs(url: str, count: int, client: redis.Redis) -> float:
+    spawner = Spawner()
+    shared = Shared(url, "cg:")
+    store = RedisPairStore(shared, spawner)
+    before = used(client)
+    for n in range(count):
+        store.add(pair(n), count)  # the stream's cap at least the count: nothing trimmed
+        if n % 1000 == 999:
+            await store.flush()
+    await store.flush()
+    per_pair = (used(client) - before) / count
+    client.flushall()
+    await spawner.close()
+    await shared.close()
+    return per_pair
+
+
+async def routes(url: str, count: int, client: redis.Redis) -> tuple[float, float]:
+    """A route's rollout state with a full history, and one interval's statistics of its three arms."""
+    shared = Shared(url, "cg:")
+    before = used(client)
+    for n in range(count):
+        now = time.time()
+        history = tuple(
+            Transition(now, "progressing", 5.0, 1, "gates passed: step 2 of 5", "controller", None)
+            for _ in range(HISTORY)
+        )
+        state = RouteState(
+            f"route-{n}", "3f9a0c41d2b7e815", "progressing", 5.0, True, 1, None, 60, now, history, now, now,
+            tuple(f"{k:016x}" for k in range(10)),
+        )  # fmt: skip
+        await shared.redis.set(f"cg:rollout:route-{n}", state.to_json())
+    per_route = (used(client) - before) / count
+    stats = RedisStatsStore(shared)
+    window = ArmWindow(requests=600, errors=3, invalid=2, fallbacks=1, tokens=90_000, token_answers=590)
+    window.latency.update({b: 20 for b in range(20, 40)})
+    window.ttft.update({b: 20 for b in range(10, 30)})
+    before = used(client)
+    for n in range(count):
+        batch = {(f"route-{n}", "3f9a0c41d2b7e815", 1, arm): window for arm in ("base", "candidate", "shadow")}
+        await stats.add(batch, os.urandom(8).hex())
+    per_interval = (used(client) - before) / count
+    client.flushall()
+    await shared.close()
+    return per_route, per_interval
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--pairs", type=int, default=20_000)
+    parser.add_argument("--routes", type=int, default=200)
+    args = parser.parse_args()
+    if shutil.which("redis-server") is None:
+        sys.exit("redis-server is not installed")
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis(port=port)
+    try:
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        version = client.info("server")["redis_version"]
+        bucketed, per_key = await records(url, args.records, client)
+        per_pair = await pairs(url, args.pairs, client)
+        per_route, per_interval = await routes(url, args.routes, client)
+    finally:
+        client.close()
+        server.terminate()
+        server.wait(10)
+    print(f"redis {version}, used_memory deltas")
+    print(f"request record: {bucketed:.0f} B (one key each, as before: {per_key:.0f} B; x{per_key / bucketed:.1f})")
+    print(f"pair record (content capture off): {per_pair:.0f} B")
+    print(f"route: rollout state with {HISTORY} transitions {per_route:.0f} B; statistics {per_interval:.0f} B per interval")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

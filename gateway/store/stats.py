@@ -1,0 +1,136 @@
+"""Per-interval statistics of each arm of a rollout: the controller's evidence. Replicas add their
+deltas once a second; the controller reads the sum over every replica."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Protocol
+
+from redis.exceptions import RedisError
+
+from gateway.analysis import ArmWindow
+from gateway.store.shared import BATCH_MARK_S, Shared
+
+StatsKey = tuple[str, str, int, str]  # route, rollout, interval number, arm ("base", "candidate", "shadow")
+STATS_TTL_S = 7 * 86400
+
+
+class StatsStore(Protocol):
+    async def add(self, batch: Mapping[StatsKey, ArmWindow], batch_id: str) -> None:
+        """Add per-interval statistics (deltas from one replica), once per batch_id: a batch sent again
+        after a write that timed out (and may have been applied) is not counted twice."""
+
+    async def read(self, route: str, rollout: str, intervals: range) -> dict[int, dict[str, ArmWindow]]:
+        """interval -> arm -> statistics summed over every replica."""
+
+    def keep_only(self, rollouts: set[tuple[str, str]]) -> None:
+        """The (route, rollout) pairs still served: the statistics of the others may go."""
+
+
+class MemoryStatsStore:
+    def __init__(self) -> None:
+        self._stats: dict[tuple[str, str], dict[int, dict[str, ArmWindow]]] = {}
+
+    async def add(self, batch: Mapping[StatsKey, ArmWindow], batch_id: str) -> None:
+        for (route, rollout, interval, arm), window in batch.items():
+            arms = self._stats.setdefault((route, rollout), {}).setdefault(interval, {})
+            arms.setdefault(arm, ArmWindow()).merge(window)
+
+    async def read(self, route: str, rollout: str, intervals: range) -> dict[int, dict[str, ArmWindow]]:
+        stored = self._stats.get((route, rollout), {})
+        return {i: stored[i] for i in intervals if i in stored}
+
+    def keep_only(self, rollouts: set[tuple[str, str]]) -> None:
+        for key in [k for k in self._stats if k not in rollouts]:
+            del self._stats[key]  # statistics of rollouts that ended
+
+
+# A statistics batch, applied once: KEYS[1] marks the batch as applied (for ARGV[1] s); ARGV[2] is the
+# hashes' TTL; then per hash: its key, its number of increments, and each as field, "i"|"f", amount.
+_ADD_ONCE = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+local i = 3
+while i <= #ARGV do
+  local key, n = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  for _ = 1, n do
+    if ARGV[i + 1] == 'f' then
+      redis.call('HINCRBYFLOAT', key, ARGV[i], ARGV[i + 2])
+    else
+      redis.call('HINCRBY', key, ARGV[i], ARGV[i + 2])
+    end
+    i = i + 3
+  end
+  redis.call('EXPIRE', key, ARGV[2])
+end
+return 1
+"""
+_COUNTS = (
+    "requests", "unattempted", "errors", "invalid", "fallbacks", "tokens", "token_answers",
+    "feedback", "negative", "escalated",
+)  # fmt: skip
+_FLOATS = ("tokens_sq", "cost", "cost_sq")
+
+
+class RedisStatsStore:
+    """A hash per (route, rollout, interval), field "arm|name", kept STATS_TTL_S after its last write."""
+
+    def __init__(self, shared: Shared) -> None:
+        self._shared = shared
+        self._prefix = shared.prefix
+        self._add_once = shared.redis.register_script(_ADD_ONCE)
+
+    async def add(self, batch: Mapping[StatsKey, ArmWindow], batch_id: str) -> None:
+        """One script call per flush: HINCRBY into a hash per (route, rollout, interval), applied once per
+        batch id (a batch whose write timed out, and is sent again, may have been applied already)."""
+        args: list[str | int | float] = [BATCH_MARK_S, STATS_TTL_S]
+        for (route, rollout, interval, arm), w in batch.items():
+            fields: list[str | int | float] = []
+            for name in _COUNTS:
+                if value := getattr(w, name):
+                    fields += (f"{arm}|{name}", "i", value)
+            for name in _FLOATS:
+                if value := getattr(w, name):
+                    fields += (f"{arm}|{name}", "f", repr(float(value)))
+            for kind, hist in (("l", w.latency), ("t", w.ttft)):
+                for bucket, count in hist.items():
+                    fields += (f"{arm}|{kind}{bucket}", "i", count)
+            args += (f"{self._prefix}stats:{route}:{rollout}:{interval}", len(fields) // 3, *fields)
+        marker = f"{self._prefix}stats-batch:{batch_id or os.urandom(12).hex()}"
+        try:
+            await self._add_once(keys=[marker], args=args)
+        except RedisError as exc:
+            self._shared.unavailable(exc, write=True)
+
+    async def read(self, route: str, rollout: str, intervals: range) -> dict[int, dict[str, ArmWindow]]:
+        pipe = self._shared.redis.pipeline(transaction=False)
+        for interval in intervals:
+            pipe.hgetall(f"{self._prefix}stats:{route}:{rollout}:{interval}")
+        try:
+            hashes = await pipe.execute()
+        except RedisError as exc:
+            self._shared.unavailable(exc)
+        out: dict[int, dict[str, ArmWindow]] = {}
+        for interval, fields in zip(intervals, hashes, strict=True):
+            if fields:
+                out[interval] = _windows(fields)
+        return out
+
+    def keep_only(self, rollouts: set[tuple[str, str]]) -> None:
+        pass  # each hash expires STATS_TTL_S after its last write
+
+
+def _windows(fields: Mapping[bytes, bytes]) -> dict[str, ArmWindow]:
+    arms: dict[str, ArmWindow] = {}
+    for raw_name, raw_value in fields.items():
+        arm, _, name = raw_name.decode().partition("|")
+        window = arms.setdefault(arm, ArmWindow())
+        if name in _FLOATS:
+            setattr(window, name, float(raw_value))
+        elif name in _COUNTS:
+            setattr(window, name, int(raw_value))
+        elif name[:1] in ("l", "t"):
+            hist = window.latency if name[0] == "l" else window.ttft
+            hist[int(name[1:])] = int(raw_value)
+    return arms
