@@ -18,6 +18,7 @@ from gateway.asgi import ASGIApp
 
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers, as nginx's large_client_header_buffers allows
 DEFAULT_HEAD_TIMEOUT_S = 30.0
+SHUTDOWN_IDLE_S = 1.0  # at shutdown, how long an idle keep-alive connection still takes one more request
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -29,8 +30,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
       connection and its memory. The head must arrive within the config's head_timeout_s (the gateway sets
       CANARYGATE_CLIENT_TIMEOUT_S) of the connection or of the request's first byte: then a 408 (or, with
       no request begun, the connection is simply closed, like an idle keep-alive one).
-    Errors are in OpenAI's format, and the connection is closed after them."""
+    Errors are in OpenAI's format, and the connection is closed after them.
 
+    At shutdown, an idle keep-alive connection is not closed at once, as uvicorn does: a proxy in front
+    may be sending a request on it at that instant, and closing a connection with a request unread resets
+    it (nginx answers 502 and never retries a POST). It stays open SHUTDOWN_IDLE_S more; a request that
+    arrives meanwhile is answered with Connection: close, and the connection closes after that answer or
+    when the time is up."""
+
+    _draining = False
     _in_head = False  # between a request's first byte and the end of its headers
     _in_message = False  # between a request's first byte and its end
     _began = 0  # requests begun during the data being parsed
@@ -75,6 +83,20 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._stop_head_timer()
         super().on_headers_complete()
+        if self._draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # the last request on this connection
+
+    def shutdown(self) -> None:
+        self._draining = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # closed once this answer is sent
+            return
+        self.loop.call_later(getattr(self.config, "shutdown_idle_s", SHUTDOWN_IDLE_S), self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        idle = not self._in_message and (self.cycle is None or self.cycle.response_complete)
+        if idle and not self.transport.is_closing():
+            self.transport.close()  # otherwise it closes after the answer in progress
 
     def on_message_complete(self) -> None:
         self._in_message = False
@@ -131,8 +153,19 @@ class PortUnavailable(OSError):
 
 
 class ReloadingMultiprocess(Multiprocess):
-    """uvicorn's supervisor, except that SIGHUP is passed to every worker, which reloads its policies in
-    place and keeps its last good ones, instead of restarting the workers."""
+    """uvicorn's supervisor, except that:
+    - SIGHUP is passed to every worker, which reloads its policies in place and keeps its last good ones,
+      instead of restarting the workers;
+    - at shutdown it closes its own copy of the listening socket before it stops the workers. uvicorn's
+      kept it open until it exited, so once the workers had stopped accepting, the kernel still queued
+      connections on it that nobody would accept, and reset them when the supervisor exited: a proxy in
+      front had sent requests on them (502s; a single-process server refuses new connections instead,
+      which a proxy passes on to another replica)."""
+
+    def terminate_all(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        super().terminate_all()
 
     def handle_hup(self) -> None:
         for process in self.processes:
@@ -158,6 +191,7 @@ class BackgroundServer:
         port: int = 0,
         log_level: str = "warning",
         head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S,
+        shutdown_idle_s: float = 0.0,
     ) -> None:
         self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -170,6 +204,7 @@ class BackgroundServer:
         self.port = self._sock.getsockname()[1]
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, **SERVER_OPTIONS)
         config.head_timeout_s = head_timeout_s  # type: ignore[attr-defined]  # read by the protocol
+        config.shutdown_idle_s = shutdown_idle_s  # type: ignore[attr-defined]  # tests, demo: stop at once
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"server-{self.port}", daemon=True)
 
