@@ -8,9 +8,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from gateway.analysis import ArmWindow, Verdict, decide, judge
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, Unavailable
@@ -18,7 +18,7 @@ from gateway.readiness import ArmReadiness
 from gateway.route import Route, RouteArm
 from gateway.store import StateUnavailable
 from gateway.store.lease import Lease
-from gateway.store.rollouts import Phase, RolloutStore, RouteState, VersionConflict, applied, change, skewed
+from gateway.store.rollouts import RolloutStore, RouteState, VersionConflict, applied, change, skewed
 from gateway.store.stats import StatsStore
 from gateway.tracing import Tracing
 
@@ -29,6 +29,47 @@ MAX_INTERVALS = 5000  # the analysis window never reads more intervals than this
 
 # Phases without shadow traffic: nothing is being judged on it (paused, ended).
 NO_SHADOWS = frozenset({"paused", "promoted", "rolled_back"})
+JUDGED = frozenset({"shadow", "progressing"})  # the phases the controller moves; the rest are an operator's
+ROLLED_BACK: dict[str, Any] = {"phase": "rolled_back", "weight": 0.0, "mirror": False, "resume_to": None}
+OperatorAction = Literal["pause", "resume", "promote", "rollback", "set_weight"]
+
+
+def operator_change(
+    state: RouteState, action: OperatorAction, *, has_candidate: bool, weight: float = 0.0
+) -> dict[str, Any]:
+    """What an operator's action changes in a rollout's state, or Conflict when it does not apply to it.
+    Pure, so that it is decided on the state it is written on: a write that meets a newer state decides
+    again on that one (a pause that meets a promotion is refused, not written over it)."""
+    name, phase = state.route, state.phase
+    if action == "pause":
+        if phase in ("paused", "promoted", "rolled_back"):
+            raise Conflict(f"route {name!r} is {phase}: there is nothing to pause")
+        return {"phase": "paused", "resume_to": phase}
+    if action == "resume":
+        if phase != "paused":
+            raise Conflict(f"route {name!r} is {phase}, not paused")
+        return {"phase": state.resume_to or "manual", "resume_to": None}
+    if action == "promote":
+        if not has_candidate:
+            raise Conflict(f"route {name!r} has no candidate arm to promote")
+        return {"phase": "promoted", "weight": 100.0, "resume_to": None}
+    if action == "rollback":
+        return dict(ROLLED_BACK)
+    if not has_candidate and weight > 0:
+        raise Conflict(f"route {name!r} has no candidate arm: only weight 0 is possible")
+    return {"phase": "manual", "weight": weight, "mirror": True, "resume_to": None}
+
+
+def controller_step(state: RouteState, steps: Sequence[float]) -> tuple[str, dict[str, Any]]:
+    """The controller's move when every gate passed: the next step, or promotion after the last."""
+    following = state.step + 1
+    if following < len(steps):
+        reason = f"gates passed: step {following + 1} of {len(steps)}, weight {steps[following]:g}%"
+        return reason, {"phase": "progressing", "step": following, "weight": steps[following]}
+    return f"gates passed at every step: promoted after {len(steps)} steps", {
+        "phase": "promoted",
+        "weight": 100.0,
+    }
 
 
 def effective(route: Route, state: RouteState | None) -> Route:
@@ -79,41 +120,34 @@ class Rollouts:
     async def set_weight(
         self, name: str, weight: float, by: str, reason: str | None, key: str | None = None
     ) -> RouteState:
-        route, _ = self.view(name)
         if not 0 <= weight <= 100:
             raise InvalidRequest(f"weight must be a percent in [0, 100], got {weight:g}", param="weight")
-        if route.candidate is None and weight > 0:
-            raise Conflict(f"route {name!r} has no candidate arm: only weight 0 is possible")
-        return await self.move(
-            name,
-            by,
-            reason or f"weight set to {weight:g}",
-            key=key,
-            phase="manual",
-            weight=weight,
-            mirror=True,
+        return await self._operator(
+            name, "set_weight", by, reason or f"weight set to {weight:g}", key, weight
         )
 
     async def pause(self, name: str, by: str, reason: str | None, key: str | None = None) -> RouteState:
-        _, state = self.view(name)
-        if state.phase in ("paused", "promoted", "rolled_back"):
-            raise Conflict(f"route {name!r} is {state.phase}: there is nothing to pause")
-        return await self.move(name, by, reason or "paused", key=key, phase="paused", resume_to=state.phase)
+        return await self._operator(name, "pause", by, reason or "paused", key)
 
     async def resume(self, name: str, by: str, reason: str | None, key: str | None = None) -> RouteState:
-        _, state = self.view(name)
-        if state.phase != "paused":
-            raise Conflict(f"route {name!r} is {state.phase}, not paused")
-        return await self.move(
-            name, by, reason or "resumed", key=key, phase=state.resume_to or "manual", resume_to=None
-        )
+        return await self._operator(name, "resume", by, reason or "resumed", key)
 
     async def promote(self, name: str, by: str, reason: str | None, key: str | None = None) -> RouteState:
-        route, _ = self.view(name)
-        if route.candidate is None:
-            raise Conflict(f"route {name!r} has no candidate arm to promote")
+        return await self._operator(name, "promote", by, reason or "promoted", key)
+
+    async def _operator(
+        self, name: str, action: OperatorAction, by: str, reason: str, key: str | None, weight: float = 0.0
+    ) -> RouteState:
+        route, state = self.view(name)
+        has_candidate = route.candidate is not None
+        if key is None or not applied(state, key):
+            operator_change(state, action, has_candidate=has_candidate, weight=weight)  # refused early
         return await self.move(
-            name, by, reason or "promoted", key=key, phase="promoted", weight=100.0, resume_to=None
+            name,
+            by,
+            reason,
+            key=key,
+            decide=lambda newest: operator_change(newest, action, has_candidate=has_candidate, weight=weight),
         )
 
     async def rollback(
@@ -126,18 +160,7 @@ class Rollouts:
         key: str | None = None,
     ) -> RouteState:
         self.view(name)
-        return await self.move(
-            name,
-            by,
-            reason or "rolled back",
-            basis,
-            key=key,
-            gates=gates,
-            phase="rolled_back",
-            weight=0.0,
-            mirror=False,
-            resume_to=None,
-        )
+        return await self.move(name, by, reason or "rolled back", basis, key=key, gates=gates, **ROLLED_BACK)
 
     async def move(
         self,
@@ -146,12 +169,13 @@ class Rollouts:
         reason: str,
         basis: RouteState | None = None,
         key: str | None = None,
+        decide: Callable[[RouteState], dict[str, Any]] | None = None,
         **changes: Any,
     ) -> RouteState:
-        """basis: the state a controller move was judged on; key: an operator's Idempotency-Key (see
-        state.change)."""
+        """basis: the state a controller move was judged on; key: an operator's Idempotency-Key; decide:
+        the changes, decided on the state they are written on (see store.rollouts.change)."""
         try:
-            state = await change(self._store, name, by, reason, basis, key, **changes)
+            state = await change(self._store, name, by, reason, basis, key, decide, **changes)
         except StateUnavailable as exc:
             if exc.maybe_applied:
                 raise Unavailable(
@@ -294,7 +318,7 @@ class Controller:
         current = self._rollouts.current(route.name)
         if auto is None or current is None or current.rollout != route.rollout_key:
             return
-        if current.phase not in ("shadow", "progressing"):
+        if current.phase not in JUDGED:
             return
         now = self._clock()
         analysis = await analyse(self._stats, route, current, now)
@@ -334,27 +358,5 @@ class Controller:
     async def _advance(
         self, route: Route, current: RouteState, steps: list[float], gates: list[dict[str, Any]]
     ) -> None:
-        following = current.step + 1
-        if following < len(steps):
-            phase: Phase = "progressing"
-            reason = f"gates passed: step {following + 1} of {len(steps)}, weight {steps[following]:g}%"
-            await self._rollouts.move(
-                route.name,
-                "controller",
-                reason,
-                current,
-                gates=gates,
-                phase=phase,
-                step=following,
-                weight=steps[following],
-            )
-        else:
-            await self._rollouts.move(
-                route.name,
-                "controller",
-                f"gates passed at every step: promoted after {len(steps)} steps",
-                current,
-                gates=gates,
-                phase="promoted",
-                weight=100.0,
-            )
+        reason, changes = controller_step(current, steps)
+        await self._rollouts.move(route.name, "controller", reason, current, gates=gates, **changes)

@@ -359,6 +359,7 @@ async def change(
     reason: str,
     basis: RouteState | None = None,
     key: str | None = None,
+    decide: Callable[[RouteState], dict[str, Any]] | None = None,
     **changes: Any,
 ) -> RouteState:
     """Read-modify-write. Without a basis (an operator's change) it retries on conflict, so it lands on
@@ -375,7 +376,7 @@ async def change(
             raise KeyError(route)
         if key is not None and applied(current, key):
             return current  # a retry of a change that was applied (its first answer was lost)
-        new = current.moved(reason=reason, by=by, key=key, **changes)
+        new = current.moved(reason=reason, by=by, key=key, **(decide(current) if decide else changes))
         try:
             await rollouts.write(new, current.version)
             return new

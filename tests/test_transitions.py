@@ -1,0 +1,117 @@
+"""The rollout's transition table, whole, as pure functions: every operator action from every phase,
+and the controller's moves; then what makes it hold across replicas: an operator's action is decided on
+the state it is written on (real Redis), not on the view the replica had when it was asked."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.errors import Conflict
+from gateway.rollout import JUDGED, Rollouts, controller_step, operator_change
+from gateway.store.rollouts import PHASES, Phase, RedisRolloutStore, RouteState, change
+from gateway.store.shared import Shared
+from gateway.tasks import Spawner
+from tests.conftest import REDIS_URL
+from tests.test_state import canary_text, routes_of
+
+
+def state(phase: Phase, step: int = 1, resume_to: Phase | None = None, weight: float = 20.0) -> RouteState:
+    now = time.time()
+    return RouteState("chat", "r1", phase, weight, True, step, resume_to, 7, now, (), now, now)
+
+
+REFUSED = "refused"
+# (phase before, action) -> the phase after (or REFUSED), for a route with a candidate.
+TABLE: dict[tuple[Phase, str], Phase | str] = {
+    **{(p, "pause"): "paused" for p in ("shadow", "progressing", "manual")},
+    **{(p, "pause"): REFUSED for p in ("paused", "promoted", "rolled_back")},
+    **{(p, "resume"): REFUSED for p in PHASES if p != "paused"},
+    ("paused", "resume"): "progressing",  # where it was paused from (resume_to)
+    **{(p, "promote"): "promoted" for p in PHASES},
+    **{(p, "rollback"): "rolled_back" for p in PHASES},
+    **{(p, "set_weight"): "manual" for p in PHASES},
+}
+
+
+@pytest.mark.parametrize(("phase", "action"), sorted(TABLE))
+def test_every_operator_action_from_every_phase(phase: Phase, action: Any) -> None:
+    before = state(phase, resume_to="progressing" if phase == "paused" else None)
+    expected = TABLE[(phase, action)]
+    if expected == REFUSED:
+        with pytest.raises(Conflict):
+            operator_change(before, action, has_candidate=True, weight=30.0)
+        return
+    changes = operator_change(before, action, has_candidate=True, weight=30.0)
+    after = before.moved(reason="test", by="admin", **changes)
+    assert after.phase == expected and after.version == before.version + 1
+    assert after.resume_to == (phase if action == "pause" else None)
+    assert after.weight == {"promote": 100.0, "rollback": 0.0, "set_weight": 30.0}.get(action, before.weight)
+    assert after.mirror is (action != "rollback")  # a rollback turns shadow traffic off too
+
+
+def test_without_a_candidate_only_a_weight_of_zero_rollback_and_pause_apply() -> None:
+    for phase in PHASES:
+        before = state(phase, resume_to="manual" if phase == "paused" else None)
+        with pytest.raises(Conflict):
+            operator_change(before, "promote", has_candidate=False)
+        with pytest.raises(Conflict):
+            operator_change(before, "set_weight", has_candidate=False, weight=1.0)
+        assert operator_change(before, "set_weight", has_candidate=False, weight=0.0)["weight"] == 0.0
+        assert operator_change(before, "rollback", has_candidate=False)["phase"] == "rolled_back"
+
+
+def test_a_paused_rollout_resumes_where_it_was_or_in_manual_mode() -> None:
+    for resume_to in ("shadow", "progressing", "manual", None):
+        changes = operator_change(state("paused", resume_to=resume_to), "resume", has_candidate=True)
+        assert changes["phase"] == (resume_to or "manual") and changes["resume_to"] is None
+
+
+def test_the_controller_walks_the_steps_then_promotes_and_moves_only_judged_phases() -> None:
+    steps = [5.0, 20.0, 50.0]
+    walked = []
+    current = state("shadow", step=-1, weight=0.0)
+    while current.phase != "promoted":
+        reason, changes = controller_step(current, steps)
+        current = current.moved(reason=reason, by="controller", **changes)
+        walked.append((current.phase, current.weight, current.step))
+    assert walked == [
+        ("progressing", 5.0, 0),
+        ("progressing", 20.0, 1),
+        ("progressing", 50.0, 2),
+        ("promoted", 100.0, 2),
+    ]
+    assert current.history[-1].reason == "gates passed at every step: promoted after 3 steps"
+    assert set(PHASES) - JUDGED == {"paused", "promoted", "rolled_back", "manual"}  # an operator's, only
+
+
+def test_an_operator_s_action_is_decided_again_on_the_state_it_meets(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    (route,) = routes_of(tmp_path, canary_text(weight=30))
+
+    async def run() -> None:
+        spawner = Spawner()
+        shared = [Shared(REDIS_URL, redis_prefix), Shared(REDIS_URL, redis_prefix)]
+        stale, fresh = (RedisRolloutStore(s, spawner, poll_s=30) for s in shared)
+        try:
+            await stale.adopt([route])  # no listener: this replica's view stays where it was
+            await fresh.adopt([route])
+            await change(fresh, "chat", "admin", "promoted", phase="promoted", weight=100.0)  # elsewhere
+            seen = stale.current("chat")
+            assert seen is not None and seen.phase == "manual"  # what the asked replica still believes
+            with pytest.raises(Conflict, match="promoted: there is nothing to pause"):
+                await Rollouts(stale, lambda name: route).pause("chat", "admin", None)
+            await fresh.refresh()
+            stored = fresh.current("chat")
+            assert stored is not None and stored.phase == "promoted"  # not paused over the promotion
+        finally:
+            await spawner.close()
+            for s in shared:
+                await s.close()
+
+    asyncio.run(run())
