@@ -2,6 +2,10 @@
 run's own (empty, so INFO's used_memory moves only with what is written here), through the gateway's own
 stores. For contrast, request records also as the earlier layout kept them: one key per answer.
 
+And what writing each request record through (a SET on the request's path) would cost the gateway,
+against the batched flush it does: this process's CPU time and the wall time per record, the SETs one
+after another as a request would await its own.
+
 Usage: python bench/redis_memory.py [--records 200000] [--pairs 20000] [--routes 200]
 """
 
@@ -83,6 +87,24 @@ async def records(url: str, count: int, client: redis.Redis) -> tuple[float, flo
     return bucketed, per_key
 
 
+async def write_costs(url: str, count: int = 5000) -> tuple[float, float, float, float]:
+    """(through: CPU µs and wall µs per record; batched: the same), 1,000 records per flush."""
+    shared = Shared(url, "cg:")
+    await shared.redis.ping()
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(count):
+        await shared.redis.set(f"cg:request:{new_request_id()}", RECORD, ex=int(TTL_S))
+    through = ((time.process_time() - cpu) / count * 1e6, (time.perf_counter() - wall) / count * 1e6)
+    store = RedisRecordStore(shared, TTL_S, bound=10 * count)
+    batches = [{new_request_id(): RECORD for _ in range(1000)} for _ in range(count // 1000)]
+    cpu, wall = time.process_time(), time.perf_counter()
+    for batch in batches:
+        await store.remember(batch)
+    batched = ((time.process_time() - cpu) / count * 1e6, (time.perf_counter() - wall) / count * 1e6)
+    await shared.close()
+    return (*through, *batched)
+
+
 async def pairs(url: str, count: int, client: redis.Redis) -> float:
     spawner = Spawner()
     shared = Shared(url, "cg:")
@@ -122,7 +144,9 @@ async def routes(url: str, count: int, client: redis.Redis) -> tuple[float, floa
     window.ttft.update({b: 20 for b in range(10, 30)})
     before = used(client)
     for n in range(count):
-        batch = {(f"route-{n}", "3f9a0c41d2b7e815", 1, arm): window for arm in ("base", "candidate", "shadow")}
+        batch = {
+            (f"route-{n}", "3f9a0c41d2b7e815", 1, arm): window for arm in ("base", "candidate", "shadow")
+        }
         await stats.add(batch, os.urandom(8).hex())
     per_interval = (used(client) - before) / count
     client.flushall()
@@ -156,14 +180,19 @@ async def main() -> None:
         bucketed, per_key = await records(url, args.records, client)
         per_pair = await pairs(url, args.pairs, client)
         per_route, per_interval = await routes(url, args.routes, client)
+        costs = await write_costs(url)
     finally:
         client.close()
         server.terminate()
         server.wait(10)
     print(f"redis {version}, used_memory deltas")
-    print(f"request record: {bucketed:.0f} B (one key each, as before: {per_key:.0f} B; x{per_key / bucketed:.1f})")
+    print(f"request record: {bucketed:.0f} B (one key each, as before: {per_key:.0f} B)")
     print(f"pair record (content capture off): {per_pair:.0f} B")
-    print(f"route: rollout state with {HISTORY} transitions {per_route:.0f} B; statistics {per_interval:.0f} B per interval")
+    print(f"route: rollout state with {HISTORY} transitions {per_route:.0f} B")
+    print(f"route statistics: {per_interval:.0f} B per interval")
+    through_cpu, through_wall, batched_cpu, batched_wall = costs
+    print(f"request record written through: {through_cpu:.0f} µs CPU, {through_wall:.0f} µs wall each")
+    print(f"request record batched (1,000 a flush): {batched_cpu:.1f} µs CPU, {batched_wall:.1f} µs wall")
 
 
 if __name__ == "__main__":
