@@ -575,6 +575,8 @@ async def _readiness(services: Services) -> JSONResponse:
         },
         # Routes whose policy here is not the active rollout's: served from the base until it catches up.
         "policy_skew": {r.name: skew for r in routes if (skew := services.skew(r.name)) is not None},
+        # Whether this replica runs the controller (one replica at a time holds the lease).
+        "controller": {"owner": services.controller.owner, "leading": services.controller.leading},
         "api_keys": {
             "keys": len(services.api_keys),
             **(services.keys_file.view() if services.keys_file is not None else {}),

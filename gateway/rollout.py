@@ -279,16 +279,16 @@ class Controller:
         self._routes = routes
         self._on_analysis = on_analysis
         self._tick_s = tick_s
-        self._owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self._judged: dict[str, tuple[int, float]] = {}  # route -> (state version, when judged)
         self.leading = False
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self._tick_s)
-            leading = await self._lease.lead(self._owner, self.LEASE_S)
+            leading = await self._lease.lead(self.owner, self.LEASE_S)
             if leading != self.leading:
-                log.info("controller lease %s by %s", "taken" if leading else "lost", self._owner)
+                log.info("controller lease %s by %s", "taken" if leading else "lost", self.owner)
                 self.leading = leading
             if not leading:
                 continue
@@ -310,8 +310,8 @@ class Controller:
         lease's TTL."""
         if self.leading:
             self.leading = False
-            await self._lease.resign(self._owner)
-            log.info("controller lease given up by %s", self._owner)
+            await self._lease.resign(self.owner)
+            log.info("controller lease given up by %s", self.owner)
 
     async def consider(self, route: Route) -> None:
         auto = route.automatic

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 
 from tests.conftest import REPO, RedisServer, Sim, closed_port, policy_yaml, up, wait_for
 
@@ -381,3 +382,29 @@ def test_an_operator_s_pause_holds_while_the_controller_walks_the_rollout(
     assert len(after_pause) == 4 and all(t["by"] == "admin" for t in after_pause)  # only the operator's
     assert [t["weight"] for t in walked if t["by"] == "controller"][:4] == [40, 50, 60, 70]
     assert load.errors == [], f"{len(load.errors)}: {load.errors[:5]}\n{fleet.proxy_errors()}"
+
+
+def test_a_leader_that_stops_gives_the_lease_up_on_its_way_out(fleet: Fleet, sims: tuple[Sim, Sim]) -> None:
+    fleet.start(policies(fleet.work, "policies", policy_yaml("chat", sims[0].url, sims[1].url, weight=20)))
+
+    def controllers() -> dict[str, Replica]:
+        views = {
+            r.url: httpx.get(f"{r.url}/readyz", headers=ADMIN, timeout=15).json() for r in fleet.replicas
+        }
+        return {
+            views[r.url]["controller"]["owner"]: r
+            for r in fleet.replicas
+            if views[r.url]["controller"]["leading"]
+        }
+
+    wait_for(lambda: len(controllers()) == 1, message="one replica to lead")
+    ((owner, leader),) = controllers().items()
+    assert leader.process is not None
+    leader.process.send_signal(signal.SIGTERM)
+    leader.process.wait(30)
+    client = redis.Redis.from_url(fleet.redis.url)
+    held = client.get("canarygate:controller")
+    client.close()
+    assert held is None or held.decode() != owner  # given up at once, not left to its 10 s TTL
+    fleet.replicas.remove(leader)
+    wait_for(lambda: len(controllers()) == 1, message="another replica to lead")

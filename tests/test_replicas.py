@@ -179,7 +179,7 @@ def test_a_leader_that_stops_gives_the_lease_up_at_once(redis_prefix: str) -> No
         a, b = (Store.redis(REDIS_URL, redis_prefix, spawner) for _ in range(2))
         leader = Controller(a.lease, a.stats, Rollouts(a.rollouts, lambda name: None), list)
         try:
-            assert await a.lease.lead(leader._owner, Controller.LEASE_S)
+            assert await a.lease.lead(leader.owner, Controller.LEASE_S)
             leader.leading = True
             assert not await b.lease.lead("other", Controller.LEASE_S)  # held, for LEASE_S unless given up
             await leader.resign()  # what a replica does at shutdown
@@ -187,7 +187,7 @@ def test_a_leader_that_stops_gives_the_lease_up_at_once(redis_prefix: str) -> No
                 "other", Controller.LEASE_S
             )  # taken at the next tick, not after the TTL
             await a.lease.resign("someone else")  # only the holder can give it up
-            assert not await a.lease.lead(leader._owner, Controller.LEASE_S)
+            assert not await a.lease.lead(leader.owner, Controller.LEASE_S)
         finally:
             await spawner.close()
             for state in (a, b):
