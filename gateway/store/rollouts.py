@@ -363,9 +363,10 @@ async def change(
     **changes: Any,
 ) -> RouteState:
     """Read-modify-write. Without a basis (an operator's change) it retries on conflict, so it lands on
-    the newest state. With one (the state a controller judged), it is written on that version or not at
-    all: VersionConflict means the rollout moved since it was judged, and the move is dropped, to be
-    judged again on the new state, never re-applied over an operator's word."""
+    the newest state, and decide(newest) says what changes there (it may refuse: Conflict). With one (the
+    state a controller judged), it is written on that version or not at all: VersionConflict means the
+    rollout moved since it was judged, and the move is dropped, to be judged again on the new state,
+    never re-applied over an operator's word."""
     if basis is not None:
         new = basis.moved(reason=reason, by=by, **changes)
         await rollouts.write(new, basis.version)
