@@ -1,9 +1,11 @@
 """Decision quality of the canary controller, by simulation: many whole rollouts, no servers.
 
-Each rollout walks the policy's steps as the controller does, judging the gates at the end of every
-interval (with gateway.analysis, the controller's own code) on the windows accumulated since the
-rollout began. Traffic per interval is fixed; the candidate's share is the current weight. Requests fail,
-fail validation and take time at the rates each scenario sets.
+Each rollout walks the policy's steps as the controller does (controller_step: reaching 100% is the
+promotion), judging the gates at the end of every interval with gateway.analysis, the controller's own
+code, on the statistics kept per interval since the rollout began: compared interval by interval
+("concurrent", what the controller does), and, for contrast, pooled into one window per arm (what it
+did before). Traffic per interval is fixed; the candidate's share is the current weight. Requests fail,
+fail validation and take time at the rates each scenario sets, which may drift for both arms at once.
 
 Targets (issue 6): an identical candidate is rolled back in <= 1% of whole rollouts; a candidate whose
 validation failures go from 1% to 2% is rolled back within 6,000 candidate requests in >= 95% of runs;
@@ -11,6 +13,9 @@ a 20% p99 latency regression is caught in >= 90%.
 
 For contrast, the identical candidate is also run with a plain fixed-sample test at every look (the
 same gates and levels, the boundary replaced by the normal quantile): what the sequential method buys.
+
+Drift scenarios (issue 20): validation failures of both arms 1% -> 2% over the first 10 intervals;
+1% -> 1.5% for both once the candidate reaches the last step; latency x1.3 for both at the last step.
 
 Usage: python bench/decisions.py [--runs 1000] [--seed 1]
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -31,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gateway.analysis
 from gateway.analysis import BUCKET_BASE_S, BUCKET_FACTOR, BUCKETS, ArmWindow, decide, judge
 from gateway.policy import Gates, RateGate, RatioGate
+from gateway.rollout import controller_step
+from gateway.store.rollouts import RouteState
 
 STEPS = (1, 5, 25, 50, 100)
 REQUESTS_PER_INTERVAL = 10_000
@@ -52,20 +60,38 @@ class Arm:
     latency_scale: float = 1.0  # multiplies every latency: the p99 ratio to an unscaled arm
 
 
+@dataclass(frozen=True)
+class Scenario:
+    candidate: Arm
+    # What happens to both arms at interval t with the candidate at step index s: (invalid rate added,
+    # latency factor).
+    drift: Callable[[int, int], tuple[float, float]] = lambda t, s: (0.0, 1.0)
+
+
+TOP = len([s for s in STEPS if s < 100]) - 1  # the last step walked: after it, promotion
 SCENARIOS = {
-    "identical": Arm(),
-    "validation 1% -> 2%": Arm(invalid_rate=0.02),
-    "p99 latency +20%": Arm(latency_scale=1.2),
+    "identical": Scenario(Arm()),
+    "validation 1% -> 2%": Scenario(Arm(invalid_rate=0.02)),
+    "p99 latency +20%": Scenario(Arm(latency_scale=1.2)),
+    "identical, both drift 1% -> 2% over 10 intervals": Scenario(
+        Arm(), lambda t, s: (0.01 * min(t, 10) / 10, 1.0)
+    ),
+    "identical, both 1% -> 1.5% at the last step": Scenario(
+        Arm(), lambda t, s: (0.005 if s == TOP else 0.0, 1.0)
+    ),
+    "identical, both latency x1.3 at the last step": Scenario(
+        Arm(), lambda t, s: (0.0, 1.3 if s == TOP else 1.0)
+    ),
 }
 
 
-def sample(rng: np.random.Generator, arm: Arm, n: int) -> ArmWindow:
+def sample(rng: np.random.Generator, arm: Arm, n: int, extra: float = 0.0, factor: float = 1.0) -> ArmWindow:
     window = ArmWindow(requests=n)
     if n == 0:
         return window
     window.errors = int(rng.binomial(n, arm.error_rate))
-    window.invalid = int(rng.binomial(n, arm.invalid_rate))
-    latency = rng.lognormal(mean=np.log(0.8), sigma=0.5, size=n) * arm.latency_scale
+    window.invalid = int(rng.binomial(n, arm.invalid_rate + extra))
+    latency = rng.lognormal(mean=np.log(0.8), sigma=0.5, size=n) * arm.latency_scale * factor
     buckets = np.minimum(np.searchsorted(EDGES, latency), BUCKETS - 1)
     indices, counts = np.unique(buckets, return_counts=True)
     window.latency = dict(zip(indices.tolist(), counts.tolist(), strict=True))
@@ -78,22 +104,29 @@ def fixed_sample_z(n: float, alpha: float, n_star: float) -> float:
     return statistics.NormalDist().inv_cdf(CONFIDENCE) if n > 0 else float("inf")
 
 
-def rollout(rng: np.random.Generator, candidate: Arm) -> tuple[str, int]:
+def rollout(rng: np.random.Generator, scenario: Scenario, concurrent: bool = True) -> tuple[str, int]:
     """(outcome, candidate requests seen when it ended): promoted, rolled_back or held."""
+    strata: list[tuple[ArmWindow, ArmWindow]] = []
     base_total, cand_total = ArmWindow(), ArmWindow()
-    step = 0
-    for _ in range(MAX_INTERVALS):
-        n_candidate = int(rng.binomial(REQUESTS_PER_INTERVAL, STEPS[step] / 100))
-        base_total.merge(sample(rng, Arm(), REQUESTS_PER_INTERVAL - n_candidate))
-        cand_total.merge(sample(rng, candidate, n_candidate))
-        verdicts = judge(GATES, base_total, cand_total, confidence=CONFIDENCE, min_samples=MIN_SAMPLES)
+    state = RouteState("r", "k", "progressing", STEPS[0], True, 0, None, 1, 0.0)
+    for t in range(MAX_INTERVALS):
+        extra, factor = scenario.drift(t, state.step)
+        n_candidate = int(rng.binomial(REQUESTS_PER_INTERVAL, state.weight / 100))
+        base = sample(rng, Arm(), REQUESTS_PER_INTERVAL - n_candidate, extra, factor)
+        candidate = sample(rng, scenario.candidate, n_candidate, extra, factor)
+        strata.append((base, candidate))
+        base_total.merge(base)
+        cand_total.merge(candidate)
+        judged = strata if concurrent else [(base_total, cand_total)]
+        verdicts = judge(GATES, judged, confidence=CONFIDENCE, min_samples=MIN_SAMPLES)
         decision = decide(verdicts, "rollback", "hold")
         if decision == "rollback":
             return "rolled_back", cand_total.requests
         if decision == "advance":
-            if step == len(STEPS) - 1:
+            reason, changes = controller_step(state, STEPS)
+            state = state.moved(reason=reason, by="controller", **changes)
+            if state.phase == "promoted":
                 return "promoted", cand_total.requests
-            step += 1
     return "held", cand_total.requests
 
 
@@ -105,7 +138,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
-    results = {name: [rollout(rng, arm) for _ in range(args.runs)] for name, arm in SCENARIOS.items()}
+    results = {}
+    for name, scenario in SCENARIOS.items():
+        results[name] = [rollout(rng, scenario) for _ in range(args.runs)]
+        results[f"{name} (pooled)"] = [rollout(rng, scenario, concurrent=False) for _ in range(args.runs)]
     with mock.patch.object(gateway.analysis, "boundary", fixed_sample_z):
         results["naive"] = [rollout(rng, SCENARIOS["identical"]) for _ in range(args.runs)]
 
@@ -113,8 +149,9 @@ def main() -> int:
         runs = results[name]
         return sum(1 for o, n in runs if o == outcome and n <= within) / len(runs)
 
+    identical = [name for name in SCENARIOS if name.startswith("identical")]
     rows = [
-        ("identical candidate rolled back", share("identical", "rolled_back"), "<= 1%", 0.0, 0.01),
+        *((f"{name}: rolled back", share(name, "rolled_back"), "<= 1%", 0.0, 0.01) for name in identical),
         (
             "validation 1% -> 2%: rolled back within 6,000 candidate requests",
             share("validation 1% -> 2%", "rolled_back", 6000),
@@ -123,21 +160,19 @@ def main() -> int:
             1.0,
         ),
         ("p99 latency +20%: rolled back", share("p99 latency +20%", "rolled_back"), ">= 90%", 0.9, 1.0),
-        (
-            "identical, plain test at every look: rolled back",
-            share("naive", "rolled_back"),
-            "—",
-            0,
-            1,
-        ),
+        ("identical, plain test at every look: rolled back", share("naive", "rolled_back"), "—", 0, 1),
     ]
     print(
         f"{args.runs} rollouts per scenario, steps {list(STEPS)}, {REQUESTS_PER_INTERVAL} requests/interval"
     )
-    print("| scenario | measured | target |\n|---|---|---|")
+    print("| scenario | concurrent (now) | pooled (before) | target |\n|---|---|---|---|")
     ok = True
     for label, value, target, low, high in rows:
-        print(f"| {label} | {value * 100:.1f}% | {target} |")
+        name = label.split(":")[0] if not label.startswith("validation") else "validation 1% -> 2%"
+        pooled = f"{name} (pooled)"
+        within = 6000 if label.startswith("validation") else float("inf")
+        before = f"{share(pooled, 'rolled_back', within) * 100:.1f}%" if pooled in results else "—"
+        print(f"| {label} | {value * 100:.1f}% | {before} | {target} |")
         ok &= low <= value <= high
     for name, runs in results.items():
         outcomes = {o: sum(1 for x, _ in runs if x == o) for o in ("promoted", "rolled_back", "held")}

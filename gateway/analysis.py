@@ -13,6 +13,14 @@ fail when the whole interval lies above the allowed increase. Quantiles (p99 lat
 mergeable log-bucket histograms, each side's interval from the binomial ranks around n*q; the ratio's
 interval from the two sides' ends. Means (output tokens): the ratio with a delta-method interval.
 
+Concurrent comparisons: the arms are compared only over the same time. Statistics are kept per
+interval, and every gate combines per-interval comparisons (strata), so that what changes for both arms
+at once (traffic drifting, another load on the machine) cancels: rates by Mantel-Haenszel-weighted
+differences, quantiles and means against the base reweighted to the candidate's intervals (each
+interval's base samples weighted by how many candidate samples it has per base sample), with the
+effective sample size that weighting leaves (Kish). An interval where either arm has no sample says
+nothing and is left out; so is a step at 100%, which is why reaching it is the promotion itself.
+
 A gate passes when it has min_samples per arm and its estimate is within the threshold; it fails when
 its interval lies wholly beyond the threshold; otherwise it waits (not enough data, or not clear yet).
 """
@@ -22,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from gateway.policy import Gates
 
@@ -91,6 +99,10 @@ class ArmWindow:
                 mine[bucket] = mine.get(bucket, 0) + count
 
 
+Strata = Sequence[tuple[ArmWindow, ArmWindow]]  # (base, candidate) per interval
+NOTHING_SHARED = "no interval with samples of both arms yet"
+
+
 @dataclass(frozen=True)
 class Verdict:
     gate: str
@@ -129,8 +141,7 @@ def _se_rate(events: int, n: int) -> float:
 
 def rate_increase(
     gate: str,
-    base: tuple[int, int],
-    candidate: tuple[int, int],
+    strata: Sequence[tuple[tuple[int, int], tuple[int, int]]],
     max_increase: float,
     *,
     alpha: float,
@@ -138,14 +149,31 @@ def rate_increase(
     min_samples: int,
     critical: bool = False,
 ) -> Verdict:
-    """candidate rate - base rate <= max_increase. base, candidate: (events, requests)."""
-    (xb, nb), (xc, nc) = base, candidate
-    diff = _rate(xc, nc) - _rate(xb, nb)
-    se = math.hypot(_se_rate(xb, nb), _se_rate(xc, nc))
+    """candidate rate - base rate <= max_increase, over the strata where both arms have samples: each
+    stratum's difference weighted by nb*nc/(nb+nc) (Mantel-Haenszel), so a rate that moves for both arms
+    together cancels. strata: per interval, ((base events, requests), (candidate events, requests))."""
+    used = [((xb, nb), (xc, nc)) for (xb, nb), (xc, nc) in strata if nb > 0 and nc > 0]
+    xb, nb = sum(b[0] for b, _ in used), sum(b[1] for b, _ in used)
+    xc, nc = sum(c[0] for _, c in used), sum(c[1] for _, c in used)
+    if not used:
+        return Verdict(gate, "wait", None, None, None, max_increase, nb, nc, critical, NOTHING_SHARED)
+    weights = [b[1] * c[1] / (b[1] + c[1]) for b, c in used]
+    total = sum(weights)
+    diff = sum(w * (c[0] / c[1] - b[0] / b[1]) for w, (b, c) in zip(weights, used, strict=True)) / total
+    # Each stratum's variance from the arm's rate over all of them, smoothed: (x + 1/2) / (n + 1), so that
+    # a zero count never reads as zero uncertainty.
+    pb, pc = (xb + 0.5) / (nb + 1), (xc + 0.5) / (nc + 1)
+    variance = sum(
+        w * w * (pb * (1 - pb) / b[1] + pc * (1 - pc) / c[1]) for w, (b, c) in zip(weights, used, strict=True)
+    )
+    se = math.sqrt(variance) / total
     z = boundary(min(nb, nc), 2 * alpha, n_star)  # one-sided at alpha
     low, high = diff - z * se, diff + z * se
     result = _decide(low, diff, max_increase, min(nb, nc) >= min_samples)
-    reason = f"{_pct(_rate(xc, nc))} vs base {_pct(_rate(xb, nb))}, allowed +{_pct(max_increase)}"
+    reason = (
+        f"{_pct(_rate(xc, nc))} vs base {_pct(_rate(xc, nc) - diff)} over the same intervals, "
+        f"allowed +{_pct(max_increase)}"
+    )
     return Verdict(gate, result, diff, low, high, max_increase, nb, nc, critical, reason)
 
 
@@ -174,8 +202,7 @@ def rate_max(
 
 def quantile_ratio(
     gate: str,
-    base: dict[int, int],
-    candidate: dict[int, int],
+    strata: Sequence[tuple[dict[int, int], dict[int, int]]],
     q: float,
     maximum: float,
     *,
@@ -184,12 +211,24 @@ def quantile_ratio(
     min_samples: int,
     critical: bool = False,
 ) -> Verdict:
-    """candidate's q-quantile / base's <= maximum, from log-bucket histograms."""
-    nb, nc = sum(base.values()), sum(candidate.values())
-    if nb == 0 or nc == 0:
-        return Verdict(gate, "wait", None, None, None, maximum, nb, nc, critical, "no data")
+    """candidate's q-quantile / base's <= maximum, from log-bucket histograms per interval: the base's
+    histogram reweighted to the candidate's intervals (see the module's note)."""
+    used = [(b, c) for b, c in strata if b and c and sum(b.values()) and sum(c.values())]
+    base: dict[int, float] = {}
+    candidate: dict[int, float] = {}
+    nb = nc = 0
+    spread = 0.0  # sum of nc_i^2 / nb_i: what the reweighting costs the base in effective samples
+    for b, c in used:
+        b_n, c_n = sum(b.values()), sum(c.values())
+        nb, nc, spread = nb + b_n, nc + c_n, spread + c_n * c_n / b_n
+        for bucket, count in b.items():
+            base[bucket] = base.get(bucket, 0.0) + count * c_n / b_n
+        for bucket, count in c.items():
+            candidate[bucket] = candidate.get(bucket, 0.0) + count
+    if not used:
+        return Verdict(gate, "wait", None, None, None, maximum, nb, nc, critical, NOTHING_SHARED)
     # Each side at alpha/2: the ratio's interval then holds at alpha (one-sided: the lower end).
-    b_est, b_lo, b_hi = _quantile_interval(base, nb, q, alpha, n_star)
+    b_est, b_lo, b_hi = _quantile_interval(base, nc, q, alpha, n_star, effective=nc * nc / spread)
     c_est, c_lo, c_hi = _quantile_interval(candidate, nc, q, alpha, n_star)
     ratio, low, high = c_est / b_est, c_lo / b_hi, c_hi / b_lo
     result = _decide(low, ratio, maximum, min(nb, nc) >= min_samples)
@@ -202,8 +241,7 @@ def quantile_ratio(
 
 def mean_ratio(
     gate: str,
-    base: tuple[float, float, int],
-    candidate: tuple[float, float, int],
+    strata: Sequence[tuple[tuple[float, float, int], tuple[float, float, int]]],
     maximum: float,
     *,
     alpha: float,
@@ -213,13 +251,19 @@ def mean_ratio(
     unit: str = "tokens",
 ) -> Verdict:
     """A mean per answer (output tokens, cost), candidate / base <= maximum, by the delta method on the
-    log ratio. base, candidate: (sum, sum of squares, answers)."""
-    (sb, qb, nb), (sc, qc, nc) = base, candidate
-    if nb == 0 or nc == 0 or sb <= 0 or sc <= 0:
+    log ratio; the base reweighted to the candidate's intervals. strata: per interval, base and candidate
+    as (sum, sum of squares, answers)."""
+    used = [(b, c) for b, c in strata if b[2] > 0 and c[2] > 0]
+    nb, nc = sum(b[2] for b, _ in used), sum(c[2] for _, c in used)
+    sc, qc = sum(c[0] for _, c in used), sum(c[1] for _, c in used)
+    sb = sum(b[0] * c[2] / b[2] for b, c in used)  # the base's sums as if it had the candidate's answers
+    qb = sum(b[1] * c[2] / b[2] for b, c in used)
+    if not used or sb <= 0 or sc <= 0:
         return Verdict(gate, "wait", None, None, None, maximum, nb, nc, critical, f"no {unit} counted")
-    mb, mc = sb / nb, sc / nc
-    vb, vc = max(qb / nb - mb * mb, 0.0), max(qc / nc - mc * mc, 0.0)
-    se_log = math.sqrt(vb / (nb * mb * mb) + vc / (nc * mc * mc))
+    effective = nc * nc / sum(c[2] * c[2] / b[2] for b, c in used)
+    mb, mc = sb / nc, sc / nc
+    vb, vc = max(qb / nc - mb * mb, 0.0), max(qc / nc - mc * mc, 0.0)
+    se_log = math.sqrt(vb / (effective * mb * mb) + vc / (nc * mc * mc))
     z = boundary(min(nb, nc), 2 * alpha, n_star)
     ratio = mc / mb
     low, high = ratio * math.exp(-z * se_log), ratio * math.exp(z * se_log)
@@ -238,11 +282,14 @@ def _decide(low: float, estimate: float, threshold: float, enough: bool) -> Resu
 
 
 def _quantile_interval(
-    hist: dict[int, int], n: int, q: float, alpha: float, n_star: float
+    hist: dict[int, float], n: float, q: float, alpha: float, n_star: float, effective: float | None = None
 ) -> tuple[float, float, float]:
-    """(estimate, low, high) of the q-quantile: the ranks n*q -+ z*sqrt(n*q*(1-q)) read off the buckets."""
-    z = boundary(n, alpha, n_star)  # two-sided at alpha: alpha/2 per end
-    spread = z * math.sqrt(n * q * (1 - q))
+    """(estimate, low, high) of the q-quantile: the ranks n*q -+ z*sqrt(n*q*(1-q)) read off the buckets.
+    effective: the sample size behind a reweighted histogram of total weight n (the ranks' spread is
+    that of `effective` samples, scaled to n)."""
+    m = n if effective is None else effective
+    z = boundary(m, alpha, n_star)  # two-sided at alpha: alpha/2 per end
+    spread = z * math.sqrt(m * q * (1 - q)) * n / m
     ordered = sorted(hist.items())
     return (
         _value_at_rank(ordered, q * n),
@@ -251,13 +298,13 @@ def _quantile_interval(
     )
 
 
-def _value_at_rank(ordered: Sequence[tuple[int, int]], rank: float, lower: bool = False) -> float:
+def _value_at_rank(ordered: Sequence[tuple[int, float]], rank: float, lower: bool = False) -> float:
     """The value of the sample at this rank (1-based), interpolated geometrically inside its bucket.
     Ranks beyond the data clamp to its ends (the interval is then as wide as the data allows)."""
     if rank <= 0:
         index = ordered[0][0]
         return bucket_bound(index - 1) if lower else bucket_bound(index)
-    seen = 0
+    seen = 0.0
     for index, count in ordered:
         if seen + count >= rank:
             share = (rank - seen) / count
@@ -271,55 +318,49 @@ def _pct(rate: float) -> str:
     return f"{rate * 100:.2f}%"
 
 
-def judge(
-    gates: Gates, base: ArmWindow, candidate: ArmWindow, *, confidence: float, min_samples: int
-) -> list[Verdict]:
-    """Every configured gate, each at an equal share of the rollout's error budget (1 - confidence)."""
+def judge(gates: Gates, strata: Strata, *, confidence: float, min_samples: int) -> list[Verdict]:
+    """Every configured gate over the strata (per interval: base, candidate), each at an equal share of
+    the rollout's error budget (1 - confidence)."""
     configured = [(name, gate) for name, gate in gates if gate is not None]
     alpha = (1 - confidence) / max(len(configured), 1)
     n_star = 10.0 * min_samples  # the boundary is tightest around a few times the minimum sample
-    b, c = base, candidate
+    kw: dict[str, Any] = {"alpha": alpha, "n_star": n_star, "min_samples": min_samples}
     verdicts = []
     for name, gate in configured:
         crit = gate.critical
-        if name == "error_rate":
-            verdict = rate_increase(
-                name, (b.errors, b.attempts), (c.errors, c.attempts), gate.max_increase,
-                alpha=alpha, n_star=n_star, min_samples=min_samples, critical=crit,
-            )  # fmt: skip
-        elif name == "validation_failure_rate":
-            verdict = rate_increase(
-                name, (b.invalid, b.attempts), (c.invalid, c.attempts), gate.max_increase,
-                alpha=alpha, n_star=n_star, min_samples=min_samples, critical=crit,
-            )  # fmt: skip
+        if name in ("error_rate", "validation_failure_rate"):
+            field_ = "errors" if name == "error_rate" else "invalid"
+            rates = [((getattr(b, field_), b.attempts), (getattr(c, field_), c.attempts)) for b, c in strata]
+            verdict = rate_increase(name, rates, gate.max_increase, critical=crit, **kw)
         elif name in ("negative_feedback_rate", "escalation_rate"):
-            events = (
-                (b.negative, c.negative) if name == "negative_feedback_rate" else (b.escalated, c.escalated)
-            )
-            verdict = rate_increase(
-                name, (events[0], b.feedback), (events[1], c.feedback), gate.max_increase,
-                alpha=alpha, n_star=n_star, min_samples=min_samples, critical=crit,
-            )  # fmt: skip
-        elif name == "fallback_rate":
+            field_ = "negative" if name == "negative_feedback_rate" else "escalated"
+            rates = [((getattr(b, field_), b.feedback), (getattr(c, field_), c.feedback)) for b, c in strata]
+            verdict = rate_increase(name, rates, gate.max_increase, critical=crit, **kw)
+        elif name == "fallback_rate":  # the candidate's own: nothing to compare with
             verdict = rate_max(
-                name, (c.fallbacks, c.requests), gate.max, b.requests,
-                alpha=alpha, n_star=n_star, min_samples=min_samples, critical=crit,
-            )  # fmt: skip
-        elif name in ("latency_p99_ratio", "ttft_p50_ratio"):
-            q, hb, hc = (0.99, b.latency, c.latency) if name == "latency_p99_ratio" else (0.5, b.ttft, c.ttft)
-            verdict = quantile_ratio(
-                name, hb, hc, q, gate.max, alpha=alpha, n_star=n_star, min_samples=min_samples, critical=crit
+                name,
+                (sum(c.fallbacks for _, c in strata), sum(c.requests for _, c in strata)),
+                gate.max,
+                sum(b.requests for b, _ in strata),
+                critical=crit,
+                **kw,
             )
+        elif name in ("latency_p99_ratio", "ttft_p50_ratio"):
+            p99 = name == "latency_p99_ratio"
+            hists = [(b.latency, c.latency) if p99 else (b.ttft, c.ttft) for b, c in strata]
+            verdict = quantile_ratio(name, hists, 0.99 if p99 else 0.5, gate.max, critical=crit, **kw)
         elif name == "output_tokens_ratio":
-            verdict = mean_ratio(
-                name, (b.tokens, b.tokens_sq, b.token_answers), (c.tokens, c.tokens_sq, c.token_answers),
-                gate.max, alpha=alpha, n_star=n_star, min_samples=min_samples, critical=crit,
-            )  # fmt: skip
+            sums: list[tuple[tuple[float, float, int], tuple[float, float, int]]] = [
+                ((b.tokens, b.tokens_sq, b.token_answers), (c.tokens, c.tokens_sq, c.token_answers))
+                for b, c in strata
+            ]
+            verdict = mean_ratio(name, sums, gate.max, critical=crit, **kw)
         else:  # cost_per_request_ratio
-            verdict = mean_ratio(
-                name, (b.cost, b.cost_sq, b.token_answers), (c.cost, c.cost_sq, c.token_answers),
-                gate.max, alpha=alpha, n_star=n_star, min_samples=min_samples, critical=crit, unit="cost",
-            )  # fmt: skip
+            sums = [
+                ((b.cost, b.cost_sq, b.token_answers), (c.cost, c.cost_sq, c.token_answers))
+                for b, c in strata
+            ]
+            verdict = mean_ratio(name, sums, gate.max, critical=crit, unit="cost", **kw)
         verdicts.append(verdict)
     return verdicts
 

@@ -447,7 +447,8 @@ def verdict(rollout: dict[str, Any], elapsed: float) -> tuple[str, str]:
     history = rollout.get("history", [])  # newest first
     last = history[0] if history else {"reason": ""}
     if phase == "promoted":
-        return "promoted", f"promoted after {len(STEPS)} steps in {elapsed:.0f} s"
+        walked = len([s for s in STEPS if s < 100])  # reaching 100% is the promotion itself
+        return "promoted", f"promoted after {walked} steps in {elapsed:.0f} s"
     if phase == "rolled_back":
         before = history[1] if len(history) > 1 else None
         if before is None or before["phase"] == "shadow":

@@ -19,12 +19,13 @@ from gateway.route import Route, RouteArm
 from gateway.store import StateUnavailable
 from gateway.store.lease import Lease
 from gateway.store.rollouts import RolloutStore, RouteState, VersionConflict, applied, change, skewed
-from gateway.store.stats import StatsStore
+from gateway.store.stats import STATS_TTL_S, StatsStore
 from gateway.tracing import Tracing
 
 log = logging.getLogger("gateway.rollout")
 
 MAX_INTERVALS = 5000  # the analysis window never reads more intervals than this
+EMPTY = ArmWindow()  # an arm with nothing in an interval (read only)
 
 
 # Phases without shadow traffic: nothing is being judged on it (paused, ended).
@@ -61,12 +62,15 @@ def operator_change(
 
 
 def controller_step(state: RouteState, steps: Sequence[float]) -> tuple[str, dict[str, Any]]:
-    """The controller's move when every gate passed: the next step, or promotion after the last."""
+    """The controller's move when every gate passed: the next step, or promotion after the last. A step
+    at 100% is the promotion itself: with no base traffic left, nothing could be compared there (every
+    gate compares the arms over the same intervals only)."""
     following = state.step + 1
-    if following < len(steps):
+    if following < len(steps) and steps[following] < 100:
         reason = f"gates passed: step {following + 1} of {len(steps)}, weight {steps[following]:g}%"
         return reason, {"phase": "progressing", "step": following, "weight": steps[following]}
-    return f"gates passed at every step: promoted after {len(steps)} steps", {
+    judged = min(following, len(steps))  # the steps walked: not one at 100%
+    return f"gates passed at every step: promoted after {judged} steps", {
         "phase": "promoted",
         "weight": 100.0,
     }
@@ -204,6 +208,7 @@ class Analysis:
     last: tuple[ArmWindow, ArmWindow]  # the same for the last complete interval
     interval_s: float
     fresh: int  # candidate requests since the current step began: a step is never passed unseen
+    truncated: str | None = None  # why the window no longer covers the whole rollout: the rollout holds
 
 
 def measured_arm(current: RouteState) -> str:
@@ -224,8 +229,16 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
     """The gates of the route's rollout section over the rollout so far (automatic and manual mode)."""
     auto = route.rollout
     arm = measured_arm(current)
-    now_interval = int((time.time() if now is None else now) // auto.interval_s)
-    first = max(int(current.started_at // auto.interval_s), now_interval - MAX_INTERVALS)
+    now_s = time.time() if now is None else now
+    now_interval = int(now_s // auto.interval_s)
+    start = int(current.started_at // auto.interval_s)
+    first = max(start, now_interval - MAX_INTERVALS)
+    truncated = None
+    if first > start or now_s - current.started_at > STATS_TTL_S:  # the window would slide: not a test
+        truncated = (
+            f"held: the rollout has run longer than its statistics are kept ({MAX_INTERVALS} intervals, "
+            f"{STATS_TTL_S // 86400} days): promote or roll back by hand, or start it again"
+        )
     stored = await stats.read(route.name, route.rollout_key, range(first, now_interval + 1))
     base, candidate = ArmWindow(), ArmWindow()
     for arms in stored.values():
@@ -239,18 +252,22 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
     cohorts = route.cohorts.names if route.cohorts is not None and segments is not None else ()
     # The error budget is shared by the aggregate and every cohort that may be judged alone.
     confidence = 1 - (1 - auto.confidence) / (1 + len(cohorts))
-    verdicts = judge(auto.gates, base, candidate, confidence=confidence, min_samples=auto.min_samples)
+    strata = [(arms.get("base", EMPTY), arms.get(arm, EMPTY)) for _, arms in sorted(stored.items())]
+    verdicts = judge(auto.gates, strata, confidence=confidence, min_samples=auto.min_samples)
     total = base.requests + candidate.requests
     for cohort in cohorts:
-        b, c = ArmWindow(), ArmWindow()
-        for arms in stored.values():
-            b.merge(arms.get(f"base@{cohort}", ArmWindow()))
-            c.merge(arms.get(f"{arm}@{cohort}", ArmWindow()))
+        pairs = [
+            (arms.get(f"base@{cohort}", EMPTY), arms.get(f"{arm}@{cohort}", EMPTY))
+            for arms in stored.values()
+        ]
+        served = sum(b.requests + c.requests for b, c in pairs)
         assert segments is not None
-        if total and (b.requests + c.requests) / total >= segments.min_share:
-            judged = judge(auto.gates, b, c, confidence=confidence, min_samples=auto.min_samples)
+        if total and served / total >= segments.min_share:
+            judged = judge(auto.gates, pairs, confidence=confidence, min_samples=auto.min_samples)
             verdicts.extend(replace(v, cohort=cohort) for v in judged)
-    return Analysis(route.name, current.phase, arm, verdicts, (base, candidate), last, auto.interval_s, fresh)
+    return Analysis(
+        route.name, current.phase, arm, verdicts, (base, candidate), last, auto.interval_s, fresh, truncated
+    )
 
 
 class Controller:
@@ -324,6 +341,10 @@ class Controller:
         analysis = await analyse(self._stats, route, current, now)
         if self._on_analysis is not None:
             self._on_analysis(analysis)
+        if analysis.truncated is not None:
+            if current.history[-1].reason != analysis.truncated:
+                await self._rollouts.move(route.name, "controller", analysis.truncated, current)
+            return
         version, judged = self._judged.get(route.name, (current.version, current.step_at))
         if version != current.version:
             judged = current.step_at  # someone moved the rollout: its interval starts again

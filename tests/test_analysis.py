@@ -59,8 +59,7 @@ def test_rate_increase_by_hand() -> None:
     # base 100/10000 = 1%, candidate 300/10000 = 3%: difference 0.02.
     verdict = rate_increase(
         "validation_failure_rate",
-        (100, 10_000),
-        (300, 10_000),
+        [((100, 10_000), (300, 10_000))],
         0.005,
         alpha=0.01,
         n_star=1000,
@@ -73,15 +72,15 @@ def test_rate_increase_by_hand() -> None:
     assert verdict.low == pytest.approx(0.02 - z * se)
     assert verdict.low is not None and verdict.low > 0.005
     assert verdict.result == "fail"
-    assert "3.00% vs base 1.00%" in verdict.reason
+    assert "3.00% vs base 1.00% over the same intervals" in verdict.reason
     # On 1,000 requests each the same rates are not clear yet (the interval reaches below +0.5%).
-    unclear = rate_increase("r", (10, 1000), (30, 1000), 0.005, alpha=0.01, n_star=1000, min_samples=500)
+    unclear = rate_increase("r", [((10, 1000), (30, 1000))], 0.005, alpha=0.01, n_star=1000, min_samples=500)
     assert unclear.result == "wait" and unclear.low is not None and unclear.low < 0.005
     # On 100, too few to judge at all.
-    few = rate_increase("r", (1, 100), (3, 100), 0.005, alpha=0.01, n_star=1000, min_samples=500)
+    few = rate_increase("r", [((1, 100), (3, 100))], 0.005, alpha=0.01, n_star=1000, min_samples=500)
     assert few.result == "wait"
     # Equal rates, enough data: passes.
-    same = rate_increase("r", (10, 1000), (10, 1000), 0.005, alpha=0.01, n_star=1000, min_samples=500)
+    same = rate_increase("r", [((10, 1000), (10, 1000))], 0.005, alpha=0.01, n_star=1000, min_samples=500)
     assert same.result == "pass" and same.value == 0
 
 
@@ -98,12 +97,12 @@ def test_histogram_buckets_and_quantiles() -> None:
         base[bucket_of(value)] = base.get(bucket_of(value), 0) + 1
         slow[bucket_of(slower)] = slow.get(bucket_of(slower), 0) + 1
     same = quantile_ratio(
-        "latency_p99_ratio", base, base, 0.99, 1.2, alpha=0.01, n_star=2000, min_samples=500
+        "latency_p99_ratio", [(base, base)], 0.99, 1.2, alpha=0.01, n_star=2000, min_samples=500
     )
     assert same.value == pytest.approx(1.0) and same.result == "pass"
     assert same.low is not None and same.high is not None and same.low < 1 < same.high
     worse = quantile_ratio(
-        "latency_p99_ratio", base, slow, 0.99, 1.2, alpha=0.01, n_star=2000, min_samples=500
+        "latency_p99_ratio", [(base, slow)], 0.99, 1.2, alpha=0.01, n_star=2000, min_samples=500
     )
     assert worse.value == pytest.approx(1.5, rel=0.05) and worse.result == "fail"
     true_p99 = float(np.quantile(base_values, 0.99))
@@ -115,8 +114,7 @@ def test_mean_ratio_by_hand() -> None:
     longer = (150 * 1000, (150**2 + 30**2) * 1000, 1000)
     verdict = mean_ratio(
         "output_tokens_ratio",
-        base,
-        longer,
+        [(base, longer)],
         1.3,
         alpha=0.01,
         n_star=2000,
@@ -150,10 +148,49 @@ def test_judge_splits_the_level_across_the_configured_gates() -> None:
     gates = Gates(error_rate=RateGate(max_increase=0.01), latency_p99_ratio=RatioGate(max=1.2))
     base = ArmWindow(requests=2000, errors=20, latency={100: 2000})
     candidate = ArmWindow(requests=2000, errors=22, latency={100: 2000})
-    verdicts = judge(gates, base, candidate, confidence=0.99, min_samples=500)
+    verdicts = judge(gates, [(base, candidate)], confidence=0.99, min_samples=500)
     assert [v.gate for v in verdicts] == ["error_rate", "latency_p99_ratio"]
     assert all(v.result == "pass" for v in verdicts)
     # Each gate's interval at 0.005: the error gate's multiplier equals a one-sided 0.005 sequence.
     pb, pc = 20.5 / 2001, 22.5 / 2001
     se = math.sqrt(pb * (1 - pb) / 2000 + pc * (1 - pc) / 2000)
     assert verdicts[0].high == pytest.approx(0.001 + boundary(2000, 0.01, 5000) * se)
+
+
+def test_what_drifts_for_both_arms_cancels_out() -> None:
+    """The candidate's share grows while the rate (or latency) grows for everyone: pooled, the candidate
+    looks worse, since its samples lie late; compared interval by interval, it is the same as the base."""
+    early_base, early_candidate = (
+        ArmWindow(requests=45_000, invalid=450),
+        ArmWindow(requests=5000, invalid=50),
+    )
+    late_base, late_candidate = ArmWindow(requests=5000, invalid=100), ArmWindow(requests=45_000, invalid=900)
+    strata = [(early_base, early_candidate), (late_base, late_candidate)]
+    gates = Gates(validation_failure_rate=RateGate(max_increase=0.004))
+    (concurrent,) = judge(gates, strata, confidence=0.99, min_samples=500)
+    assert concurrent.value == pytest.approx(0.0) and concurrent.result == "pass"
+    pooled_base, pooled_candidate = ArmWindow(), ArmWindow()
+    for b, c in strata:
+        pooled_base.merge(b)
+        pooled_candidate.merge(c)
+    (pooled,) = judge(gates, [(pooled_base, pooled_candidate)], confidence=0.99, min_samples=500)
+    assert pooled.value == pytest.approx(0.008) and pooled.result == "fail"  # what one window concluded
+    # An interval where one arm has nothing compares nothing: the base alone (a 100% step) changes nothing.
+    alone = [*strata, (ArmWindow(), ArmWindow(requests=5000, invalid=500))]
+    (same,) = judge(gates, alone, confidence=0.99, min_samples=500)
+    assert same.value == concurrent.value and same.n_candidate == 50_000
+
+    rng = np.random.default_rng(5)
+
+    def hist(values: np.ndarray) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for value in values:
+            out[bucket_of(value)] = out.get(bucket_of(value), 0) + 1
+        return out
+
+    def latency(n: int, scale: float) -> ArmWindow:
+        return ArmWindow(requests=n, latency=hist(rng.lognormal(math.log(0.5), 0.4, n) * scale))
+
+    slow_strata = [(latency(9000, 1.0), latency(1000, 1.0)), (latency(1000, 1.3), latency(9000, 1.3))]
+    (p99,) = judge(Gates(latency_p99_ratio=RatioGate(max=1.1)), slow_strata, confidence=0.99, min_samples=500)
+    assert p99.value == pytest.approx(1.0, abs=0.05) and p99.result != "fail"

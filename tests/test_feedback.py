@@ -86,7 +86,7 @@ def test_feedback_gates_compare_the_share_of_negative_feedback() -> None:
     )
     base = ArmWindow(requests=5000, feedback=2000, negative=100, escalated=10)  # 5% negative
     worse = ArmWindow(requests=5000, feedback=2000, negative=300, escalated=80)  # 15% negative
-    verdicts = {v.gate: v for v in judge(gates, base, worse, confidence=0.99, min_samples=500)}
+    verdicts = {v.gate: v for v in judge(gates, [(base, worse)], confidence=0.99, min_samples=500)}
     assert verdicts["negative_feedback_rate"].result == "fail"
     assert verdicts["negative_feedback_rate"].value == pytest.approx(0.1)
     assert verdicts["escalation_rate"].result == "fail"

@@ -115,3 +115,28 @@ def test_an_operator_s_action_is_decided_again_on_the_state_it_meets(
                 await s.close()
 
     asyncio.run(run())
+
+
+def test_a_rollout_older_than_its_statistics_holds_and_says_why(tmp_path: Path) -> None:
+    from gateway.rollout import Controller
+    from gateway.store import Store
+    from gateway.store.stats import STATS_TTL_S
+    from tests.test_state import AUTOMATIC
+
+    text = canary_text().replace("rollout:\n  weight: 10\n", "") + AUTOMATIC.format(min_samples=10)
+    (route,) = routes_of(tmp_path, text)
+    later = [time.time() + STATS_TTL_S + 60]  # the rollout began more than the statistics' TTL ago
+
+    async def run() -> None:
+        store = Store.memory()
+        await store.start([route])
+        rollouts = Rollouts(store.rollouts, lambda name: route)
+        controller = Controller(store.lease, store.stats, rollouts, lambda: [route], clock=lambda: later[0])
+        for _ in range(2):
+            await controller.consider(route)
+        current = store.rollouts.current("chat")
+        assert current is not None and current.phase == "progressing"  # neither promoted nor rolled back
+        held = [t.reason for t in current.history if t.reason.startswith("held: the rollout has run longer")]
+        assert len(held) == 1 and "7 days" in held[0]  # said once
+
+    asyncio.run(run())
