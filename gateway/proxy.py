@@ -60,6 +60,9 @@ from gateway.upstream import CutShort, Response, Upstream, is_json, media_type
 from gateway.validation import Compiling, FieldError, Rules, SchemaCache, SchemaError, rules_for
 
 log = logging.getLogger("gateway.proxy")
+# The statistics' arm of a base answer given to a user assigned to the candidate (a fallback, or its
+# circuit open): a stratum of its own, so that the candidate's users never count as the base's.
+FALLBACK_ARM = "fallback"
 
 # Fields each endpoint cannot do without; checked here so the client hears it from us, clearly.
 REQUIRED_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
@@ -177,6 +180,7 @@ class Proxy:
         route = request.route
         self.guards.budget(route).record_request()
         deadline = time.monotonic() + route.deadline_s
+        stats_arm = "base"
         if assigned == "candidate" and route.candidate is not None:
             breaker = self.guards.breaker(route)
             if breaker is None or breaker.allow():
@@ -184,11 +188,12 @@ class Proxy:
                 return
             request.metrics.circuit.set(1)
             self._fell_back(request, reply, CIRCUIT_OPEN, attempted=False)
+            stats_arm = FALLBACK_ARM  # the candidate's user, answered by the base: never base data
         else:
             for kind in shadows:
                 self.shadows.start(request, reply.request_id, kind)
         attempt = await self._attempt(request, route.base, route.enforce_on_base, deadline, reply, watch)
-        self._ledger.book(request, attempt, stats_arm="base")
+        self._ledger.book(request, attempt, stats_arm=stats_arm)
         if attempt.error is not None and not reply.started:
             raise attempt.error
 
@@ -245,7 +250,7 @@ class Proxy:
                     f"requests over {route.budget.window_s:g}s)"
                 )
                 request.metrics.circuit.set(1)
-        self._ledger.book(request, base, stats_arm="base")
+        self._ledger.book(request, base, stats_arm=FALLBACK_ARM)
         if base.error is not None and not reply.started:
             raise base.error
 

@@ -160,7 +160,7 @@ def test_a_spent_budget_opens_the_circuit_and_no_user_sees_a_candidate_failure(
         f"w{weight}": policy_yaml(f"w{weight}", base.url, candidate.url, weight=weight)
         for weight in (10, 50, 100)
     }
-    gw = make_gateway(policies)  # default fallback settings: budget 20% over 10 s, at least 5
+    gw = make_gateway(policies, admin_token="admin")  # default fallback: budget 20% over 10 s, at least 5
     for route in policies:
         for i in range(60):
             body = {
@@ -182,6 +182,14 @@ def test_a_spent_budget_opens_the_circuit_and_no_user_sees_a_candidate_failure(
     samples = scrape(gw.url)
     assert value(samples, "canarygate_circuit_open", route="w100") == 1
     assert value(samples, "canarygate_fallbacks_total", route="w100", reason="circuit_open") > 0
+
+    def window() -> dict[str, Any]:
+        admin = {"Authorization": "Bearer admin"}
+        analysis = httpx.get(f"{gw.url}/admin/routes/w100/analysis", headers=admin, timeout=10)
+        return analysis.json()["window"]  # type: ignore[no-any-return]
+
+    wait_for(lambda: window()["candidate"]["requests"] == 60, message="the statistics to be flushed")
+    assert window()["base"]["requests"] == 0  # the candidate's users answered by the base are not base data
 
 
 MALFORMED_REQUESTS = [
