@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from gateway.policy import Gates
@@ -116,6 +116,23 @@ class Verdict:
     critical: bool
     reason: str
     cohort: str = "all"  # a segment's verdict names its cohort
+    needs: str | None = None  # while it waits: what is still needed to decide
+
+
+def needs(verdict: Verdict, min_samples: int) -> str | None:
+    """What a waiting verdict still needs to decide, in words."""
+    if verdict.result != "wait":
+        return None
+    if verdict.value is None:
+        return "samples of both arms in the same interval"
+    short = [
+        f"{arm} {n}/{min_samples}"
+        for arm, n in (("base", verdict.n_base), ("candidate", verdict.n_candidate))
+        if n < min_samples
+    ]
+    if short:
+        return f"min_samples per arm: {', '.join(short)}"
+    return "more samples: the estimate is over the threshold, and its interval still reaches below it"
 
 
 def boundary(n: float, alpha: float, n_star: float) -> float:
@@ -361,7 +378,7 @@ def judge(gates: Gates, strata: Strata, *, confidence: float, min_samples: int) 
                 for b, c in strata
             ]
             verdict = mean_ratio(name, sums, gate.max, critical=crit, unit="cost", **kw)
-        verdicts.append(verdict)
+        verdicts.append(replace(verdict, needs=needs(verdict, min_samples)))
     return verdicts
 
 

@@ -482,6 +482,8 @@ def _compare(args: argparse.Namespace) -> int:
                 f"{name:<38}{gate['result']:<9}{shown(gate['value']):>10}  {interval:<22}{threshold:>10}"
                 f"{gate['n_base']:>9}{gate['n_candidate']:>9}"
             )
+            if gate.get("needs"):
+                print(f"{'':<38}needs {gate['needs']}")
         print("  * critical: a failure rolls back at once")
         for label, key in (
             ("rollout so far", "window"),

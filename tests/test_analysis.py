@@ -194,3 +194,20 @@ def test_what_drifts_for_both_arms_cancels_out() -> None:
     slow_strata = [(latency(9000, 1.0), latency(1000, 1.0)), (latency(1000, 1.3), latency(9000, 1.3))]
     (p99,) = judge(Gates(latency_p99_ratio=RatioGate(max=1.1)), slow_strata, confidence=0.99, min_samples=500)
     assert p99.value == pytest.approx(1.0, abs=0.05) and p99.result != "fail"
+
+
+def test_a_waiting_gate_says_what_it_still_needs() -> None:
+    gates = Gates(validation_failure_rate=RateGate(max_increase=0.005))
+
+    def verdict(base: ArmWindow, candidate: ArmWindow) -> Verdict:
+        (only,) = judge(gates, [(base, candidate)], confidence=0.99, min_samples=500)
+        return only
+
+    few = verdict(ArmWindow(requests=120, invalid=1), ArmWindow(requests=40))
+    assert few.result == "wait" and few.needs == "min_samples per arm: base 120/500, candidate 40/500"
+    unclear = verdict(ArmWindow(requests=1000, invalid=10), ArmWindow(requests=1000, invalid=30))
+    assert unclear.result == "wait" and unclear.needs is not None and unclear.needs.startswith("more samples")
+    alone = verdict(ArmWindow(), ArmWindow(requests=1000))
+    assert alone.needs == "samples of both arms in the same interval"
+    settled = verdict(ArmWindow(requests=1000, invalid=10), ArmWindow(requests=1000, invalid=10))
+    assert settled.result == "pass" and settled.needs is None
