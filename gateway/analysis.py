@@ -385,16 +385,31 @@ def judge(gates: Gates, strata: Strata, *, confidence: float, min_samples: int) 
 Decision = Literal["advance", "rollback", "hold"]
 
 
+def non_inferior(verdict: Verdict) -> bool:
+    """The whole interval within the threshold: not worse by more than it allows, at the rollout's level
+    (a pass on the estimate alone lets a slightly worse candidate through about half the time)."""
+    return verdict.high is not None and verdict.high <= verdict.threshold
+
+
 def decide(
-    verdicts: Sequence[Verdict], on_fail: str, on_no_data: str, *, critical_only: bool = False
+    verdicts: Sequence[Verdict],
+    on_fail: str,
+    on_no_data: str,
+    *,
+    critical_only: bool = False,
+    final: bool = False,
 ) -> Decision:
     """At an interval's end: any failure -> on_fail; all passed -> advance; otherwise hold (gates
     without enough data count as passed when on_no_data is "pass"). Between intervals
-    (critical_only): a failing critical gate rolls back, anything else holds."""
+    (critical_only): a failing critical gate rolls back, anything else holds. final: the advance would
+    promote, and a gate passes only when non_inferior; earlier steps advance on the estimate (fail-fast
+    still applies to every step)."""
     failed = [v for v in verdicts if v.result == "fail" and (v.critical or not critical_only)]
     if failed:
         return "rollback" if on_fail == "rollback" or any(v.critical for v in failed) else "hold"
     if critical_only:
+        return "hold"
+    if final and any(v.result == "pass" and not non_inferior(v) for v in verdicts):
         return "hold"
     waiting = [v for v in verdicts if v.result == "wait"]
     if not waiting:

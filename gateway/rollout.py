@@ -349,7 +349,13 @@ class Controller:
         if version != current.version:
             judged = current.step_at  # someone moved the rollout: its interval starts again
         interval_end = now - judged >= auto.interval_s
-        decision = decide(analysis.verdicts, auto.on_fail, auto.on_no_data, critical_only=not interval_end)
+        promotes = (
+            current.phase == "progressing"
+            and controller_step(current, auto.steps or [])[1]["phase"] == "promoted"
+        )
+        decision = decide(
+            analysis.verdicts, auto.on_fail, auto.on_no_data, critical_only=not interval_end, final=promotes
+        )
         self._judged[route.name] = (current.version, now if interval_end else judged)
         gates = [asdict(v) for v in analysis.verdicts]
         if decision == "rollback":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -142,6 +143,11 @@ def test_decide() -> None:
     # Between intervals only critical failures act.
     assert decide([verdict("fail")], "rollback", "hold", critical_only=True) == "hold"
     assert decide([verdict("fail", critical=True)], "rollback", "hold", critical_only=True) == "rollback"
+    # The promotion: a pass counts only when its whole interval is within the threshold (0.1 here).
+    within, reaching = replace(verdict("pass"), high=0.08), replace(verdict("pass"), high=0.12)
+    assert decide([within, reaching], "rollback", "hold") == "advance"  # earlier steps: the estimates
+    assert decide([within, reaching], "rollback", "hold", final=True) == "hold"
+    assert decide([within, within], "rollback", "hold", final=True) == "advance"
 
 
 def test_judge_splits_the_level_across_the_configured_gates() -> None:

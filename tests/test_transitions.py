@@ -140,3 +140,43 @@ def test_a_rollout_older_than_its_statistics_holds_and_says_why(tmp_path: Path) 
         assert len(held) == 1 and "7 days" in held[0]  # said once
 
     asyncio.run(run())
+
+
+def test_the_promotion_waits_until_the_candidate_is_shown_not_worse(tmp_path: Path) -> None:
+    """At the last step, a gate whose estimate is within its threshold but whose interval still reaches
+    past it holds the promotion (at earlier steps the estimate advances); enough data then promotes."""
+    from gateway.analysis import ArmWindow
+    from gateway.rollout import Controller
+    from gateway.store import Store
+    from tests.test_state import AUTOMATIC
+
+    text = canary_text().replace("rollout:\n  weight: 10\n", "") + AUTOMATIC.format(min_samples=10)
+    (route,) = routes_of(tmp_path, text)
+    now = [time.time() + 5]
+
+    def window(requests: int, errors: int) -> ArmWindow:
+        return ArmWindow(requests=requests, errors=errors, latency={100: requests})
+
+    async def run() -> None:
+        store = Store.memory()
+        await store.start([route])
+        rollouts = Rollouts(store.rollouts, lambda name: route)
+        await rollouts.move("chat", "test", "to the last step", phase="progressing", step=1, weight=50.0)
+        controller = Controller(store.lease, store.stats, rollouts, lambda: [route], clock=lambda: now[0])
+
+        async def add(base: ArmWindow, candidate: ArmWindow) -> None:
+            interval = int(now[0] // route.rollout.interval_s)
+            key = (route.name, route.rollout_key, interval)
+            await store.stats.add({(*key, "base"): base, (*key, "candidate"): candidate}, "b")
+
+        await add(window(100, 1), window(100, 2))  # +1 point against +2 allowed: within, on the estimate
+        await controller.consider(route)
+        current = store.rollouts.current("chat")
+        assert current is not None and (current.phase, current.weight) == ("progressing", 50.0)
+        now[0] += 2
+        await add(window(20_000, 200), window(20_000, 200))
+        await controller.consider(route)
+        current = store.rollouts.current("chat")
+        assert current is not None and current.phase == "promoted"
+
+    asyncio.run(run())
