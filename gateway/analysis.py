@@ -382,6 +382,53 @@ def judge(gates: Gates, strata: Strata, *, confidence: float, min_samples: int) 
     return verdicts
 
 
+def per_interval(
+    gates: Gates, strata: Sequence[tuple[int, ArmWindow, ArmWindow]]
+) -> dict[str, list[dict[str, Any]]]:
+    """Each configured gate's estimate in each interval where it compares something: what the combined
+    estimate is made of (a rate's difference, a quantile's or a mean's ratio; the fallback rate is the
+    candidate's own). strata: (interval number, base, candidate)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, gate in gates:
+        if gate is None:
+            continue
+        rows = []
+        for interval, b, c in strata:
+            estimate = _interval_estimate(name, b, c)
+            if estimate is not None:
+                n_base, n_candidate, value = estimate
+                rows.append(
+                    {"interval": interval, "n_base": n_base, "n_candidate": n_candidate, "value": value}
+                )
+        out[name] = rows
+    return out
+
+
+def _interval_estimate(name: str, b: ArmWindow, c: ArmWindow) -> tuple[int, int, float] | None:
+    if name in ("error_rate", "validation_failure_rate"):
+        field_ = "errors" if name == "error_rate" else "invalid"
+        if b.attempts and c.attempts:
+            return b.attempts, c.attempts, getattr(c, field_) / c.attempts - getattr(b, field_) / b.attempts
+    elif name in ("negative_feedback_rate", "escalation_rate"):
+        field_ = "negative" if name == "negative_feedback_rate" else "escalated"
+        if b.feedback and c.feedback:
+            return b.feedback, c.feedback, getattr(c, field_) / c.feedback - getattr(b, field_) / b.feedback
+    elif name == "fallback_rate":
+        if c.requests:
+            return b.requests, c.requests, c.fallbacks / c.requests
+    elif name in ("latency_p99_ratio", "ttft_p50_ratio"):
+        q, hb, hc = (0.99, b.latency, c.latency) if name == "latency_p99_ratio" else (0.5, b.ttft, c.ttft)
+        nb, nc = sum(hb.values()), sum(hc.values())
+        if nb and nc:
+            ratio = _value_at_rank(sorted(hc.items()), q * nc) / _value_at_rank(sorted(hb.items()), q * nb)
+            return nb, nc, ratio
+    else:
+        sums = (b.tokens, c.tokens) if name == "output_tokens_ratio" else (b.cost, c.cost)
+        if b.token_answers and c.token_answers and sums[0] > 0:
+            return b.token_answers, c.token_answers, (sums[1] / c.token_answers) / (sums[0] / b.token_answers)
+    return None
+
+
 Decision = Literal["advance", "rollback", "hold"]
 
 

@@ -509,6 +509,9 @@ def _analysis_view(analysis: Analysis, state: RouteState) -> dict[str, Any]:
         }
 
     gates = [asdict(v) for v in analysis.verdicts]
+    for gate in gates:  # what each combined estimate is made of: the gate's estimate per interval
+        if gate["cohort"] == "all":
+            gate["intervals"] = analysis.intervals.get(gate["gate"], [])
     decided = None
     last = state.history[-1] if state.history else None
     if state.phase in ("rolled_back", "promoted") and last is not None and last.gates is not None:

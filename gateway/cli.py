@@ -446,6 +446,9 @@ def _act(args: argparse.Namespace) -> int:
     return _run_admin(args.action if args.action != "weight" else "set-weight", act)
 
 
+SHOWN_PER_GATE = 8  # per-interval estimates compare prints per gate (--json has up to 50)
+
+
 def _compare(args: argparse.Namespace) -> int:
     def show() -> int:
         answer = _admin(args, "GET", f"/admin/routes/{quote(args.route, safe='/')}/analysis").json()
@@ -484,6 +487,10 @@ def _compare(args: argparse.Namespace) -> int:
             )
             if gate.get("needs"):
                 print(f"{'':<38}needs {gate['needs']}")
+            recent = gate.get("intervals") or []
+            if recent:
+                values = ", ".join(shown(row["value"]) for row in recent[-SHOWN_PER_GATE:])
+                print(f"{'':<38}per interval, newest last: {values}")
         print("  * critical: a failure rolls back at once")
         for label, key in (
             ("rollout so far", "window"),

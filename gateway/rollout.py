@@ -9,10 +9,10 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from gateway.analysis import ArmWindow, Verdict, decide, judge
+from gateway.analysis import ArmWindow, Verdict, decide, judge, per_interval
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, Unavailable
 from gateway.readiness import ArmReadiness
 from gateway.route import Route, RouteArm
@@ -26,6 +26,7 @@ log = logging.getLogger("gateway.rollout")
 
 MAX_INTERVALS = 5000  # the analysis window never reads more intervals than this
 EMPTY = ArmWindow()  # an arm with nothing in an interval (read only)
+SHOWN_INTERVALS = 50  # per-interval estimates the analysis view shows per gate, the newest
 
 
 # Phases without shadow traffic: nothing is being judged on it (paused, ended).
@@ -209,6 +210,7 @@ class Analysis:
     interval_s: float
     fresh: int  # candidate requests since the current step began: a step is never passed unseen
     truncated: str | None = None  # why the window no longer covers the whole rollout: the rollout holds
+    intervals: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # gate -> its last estimates
 
 
 def measured_arm(current: RouteState) -> str:
@@ -252,7 +254,8 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
     cohorts = route.cohorts.names if route.cohorts is not None and segments is not None else ()
     # The error budget is shared by the aggregate and every cohort that may be judged alone.
     confidence = 1 - (1 - auto.confidence) / (1 + len(cohorts))
-    strata = [(arms.get("base", EMPTY), arms.get(arm, EMPTY)) for _, arms in sorted(stored.items())]
+    labelled = [(i, arms.get("base", EMPTY), arms.get(arm, EMPTY)) for i, arms in sorted(stored.items())]
+    strata = [(b, c) for _, b, c in labelled]
     verdicts = judge(auto.gates, strata, confidence=confidence, min_samples=auto.min_samples)
     total = base.requests + candidate.requests
     for cohort in cohorts:
@@ -266,8 +269,9 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
             judged = judge(auto.gates, pairs, confidence=confidence, min_samples=auto.min_samples)
             verdicts.extend(replace(v, cohort=cohort) for v in judged)
     return Analysis(
-        route.name, current.phase, arm, verdicts, (base, candidate), last, auto.interval_s, fresh, truncated
-    )
+        route.name, current.phase, arm, verdicts, (base, candidate), last, auto.interval_s, fresh, truncated,
+        per_interval(auto.gates, labelled[-SHOWN_INTERVALS:]),
+    )  # fmt: skip
 
 
 class Controller:

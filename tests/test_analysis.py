@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from gateway.analysis import (
+    BUCKET_FACTOR,
     ArmWindow,
     Verdict,
     boundary,
@@ -19,6 +20,7 @@ from gateway.analysis import (
     decide,
     judge,
     mean_ratio,
+    per_interval,
     quantile_ratio,
     rate_increase,
 )
@@ -217,3 +219,34 @@ def test_a_waiting_gate_says_what_it_still_needs() -> None:
     assert alone.needs == "samples of both arms in the same interval"
     settled = verdict(ArmWindow(requests=1000, invalid=10), ArmWindow(requests=1000, invalid=10))
     assert settled.result == "pass" and settled.needs is None
+
+
+def test_each_gate_shows_its_estimate_per_interval() -> None:
+    gates = Gates(
+        error_rate=RateGate(max_increase=0.01),
+        latency_p99_ratio=RatioGate(max=1.2),
+    )
+    strata = [
+        (
+            7,
+            ArmWindow(requests=100, errors=1, latency={100: 100}),
+            ArmWindow(requests=50, errors=3, latency={110: 50}),
+        ),
+        (8, ArmWindow(requests=100, errors=2), ArmWindow()),  # the candidate had nothing: compares nothing
+        (
+            9,
+            ArmWindow(requests=10, errors=0, latency={100: 10}),
+            ArmWindow(requests=10, errors=1, latency={100: 10}),
+        ),
+    ]
+    shown = per_interval(gates, strata)
+    assert set(shown) == {"error_rate", "latency_p99_ratio"}
+    assert [(r["interval"], r["n_base"], r["n_candidate"]) for r in shown["error_rate"]] == [
+        (7, 100, 50),
+        (9, 10, 10),
+    ]
+    assert [r["value"] for r in shown["error_rate"]] == [pytest.approx(0.05), pytest.approx(0.1)]
+    first, last = shown["latency_p99_ratio"]
+    assert first["value"] == pytest.approx(BUCKET_FACTOR**10, rel=0.06) and last["value"] == pytest.approx(
+        1.0
+    )

@@ -464,6 +464,10 @@ def test_compare_judges_a_manual_rollout_without_acting_on_it(
     assert compare.returncode == 0, compare.stderr
     assert "manual mode: the gates as the controller would judge them" in compare.stdout
     assert "error_rate *" in compare.stdout
+    assert "per interval, newest last:" in compare.stdout
+    (errors,) = [g for g in analysis()["gates"] if g["gate"] == "error_rate"]
+    assert errors["intervals"] and {row["value"] for row in errors["intervals"]} == {1.0}  # every interval
+    assert sum(row["n_candidate"] for row in errors["intervals"]) == errors["n_candidate"]
     assert (
         httpx.get(f"{gw.url}/admin/routes/chat", headers=admin).json()["phase"] == "manual"
     )  # nothing acted
