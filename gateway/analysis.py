@@ -100,6 +100,16 @@ class ArmWindow:
 
 
 Strata = Sequence[tuple[ArmWindow, ArmWindow]]  # (base, candidate) per interval
+# What each kind of gate reads of an arm's window: rates (events, out of), quantiles (q, histogram),
+# means per answer (sum, sum of squares; over token_answers). fallback_rate is the candidate's own.
+RATES = {
+    "error_rate": ("errors", "attempts"),
+    "validation_failure_rate": ("invalid", "attempts"),
+    "negative_feedback_rate": ("negative", "feedback"),
+    "escalation_rate": ("escalated", "feedback"),
+}
+QUANTILES = {"latency_p99_ratio": (0.99, "latency"), "ttft_p50_ratio": (0.5, "ttft")}
+MEANS = {"output_tokens_ratio": ("tokens", "tokens_sq"), "cost_per_request_ratio": ("cost", "cost_sq")}
 NOTHING_SHARED = "no interval with samples of both arms yet"
 
 
@@ -345,13 +355,12 @@ def judge(gates: Gates, strata: Strata, *, confidence: float, min_samples: int) 
     verdicts = []
     for name, gate in configured:
         crit = gate.critical
-        if name in ("error_rate", "validation_failure_rate"):
-            field_ = "errors" if name == "error_rate" else "invalid"
-            rates = [((getattr(b, field_), b.attempts), (getattr(c, field_), c.attempts)) for b, c in strata]
-            verdict = rate_increase(name, rates, gate.max_increase, critical=crit, **kw)
-        elif name in ("negative_feedback_rate", "escalation_rate"):
-            field_ = "negative" if name == "negative_feedback_rate" else "escalated"
-            rates = [((getattr(b, field_), b.feedback), (getattr(c, field_), c.feedback)) for b, c in strata]
+        if name in RATES:
+            events, out_of = RATES[name]
+            rates = [
+                ((getattr(b, events), getattr(b, out_of)), (getattr(c, events), getattr(c, out_of)))
+                for b, c in strata
+            ]
             verdict = rate_increase(name, rates, gate.max_increase, critical=crit, **kw)
         elif name == "fallback_rate":  # the candidate's own: nothing to compare with
             verdict = rate_max(
@@ -362,22 +371,21 @@ def judge(gates: Gates, strata: Strata, *, confidence: float, min_samples: int) 
                 critical=crit,
                 **kw,
             )
-        elif name in ("latency_p99_ratio", "ttft_p50_ratio"):
-            p99 = name == "latency_p99_ratio"
-            hists = [(b.latency, c.latency) if p99 else (b.ttft, c.ttft) for b, c in strata]
-            verdict = quantile_ratio(name, hists, 0.99 if p99 else 0.5, gate.max, critical=crit, **kw)
-        elif name == "output_tokens_ratio":
-            sums: list[tuple[tuple[float, float, int], tuple[float, float, int]]] = [
-                ((b.tokens, b.tokens_sq, b.token_answers), (c.tokens, c.tokens_sq, c.token_answers))
-                for b, c in strata
-            ]
-            verdict = mean_ratio(name, sums, gate.max, critical=crit, **kw)
-        else:  # cost_per_request_ratio
+        elif name in QUANTILES:
+            q, hist = QUANTILES[name]
+            hists = [(getattr(b, hist), getattr(c, hist)) for b, c in strata]
+            verdict = quantile_ratio(name, hists, q, gate.max, critical=crit, **kw)
+        else:
+            total, squares = MEANS[name]
             sums = [
-                ((b.cost, b.cost_sq, b.token_answers), (c.cost, c.cost_sq, c.token_answers))
+                (
+                    (getattr(b, total), getattr(b, squares), b.token_answers),
+                    (getattr(c, total), getattr(c, squares), c.token_answers),
+                )
                 for b, c in strata
             ]
-            verdict = mean_ratio(name, sums, gate.max, critical=crit, unit="cost", **kw)
+            unit = "tokens" if name == "output_tokens_ratio" else "cost"
+            verdict = mean_ratio(name, sums, gate.max, critical=crit, unit=unit, **kw)
         verdicts.append(replace(verdict, needs=needs(verdict, min_samples)))
     return verdicts
 
@@ -405,27 +413,26 @@ def per_interval(
 
 
 def _interval_estimate(name: str, b: ArmWindow, c: ArmWindow) -> tuple[int, int, float] | None:
-    if name in ("error_rate", "validation_failure_rate"):
-        field_ = "errors" if name == "error_rate" else "invalid"
-        if b.attempts and c.attempts:
-            return b.attempts, c.attempts, getattr(c, field_) / c.attempts - getattr(b, field_) / b.attempts
-    elif name in ("negative_feedback_rate", "escalation_rate"):
-        field_ = "negative" if name == "negative_feedback_rate" else "escalated"
-        if b.feedback and c.feedback:
-            return b.feedback, c.feedback, getattr(c, field_) / c.feedback - getattr(b, field_) / b.feedback
+    if name in RATES:
+        events, out_of = RATES[name]
+        nb, nc = getattr(b, out_of), getattr(c, out_of)
+        if nb and nc:
+            return nb, nc, getattr(c, events) / nc - getattr(b, events) / nb
     elif name == "fallback_rate":
         if c.requests:
             return b.requests, c.requests, c.fallbacks / c.requests
-    elif name in ("latency_p99_ratio", "ttft_p50_ratio"):
-        q, hb, hc = (0.99, b.latency, c.latency) if name == "latency_p99_ratio" else (0.5, b.ttft, c.ttft)
+    elif name in QUANTILES:
+        q, hist = QUANTILES[name]
+        hb, hc = getattr(b, hist), getattr(c, hist)
         nb, nc = sum(hb.values()), sum(hc.values())
         if nb and nc:
             ratio = _value_at_rank(sorted(hc.items()), q * nc) / _value_at_rank(sorted(hb.items()), q * nb)
             return nb, nc, ratio
     else:
-        sums = (b.tokens, c.tokens) if name == "output_tokens_ratio" else (b.cost, c.cost)
-        if b.token_answers and c.token_answers and sums[0] > 0:
-            return b.token_answers, c.token_answers, (sums[1] / c.token_answers) / (sums[0] / b.token_answers)
+        total = MEANS[name][0]
+        if b.token_answers and c.token_answers and getattr(b, total) > 0:
+            base_mean = getattr(b, total) / b.token_answers
+            return b.token_answers, c.token_answers, getattr(c, total) / c.token_answers / base_mean
     return None
 
 

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from gateway.analysis import ArmWindow
+from gateway.analysis import ArmWindow, per_interval
 from gateway.asgi import (
     ASGIApp,
     Message,
@@ -399,7 +399,7 @@ def _api(services: Services) -> FastAPI:
             result = await analyse(services.store.stats, policy_route, state)
         except StateUnavailable as exc:
             raise Unavailable("the rollout state store (Redis) cannot be reached") from exc
-        return _analysis_view(result, state)
+        return _analysis_view(result, state, policy_route)
 
     @api.get("/admin/routes/{route:path}", dependencies=[Depends(admin)])
     async def route_detail(route: str) -> dict[str, Any]:
@@ -496,7 +496,10 @@ def _rollout_view(route: Route, state: RouteState, history: bool = False) -> dic
     return view
 
 
-def _analysis_view(analysis: Analysis, state: RouteState) -> dict[str, Any]:
+SHOWN_INTERVALS = 50  # per-interval estimates the analysis view shows per gate, the newest
+
+
+def _analysis_view(analysis: Analysis, state: RouteState, route: Route) -> dict[str, Any]:
     def arm(window: ArmWindow) -> dict[str, Any]:
         n, asked = window.requests, window.attempts
         return {
@@ -509,9 +512,12 @@ def _analysis_view(analysis: Analysis, state: RouteState) -> dict[str, Any]:
         }
 
     gates = [asdict(v) for v in analysis.verdicts]
-    for gate in gates:  # what each combined estimate is made of: the gate's estimate per interval
+    # What each combined estimate is made of: the gate's estimate per interval (for the view only: the
+    # controller, judging every second, never needs them).
+    estimates = per_interval(route.rollout.gates, analysis.strata[-SHOWN_INTERVALS:])
+    for gate in gates:
         if gate["cohort"] == "all":
-            gate["intervals"] = analysis.intervals.get(gate["gate"], [])
+            gate["intervals"] = estimates.get(gate["gate"], [])
     decided = None
     last = state.history[-1] if state.history else None
     if state.phase in ("rolled_back", "promoted") and last is not None and last.gates is not None:

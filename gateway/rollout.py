@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from gateway.analysis import ArmWindow, Verdict, decide, judge, per_interval
+from gateway.analysis import ArmWindow, Verdict, decide, judge
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, Unavailable
 from gateway.readiness import ArmReadiness
 from gateway.route import Route, RouteArm
@@ -26,7 +26,6 @@ log = logging.getLogger("gateway.rollout")
 
 MAX_INTERVALS = 5000  # the analysis window never reads more intervals than this
 EMPTY = ArmWindow()  # an arm with nothing in an interval (read only)
-SHOWN_INTERVALS = 50  # per-interval estimates the analysis view shows per gate, the newest
 
 
 # Phases without shadow traffic: nothing is being judged on it (paused, ended).
@@ -210,7 +209,7 @@ class Analysis:
     interval_s: float
     fresh: int  # candidate requests since the current step began: a step is never passed unseen
     truncated: str | None = None  # why the window no longer covers the whole rollout: the rollout holds
-    intervals: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # gate -> its last estimates
+    strata: list[tuple[int, ArmWindow, ArmWindow]] = field(default_factory=list)  # (interval, base, cand.)
 
 
 def measured_arm(current: RouteState) -> str:
@@ -270,7 +269,7 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
             verdicts.extend(replace(v, cohort=cohort) for v in judged)
     return Analysis(
         route.name, current.phase, arm, verdicts, (base, candidate), last, auto.interval_s, fresh, truncated,
-        per_interval(auto.gates, labelled[-SHOWN_INTERVALS:]),
+        labelled,
     )  # fmt: skip
 
 
