@@ -57,9 +57,6 @@ class Shadows:
         more = f" ({quiet} more since the last such line)" if quiet else ""
         log.warning("request_id=%s route=%s shadow call failed: %s%s", rid, route, error.message, more)
 
-    def use_pair_store(self, store: PairStore) -> None:
-        self._pairs = store
-
     def start(self, request: Request, rid: str, kind: str) -> None:
         """Send a copy of this base-served request to the candidate (kind "candidate") or, for the noise
         floor, to base again (kind "noise"), if the route's mirror has room."""
