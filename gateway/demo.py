@@ -86,7 +86,7 @@ SCENARIOS = {
         "calls a tool nobody declared in 30% of tool calls", {"wrong_tool_rate": 0.3}, "rolled_back"
     ),
     "slow": Scenario(
-        "answers about 3x slower", {"latency_s": 0.15, "time_per_token_s": 0.005}, "rolled_back"
+        "answers about 3x slower", {"latency_s": 0.3, "time_per_token_s": 0.005}, "rolled_back"
     ),
     "flaky": Scenario("fails 10% of its calls with HTTP 500", {"error_rate": 0.1}, "rolled_back"),
     "misconfigured": Scenario(
