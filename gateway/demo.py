@@ -85,9 +85,7 @@ SCENARIOS = {
     "wrong-tools": Scenario(
         "calls a tool nobody declared in 30% of tool calls", {"wrong_tool_rate": 0.3}, "rolled_back"
     ),
-    "slow": Scenario(
-        "answers about 3x slower", {"latency_s": 0.3, "time_per_token_s": 0.005}, "rolled_back"
-    ),
+    "slow": Scenario("answers about 3x slower", {"latency_s": 0.3, "time_per_token_s": 0.005}, "rolled_back"),
     "flaky": Scenario("fails 10% of its calls with HTTP 500", {"error_rate": 0.1}, "rolled_back"),
     "misconfigured": Scenario(
         "is deployed with its model name misspelled in the policy (the server answers 404)",
