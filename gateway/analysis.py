@@ -21,8 +21,25 @@ interval's base samples weighted by how many candidate samples it has per base s
 effective sample size that weighting leaves (Kish). An interval where either arm has no sample says
 nothing and is left out; so is a step at 100%, which is why reaching it is the promotion itself.
 
+Sticky units: a user (or tenant) assigned by key stays on its arm, and the requests of one unit are
+alike (a tenant whose prompts are hard fails validation more often, whichever arm serves it); counted as
+independent requests, the arms then differ by which units each got, far more than the requests'
+variance says. Every arm also keeps its statistics per unit group for the whole rollout (UNIT_GROUPS
+groups, by a hash of the unit key that is independent of the assignment, so each holds units of both
+arms): the between-group variation is a cluster-robust variance (units in different groups are
+independent), and each gate's variance is multiplied by its design effect, cluster-robust variance /
+the independent-requests one (at least 1). For quantiles the design effect is that of the mean of the
+log latency, an approximation (what makes one tenant slow shifts its whole distribution).
+
 A gate passes when it has min_samples per arm and its estimate is within the threshold; it fails when
 its interval lies wholly beyond the threshold; otherwise it waits (not enough data, or not clear yet).
+
+Sample ratio: every counted primary request also adds the probability it had of being the candidate's
+(the weight; 0 in a cohort the rollout leaves out; 1 or 0 when forced by the override header). The
+candidate's count against that sum, with the same cluster-robust variance and a confidence sequence,
+says whether the arms' observed shares still match the weight: a mismatch (a broken sticky key, a
+cohort filter, clients that leave one arm before an answer is counted) makes every comparison suspect,
+so the rollout holds and says which cohort and which shares.
 """
 
 from __future__ import annotations
@@ -41,6 +58,8 @@ BUCKET_BASE_S = 0.001
 BUCKET_FACTOR = 1.05
 BUCKETS = 275
 _LOG_FACTOR = math.log(BUCKET_FACTOR)
+UNIT_GROUPS = 64  # unit groups per arm: the clusters of the cluster-robust variance
+SAMPLE_RATIO = "sample_ratio"  # the verdict of the sample-ratio check: it holds a rollout, never ends it
 
 
 def bucket_of(seconds: float) -> int:
@@ -73,6 +92,15 @@ class ArmWindow:
     escalated: int = 0
     latency: dict[int, int] = field(default_factory=dict)  # bucket -> count
     ttft: dict[int, int] = field(default_factory=dict)
+    # For the design effects and the sample-ratio check (see the module's note):
+    expected: float = 0.0  # primary requests: the sum of each one's probability of being the candidate's
+    expected_sq: float = 0.0  # the sum of its squares (the independent-requests variance of the count)
+    timed: int = 0  # answers with a latency, and the sums of its log (seconds) and squares
+    log_latency: float = 0.0
+    log_latency_sq: float = 0.0
+    ttfts: int = 0
+    log_ttft: float = 0.0
+    log_ttft_sq: float = 0.0
 
     @property
     def attempts(self) -> int:
@@ -94,12 +122,21 @@ class ArmWindow:
         self.negative += other.negative
         self.escalated += other.escalated
         self.cost_sq += other.cost_sq
+        self.expected += other.expected
+        self.expected_sq += other.expected_sq
+        self.timed += other.timed
+        self.log_latency += other.log_latency
+        self.log_latency_sq += other.log_latency_sq
+        self.ttfts += other.ttfts
+        self.log_ttft += other.log_ttft
+        self.log_ttft_sq += other.log_ttft_sq
         for mine, theirs in ((self.latency, other.latency), (self.ttft, other.ttft)):
             for bucket, count in theirs.items():
                 mine[bucket] = mine.get(bucket, 0) + count
 
 
 Strata = Sequence[tuple[ArmWindow, ArmWindow]]  # (base, candidate) per interval
+Groups = tuple[Sequence[ArmWindow], Sequence[ArmWindow]]  # (base, candidate) windows per unit group
 # What each kind of gate reads of an arm's window: rates (events, out of), quantiles (q, histogram),
 # means per answer (sum, sum of squares; over token_answers). fallback_rate is the candidate's own.
 RATES = {
@@ -110,6 +147,11 @@ RATES = {
 }
 QUANTILES = {"latency_p99_ratio": (0.99, "latency"), "ttft_p50_ratio": (0.5, "ttft")}
 MEANS = {"output_tokens_ratio": ("tokens", "tokens_sq"), "cost_per_request_ratio": ("cost", "cost_sq")}
+# What a quantile gate's design effect is measured on: the log of the same timing (sum, squares, count).
+LOG_TIMINGS = {
+    "latency": ("log_latency", "log_latency_sq", "timed"),
+    "ttft": ("log_ttft", "log_ttft_sq", "ttfts"),
+}
 NOTHING_SHARED = "no interval with samples of both arms yet"
 
 
@@ -166,6 +208,35 @@ def _se_rate(events: int, n: int) -> float:
     return math.sqrt(p * (1 - p) / max(n, 1))
 
 
+def design_effect(groups: Sequence[tuple[float, float, float]]) -> float:
+    """How much wider than independent samples' the variance of a mean (or a rate) is when samples come
+    in units: per unit group (sum, sum of squares, count), the cluster-robust variance of the mean over
+    the independent-samples variance, at least 1 (and 1 when there is too little to tell). For a rate,
+    the sum of squares is the sum."""
+    used = [g for g in groups if g[2] > 0]
+    k = len(used)
+    n = sum(g[2] for g in used)
+    if k < 2 or n <= 0:
+        return 1.0
+    mean = sum(g[0] for g in used) / n
+    iid = (sum(g[1] for g in used) / n - mean * mean) / n
+    if iid <= 0:
+        return 1.0
+    clustered = k / (k - 1) * sum((g[0] - mean * g[2]) ** 2 for g in used) / (n * n)
+    return max(1.0, clustered / iid)
+
+
+def _effects(groups: Groups | None, total: str, squares: str, count: str) -> tuple[float, float]:
+    """(base, candidate) design effects of the mean of a window's field total (squares: the field of its
+    squares; the same as total for a rate) per count."""
+    if groups is None:
+        return 1.0, 1.0
+    return (
+        design_effect([(getattr(w, total), getattr(w, squares), getattr(w, count)) for w in groups[0]]),
+        design_effect([(getattr(w, total), getattr(w, squares), getattr(w, count)) for w in groups[1]]),
+    )
+
+
 def rate_increase(
     gate: str,
     strata: Sequence[tuple[tuple[int, int], tuple[int, int]]],
@@ -175,10 +246,12 @@ def rate_increase(
     n_star: float,
     min_samples: int,
     critical: bool = False,
+    effects: tuple[float, float] = (1.0, 1.0),
 ) -> Verdict:
     """candidate rate - base rate <= max_increase, over the strata where both arms have samples: each
     stratum's difference weighted by nb*nc/(nb+nc) (Mantel-Haenszel), so a rate that moves for both arms
-    together cancels. strata: per interval, ((base events, requests), (candidate events, requests))."""
+    together cancels. strata: per interval, ((base events, requests), (candidate events, requests)).
+    effects: the arms' design effects (their units' clustering)."""
     used = [((xb, nb), (xc, nc)) for (xb, nb), (xc, nc) in strata if nb > 0 and nc > 0]
     xb, nb = sum(b[0] for b, _ in used), sum(b[1] for b, _ in used)
     xc, nc = sum(c[0] for _, c in used), sum(c[1] for _, c in used)
@@ -190,11 +263,13 @@ def rate_increase(
     # Each stratum's variance from the arm's rate over all of them, smoothed: (x + 1/2) / (n + 1), so that
     # a zero count never reads as zero uncertainty.
     pb, pc = (xb + 0.5) / (nb + 1), (xc + 0.5) / (nc + 1)
+    db, dc = effects
     variance = sum(
-        w * w * (pb * (1 - pb) / b[1] + pc * (1 - pc) / c[1]) for w, (b, c) in zip(weights, used, strict=True)
+        w * w * (db * pb * (1 - pb) / b[1] + dc * pc * (1 - pc) / c[1])
+        for w, (b, c) in zip(weights, used, strict=True)
     )
     se = math.sqrt(variance) / total
-    z = boundary(min(nb, nc), 2 * alpha, n_star)  # one-sided at alpha
+    z = boundary(min(nb / db, nc / dc), 2 * alpha, n_star)  # one-sided at alpha
     low, high = diff - z * se, diff + z * se
     result = _decide(low, diff, max_increase, min(nb, nc) >= min_samples)
     reason = (
@@ -214,12 +289,13 @@ def rate_max(
     n_star: float,
     min_samples: int,
     critical: bool = False,
+    effect: float = 1.0,
 ) -> Verdict:
     """The candidate's own rate <= maximum (fallbacks happen only on the candidate)."""
     xc, nc = candidate
     rate = _rate(xc, nc)
-    z = boundary(nc, 2 * alpha, n_star)
-    se = _se_rate(xc, nc)
+    z = boundary(nc / effect, 2 * alpha, n_star)
+    se = _se_rate(xc, nc) * math.sqrt(effect)
     low, high = rate - z * se, rate + z * se
     result = _decide(low, rate, maximum, nc >= min_samples)
     return Verdict(
@@ -237,6 +313,7 @@ def quantile_ratio(
     n_star: float,
     min_samples: int,
     critical: bool = False,
+    effects: tuple[float, float] = (1.0, 1.0),
 ) -> Verdict:
     """candidate's q-quantile / base's <= maximum, from log-bucket histograms per interval: the base's
     histogram reweighted to the candidate's intervals (see the module's note)."""
@@ -255,8 +332,9 @@ def quantile_ratio(
     if not used:
         return Verdict(gate, "wait", None, None, None, maximum, nb, nc, critical, NOTHING_SHARED)
     # Each side at alpha/2: the ratio's interval then holds at alpha (one-sided: the lower end).
-    b_est, b_lo, b_hi = _quantile_interval(base, nc, q, alpha, n_star, effective=nc * nc / spread)
-    c_est, c_lo, c_hi = _quantile_interval(candidate, nc, q, alpha, n_star)
+    db, dc = effects
+    b_est, b_lo, b_hi = _quantile_interval(base, nc, q, alpha, n_star, effective=nc * nc / spread / db)
+    c_est, c_lo, c_hi = _quantile_interval(candidate, nc, q, alpha, n_star, effective=nc / dc)
     ratio, low, high = c_est / b_est, c_lo / b_hi, c_hi / b_lo
     result = _decide(low, ratio, maximum, min(nb, nc) >= min_samples)
     label = f"p{round(q * 100)}"
@@ -276,6 +354,7 @@ def mean_ratio(
     min_samples: int,
     critical: bool = False,
     unit: str = "tokens",
+    effects: tuple[float, float] = (1.0, 1.0),
 ) -> Verdict:
     """A mean per answer (output tokens, cost), candidate / base <= maximum, by the delta method on the
     log ratio; the base reweighted to the candidate's intervals. strata: per interval, base and candidate
@@ -287,11 +366,12 @@ def mean_ratio(
     qb = sum(b[1] * c[2] / b[2] for b, c in used)
     if not used or sb <= 0 or sc <= 0:
         return Verdict(gate, "wait", None, None, None, maximum, nb, nc, critical, f"no {unit} counted")
-    effective = nc * nc / sum(c[2] * c[2] / b[2] for b, c in used)
+    db, dc = effects
+    effective = nc * nc / sum(c[2] * c[2] / b[2] for b, c in used) / db
     mb, mc = sb / nc, sc / nc
     vb, vc = max(qb / nc - mb * mb, 0.0), max(qc / nc - mc * mc, 0.0)
-    se_log = math.sqrt(vb / (effective * mb * mb) + vc / (nc * mc * mc))
-    z = boundary(min(nb, nc), 2 * alpha, n_star)
+    se_log = math.sqrt(vb / (effective * mb * mb) + dc * vc / (nc * mc * mc))
+    z = boundary(min(nb / db, nc / dc), 2 * alpha, n_star)
     ratio = mc / mb
     low, high = ratio * math.exp(-z * se_log), ratio * math.exp(z * se_log)
     result = _decide(low, ratio, maximum, min(nb, nc) >= min_samples)
@@ -345,9 +425,17 @@ def _pct(rate: float) -> str:
     return f"{rate * 100:.2f}%"
 
 
-def judge(gates: Gates, strata: Strata, *, confidence: float, min_samples: int) -> list[Verdict]:
+def judge(
+    gates: Gates,
+    strata: Strata,
+    *,
+    confidence: float,
+    min_samples: int,
+    groups: Groups | None = None,
+) -> list[Verdict]:
     """Every configured gate over the strata (per interval: base, candidate), each at an equal share of
-    the rollout's error budget (1 - confidence)."""
+    the rollout's error budget (1 - confidence). groups: the arms' windows per unit group over the same
+    rollout, for the design effects (None: requests are independent)."""
     configured = [(name, gate) for name, gate in gates if gate is not None]
     alpha = (1 - confidence) / max(len(configured), 1)
     n_star = 10.0 * min_samples  # the boundary is tightest around a few times the minimum sample
@@ -361,7 +449,8 @@ def judge(gates: Gates, strata: Strata, *, confidence: float, min_samples: int) 
                 ((getattr(b, events), getattr(b, out_of)), (getattr(c, events), getattr(c, out_of)))
                 for b, c in strata
             ]
-            verdict = rate_increase(name, rates, gate.max_increase, critical=crit, **kw)
+            effects = _effects(groups, events, events, out_of)
+            verdict = rate_increase(name, rates, gate.max_increase, critical=crit, effects=effects, **kw)
         elif name == "fallback_rate":  # the candidate's own: nothing to compare with
             verdict = rate_max(
                 name,
@@ -369,12 +458,14 @@ def judge(gates: Gates, strata: Strata, *, confidence: float, min_samples: int) 
                 gate.max,
                 sum(b.requests for b, _ in strata),
                 critical=crit,
+                effect=_effects(groups, "fallbacks", "fallbacks", "requests")[1],
                 **kw,
             )
         elif name in QUANTILES:
             q, hist = QUANTILES[name]
             hists = [(getattr(b, hist), getattr(c, hist)) for b, c in strata]
-            verdict = quantile_ratio(name, hists, q, gate.max, critical=crit, **kw)
+            effects = _effects(groups, *LOG_TIMINGS[hist])
+            verdict = quantile_ratio(name, hists, q, gate.max, critical=crit, effects=effects, **kw)
         else:
             total, squares = MEANS[name]
             sums = [
@@ -385,9 +476,46 @@ def judge(gates: Gates, strata: Strata, *, confidence: float, min_samples: int) 
                 for b, c in strata
             ]
             unit = "tokens" if name == "output_tokens_ratio" else "cost"
-            verdict = mean_ratio(name, sums, gate.max, critical=crit, unit=unit, **kw)
+            effects = _effects(groups, total, squares, "token_answers")
+            verdict = mean_ratio(name, sums, gate.max, critical=crit, unit=unit, effects=effects, **kw)
         verdicts.append(replace(verdict, needs=needs(verdict, min_samples)))
     return verdicts
+
+
+def sample_ratio(groups: Groups, *, alpha: float, n_star: float, min_samples: int) -> Verdict:
+    """Do the arms' observed shares of the counted primary requests match the weight? The candidate's
+    count against the sum of each request's probability of being the candidate's, its variance the
+    larger of the independent-requests one and the cluster-robust one over unit groups (units stay on
+    their arm), at every look by a confidence sequence. Two-sided: a shortfall and an excess both say
+    that the comparison is not between like and like. "fail" is a mismatch (it holds the rollout)."""
+    base, candidate = groups
+    rows = []  # per unit group: (candidate's count, expected count, sum of squared probabilities, n)
+    for b, c in zip(base, candidate, strict=True):
+        n = b.requests + c.requests
+        if n:
+            rows.append((c.requests, b.expected + c.expected, b.expected_sq + c.expected_sq, n))
+    n = sum(r[3] for r in rows)
+    observed = sum(r[0] for r in rows)
+    expected = sum(r[1] for r in rows)
+    iid = expected - sum(r[2] for r in rows)  # sum of p(1 - p)
+    n_base = n - observed
+    if n < min_samples or iid <= 0:
+        why = "no request had a chance of either arm" if n and iid <= 0 else f"{n}/{min_samples} requests"
+        return Verdict(SAMPLE_RATIO, "wait", None, None, None, 0.0, n_base, observed, False, why)
+    k = len(rows)
+    clustered = k / (k - 1) * sum((r[0] - r[1]) ** 2 for r in rows) if k > 1 else 0.0
+    variance = max(iid, clustered)
+    z = boundary(n * iid / variance, alpha, n_star)
+    gap = observed - expected
+    margin = z * math.sqrt(variance)
+    share, wanted = observed / n, expected / n
+    low, high = (gap - margin) / n, (gap + margin) / n
+    mismatch = abs(gap) > margin
+    reason = f"candidate {_pct(share)} of {n} requests, expected {_pct(wanted)} from the weight" + (
+        ": the arms no longer receive what the weight says" if mismatch else ""
+    )
+    result: Result = "fail" if mismatch else "pass"
+    return Verdict(SAMPLE_RATIO, result, share - wanted, low, high, 0.0, n_base, observed, False, reason)
 
 
 def per_interval(
@@ -457,8 +585,14 @@ def decide(
     without enough data count as passed when on_no_data is "pass"). Between intervals
     (critical_only): a failing critical gate rolls back, anything else holds. final: the advance would
     promote, and a gate passes only when non_inferior; earlier steps advance on the estimate (fail-fast
-    still applies to every step)."""
-    failed = [v for v in verdicts if v.result == "fail" and (v.critical or not critical_only)]
+    still applies to every step). A sample-ratio mismatch holds: with the arms' shares not what the
+    weight says, no gate's comparison can be trusted, and the rollout neither advances nor rolls back on
+    a non-critical gate (a failing critical gate still rolls back: the safe direction)."""
+    mismatch = any(v.gate == SAMPLE_RATIO and v.result == "fail" for v in verdicts)
+    verdicts = [v for v in verdicts if v.gate != SAMPLE_RATIO]
+    failed = [v for v in verdicts if v.result == "fail" and (v.critical or not critical_only or mismatch)]
+    if mismatch:  # the comparison itself is in doubt: only a critical failure still rolls back
+        return "rollback" if any(v.critical for v in failed) else "hold"
     if failed:
         return "rollback" if on_fail == "rollback" or any(v.critical for v in failed) else "hold"
     if critical_only:

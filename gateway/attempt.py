@@ -49,12 +49,14 @@ class Request:
         "checks",
         "cohort",
         "endpoint",
+        "group",
         "headers",
         "metrics",
         "pairs",
         "payload",
         "route",
         "rules",
+        "share",
         "span",
         "stream",
         "token",
@@ -73,10 +75,14 @@ class Request:
         span: Span | None,
         cohort: str,
         checks: SchemaChecks,
+        group: int = 0,
+        share: float = 0.0,
     ) -> None:
         self.checks = checks  # where schema checks too costly for the loop run
         self.route = route
         self.cohort = cohort
+        self.group = group  # its unit group, and its probability of being the candidate's (statistics)
+        self.share = share
         self.endpoint = endpoint
         self.body = body
         self.payload = body.payload

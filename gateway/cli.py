@@ -470,7 +470,10 @@ def _compare(args: argparse.Namespace) -> int:
             f"\n{'gate':<38}{'verdict':<9}{'value':>10}  {'interval':<22}{'threshold':>10}"
             f"{'n base':>9}{'n cand':>9}"
         )
+        checks = [g for g in answer["gates"] if g["gate"] == "sample_ratio"]
         for gate in answer["gates"]:
+            if gate["gate"] == "sample_ratio":
+                continue
             ratio, ceiling = gate["gate"].endswith("_ratio"), gate["gate"] == "fallback_rate"
             shown = _ratio if ratio else _pct if ceiling else _points
             cohort = gate.get("cohort", "all")
@@ -492,6 +495,10 @@ def _compare(args: argparse.Namespace) -> int:
                 values = ", ".join(shown(row["value"]) for row in recent[-SHOWN_PER_GATE:])
                 print(f"{'':<38}per interval, newest last: {values}")
         print("  * critical: a failure rolls back at once")
+        for check in checks:  # not a gate: a mismatch holds the rollout, whatever the gates say
+            where = "" if check["cohort"] == "all" else f" [{check['cohort']}]"
+            verdict = {"fail": "MISMATCH", "pass": "ok"}.get(check["result"], check["result"])
+            print(f"sample ratio{where}: {verdict}: {check['reason']}")
         for label, key in (
             ("rollout so far", "window"),
             (f"last {answer['interval_s']:g} s interval", "last_interval"),

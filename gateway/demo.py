@@ -249,6 +249,12 @@ def _ms(values: list[float], q: float) -> str:
     return f"{ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000:.0f}"
 
 
+def _gates(snap: Snapshot) -> list[dict[str, Any]]:
+    """The gates of the analysis (the sample-ratio check is shown among the controller's moves when it
+    holds the rollout)."""
+    return [g for g in (snap.analysis or {}).get("gates", []) if g["gate"] != "sample_ratio"]
+
+
 def _gate_value(gate: dict[str, Any]) -> str:
     value = gate.get("value")
     if value is None:
@@ -376,7 +382,7 @@ class PlainView:
                 f"validation: {cells['validation failures']}",
                 flush=True,
             )
-        for gate in (snap.analysis or {}).get("gates", []):
+        for gate in _gates(snap):
             shown = f"{gate['result']:<5} {_gate_value(gate):>11} {_gate_threshold(gate)}"
             print(f"    gate {gate['gate']:<24} {shown}", flush=True)
         for line in _extras(snap):
@@ -418,7 +424,7 @@ class LiveView:
         for name in ("gate", "verdict", "value", "threshold", "samples base / candidate", "why"):
             gates.add_column(name)
         colours = {"pass": "green", "fail": "bold red", "wait": "yellow"}
-        for gate in (snap.analysis or {}).get("gates", []):
+        for gate in _gates(snap):
             gates.add_row(
                 gate["gate"] + (" (critical)" if gate["critical"] else ""),
                 Text(gate["result"], style=colours.get(gate["result"], "")),

@@ -55,12 +55,12 @@ class Assignments:
         self._store = store
         self.ttl_s = store.ttl_s
         self._on_dropped = on_dropped  # older records dropped to stay within the store's bound
-        self._pending: dict[str, tuple[str, str, str, str]] = {}
+        self._pending: dict[str, tuple[str, ...]] = {}
 
-    def remember(self, request_id: str, route: str, arm: str, cohort: str, rollout: str) -> None:
+    def remember(self, request_id: str, route: str, arm: str, cohort: str, rollout: str, group: int) -> None:
         """An answered request (cheap: serialised at the next flush, not on the request's path)."""
         if len(self._pending) < MAX_PENDING:
-            self._pending[request_id] = (route, arm, cohort, rollout)
+            self._pending[request_id] = (route, arm, cohort, rollout, str(group))
 
     async def recall(self, request_id: str) -> dict[str, str] | None:
         pending = self._pending.get(request_id)
@@ -69,8 +69,7 @@ class Assignments:
         raw = await self._store.recall(request_id)
         if raw is None:
             return None
-        route, arm, cohort, rollout = raw.split(SEPARATOR)
-        return _record((route, arm, cohort, rollout))
+        return _record(tuple(raw.split(SEPARATOR)))
 
     async def first_feedback(self, request_id: str) -> bool:
         return await self._store.first_feedback(request_id)
@@ -97,9 +96,9 @@ class Assignments:
             await self.flush()
 
 
-def _record(values: tuple[str, str, str, str]) -> dict[str, str]:
-    route, arm, cohort, rollout = values
-    return {"route": route, "arm": arm, "cohort": cohort, "rollout": rollout}
+def _record(values: tuple[str, ...]) -> dict[str, str]:
+    """route, arm, cohort, rollout and the unit group (absent from records written before it was kept)."""
+    return dict(zip(("route", "arm", "cohort", "rollout", "group"), values, strict=False))
 
 
 class Feedback:
@@ -148,7 +147,10 @@ class Feedback:
             self._metrics.feedback(route, arm, cohort, negative, given.escalated)
             current = self._routes(route)
             if current is not None and current.rollout_key == found.get("rollout"):
-                self._stats.feedback(current, arm, cohort, negative, given.escalated)
+                group = found.get("group")
+                self._stats.feedback(
+                    current, arm, cohort, negative, given.escalated, int(group) if group else None
+                )
             log.info(
                 "request_id=%s route=%s arm=%s cohort=%s feedback %s%s%s",
                 given.request_id,

@@ -51,7 +51,7 @@ class Ledger:
                 arms_fault = attempt.invalid and attempt.validation in request.route.fallback_on
         attempt.metrics.outcomes[outcome].inc()
         if stats_arm is not None:
-            self._stats.attempt(request.route, stats_arm, outcome, attempt, request.cohort)
+            self._stats.attempt(request, stats_arm, outcome, attempt)
         if breaker is not None:
             if arms_fault is None or (error is not None and not arms_fault):
                 breaker.release()  # nothing learnt about the candidate

@@ -48,7 +48,7 @@ from gateway.fallback import CIRCUIT_OPEN, Guards
 from gateway.feedback import Assignments
 from gateway.ledger import Ledger
 from gateway.route import Route, RouteArm
-from gateway.routing import OVERRIDE_HEADER, choose_arm, cohort_of, mirror_sampled, unit_key
+from gateway.routing import OVERRIDE_HEADER, choose_arm, cohort_of, mirror_sampled, unit_group, unit_key
 from gateway.shadow import Shadows
 from gateway.stats import Recorder
 from gateway.store.pairs import PairStore
@@ -125,7 +125,8 @@ class Proxy:
             key = unit_key(route.sticky_sources, headers, payload, token)
             cohort = cohort_of(route, headers, payload, key_group)
             override = headers.get(OVERRIDE_HEADER) if route.allow_override else None
-            assigned = choose_arm(route, key, override, cohort=cohort).arm
+            assignment = choose_arm(route, key, override, cohort=cohort)
+            assigned = assignment.arm
             rules = await self._rules(payload, route, endpoint)
             request = Request(
                 route,
@@ -138,6 +139,8 @@ class Proxy:
                 span,
                 cohort,
                 self.checks,
+                unit_group(route.name, key),
+                assignment.share,
             )
             if span is not None and route.cohorts is not None:
                 span.set_attribute("canarygate.cohort", cohort)
@@ -169,7 +172,12 @@ class Proxy:
                 if reply.status == 200 and reply.arm is not None:  # an answer: it may get feedback
                     route = request.route
                     self._assignments.remember(
-                        reply.request_id, route.name, reply.arm, request.cohort, route.rollout_key
+                        reply.request_id,
+                        route.name,
+                        reply.arm,
+                        request.cohort,
+                        route.rollout_key,
+                        request.group,
                     )
             if span is not None:
                 self._tracing.end_server(span, reply.arm, reply.fallback, reply.status, failure)
@@ -271,7 +279,7 @@ class Proxy:
     def _fell_back(self, request: Request, reply: Reply, reason: str, *, attempted: bool) -> None:
         reply.fallback = reason
         request.metrics.fallbacks[(reason, request.cohort)].inc()
-        self._stats.fallback(request.route, attempted, request.cohort)
+        self._stats.fallback(request, attempted)
 
     async def _attempt(
         self,

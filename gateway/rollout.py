@@ -12,18 +12,28 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from gateway.analysis import ArmWindow, Verdict, decide, judge
+from gateway.analysis import (
+    SAMPLE_RATIO,
+    UNIT_GROUPS,
+    ArmWindow,
+    Groups,
+    Verdict,
+    decide,
+    judge,
+    sample_ratio,
+)
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, Unavailable
 from gateway.readiness import ArmReadiness
 from gateway.route import Route, RouteArm
 from gateway.store import StateUnavailable
 from gateway.store.lease import Lease
 from gateway.store.rollouts import RolloutStore, RouteState, VersionConflict, applied, change, skewed
-from gateway.store.stats import STATS_TTL_S, StatsStore
+from gateway.store.stats import STATS_TTL_S, UNITS, StatsStore
 from gateway.tracing import Tracing
 
 log = logging.getLogger("gateway.rollout")
 
+MISMATCH = "held: sample ratio mismatch, the arms do not receive what the weight says"
 MAX_INTERVALS = 5000  # the analysis window never reads more intervals than this
 EMPTY = ArmWindow()  # an arm with nothing in an interval (read only)
 
@@ -240,6 +250,8 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
             f"held: the rollout has run longer than its statistics are kept ({MAX_INTERVALS} intervals, "
             f"{STATS_TTL_S // 86400} days): promote or roll back by hand, or start it again"
         )
+    stored = await stats.read(route.name, route.rollout_key, range(UNITS, UNITS + 1))
+    units = stored.pop(UNITS, {})
     stored = await stats.read(route.name, route.rollout_key, range(first, now_interval + 1))
     base, candidate = ArmWindow(), ArmWindow()
     for arms in stored.values():
@@ -255,7 +267,8 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
     confidence = 1 - (1 - auto.confidence) / (1 + len(cohorts))
     labelled = [(i, arms.get("base", EMPTY), arms.get(arm, EMPTY)) for i, arms in sorted(stored.items())]
     strata = [(b, c) for _, b, c in labelled]
-    verdicts = judge(auto.gates, strata, confidence=confidence, min_samples=auto.min_samples)
+    kw: dict[str, Any] = {"confidence": confidence, "min_samples": auto.min_samples}
+    verdicts = judge(auto.gates, strata, groups=unit_groups(units, arm), **kw)
     total = base.requests + candidate.requests
     for cohort in cohorts:
         pairs = [
@@ -265,12 +278,48 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
         served = sum(b.requests + c.requests for b, c in pairs)
         assert segments is not None
         if total and served / total >= segments.min_share:
-            judged = judge(auto.gates, pairs, confidence=confidence, min_samples=auto.min_samples)
+            judged = judge(auto.gates, pairs, groups=unit_groups(units, arm, cohort), **kw)
             verdicts.extend(replace(v, cohort=cohort) for v in judged)
+    if arm == "candidate":
+        verdicts.extend(sample_ratios(units, route, auto.confidence, auto.min_samples))
     return Analysis(
         route.name, current.phase, arm, verdicts, (base, candidate), last, auto.interval_s, fresh, truncated,
         labelled,
     )  # fmt: skip
+
+
+def unit_groups(units: dict[str, ArmWindow], arm: str, cohort: str | None = None) -> Groups | None:
+    """The (base, candidate) windows per unit group over the rollout, in one cohort or all of them; None
+    when nothing was counted by group."""
+    if not units:
+        return None
+    base = [ArmWindow() for _ in range(UNIT_GROUPS)]
+    candidate = [ArmWindow() for _ in range(UNIT_GROUPS)]
+    for name, window in units.items():
+        who, _, group = name.rpartition("#")
+        side, _, in_cohort = who.partition("@")
+        if (cohort is None or in_cohort == cohort) and side in ("base", arm) and group.isdigit():
+            number = int(group)
+            if number < UNIT_GROUPS:
+                (base if side == "base" else candidate)[number].merge(window)
+    return base, candidate
+
+
+def sample_ratios(
+    units: dict[str, ArmWindow], route: Route, confidence: float, min_samples: int
+) -> list[Verdict]:
+    """The sample-ratio check over the whole rollout, and per cohort when the route has cohorts: the level
+    (1 - confidence) shared among them, apart from the gates' (a mismatch holds; it never rolls back)."""
+    cohorts = route.cohorts.names if route.cohorts is not None else ()
+    alpha = (1 - confidence) / (1 + len(cohorts))
+    n_star = 10.0 * min_samples
+    checks = []
+    for cohort in (None, *cohorts):
+        groups = unit_groups(units, "candidate", cohort)
+        if groups is not None:
+            verdict = sample_ratio(groups, alpha=alpha, n_star=n_star, min_samples=min_samples)
+            checks.append(replace(verdict, cohort=cohort or "all"))
+    return checks
 
 
 class Controller:
@@ -361,8 +410,13 @@ class Controller:
         )
         self._judged[route.name] = (current.version, now if interval_end else judged)
         gates = [asdict(v) for v in analysis.verdicts]
+        mismatch = [v for v in analysis.verdicts if v.gate == SAMPLE_RATIO and v.result == "fail"]
+        if mismatch and decision == "hold" and not current.history[-1].reason.startswith(MISMATCH):
+            where = "; ".join(f"cohort {v.cohort}: {v.reason}" for v in mismatch)
+            await self._rollouts.move(route.name, "controller", f"{MISMATCH} ({where})", current, gates=gates)
+            return
         if decision == "rollback":
-            failed = [v for v in analysis.verdicts if v.result == "fail"]
+            failed = [v for v in analysis.verdicts if v.result == "fail" and v.gate != SAMPLE_RATIO]
             reason = "; ".join(
                 f"{v.gate}{'' if v.cohort == 'all' else f' [cohort {v.cohort}]'} {v.reason}" for v in failed
             )

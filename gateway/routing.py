@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any
 
+from gateway.analysis import UNIT_GROUPS
 from gateway.errors import InvalidRequest
 from gateway.policy import ArmName
 from gateway.route import Route
@@ -22,6 +23,7 @@ class Assignment:
     arm: ArmName
     bucket: float | None  # None when the arm was forced by the override header
     sticky: bool  # False when no unit key was present (random bucket per request)
+    share: float  # the probability it had of being the candidate's: what the sample-ratio check expects
 
 
 def unit_key(
@@ -91,14 +93,26 @@ def choose_arm(
                 code="invalid_header",
                 param=OVERRIDE_HEADER,
             )
-        return Assignment("base" if forced == "base" else "candidate", None, key is not None)
+        if forced == "base":
+            return Assignment("base", None, key is not None, 0.0)
+        return Assignment("candidate", None, key is not None, 1.0)
     if route.candidate is None or route.weight <= 0:
-        return Assignment("base", None, key is not None)
+        return Assignment("base", None, key is not None, 0.0)
     if route.cohorts is not None and cohort not in route.cohorts.candidate_may_serve:
-        return Assignment("base", None, key is not None)  # a cohort the rollout leaves out
+        return Assignment("base", None, key is not None, 0.0)  # a cohort the rollout leaves out
     point = bucket(route.name, route.salt, key) if key is not None else rand()
-    arm: ArmName = "candidate" if point < route.weight / 100 else "base"
-    return Assignment(arm, point, key is not None)
+    share = min(route.weight / 100, 1.0)
+    arm: ArmName = "candidate" if point < share else "base"
+    return Assignment(arm, point, key is not None, share)
+
+
+def unit_group(route: str, key: str | None, rand: Callable[[], float] = random.random) -> int:
+    """The unit group a request's statistics are also counted in (analysis.UNIT_GROUPS): by a hash of
+    the unit key independent of the assignment's, so that each group holds units of both arms; a request
+    without a key is a unit of its own, in a group at random."""
+    if key is None:
+        return int(rand() * UNIT_GROUPS)
+    return int.from_bytes(sha256(f"{route}:units:{key}".encode()).digest()[:4], "big") % UNIT_GROUPS
 
 
 def mirror_sampled(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -15,10 +16,10 @@ from gateway.errors import ERROR_OUTCOMES
 from gateway.route import Route
 from gateway.store import StateUnavailable
 from gateway.store.rollouts import RolloutStore
-from gateway.store.stats import StatsKey, StatsStore
+from gateway.store.stats import UNITS, StatsKey, StatsStore
 
 if TYPE_CHECKING:
-    from gateway.attempt import Attempt
+    from gateway.attempt import Attempt, Request
 
 log = logging.getLogger("gateway.stats")
 
@@ -27,6 +28,7 @@ MAX_PENDING = 10_000  # windows kept while the store is unreachable; beyond, the
 # Counted while the rollout may be judged: by the controller, or by an operator reading `compare`.
 LIVE = frozenset({"shadow", "progressing", "paused", "manual"})
 UNJUDGED = frozenset({"client_closed", "cancelled", "internal_error"})  # no verdict on the arm
+PRIMARY = frozenset({"base", "candidate"})  # the arms a request is assigned to (the sample-ratio check)
 
 
 def _segmented(route: Route) -> bool:
@@ -49,14 +51,18 @@ class Recorder:
         state = self._rollouts.current(route.name)
         return state is not None and state.phase in LIVE and state.rollout == route.rollout_key
 
-    def _windows(self, route: Route, arm: str, cohort: str) -> list[ArmWindow]:
-        """This interval's windows for the arm, and for the arm in this cohort with rollout.segments."""
+    def _windows(self, route: Route, arm: str, cohort: str, group: int | None) -> list[ArmWindow]:
+        """This interval's windows for the arm (and for the arm in this cohort with rollout.segments), then
+        the rollout's window for the arm's unit group in this cohort (analysis.UNIT_GROUPS)."""
         interval = int(time.time() // route.rollout.interval_s)
+        keys = [(interval, k) for k in ((arm, f"{arm}@{cohort}") if _segmented(route) else (arm,))]
+        if group is not None:
+            keys.append((UNITS, f"{arm}@{cohort}#{group}"))
         windows = []
-        for key in (arm, f"{arm}@{cohort}") if _segmented(route) else (arm,):
-            window = self._pending.get((route.name, route.rollout_key, interval, key))
+        for number, key in keys:
+            window = self._pending.get((route.name, route.rollout_key, number, key))
             if window is None:
-                window = self._pending[(route.name, route.rollout_key, interval, key)] = ArmWindow()
+                window = self._pending[(route.name, route.rollout_key, number, key)] = ArmWindow()
             windows.append(window)
         return windows
 
@@ -71,14 +77,20 @@ class Recorder:
         ttft_s: float | None,
         cost: float | None = None,
         cohort: str = "all",
+        group: int | None = None,
+        share: float | None = None,
     ) -> None:
         """One attempt. arm: base, candidate, or shadow (the candidate's mirrored calls). With
-        rollout.segments, counted for its cohort too (arm "candidate@billing")."""
+        rollout.segments, counted for its cohort too (arm "candidate@billing"); group: its unit group;
+        share: for a primary attempt, the probability it had of being the candidate's."""
         if outcome in UNJUDGED or not self._live(route):
             return  # the client left or the gateway failed (no verdict on the arm), or nothing is judged
+        windows = self._windows(route, arm, cohort, group)
         latency = bucket_of(duration_s)
         ttft = bucket_of(ttft_s) if ttft_s is not None else None
-        for window in self._windows(route, arm, cohort):
+        log_latency = math.log(max(duration_s, 1e-6))
+        log_ttft = math.log(max(ttft_s, 1e-6)) if ttft_s is not None else 0.0
+        for window in windows:
             window.requests += 1
             if outcome in ERROR_OUTCOMES:
                 window.errors += 1
@@ -91,14 +103,25 @@ class Recorder:
             if cost is not None:
                 window.cost += cost
                 window.cost_sq += cost * cost
+            if share is not None:
+                window.expected += share
+                window.expected_sq += share * share
+            window.timed += 1
+            window.log_latency += log_latency
+            window.log_latency_sq += log_latency * log_latency
+            if ttft_s is not None:
+                window.ttfts += 1
+                window.log_ttft += log_ttft
+                window.log_ttft_sq += log_ttft * log_ttft
+        for window in windows[: len(windows) - (group is not None)]:  # histograms per interval only
             window.latency[latency] = window.latency.get(latency, 0) + 1
             if ttft is not None:
                 window.ttft[ttft] = window.ttft.get(ttft, 0) + 1
 
-    def attempt(self, route: Route, arm: str, outcome: str, attempt: Attempt, cohort: str) -> None:
+    def attempt(self, request: Request, arm: str, outcome: str, attempt: Attempt) -> None:
         """An upstream attempt, as the ledger books it."""
         self.record(
-            route,
+            request.route,
             arm,
             outcome,
             attempt.duration_s,
@@ -106,24 +129,33 @@ class Recorder:
             attempt.output_tokens,
             attempt.ttft_s,
             attempt.cost,
-            cohort,
+            request.cohort,
+            request.group,
+            request.share if arm in PRIMARY else None,
         )
 
-    def fallback(self, route: Route, attempted: bool, cohort: str = "all") -> None:
-        """Base answered a request assigned to the candidate (attempted=False: its circuit was open)."""
+    def fallback(self, request: Request, attempted: bool) -> None:
+        """Base answered a request assigned to the candidate (attempted=False: its circuit was open, and the
+        request counts as the candidate's, unattempted)."""
+        route = request.route
         if not self._live(route):
             return
-        for window in self._windows(route, "candidate", cohort):
+        for window in self._windows(route, "candidate", request.cohort, request.group):
             window.fallbacks += 1
             if not attempted:
                 window.requests += 1
                 window.unattempted += 1
+                window.expected += request.share
+                window.expected_sq += request.share * request.share
 
-    def feedback(self, route: Route, arm: str, cohort: str, negative: bool, escalated: bool) -> None:
-        """Feedback on an answer of this rollout, counted in the interval it arrives."""
+    def feedback(
+        self, route: Route, arm: str, cohort: str, negative: bool, escalated: bool, group: int | None = None
+    ) -> None:
+        """Feedback on an answer of this rollout, counted in the interval it arrives (and in the answer's
+        unit group, when its record has one)."""
         if not self._live(route):
             return
-        for window in self._windows(route, arm, cohort):
+        for window in self._windows(route, arm, cohort, group):
             window.feedback += 1
             window.negative += negative
             window.escalated += escalated

@@ -19,11 +19,13 @@ from prometheus_client import (
     multiprocess,
 )
 
+from gateway.analysis import SAMPLE_RATIO
 from gateway.errors import KINDS, OUTCOMES, REASONS
 from gateway.route import Route
 from gateway.store.rollouts import PHASES, RouteState
 
 if TYPE_CHECKING:
+    from gateway.analysis import Verdict
     from gateway.rollout import Analysis
 
 
@@ -177,6 +179,21 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.sample_ratio_mismatch = Gauge(
+            "canarygate_sample_ratio_mismatch",
+            "1 while the candidate's observed share of a rollout's requests does not match the weight "
+            "(the rollout holds), else 0",
+            ["route", "cohort"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.candidate_share = Gauge(
+            "canarygate_candidate_share",
+            "The candidate's share of a rollout's counted requests: observed, and expected from the weight",
+            ["route", "cohort", "kind"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.feedback_total = Counter(
             "canarygate_feedback",
             "User feedback on answers, credited to the arm and cohort that served them",
@@ -250,11 +267,22 @@ class Metrics:
         if not self.enabled:
             return
         for verdict in analysis.verdicts:
+            if verdict.gate == SAMPLE_RATIO:
+                self.sample_ratio(analysis.route, verdict)
+                continue
             if verdict.cohort != "all":
                 continue  # per-cohort verdicts: in compare and the analysis endpoint
             if verdict.value is not None:
                 self.gate_value.labels(analysis.route, verdict.gate).set(verdict.value)
             self.gate_threshold.labels(analysis.route, verdict.gate).set(verdict.threshold)
+
+    def sample_ratio(self, route: str, verdict: Verdict) -> None:
+        self.sample_ratio_mismatch.labels(route, verdict.cohort).set(1 if verdict.result == "fail" else 0)
+        n = verdict.n_base + verdict.n_candidate
+        if verdict.value is not None and n:
+            observed = verdict.n_candidate / n
+            self.candidate_share.labels(route, verdict.cohort, "observed").set(observed)
+            self.candidate_share.labels(route, verdict.cohort, "expected").set(observed - verdict.value)
 
     def feedback(self, route: str, arm: str, cohort: str, negative: bool, escalated: bool) -> None:
         if not self.enabled:

@@ -12,17 +12,20 @@ import pytest
 
 from gateway.analysis import (
     BUCKET_FACTOR,
+    UNIT_GROUPS,
     ArmWindow,
     Verdict,
     boundary,
     bucket_bound,
     bucket_of,
     decide,
+    design_effect,
     judge,
     mean_ratio,
     per_interval,
     quantile_ratio,
     rate_increase,
+    sample_ratio,
 )
 from gateway.policy import Gates, RateGate, RatioGate
 
@@ -250,3 +253,94 @@ def test_each_gate_shows_its_estimate_per_interval() -> None:
     assert first["value"] == pytest.approx(BUCKET_FACTOR**10, rel=0.06) and last["value"] == pytest.approx(
         1.0
     )
+
+
+def _groups_of(
+    rng: np.random.Generator, units: int, weight: float, spread: float, requests: int, shortfall: float = 0.0
+) -> tuple[list[ArmWindow], list[ArmWindow]]:
+    """Sticky units (tenants) of differing volume and validation failure rate, each in a unit group by its
+    number, on the candidate when its assignment point is under the weight; shortfall: the share of the
+    candidate's requests that are never counted (they fail before it)."""
+    volume = rng.lognormal(0, 1.0, units)
+    rate = np.clip(rng.lognormal(math.log(0.01), spread, units), 0, 1) if spread else np.full(units, 0.01)
+    on_candidate = rng.random(units) < weight
+    counts = rng.multinomial(requests, volume / volume.sum())
+    base = [ArmWindow() for _ in range(UNIT_GROUPS)]
+    candidate = [ArmWindow() for _ in range(UNIT_GROUPS)]
+    for unit in range(units):
+        n = int(counts[unit])
+        if on_candidate[unit] and shortfall:
+            n = int(rng.binomial(n, 1 - shortfall))
+        invalid = int(rng.binomial(n, rate[unit]))
+        window = (candidate if on_candidate[unit] else base)[unit % UNIT_GROUPS]
+        window.merge(
+            ArmWindow(requests=n, invalid=invalid, expected=n * weight, expected_sq=n * weight * weight)
+        )
+    return base, candidate
+
+
+def test_design_effect_is_one_for_independent_requests_and_large_for_alike_units() -> None:
+    rng = np.random.default_rng(11)
+    independent = design_effect([(float(x), float(x), 1000.0) for x in rng.binomial(1000, 0.01, UNIT_GROUPS)])
+    assert 1.0 <= independent < 1.5  # never below 1: it only ever widens an interval
+    base, _ = _groups_of(rng, 500, 0.0, 1.5, 200_000)
+    alike = design_effect([(w.invalid, w.invalid, w.requests) for w in base])
+    assert alike > 5  # a tenant's requests fail together: far fewer independent samples than requests
+    assert design_effect([(0.0, 0.0, 0.0)] * 3) == 1.0 and design_effect([(5.0, 5.0, 100.0)]) == 1.0
+
+
+def test_sticky_tenants_of_differing_difficulty_do_not_fail_an_identical_candidate() -> None:
+    """500 tenants, the candidate's 25% of them: counted as independent requests, the arms differ by
+    which tenants each got, and an identical candidate fails often; with the design effects, rarely."""
+    rng = np.random.default_rng(3)
+    gates = Gates(validation_failure_rate=RateGate(max_increase=0.0005, critical=True))
+    failed = {"requests": 0, "units": 0}
+    for _ in range(60):
+        base, candidate = _groups_of(rng, 500, 0.25, 1.5, 100_000)
+        strata = [(_total(base), _total(candidate))]
+        (naive,) = judge(gates, strata, confidence=0.99, min_samples=500)
+        (robust,) = judge(gates, strata, confidence=0.99, min_samples=500, groups=(base, candidate))
+        failed["requests"] += naive.result == "fail"
+        failed["units"] += robust.result == "fail"
+        assert robust.high is not None and naive.high is not None and robust.high >= naive.high
+    assert failed["requests"] >= 10, failed  # what the issue measured: 30% of identical candidates
+    assert failed["units"] <= 1, failed
+
+
+def _total(windows: list[ArmWindow]) -> ArmWindow:
+    total = ArmWindow()
+    for window in windows:
+        total.merge(window)
+    return total
+
+
+def test_the_sample_ratio_check_finds_a_shortfall_and_not_heavy_tenants() -> None:
+    rng = np.random.default_rng(7)
+    kw = {"alpha": 0.01, "n_star": 5000.0, "min_samples": 500}
+    # Many small units (users), requests counted as they were assigned: no mismatch.
+    fine = sample_ratio(_groups_of(rng, 20_000, 0.25, 0.0, 40_000), **kw)  # type: ignore[arg-type]
+    assert fine.result == "pass" and fine.value is not None and abs(fine.value) < 0.01
+    # A tenth of the candidate's requests never counted (they fail before it): 22.5% against 25%.
+    short = sample_ratio(_groups_of(rng, 20_000, 0.25, 0.0, 40_000, shortfall=0.1), **kw)  # type: ignore[arg-type]
+    assert short.result == "fail" and short.value is not None and short.value < -0.015
+    assert "expected 25.00%" in short.reason
+    # 50 tenants of very different volume: the candidate's share of requests is far from 25% by luck of
+    # which tenants it got, which only the cluster-robust variance knows.
+    heavy = [sample_ratio(_groups_of(rng, 50, 0.25, 0.0, 40_000), **kw) for _ in range(30)]  # type: ignore[arg-type]
+    assert sum(v.result == "fail" for v in heavy) <= 1
+    assert max(abs(v.value or 0) for v in heavy) > 0.05  # shares that an independent-requests test rejects
+    few = sample_ratio(([ArmWindow(requests=10, expected=2.5, expected_sq=0.625)], [ArmWindow()]), **kw)  # type: ignore[arg-type]
+    assert few.result == "wait" and "10/500" in few.reason
+
+
+def test_a_sample_ratio_mismatch_holds_and_only_a_critical_failure_still_rolls_back() -> None:
+    def verdict(gate: str, result: str, critical: bool = False) -> Verdict:
+        return Verdict(gate, result, 0.0, 0.0, 0.0, 0.01, 1000, 1000, critical, "")  # type: ignore[arg-type]
+
+    mismatch = verdict("sample_ratio", "fail")
+    passing = [verdict("error_rate", "pass", critical=True), verdict("latency_p99_ratio", "pass")]
+    assert decide([*passing], "rollback", "hold") == "advance"
+    assert decide([*passing, mismatch], "rollback", "hold") == "hold"
+    assert decide([verdict("latency_p99_ratio", "fail"), mismatch], "rollback", "hold") == "hold"
+    assert decide([verdict("error_rate", "fail", critical=True), mismatch], "rollback", "hold") == "rollback"
+    assert decide([*passing, verdict("sample_ratio", "pass")], "rollback", "hold") == "advance"

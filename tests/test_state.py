@@ -335,11 +335,15 @@ def test_the_controller_promotes_a_healthy_candidate_through_every_step(
     time.sleep(1.5)  # past a statistics flush
     after = httpx.get(f"{gw.url}/admin/routes/chat/analysis", headers=ADMIN).json()
     assert after["window"]["candidate"]["requests"] == counted  # promoted: nothing left to judge
-    assert {g["gate"]: g["result"] for g in analysis.json()["gates"]} == {
+    gates = {g["gate"]: g for g in analysis.json()["gates"]}
+    assert {name: g["result"] for name, g in gates.items()} == {
         "error_rate": "pass",
         "validation_failure_rate": "pass",
         "latency_p99_ratio": "pass",
+        "sample_ratio": "pass",  # each request counted with its chance of the candidate, by the proxy
     }
+    check = gates["sample_ratio"]
+    assert check["n_candidate"] > 0 and check["n_base"] > 0 and abs(check["value"]) < 0.2, check
     metrics = httpx.get(f"{gw.url}/metrics").text
     assert 'canarygate_gate_threshold{gate="latency_p99_ratio",route="chat"} 5.0' in metrics
     compare = subprocess.run(
@@ -352,6 +356,7 @@ def test_the_controller_promotes_a_healthy_candidate_through_every_step(
     assert compare.returncode == 0, compare.stderr
     assert "validation_failure_rate *" in compare.stdout and "pass" in compare.stdout
     assert "rollout so far:" in compare.stdout
+    assert "sample ratio: ok: candidate" in compare.stdout, compare.stdout
 
 
 def test_the_controller_rolls_back_a_candidate_failing_json_before_the_second_step(

@@ -5,6 +5,7 @@ the state it is written on (real Redis), not on the view the replica had when it
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -178,5 +179,106 @@ def test_the_promotion_waits_until_the_candidate_is_shown_not_worse(tmp_path: Pa
         await controller.consider(route)
         current = store.rollouts.current("chat")
         assert current is not None and current.phase == "promoted"
+
+    asyncio.run(run())
+
+
+def test_a_sample_ratio_mismatch_holds_the_rollout_and_says_which_cohort_and_shares(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    """The statistics go through the Recorder and Redis as in production: clients of the candidate that
+    leave before an answer (not counted) leave it 1 in 3 of its requests short at 50%. The gates pass on
+    what is counted; the rollout holds and says why, once; the metric says so; enough counted requests
+    of both arms afterwards do not undo what was seen (the check covers the whole rollout)."""
+    from gateway.rollout import MISMATCH, Controller, analyse
+    from gateway.stats import Recorder
+    from gateway.store import Store
+    from gateway.telemetry import Metrics
+    from tests.test_state import AUTOMATIC
+
+    text = canary_text().replace("rollout:\n  weight: 10\n", "") + AUTOMATIC.format(min_samples=50)
+    (route,) = routes_of(tmp_path, text)
+
+    async def run() -> None:
+        spawner = Spawner()
+        store = Store.redis(REDIS_URL, redis_prefix, spawner)
+        try:
+            await store.start([route])
+            rollouts = Rollouts(store.rollouts, lambda name: route)
+            await rollouts.move("chat", "test", "to 50%", phase="progressing", step=1, weight=50.0)
+            await asyncio.sleep(0.05)
+            recorder = Recorder(store.stats, store.rollouts)
+            metrics = Metrics(enabled=True)
+            now = [time.time()]
+            controller = Controller(
+                store.lease, store.stats, rollouts, lambda: [route], metrics.gates, clock=lambda: now[0]
+            )
+            for n in range(3000):  # half the units are the candidate's; a third of those leave first
+                arm = "candidate" if n % 2 else "base"
+                outcome = "client_closed" if arm == "candidate" and n % 3 == 0 else "ok"
+                group = n // 2 % 64  # a group holds units of both arms (its hash is not the assignment's)
+                recorder.record(route, arm, outcome, 0.05, False, 10, None, group=group, share=0.5)
+            await recorder.flush()
+            await controller.consider(route)
+            current = store.rollouts.current("chat")
+            assert current is not None and (current.phase, current.weight) == ("progressing", 50.0)
+            reason = current.history[-1].reason
+            assert reason.startswith(MISMATCH) and "cohort all" in reason, reason
+            assert "candidate 40.00% of 2500 requests, expected 50.00%" in reason, reason
+            analysis = await analyse(store.stats, route, current, now[0])
+            assert all(v.result == "pass" for v in analysis.verdicts if v.gate != "sample_ratio")
+            exposition = metrics.exposition()[0].decode()
+            assert 'canarygate_sample_ratio_mismatch{cohort="all",route="chat"} 1.0' in exposition
+            assert 'canarygate_candidate_share{cohort="all",kind="observed",route="chat"} 0.4' in exposition
+            now[0] += 2  # the next interval: held again, not said again
+            await controller.consider(route)
+            current = store.rollouts.current("chat")
+            assert current is not None and current.phase == "progressing"
+            assert sum(t.reason.startswith(MISMATCH) for t in current.history) == 1
+        finally:
+            await spawner.close()
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_unit_groups_and_the_sample_ratio_sums_survive_redis(redis_prefix: str, tmp_path: Path) -> None:
+    """What the Recorder counts per unit group (the rollout's interval -1, no histograms) and the new sums
+    of every window come back from Redis as they were counted."""
+    from gateway.stats import Recorder
+    from gateway.store import Store
+    from gateway.store.stats import UNITS
+    from tests.test_state import AUTOMATIC
+
+    text = canary_text().replace("rollout:\n  weight: 10\n", "") + AUTOMATIC.format(min_samples=50)
+    (route,) = routes_of(tmp_path, text)
+
+    async def run() -> None:
+        spawner = Spawner()
+        store = Store.redis(REDIS_URL, redis_prefix, spawner)
+        try:
+            await store.start([route])
+            recorder = Recorder(store.stats, store.rollouts)
+            recorder.record(route, "candidate", "ok", 0.5, True, 7, 0.25, group=5, share=0.2)
+            recorder.record(route, "candidate", "ok", 2.0, False, 3, None, group=5, share=0.2)
+            await recorder.flush()
+            units = (await store.stats.read("chat", route.rollout_key, range(UNITS, UNITS + 1)))[UNITS]
+            group = units["candidate@all#5"]
+            assert (group.requests, group.invalid, group.tokens, group.timed, group.ttfts) == (2, 1, 10, 2, 1)
+            assert group.latency == {} and group.ttft == {}  # histograms per interval only
+            assert group.expected == pytest.approx(0.4) and group.expected_sq == pytest.approx(0.08)
+            assert group.log_latency == pytest.approx(math.log(0.5) + math.log(2.0))
+            assert group.log_ttft_sq == pytest.approx(math.log(0.25) ** 2)
+            now = int(time.time() // route.rollout.interval_s)
+            intervals = await store.stats.read("chat", route.rollout_key, range(now - 2, now + 1))
+            (window,) = [arms["candidate"] for arms in intervals.values()]
+            assert (
+                window.requests == 2
+                and sum(window.latency.values()) == 2
+                and window.expected == pytest.approx(0.4)
+            )
+        finally:
+            await spawner.close()
+            await store.close()
 
     asyncio.run(run())

@@ -12,7 +12,10 @@ from redis.exceptions import RedisError
 from gateway.analysis import ArmWindow
 from gateway.store.shared import BATCH_MARK_S, Shared
 
-StatsKey = tuple[str, str, int, str]  # route, rollout, interval number, arm ("base", "candidate", "shadow")
+# route, rollout, interval number, arm ("base", "candidate", "shadow", ...); interval -1 (stats.UNITS) holds
+# the rollout's windows per unit group, arm "candidate@cohort#group".
+StatsKey = tuple[str, str, int, str]
+UNITS = -1  # the "interval" under which the windows per unit group are kept: the whole rollout
 STATS_TTL_S = 7 * 86400
 
 
@@ -68,9 +71,12 @@ return 1
 """
 _COUNTS = (
     "requests", "unattempted", "errors", "invalid", "fallbacks", "tokens", "token_answers",
-    "feedback", "negative", "escalated",
+    "feedback", "negative", "escalated", "timed", "ttfts",
 )  # fmt: skip
-_FLOATS = ("tokens_sq", "cost", "cost_sq")
+_FLOATS = (
+    "tokens_sq", "cost", "cost_sq", "expected", "expected_sq", "log_latency", "log_latency_sq", "log_ttft",
+    "log_ttft_sq",
+)  # fmt: skip
 
 
 class RedisStatsStore:
