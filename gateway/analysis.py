@@ -95,6 +95,7 @@ class ArmWindow:
     # For the design effects and the sample-ratio check (see the module's note):
     expected: float = 0.0  # primary requests: the sum of each one's probability of being the candidate's
     expected_sq: float = 0.0  # the sum of its squares (the independent-requests variance of the count)
+    signed: int = 0  # primary requests, each +1 or -1 by its unit's hash: a sketch of the units' sizes
     timed: int = 0  # answers with a latency, and the sums of its log (seconds) and squares
     log_latency: float = 0.0
     log_latency_sq: float = 0.0
@@ -124,6 +125,7 @@ class ArmWindow:
         self.cost_sq += other.cost_sq
         self.expected += other.expected
         self.expected_sq += other.expected_sq
+        self.signed += other.signed
         self.timed += other.timed
         self.log_latency += other.log_latency
         self.log_latency_sq += other.log_latency_sq
@@ -484,28 +486,31 @@ def judge(
 
 def sample_ratio(groups: Groups, *, alpha: float, n_star: float, min_samples: int) -> Verdict:
     """Do the arms' observed shares of the counted primary requests match the weight? The candidate's
-    count against the sum of each request's probability of being the candidate's, its variance the
-    larger of the independent-requests one and the cluster-robust one over unit groups (units stay on
-    their arm), at every look by a confidence sequence. Two-sided: a shortfall and an excess both say
-    that the comparison is not between like and like. "fail" is a mismatch (it holds the rollout)."""
+    count against the sum of each request's probability of being the candidate's, at every look by a
+    confidence sequence. Two-sided: a shortfall and an excess both say that the comparison is not
+    between like and like. "fail" is a mismatch (it holds the rollout). groups: one step's (a weight
+    that does not change).
+
+    Sticky units: a unit's requests all go one way, so the count varies as sum over units of p(1-p)
+    times the unit's requests squared, not per request: a few heavy tenants on the base are luck, not a
+    mismatch. That sum of squares (the second frequency moment) is estimated without keeping any unit:
+    each request adds its unit's sign (+1 or -1, by a hash) to its unit group, and the sum over groups
+    of each group's total squared estimates it without bias (the count-sketch estimator of Charikar,
+    Chen and Farach-Colton, 2002); the variance is the independent-requests one times that over the
+    number of requests (at least 1)."""
     base, candidate = groups
-    rows = []  # per unit group: (candidate's count, expected count, sum of squared probabilities, n)
-    for b, c in zip(base, candidate, strict=True):
-        n = b.requests + c.requests
-        if n:
-            rows.append((c.requests, b.expected + c.expected, b.expected_sq + c.expected_sq, n))
-    n = sum(r[3] for r in rows)
-    observed = sum(r[0] for r in rows)
-    expected = sum(r[1] for r in rows)
-    iid = expected - sum(r[2] for r in rows)  # sum of p(1 - p)
+    n = sum(b.requests + c.requests for b, c in zip(base, candidate, strict=True))
+    observed = sum(c.requests for c in candidate)
+    expected = sum(b.expected + c.expected for b, c in zip(base, candidate, strict=True))
+    iid = expected - sum(b.expected_sq + c.expected_sq for b, c in zip(base, candidate, strict=True))
     n_base = n - observed
     if n < min_samples or iid <= 0:
         why = "no request had a chance of either arm" if n and iid <= 0 else f"{n}/{min_samples} requests"
         return Verdict(SAMPLE_RATIO, "wait", None, None, None, 0.0, n_base, observed, False, why)
-    k = len(rows)
-    clustered = k / (k - 1) * sum((r[0] - r[1]) ** 2 for r in rows) if k > 1 else 0.0
-    variance = max(iid, clustered)
-    z = boundary(n * iid / variance, alpha, n_star)
+    sizes = sum((b.signed + c.signed) ** 2 for b, c in zip(base, candidate, strict=True))
+    effect = max(1.0, sizes / n)
+    variance = iid * effect
+    z = boundary(n / effect, alpha, n_star)
     gap = observed - expected
     margin = z * math.sqrt(variance)
     share, wanted = observed / n, expected / n

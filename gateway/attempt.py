@@ -57,6 +57,7 @@ class Request:
         "route",
         "rules",
         "share",
+        "sign",
         "span",
         "stream",
         "token",
@@ -75,14 +76,14 @@ class Request:
         span: Span | None,
         cohort: str,
         checks: SchemaChecks,
-        group: int = 0,
+        group: tuple[int, int] = (0, 1),
         share: float = 0.0,
     ) -> None:
         self.checks = checks  # where schema checks too costly for the loop run
         self.route = route
         self.cohort = cohort
-        self.group = group  # its unit group, and its probability of being the candidate's (statistics)
-        self.share = share
+        self.group, self.sign = group  # its unit's group and sign (statistics), and its probability of
+        self.share = share  # being the candidate's
         self.endpoint = endpoint
         self.body = body
         self.payload = body.payload

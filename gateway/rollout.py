@@ -28,7 +28,7 @@ from gateway.route import Route, RouteArm
 from gateway.store import StateUnavailable
 from gateway.store.lease import Lease
 from gateway.store.rollouts import RolloutStore, RouteState, VersionConflict, applied, change, skewed
-from gateway.store.stats import STATS_TTL_S, UNITS, StatsStore
+from gateway.store.stats import STATS_TTL_S, UNITS, StatsStore, units_interval
 from gateway.tracing import Tracing
 
 log = logging.getLogger("gateway.rollout")
@@ -250,8 +250,12 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
             f"held: the rollout has run longer than its statistics are kept ({MAX_INTERVALS} intervals, "
             f"{STATS_TTL_S // 86400} days): promote or roll back by hand, or start it again"
         )
-    stored = await stats.read(route.name, route.rollout_key, range(UNITS, UNITS + 1))
-    units = stored.pop(UNITS, {})
+    steps = len(auto.steps or [])
+    by_step = await stats.read(route.name, route.rollout_key, range(units_interval(steps), UNITS + 1))
+    units: dict[str, ArmWindow] = {}  # the whole rollout's, for the design effects
+    for windows in by_step.values():
+        for name, window in windows.items():
+            units.setdefault(name, ArmWindow()).merge(window)
     stored = await stats.read(route.name, route.rollout_key, range(first, now_interval + 1))
     base, candidate = ArmWindow(), ArmWindow()
     for arms in stored.values():
@@ -281,7 +285,8 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
             judged = judge(auto.gates, pairs, groups=unit_groups(units, arm, cohort), **kw)
             verdicts.extend(replace(v, cohort=cohort) for v in judged)
     if arm == "candidate":
-        verdicts.extend(sample_ratios(units, route, auto.confidence, auto.min_samples))
+        step = by_step.get(units_interval(current.step), {})  # the weight the check expects is the step's
+        verdicts.extend(sample_ratios(step, route, auto.confidence, auto.min_samples))
     return Analysis(
         route.name, current.phase, arm, verdicts, (base, candidate), last, auto.interval_s, fresh, truncated,
         labelled,
@@ -308,7 +313,7 @@ def unit_groups(units: dict[str, ArmWindow], arm: str, cohort: str | None = None
 def sample_ratios(
     units: dict[str, ArmWindow], route: Route, confidence: float, min_samples: int
 ) -> list[Verdict]:
-    """The sample-ratio check over the whole rollout, and per cohort when the route has cohorts: the level
+    """The sample-ratio check over the current step, and per cohort when the route has cohorts: the level
     (1 - confidence) shared among them, apart from the gates' (a mismatch holds; it never rolls back)."""
     cohorts = route.cohorts.names if route.cohorts is not None else ()
     alpha = (1 - confidence) / (1 + len(cohorts))

@@ -106,13 +106,16 @@ def choose_arm(
     return Assignment(arm, point, key is not None, share)
 
 
-def unit_group(route: str, key: str | None, rand: Callable[[], float] = random.random) -> int:
-    """The unit group a request's statistics are also counted in (analysis.UNIT_GROUPS): by a hash of
-    the unit key independent of the assignment's, so that each group holds units of both arms; a request
-    without a key is a unit of its own, in a group at random."""
+def unit_group(route: str, key: str | None, rand: Callable[[], float] = random.random) -> tuple[int, int]:
+    """The unit group a request's statistics are also counted in (analysis.UNIT_GROUPS), and its unit's
+    sign (+1 or -1, for analysis.sample_ratio): by a hash of the unit key independent of the
+    assignment's, so that each group holds units of both arms; a request without a key is a unit of its
+    own, in a group at random."""
     if key is None:
-        return int(rand() * UNIT_GROUPS)
-    return int.from_bytes(sha256(f"{route}:units:{key}".encode()).digest()[:4], "big") % UNIT_GROUPS
+        point = int(rand() * UNIT_GROUPS * 2)
+    else:
+        point = int.from_bytes(sha256(f"{route}:units:{key}".encode()).digest()[:4], "big")
+    return point % UNIT_GROUPS, 1 if point // UNIT_GROUPS % 2 else -1
 
 
 def mirror_sampled(

@@ -16,7 +16,7 @@ from gateway.errors import ERROR_OUTCOMES
 from gateway.route import Route
 from gateway.store import StateUnavailable
 from gateway.store.rollouts import RolloutStore
-from gateway.store.stats import UNITS, StatsKey, StatsStore
+from gateway.store.stats import StatsKey, StatsStore, units_interval
 
 if TYPE_CHECKING:
     from gateway.attempt import Attempt, Request
@@ -51,20 +51,26 @@ class Recorder:
         state = self._rollouts.current(route.name)
         return state is not None and state.phase in LIVE and state.rollout == route.rollout_key
 
-    def _windows(self, route: Route, arm: str, cohort: str, group: int | None) -> list[ArmWindow]:
-        """This interval's windows for the arm (and for the arm in this cohort with rollout.segments), then
-        the rollout's window for the arm's unit group in this cohort (analysis.UNIT_GROUPS)."""
+    def _window(self, route: Route, number: int, arm: str) -> ArmWindow:
+        window = self._pending.get((route.name, route.rollout_key, number, arm))
+        if window is None:
+            window = self._pending[(route.name, route.rollout_key, number, arm)] = ArmWindow()
+        return window
+
+    def _windows(self, route: Route, arm: str, cohort: str) -> list[ArmWindow]:
+        """This interval's windows for the arm, and for the arm in this cohort with rollout.segments."""
         interval = int(time.time() // route.rollout.interval_s)
-        keys = [(interval, k) for k in ((arm, f"{arm}@{cohort}") if _segmented(route) else (arm,))]
-        if group is not None:
-            keys.append((UNITS, f"{arm}@{cohort}#{group}"))
-        windows = []
-        for number, key in keys:
-            window = self._pending.get((route.name, route.rollout_key, number, key))
-            if window is None:
-                window = self._pending[(route.name, route.rollout_key, number, key)] = ArmWindow()
-            windows.append(window)
-        return windows
+        return [
+            self._window(route, interval, k)
+            for k in ((arm, f"{arm}@{cohort}") if _segmented(route) else (arm,))
+        ]
+
+    def _unit_window(self, route: Route, arm: str, cohort: str, group: int | None) -> list[ArmWindow]:
+        """The current step's window for the arm's unit group in this cohort (analysis.UNIT_GROUPS)."""
+        state = self._rollouts.current(route.name)
+        if group is None or state is None:
+            return []
+        return [self._window(route, units_interval(state.step), f"{arm}@{cohort}#{group}")]
 
     def record(
         self,
@@ -79,18 +85,23 @@ class Recorder:
         cohort: str = "all",
         group: int | None = None,
         share: float | None = None,
+        sign: int = 1,
     ) -> None:
         """One attempt. arm: base, candidate, or shadow (the candidate's mirrored calls). With
-        rollout.segments, counted for its cohort too (arm "candidate@billing"); group: its unit group;
-        share: for a primary attempt, the probability it had of being the candidate's."""
+        rollout.segments, counted for its cohort too (arm "candidate@billing"); group and sign: its
+        unit's; share: for a primary attempt, the probability it had of being the candidate's."""
         if outcome in UNJUDGED or not self._live(route):
             return  # the client left or the gateway failed (no verdict on the arm), or nothing is judged
-        windows = self._windows(route, arm, cohort, group)
+        windows = self._windows(route, arm, cohort)
         latency = bucket_of(duration_s)
         ttft = bucket_of(ttft_s) if ttft_s is not None else None
         log_latency = math.log(max(duration_s, 1e-6))
         log_ttft = math.log(max(ttft_s, 1e-6)) if ttft_s is not None else 0.0
-        for window in windows:
+        for window in windows:  # histograms per interval only
+            window.latency[latency] = window.latency.get(latency, 0) + 1
+            if ttft is not None:
+                window.ttft[ttft] = window.ttft.get(ttft, 0) + 1
+        for window in windows + self._unit_window(route, arm, cohort, group):
             window.requests += 1
             if outcome in ERROR_OUTCOMES:
                 window.errors += 1
@@ -106,6 +117,7 @@ class Recorder:
             if share is not None:
                 window.expected += share
                 window.expected_sq += share * share
+                window.signed += sign
             window.timed += 1
             window.log_latency += log_latency
             window.log_latency_sq += log_latency * log_latency
@@ -113,10 +125,6 @@ class Recorder:
                 window.ttfts += 1
                 window.log_ttft += log_ttft
                 window.log_ttft_sq += log_ttft * log_ttft
-        for window in windows[: len(windows) - (group is not None)]:  # histograms per interval only
-            window.latency[latency] = window.latency.get(latency, 0) + 1
-            if ttft is not None:
-                window.ttft[ttft] = window.ttft.get(ttft, 0) + 1
 
     def attempt(self, request: Request, arm: str, outcome: str, attempt: Attempt) -> None:
         """An upstream attempt, as the ledger books it."""
@@ -132,6 +140,7 @@ class Recorder:
             request.cohort,
             request.group,
             request.share if arm in PRIMARY else None,
+            request.sign,
         )
 
     def fallback(self, request: Request, attempted: bool) -> None:
@@ -140,13 +149,15 @@ class Recorder:
         route = request.route
         if not self._live(route):
             return
-        for window in self._windows(route, "candidate", request.cohort, request.group):
+        windows = self._windows(route, "candidate", request.cohort)
+        for window in windows + self._unit_window(route, "candidate", request.cohort, request.group):
             window.fallbacks += 1
             if not attempted:
                 window.requests += 1
                 window.unattempted += 1
                 window.expected += request.share
                 window.expected_sq += request.share * request.share
+                window.signed += request.sign
 
     def feedback(
         self, route: Route, arm: str, cohort: str, negative: bool, escalated: bool, group: int | None = None
@@ -155,7 +166,7 @@ class Recorder:
         unit group, when its record has one)."""
         if not self._live(route):
             return
-        for window in self._windows(route, arm, cohort, group):
+        for window in self._windows(route, arm, cohort) + self._unit_window(route, arm, cohort, group):
             window.feedback += 1
             window.negative += negative
             window.escalated += escalated

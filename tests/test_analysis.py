@@ -264,6 +264,7 @@ def _groups_of(
     volume = rng.lognormal(0, 1.0, units)
     rate = np.clip(rng.lognormal(math.log(0.01), spread, units), 0, 1) if spread else np.full(units, 0.01)
     on_candidate = rng.random(units) < weight
+    sign = rng.choice([-1, 1], units)
     counts = rng.multinomial(requests, volume / volume.sum())
     base = [ArmWindow() for _ in range(UNIT_GROUPS)]
     candidate = [ArmWindow() for _ in range(UNIT_GROUPS)]
@@ -274,7 +275,13 @@ def _groups_of(
         invalid = int(rng.binomial(n, rate[unit]))
         window = (candidate if on_candidate[unit] else base)[unit % UNIT_GROUPS]
         window.merge(
-            ArmWindow(requests=n, invalid=invalid, expected=n * weight, expected_sq=n * weight * weight)
+            ArmWindow(
+                requests=n,
+                invalid=invalid,
+                expected=n * weight,
+                expected_sq=n * weight * weight,
+                signed=n * int(sign[unit]),
+            )
         )
     return base, candidate
 

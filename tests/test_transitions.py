@@ -217,7 +217,8 @@ def test_a_sample_ratio_mismatch_holds_the_rollout_and_says_which_cohort_and_sha
                 arm = "candidate" if n % 2 else "base"
                 outcome = "client_closed" if arm == "candidate" and n % 3 == 0 else "ok"
                 group = n // 2 % 64  # a group holds units of both arms (its hash is not the assignment's)
-                recorder.record(route, arm, outcome, 0.05, False, 10, None, group=group, share=0.5)
+                sign = 1 if n // 128 % 2 else -1
+                recorder.record(route, arm, outcome, 0.05, False, 10, None, group=group, share=0.5, sign=sign)
             await recorder.flush()
             await controller.consider(route)
             current = store.rollouts.current("chat")
@@ -247,7 +248,7 @@ def test_unit_groups_and_the_sample_ratio_sums_survive_redis(redis_prefix: str, 
     of every window come back from Redis as they were counted."""
     from gateway.stats import Recorder
     from gateway.store import Store
-    from gateway.store.stats import UNITS
+    from gateway.store.stats import units_interval
     from tests.test_state import AUTOMATIC
 
     text = canary_text().replace("rollout:\n  weight: 10\n", "") + AUTOMATIC.format(min_samples=50)
@@ -259,14 +260,16 @@ def test_unit_groups_and_the_sample_ratio_sums_survive_redis(redis_prefix: str, 
         try:
             await store.start([route])
             recorder = Recorder(store.stats, store.rollouts)
-            recorder.record(route, "candidate", "ok", 0.5, True, 7, 0.25, group=5, share=0.2)
-            recorder.record(route, "candidate", "ok", 2.0, False, 3, None, group=5, share=0.2)
+            recorder.record(route, "candidate", "ok", 0.5, True, 7, 0.25, group=5, share=0.2, sign=-1)
+            recorder.record(route, "candidate", "ok", 2.0, False, 3, None, group=5, share=0.2, sign=-1)
             await recorder.flush()
-            units = (await store.stats.read("chat", route.rollout_key, range(UNITS, UNITS + 1)))[UNITS]
+            step = units_interval(0)  # the first step's
+            units = (await store.stats.read("chat", route.rollout_key, range(step, step + 1)))[step]
             group = units["candidate@all#5"]
             assert (group.requests, group.invalid, group.tokens, group.timed, group.ttfts) == (2, 1, 10, 2, 1)
             assert group.latency == {} and group.ttft == {}  # histograms per interval only
             assert group.expected == pytest.approx(0.4) and group.expected_sq == pytest.approx(0.08)
+            assert group.signed == -2
             assert group.log_latency == pytest.approx(math.log(0.5) + math.log(2.0))
             assert group.log_ttft_sq == pytest.approx(math.log(0.25) ** 2)
             now = int(time.time() // route.rollout.interval_s)

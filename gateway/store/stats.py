@@ -15,7 +15,15 @@ from gateway.store.shared import BATCH_MARK_S, Shared
 # route, rollout, interval number, arm ("base", "candidate", "shadow", ...); interval -1 (stats.UNITS) holds
 # the rollout's windows per unit group, arm "candidate@cohort#group".
 StatsKey = tuple[str, str, int, str]
-UNITS = -1  # the "interval" under which the windows per unit group are kept: the whole rollout
+UNITS = -1  # the "intervals" under which the windows per unit group are kept: one per step, counting down
+
+
+def units_interval(step: int) -> int:
+    """Where a step's windows per unit group are kept: -1 for the mirror-only phase (step -1), -2 for
+    the first step (and manual mode), and so on."""
+    return UNITS - 1 - step
+
+
 STATS_TTL_S = 7 * 86400
 
 
@@ -71,7 +79,7 @@ return 1
 """
 _COUNTS = (
     "requests", "unattempted", "errors", "invalid", "fallbacks", "tokens", "token_answers",
-    "feedback", "negative", "escalated", "timed", "ttfts",
+    "feedback", "negative", "escalated", "timed", "ttfts", "signed",
 )  # fmt: skip
 _FLOATS = (
     "tokens_sq", "cost", "cost_sq", "expected", "expected_sq", "log_latency", "log_latency_sq", "log_ttft",
