@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ import pytest
 
 from gateway.errors import Conflict
 from gateway.rollout import JUDGED, Rollouts, controller_step, operator_change
+from gateway.route import Route
+from gateway.store import Store
 from gateway.store.rollouts import PHASES, Phase, RedisRolloutStore, RouteState, change
 from gateway.store.shared import Shared
 from gateway.tasks import Spawner
@@ -188,98 +191,100 @@ def test_a_sample_ratio_mismatch_holds_the_rollout_and_says_which_cohort_and_sha
 ) -> None:
     """The statistics go through the Recorder and Redis as in production: clients of the candidate that
     leave before an answer (not counted) leave it 1 in 3 of its requests short at 50%. The gates pass on
-    what is counted; the rollout holds and says why, once; the metric says so; enough counted requests
-    of both arms afterwards do not undo what was seen (the check covers the whole rollout)."""
+    what is counted; the rollout holds and says why, once, and the metrics say so."""
     from gateway.rollout import MISMATCH, Controller, analyse
     from gateway.stats import Recorder
-    from gateway.store import Store
     from gateway.telemetry import Metrics
-    from tests.test_state import AUTOMATIC
 
-    text = canary_text().replace("rollout:\n  weight: 10\n", "") + AUTOMATIC.format(min_samples=50)
-    (route,) = routes_of(tmp_path, text)
+    route = _automatic(tmp_path)
 
-    async def run() -> None:
-        spawner = Spawner()
-        store = Store.redis(REDIS_URL, redis_prefix, spawner)
-        try:
-            await store.start([route])
-            rollouts = Rollouts(store.rollouts, lambda name: route)
-            await rollouts.move("chat", "test", "to 50%", phase="progressing", step=1, weight=50.0)
-            await asyncio.sleep(0.05)
-            recorder = Recorder(store.stats, store.rollouts)
-            metrics = Metrics(enabled=True)
-            now = [time.time()]
-            controller = Controller(
-                store.lease, store.stats, rollouts, lambda: [route], metrics.gates, clock=lambda: now[0]
-            )
-            for n in range(3000):  # half the units are the candidate's; a third of those leave first
-                arm = "candidate" if n % 2 else "base"
-                outcome = "client_closed" if arm == "candidate" and n % 3 == 0 else "ok"
-                group = n // 2 % 64  # a group holds units of both arms (its hash is not the assignment's)
-                sign = 1 if n // 128 % 2 else -1
-                recorder.record(route, arm, outcome, 0.05, False, 10, None, group=group, share=0.5, sign=sign)
-            await recorder.flush()
-            await controller.consider(route)
-            current = store.rollouts.current("chat")
-            assert current is not None and (current.phase, current.weight) == ("progressing", 50.0)
-            reason = current.history[-1].reason
-            assert reason.startswith(MISMATCH) and "cohort all" in reason, reason
-            assert "candidate 40.00% of 2500 requests, expected 50.00%" in reason, reason
-            analysis = await analyse(store.stats, route, current, now[0])
-            assert all(v.result == "pass" for v in analysis.verdicts if v.gate != "sample_ratio")
-            exposition = metrics.exposition()[0].decode()
-            assert 'canarygate_sample_ratio_mismatch{cohort="all",route="chat"} 1.0' in exposition
-            assert 'canarygate_candidate_share{cohort="all",kind="observed",route="chat"} 0.4' in exposition
-            now[0] += 2  # the next interval: held again, not said again
-            await controller.consider(route)
-            current = store.rollouts.current("chat")
-            assert current is not None and current.phase == "progressing"
-            assert sum(t.reason.startswith(MISMATCH) for t in current.history) == 1
-        finally:
-            await spawner.close()
-            await store.close()
+    async def run(store: Store) -> None:
+        rollouts = Rollouts(store.rollouts, lambda name: route)
+        await rollouts.move("chat", "test", "to 50%", phase="progressing", step=1, weight=50.0)
+        recorder = Recorder(store.stats, store.rollouts)
+        metrics = Metrics(enabled=True)
+        now = [time.time()]
+        controller = Controller(
+            store.lease, store.stats, rollouts, lambda: [route], metrics.gates, clock=lambda: now[0]
+        )
+        for n in range(3000):  # half the units are the candidate's; a third of those leave first
+            arm = "candidate" if n % 2 else "base"
+            outcome = "client_closed" if arm == "candidate" and n % 3 == 0 else "ok"
+            group = n // 2 % 64  # a group holds units of both arms (its hash is not the assignment's)
+            sign = 1 if n // 128 % 2 else -1
+            recorder.record(route, arm, outcome, 0.05, False, 10, None, group=group, share=0.5, sign=sign)
+        await recorder.flush()
+        await controller.consider(route)
+        current = store.rollouts.current("chat")
+        assert current is not None and (current.phase, current.weight) == ("progressing", 50.0)
+        reason = current.history[-1].reason
+        assert reason.startswith(MISMATCH) and "cohort all" in reason, reason
+        assert "candidate 40.00% of 2500 requests, expected 50.00%" in reason, reason
+        analysis = await analyse(store.stats, route, current, now[0])
+        assert all(v.result == "pass" for v in analysis.verdicts if v.gate != "sample_ratio")
+        exposition = metrics.exposition()[0].decode()
+        assert 'canarygate_sample_ratio_mismatch{cohort="all",route="chat"} 1.0' in exposition
+        assert 'canarygate_candidate_share{cohort="all",kind="observed",route="chat"} 0.4' in exposition
+        now[0] += 2  # the next interval: held again, not said again
+        await controller.consider(route)
+        current = store.rollouts.current("chat")
+        assert current is not None and current.phase == "progressing"
+        assert sum(t.reason.startswith(MISMATCH) for t in current.history) == 1
 
-    asyncio.run(run())
+    _with_redis_store(redis_prefix, route, run)
 
 
 def test_unit_groups_and_the_sample_ratio_sums_survive_redis(redis_prefix: str, tmp_path: Path) -> None:
-    """What the Recorder counts per unit group (the rollout's interval -1, no histograms) and the new sums
-    of every window come back from Redis as they were counted."""
+    """What the Recorder counts per unit group (under the step's negative interval number, no histograms)
+    and the new sums of every window come back from Redis as they were counted."""
     from gateway.stats import Recorder
-    from gateway.store import Store
     from gateway.store.stats import units_interval
+
+    route = _automatic(tmp_path)
+
+    async def run(store: Store) -> None:
+        recorder = Recorder(store.stats, store.rollouts)
+        recorder.record(route, "candidate", "ok", 0.5, True, 7, 0.25, group=5, share=0.2, sign=-1)
+        recorder.record(route, "candidate", "ok", 2.0, False, 3, None, group=5, share=0.2, sign=-1)
+        await recorder.flush()
+        step = units_interval(0)  # the first step's
+        units = (await store.stats.read("chat", route.rollout_key, range(step, step + 1)))[step]
+        group = units["candidate@all#5"]
+        assert (group.requests, group.invalid, group.tokens, group.timed, group.ttfts) == (2, 1, 10, 2, 1)
+        assert group.latency == {} and group.ttft == {}  # histograms per interval only
+        assert group.expected == pytest.approx(0.4) and group.expected_sq == pytest.approx(0.08)
+        assert group.signed == -2
+        assert group.log_latency == pytest.approx(math.log(0.5) + math.log(2.0))
+        assert group.log_ttft_sq == pytest.approx(math.log(0.25) ** 2)
+        now = int(time.time() // route.rollout.interval_s)
+        intervals = await store.stats.read("chat", route.rollout_key, range(now - 2, now + 1))
+        (window,) = [arms["candidate"] for arms in intervals.values()]
+        assert (
+            window.requests == 2
+            and sum(window.latency.values()) == 2
+            and window.expected == pytest.approx(0.4)
+        )
+
+    _with_redis_store(redis_prefix, route, run)
+
+
+def _automatic(tmp_path: Path) -> Route:
     from tests.test_state import AUTOMATIC
 
     text = canary_text().replace("rollout:\n  weight: 10\n", "") + AUTOMATIC.format(min_samples=50)
     (route,) = routes_of(tmp_path, text)
+    return route
+
+
+def _with_redis_store(redis_prefix: str, route: Route, body: Callable[[Store], Awaitable[None]]) -> None:
+    """body(store) with a started store on the machine's Redis, under the test's own prefix."""
 
     async def run() -> None:
         spawner = Spawner()
         store = Store.redis(REDIS_URL, redis_prefix, spawner)
         try:
             await store.start([route])
-            recorder = Recorder(store.stats, store.rollouts)
-            recorder.record(route, "candidate", "ok", 0.5, True, 7, 0.25, group=5, share=0.2, sign=-1)
-            recorder.record(route, "candidate", "ok", 2.0, False, 3, None, group=5, share=0.2, sign=-1)
-            await recorder.flush()
-            step = units_interval(0)  # the first step's
-            units = (await store.stats.read("chat", route.rollout_key, range(step, step + 1)))[step]
-            group = units["candidate@all#5"]
-            assert (group.requests, group.invalid, group.tokens, group.timed, group.ttfts) == (2, 1, 10, 2, 1)
-            assert group.latency == {} and group.ttft == {}  # histograms per interval only
-            assert group.expected == pytest.approx(0.4) and group.expected_sq == pytest.approx(0.08)
-            assert group.signed == -2
-            assert group.log_latency == pytest.approx(math.log(0.5) + math.log(2.0))
-            assert group.log_ttft_sq == pytest.approx(math.log(0.25) ** 2)
-            now = int(time.time() // route.rollout.interval_s)
-            intervals = await store.stats.read("chat", route.rollout_key, range(now - 2, now + 1))
-            (window,) = [arms["candidate"] for arms in intervals.values()]
-            assert (
-                window.requests == 2
-                and sum(window.latency.values()) == 2
-                and window.expected == pytest.approx(0.4)
-            )
+            await body(store)
         finally:
             await spawner.close()
             await store.close()
