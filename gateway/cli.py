@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import getpass
 import json
+import math
 import os
 import shutil
 import sys
@@ -88,6 +89,37 @@ def _parser() -> argparse.ArgumentParser:
         "--strict", action="store_true", help="treat unset api_key_env variables as errors (as serve does)"
     )
     check.set_defaults(func=_check)
+
+    plan = sub.add_parser(
+        "plan",
+        help="how long a route's automatic rollout will take, and what it will catch, on given traffic",
+    )
+    plan.add_argument("route")
+    plan.add_argument(
+        "--policies",
+        type=Path,
+        default=Path(os.environ.get("CANARYGATE_POLICY_DIR", "policies")),
+        help="directory of route policy files (env CANARYGATE_POLICY_DIR)",
+    )
+    plan.add_argument(
+        "--requests", type=float, required=True, help="requests the route gets per rollout interval"
+    )
+    plan.add_argument("--error-rate", type=float, default=0.005, help="the base's (default 0.005)")
+    plan.add_argument("--validation-failure-rate", type=float, default=0.01, help="the base's (default 0.01)")
+    plan.add_argument("--latency-p50", type=float, default=0.8, help="seconds (default 0.8)")
+    plan.add_argument(
+        "--latency-sigma", type=float, default=0.5, help="log-normal spread of latency (default 0.5)"
+    )
+    plan.add_argument(
+        "--worse",
+        action="append",
+        default=[],
+        metavar="GATE=SIZE",
+        help="a regression to plan for, in the gate's unit (validation_failure_rate=0.004: +0.4 points; "
+        "latency_p99_ratio=1.3); default: each configured gate at twice its allowed margin",
+    )
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=_plan)
 
     simulate = sub.add_parser("simulate", help="run the simulated OpenAI-compatible model server")
     simulate.add_argument("--host", default="127.0.0.1")
@@ -278,6 +310,118 @@ def _check(args: argparse.Namespace) -> int:
         candidate = f"{route.candidate.model} at {route.weight:g}%" if route.candidate else "none"
         print(f"ok  {route.name:<28} base={route.base.model}  candidate={candidate}  ({route.source.name})")
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from gateway.loader import load_dir
+    from gateway.plan import Traffic, regression_of, walk
+
+    routes, problems = load_dir(args.policies)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        for problem in errors:
+            print(problem, file=sys.stderr)
+        return 2
+    route = routes.get(args.route)
+    if route is None:
+        known = ", ".join(sorted(routes)) or "none"
+        print(
+            f"canarygate plan: no route {args.route!r} in {args.policies} (routes: {known})", file=sys.stderr
+        )
+        return 2
+    rollout = route.automatic
+    if rollout is None:
+        print(
+            f"canarygate plan: route {route.name!r} has no automatic rollout (rollout.steps)", file=sys.stderr
+        )
+        return 2
+    if args.requests < 1:
+        print("canarygate plan: --requests must be at least 1", file=sys.stderr)
+        return 2
+    configured = [name for name, gate in rollout.gates if gate is not None]
+    regressions: list[tuple[str, float]] = []
+    for given in args.worse:
+        name, _, size = given.partition("=")
+        try:
+            value = float(size)
+        except ValueError:
+            value = math.nan
+        if name not in configured or not math.isfinite(value):
+            gates = ", ".join(configured)
+            print(f"canarygate plan: --worse {given!r}: give GATE=SIZE, GATE one of {gates}", file=sys.stderr)
+            return 2
+        regressions.append((name, value))
+    if not regressions:
+        regressions = [(name, regression_of(rollout.gates, name)) for name in configured]
+    traffic = Traffic(
+        args.requests,
+        error_rate=args.error_rate,
+        validation_failure_rate=args.validation_failure_rate,
+        latency_p50_s=args.latency_p50,
+        latency_sigma=args.latency_sigma,
+        mirror_percent=route.mirror.percent if route.mirror is not None else 0.0,
+    )
+    identical = walk(rollout, traffic)
+    worse = [(name, size, walk(rollout, traffic, {name: size})) for name, size in regressions]
+    if args.json:
+        print(json.dumps({
+            "route": route.name,
+            "identical": asdict(identical),
+            "worse": [{"gate": n, "size": s, **asdict(c)} for n, s, c in worse],
+        }, indent=2))  # fmt: skip
+        return 0
+    every = rollout.interval_s
+    steps = ", ".join(f"{w:g}" for w in rollout.steps or [])
+    print(
+        f"route {route.name}: steps {steps}% (promoted on reaching 100), judged every {every:g} s, "
+        f"confidence {rollout.confidence:g}, min_samples {rollout.min_samples}"
+    )
+    print(
+        f"traffic: {args.requests:,.0f} requests per interval; base errors {args.error_rate * 100:.2f}%, "
+        f"validation failures {args.validation_failure_rate * 100:.2f}%, "
+        f"p50 latency {args.latency_p50 * 1000:.0f} ms"
+    )
+    print("(expected values: a typical rollout, about the median; bench/decisions.py measures the spread)\n")
+
+    def took(course: Any) -> str:
+        span, plural = _span(course.intervals * every), "s" if course.intervals != 1 else ""
+        return (
+            f"{course.intervals} interval{plural} ({span}), {course.candidate_requests:,} candidate requests"
+        )
+
+    if identical.outcome == "promoted":
+        print(f"an identical candidate: promoted after {took(identical)}")
+    else:
+        print(f"an identical candidate: {identical.outcome.replace('_', ' ')} after {took(identical)}")
+    if identical.holding:
+        gate, count = max(identical.holding.items(), key=lambda item: item[1])
+        print(
+            f"  held longest by {gate}: {count} intervals without enough samples, or with its interval "
+            "still reaching past its threshold"
+        )
+    print(f"\n{'a candidate worse by':<36}{'outcome':<13}after")
+    for name, size, course in worse:
+        shown = (
+            f"x{size:g}"
+            if name.endswith("_ratio")
+            else f"{size * 100:+.2f} pts"
+            if name != "fallback_rate"
+            else f"{size * 100:.2f}%"
+        )
+        print(f"{name + ' ' + shown:<36}{course.outcome.replace('_', ' '):<13}{took(course)}")
+    return 0
+
+
+def _span(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 def _simulate(args: argparse.Namespace) -> int:
