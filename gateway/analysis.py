@@ -24,22 +24,22 @@ nothing and is left out; so is a step at 100%, which is why reaching it is the p
 Sticky units: a user (or tenant) assigned by key stays on its arm, and the requests of one unit are
 alike (a tenant whose prompts are hard fails validation more often, whichever arm serves it); counted as
 independent requests, the arms then differ by which units each got, far more than the requests'
-variance says. Every arm also keeps its statistics per unit group for the whole rollout (UNIT_GROUPS
-groups, by a hash of the unit key that is independent of the assignment, so each holds units of both
-arms): the between-group variation is a cluster-robust variance (units in different groups are
-independent), and each gate's variance is multiplied by its design effect, cluster-robust variance /
-the independent-requests one (at least 1). For quantiles the design effect is that of the mean of the
-log latency, an approximation (what makes one tenant slow shifts its whole distribution).
+variance says. Every arm also keeps its statistics per unit group, per step (UNIT_GROUPS groups, by a
+hash of the unit key that is independent of the assignment, so each holds units of both arms; each
+request also adds its unit's sign, +1 or -1 by hash, a sketch of the units' sizes): the between-group
+variation, less the requests' own, says how much units differ, and each gate's variance is multiplied
+by its design effect (see design_effects; at least 1). For quantiles the design effect is that of the
+mean of the log latency, an approximation (what makes one tenant slow shifts its whole distribution).
 
 A gate passes when it has min_samples per arm and its estimate is within the threshold; it fails when
 its interval lies wholly beyond the threshold; otherwise it waits (not enough data, or not clear yet).
 
 Sample ratio: every counted primary request also adds the probability it had of being the candidate's
 (the weight; 0 in a cohort the rollout leaves out; 1 or 0 when forced by the override header). The
-candidate's count against that sum, with the same cluster-robust variance and a confidence sequence,
-says whether the arms' observed shares still match the weight: a mismatch (a broken sticky key, a
-cohort filter, clients that leave one arm before an answer is counted) makes every comparison suspect,
-so the rollout holds and says which cohort and which shares.
+candidate's count against that sum over the current step, with the units' sizes in its variance and
+a confidence sequence, says whether the arms' observed shares still match the weight: a mismatch (a
+broken sticky key, a cohort filter, clients that leave one arm before an answer is counted) makes
+every comparison suspect, so the rollout holds and says which cohort and which shares.
 """
 
 from __future__ import annotations
@@ -210,33 +210,52 @@ def _se_rate(events: int, n: int) -> float:
     return math.sqrt(p * (1 - p) / max(n, 1))
 
 
-def design_effect(groups: Sequence[tuple[float, float, float]]) -> float:
-    """How much wider than independent samples' the variance of a mean (or a rate) is when samples come
-    in units: per unit group (sum, sum of squares, count), the cluster-robust variance of the mean over
-    the independent-samples variance, at least 1 (and 1 when there is too little to tell). For a rate,
-    the sum of squares is the sum."""
-    used = [g for g in groups if g[2] > 0]
-    k = len(used)
-    n = sum(g[2] for g in used)
-    if k < 2 or n <= 0:
-        return 1.0
-    mean = sum(g[0] for g in used) / n
-    iid = (sum(g[1] for g in used) / n - mean * mean) / n
-    if iid <= 0:
-        return 1.0
-    clustered = k / (k - 1) * sum((g[0] - mean * g[2]) ** 2 for g in used) / (n * n)
-    return max(1.0, clustered / iid)
+def design_effects(arms: Sequence[Sequence[tuple[float, float, float, float]]]) -> list[float]:
+    """How much wider than independent samples' the variance of each arm's mean (or rate) is when
+    samples come in units. Per arm, per unit group: (sum, sum of squares, count, the count signed by
+    unit; for a rate the sum of squares is the sum).
+
+    A random-effects model: each unit has its own mean (variance tau2 between units), each sample its
+    own noise. Within an arm, the groups' squared residuals sum to tau2 * (F2 - n) + s2 * n, where s2 is
+    the samples' variance and F2 the sum of the units' squared sample counts (estimated by the signed
+    counts, see sample_ratio); tau2 is estimated from both arms at once (the base, with many units,
+    tells how much units differ when the candidate has only a few), and each arm's design effect is
+    1 + tau2 * (F2 - n) / (s2 * n), at least 1."""
+    seen: list[tuple[float, float, float] | None] = []
+    excess = spread = 0.0
+    for groups in arms:
+        used = [g for g in groups if g[2] > 0]
+        n = sum(g[2] for g in used)
+        if n <= 0:
+            seen.append(None)
+            continue
+        mean = sum(g[0] for g in used) / n
+        variance = sum(g[1] for g in used) / n - mean * mean
+        sizes = sum(g[3] * g[3] for g in used)
+        seen.append((n, variance, sizes))
+        if variance > 0:
+            excess += sum((g[0] - mean * g[2]) ** 2 for g in used) - variance * n
+            spread += sizes - n
+    between = max(0.0, excess / spread) if spread > 0 else 0.0
+    return [
+        1.0 if arm is None or arm[1] <= 0 else max(1.0, 1 + between * (arm[2] - arm[0]) / (arm[1] * arm[0]))
+        for arm in seen
+    ]
 
 
 def _effects(groups: Groups | None, total: str, squares: str, count: str) -> tuple[float, float]:
     """(base, candidate) design effects of the mean of a window's field total (squares: the field of its
-    squares; the same as total for a rate) per count."""
+    squares; the same as total for a rate) per count. A unit's count of this measure is taken as its
+    share of the unit's requests (the signed requests scaled to it)."""
     if groups is None:
         return 1.0, 1.0
-    return (
-        design_effect([(getattr(w, total), getattr(w, squares), getattr(w, count)) for w in groups[0]]),
-        design_effect([(getattr(w, total), getattr(w, squares), getattr(w, count)) for w in groups[1]]),
-    )
+
+    def row(w: ArmWindow) -> tuple[float, float, float, float]:
+        n = float(getattr(w, count))
+        return getattr(w, total), getattr(w, squares), n, w.signed * n / w.requests if w.requests else 0.0
+
+    base, candidate = design_effects([[row(w) for w in groups[0]], [row(w) for w in groups[1]]])
+    return base, candidate
 
 
 def rate_increase(

@@ -117,7 +117,7 @@ class Recorder:
             if share is not None:
                 window.expected += share
                 window.expected_sq += share * share
-                window.signed += sign
+            window.signed += sign
             window.timed += 1
             window.log_latency += log_latency
             window.log_latency_sq += log_latency * log_latency

@@ -19,7 +19,7 @@ from gateway.analysis import (
     bucket_bound,
     bucket_of,
     decide,
-    design_effect,
+    design_effects,
     judge,
     mean_ratio,
     per_interval,
@@ -286,14 +286,26 @@ def _groups_of(
     return base, candidate
 
 
-def test_design_effect_is_one_for_independent_requests_and_large_for_alike_units() -> None:
+def test_design_effects_are_one_for_independent_requests_and_large_for_alike_units() -> None:
     rng = np.random.default_rng(11)
-    independent = design_effect([(float(x), float(x), 1000.0) for x in rng.binomial(1000, 0.01, UNIT_GROUPS)])
-    assert 1.0 <= independent < 1.5  # never below 1: it only ever widens an interval
-    base, _ = _groups_of(rng, 500, 0.0, 1.5, 200_000)
-    alike = design_effect([(w.invalid, w.invalid, w.requests) for w in base])
-    assert alike > 5  # a tenant's requests fail together: far fewer independent samples than requests
-    assert design_effect([(0.0, 0.0, 0.0)] * 3) == 1.0 and design_effect([(5.0, 5.0, 100.0)]) == 1.0
+
+    def independent() -> list[tuple[float, float, float, float]]:
+        bad = rng.binomial(1000, 0.01, UNIT_GROUPS)
+        signs = rng.binomial(1000, 0.5, UNIT_GROUPS) * 2 - 1000
+        return [(float(x), float(x), 1000.0, float(s)) for x, s in zip(bad, signs, strict=True)]
+
+    assert all(1.0 <= d < 1.5 for d in design_effects([independent(), independent()]))  # never below 1
+    base, candidate = _groups_of(rng, 500, 0.05, 1.5, 200_000)
+
+    def rows(windows: list[ArmWindow]) -> list[tuple[float, float, float, float]]:
+        return [(w.invalid, w.invalid, w.requests, w.signed) for w in windows]
+
+    effect_base, effect_candidate = design_effects([rows(base), rows(candidate)])
+    assert effect_base > 5  # a tenant's requests fail together: far fewer independent samples than requests
+    # The candidate's 5% of the tenants (about 25, in fewer groups): its own groups could hardly tell how
+    # much tenants differ; the base's can, and the candidate's effect follows its own units' sizes.
+    assert effect_candidate > 5
+    assert design_effects([[(0.0, 0.0, 0.0, 0.0)] * 3, []]) == [1.0, 1.0]
 
 
 def test_sticky_tenants_of_differing_difficulty_do_not_fail_an_identical_candidate() -> None:
