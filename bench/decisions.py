@@ -26,14 +26,21 @@ the weight grows past its point), as `assignment: {sticky: [header:x-tenant]}` d
 check runs in every scenario (a false mismatch holds an identical candidate); "shortfall" drops 10% of
 the candidate's requests before they are counted, from the start or once the rollout reaches 25%.
 
-Usage: python bench/decisions.py [--runs 1000] [--seed 1]
+Usage: python bench/decisions.py [--runs 1000] [--seed 1] [--jobs N] [--curve]
+
+--curve adds the promotion probability against the size of a validation regression (the default
++0.2-point threshold): what non-inferiority buys, and what it costs a candidate just within it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
+import os
 import statistics
 import sys
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,30 +288,62 @@ def rollout(
     return "held", cand_total.requests, MAX_INTERVALS
 
 
+CURVE = (0.0, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.006)  # validation failures added (fractions)
+
+
+def _runs(task: tuple[str, str, int, int, int]) -> tuple[str, list[tuple[str, int, int]], list[int]]:
+    """One chunk of runs of one scenario (a worker's share): (result name, outcomes, intervals from a
+    shortfall's start to the mismatch found)."""
+    name, how, runs, seed, chunk = task
+    rng = np.random.default_rng([seed, chunk, zlib.crc32(f"{name}|{how}".encode())])
+    if name.startswith("curve "):
+        scenario = Scenario(Arm(invalid_rate=0.01 + float(name.split()[1])))
+    else:
+        scenario = SCENARIOS[name]
+    outcomes, found = [], []
+    with contextlib.ExitStack() as stack:
+        if how == "naive":
+            stack.enter_context(mock.patch.object(gateway.analysis, "boundary", fixed_sample_z))
+        for _ in range(runs):
+            began = [-1]
+            if how == "pooled":  # as before: one window per arm, promotion on the estimate
+                outcomes.append(rollout(rng, scenario, concurrent=False, non_inferiority=False))
+            else:
+                outcomes.append(rollout(rng, scenario, began=began))
+            if outcomes[-1][0] == "mismatch" and began[0] >= 0:
+                found.append(outcomes[-1][2] - began[0])
+    label = {"now": name, "pooled": f"{name} (pooled)", "naive": "naive"}[how]
+    return label, outcomes, found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
+    parser.add_argument(
+        "--curve", action="store_true", help="also the promotion probability against the regression's size"
+    )
     args = parser.parse_args()
-    rng = np.random.default_rng(args.seed)
-    results = {}
+    tasks = [(name, "now") for name in SCENARIOS]
+    tasks += [(name, "pooled") for name in SCENARIOS if name not in SRM_SCENARIOS]  # pooled saw no shares
+    tasks.append(("identical", "naive"))
+    if args.curve:
+        tasks += [(f"curve {added}", "now") for added in CURVE]
+    chunks = max(1, args.jobs * 4)
+    work = [
+        (name, how, args.runs // chunks + (chunk < args.runs % chunks), args.seed, chunk)
+        for name, how in tasks
+        for chunk in range(chunks)
+    ]
+    results: dict[str, list[tuple[str, int, int]]] = {}
     detected: dict[str, list[int]] = {}  # intervals from the shortfall's start to the mismatch found
-    for name, scenario in SCENARIOS.items():
-        runs = results[name] = []
-        for _ in range(args.runs):
-            began = [-1]
-            runs.append(rollout(rng, scenario, began=began))
-            if runs[-1][0] == "mismatch" and began[0] >= 0:
-                detected.setdefault(name, []).append(runs[-1][2] - began[0])
-        if name in SRM_SCENARIOS:
-            continue  # pooled never looked at the shares
-        results[f"{name} (pooled)"] = [  # as before: one window per arm, promotion on the estimate
-            rollout(rng, scenario, concurrent=False, non_inferiority=False) for _ in range(args.runs)
-        ]
-    with mock.patch.object(gateway.analysis, "boundary", fixed_sample_z):
-        results["naive"] = [rollout(rng, SCENARIOS["identical"]) for _ in range(args.runs)]
+    with multiprocessing.Pool(args.jobs) as pool:
+        for label, outcomes, found in pool.imap_unordered(_runs, work):
+            results.setdefault(label, []).extend(outcomes)
+            detected.setdefault(label, []).extend(found)
 
     def share(
         name: str, outcome: str, within: float = float("inf"), intervals: float = float("inf")
@@ -370,7 +409,7 @@ def main() -> int:
         before = f"{share(pooled, outcome, within, intervals) * 100:.1f}%" if pooled in results else "—"
         print(f"| {label} | {value * 100:.1f}% | {before} | {target} |")
         ok &= low <= value <= high
-    for name, runs in results.items():
+    for name, runs in sorted(results.items()):
         outcomes = {
             o: sum(1 for x, _, _ in runs if x == o) for o in ("promoted", "rolled_back", "held", "mismatch")
         }
@@ -384,6 +423,13 @@ def main() -> int:
             f"median intervals to promotion {took}"
             + (f", median intervals to find the mismatch {found[len(found) // 2]}" if found else "")
         )
+    if args.curve:
+        print("\nvalidation failures 1% -> 1% + x against +0.2 points (default gates): outcome shares")
+        print("| x (points) | promoted | rolled back | held (150 intervals) |\n|---|---|---|---|")
+        for added in CURVE:
+            name = f"curve {added}"
+            cells = " | ".join(f"{share(name, o) * 100:.1f}%" for o in ("promoted", "rolled_back", "held"))
+            print(f"| +{added * 100:.2f} | {cells} |")
     print(f"targets: {'met' if ok else 'NOT met'}")
     return 0 if ok else 1
 
