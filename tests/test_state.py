@@ -379,6 +379,57 @@ def test_the_controller_rolls_back_a_candidate_failing_json_before_the_second_st
     assert arm_of(gw.url) == "base"
 
 
+def test_clients_that_leave_the_candidate_before_its_answer_hold_the_rollout_on_a_sample_ratio_mismatch(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    """The candidate answers after 3 s; the clients (the openai SDK) give up after 0.5 s. A request whose
+    client left says nothing about the arm and is not counted, so only base answers are: the gates never
+    see a failure, but the candidate's share of the counted requests is 0% against the step's 20%. The
+    rollout holds at its first step, says why, and the metric says so."""
+    import openai
+
+    from gateway.rollout import MISMATCH
+
+    sims[1].set_knobs(latency_s=3.0)
+    gw = make_gateway({"chat": automatic_policy(sims, 20)}, admin_token="admin-secret")
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", timeout=0.5, max_retries=0)
+    stop = threading.Event()
+    gave_up = [0]
+
+    def user(offset: int) -> None:
+        i = offset
+        while not stop.is_set():
+            try:
+                client.chat.completions.create(
+                    model="chat", user=f"user-{i}", messages=[{"role": "user", "content": "hi"}]
+                )
+            except openai.APITimeoutError:
+                gave_up[0] += 1
+            i += 4
+
+    threads = [threading.Thread(target=user, args=(k,), daemon=True) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+
+        def held() -> bool:
+            history = httpx.get(f"{gw.url}/admin/routes/chat", headers=ADMIN, timeout=10).json()["history"]
+            return any(t["reason"].startswith(MISMATCH) for t in history)
+
+        wait_for(held, timeout=60, message="a hold for a sample ratio mismatch")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=5)
+    detail = httpx.get(f"{gw.url}/admin/routes/chat", headers=ADMIN, timeout=10).json()
+    assert (detail["phase"], detail["weight"]) == ("progressing", 20)  # neither advanced nor rolled back
+    (reason,) = [t["reason"] for t in detail["history"] if t["reason"].startswith(MISMATCH)]
+    assert "cohort all: candidate 0.00% of" in reason and "expected 20.00% from the weight" in reason
+    assert gave_up[0] > 0
+    metrics = httpx.get(f"{gw.url}/metrics", timeout=10).text
+    assert 'canarygate_sample_ratio_mismatch{cohort="all",route="chat"} 1.0' in metrics
+
+
 def phase_of(url: str) -> tuple[str, float]:
     detail = httpx.get(f"{url}/admin/routes/chat", headers=ADMIN, timeout=10).json()
     return detail["phase"], detail["weight"]
