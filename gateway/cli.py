@@ -397,10 +397,8 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"an identical candidate: {identical.outcome.replace('_', ' ')} after {took(identical)}")
     if identical.holding:
         gate, count = max(identical.holding.items(), key=lambda item: item[1])
-        print(
-            f"  held longest by {gate}: {count} intervals without enough samples, or with its interval "
-            "still reaching past its threshold"
-        )
+        print(f"  held longest by {gate}: {count} intervals with too few samples, or with its interval")
+        print("  still reaching past its threshold")
     print(f"\n{'a candidate worse by':<36}{'outcome':<13}after")
     for name, size, course in worse:
         shown = (

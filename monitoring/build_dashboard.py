@@ -83,6 +83,13 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Rollout gates: measured value and threshold (controller's latest judgement)", "none", [
         (f"max by (route, gate) (canarygate_gate_value{{{SEL}}})", "{{route}} {{gate}}"),
         (f"max by (route, gate) (canarygate_gate_threshold{{{SEL}}})", "{{route}} {{gate}} threshold")]),
+    ("Candidate's share of the step's requests: observed, expected (sample ratio)", "percentunit", [
+        (f'max by (route, cohort) (canarygate_candidate_share{{{SEL}, kind="observed"}})',
+         "{{route}} {{cohort}} observed"),
+        (f'max by (route, cohort) (canarygate_candidate_share{{{SEL}, kind="expected"}})',
+         "{{route}} {{cohort}} expected"),
+        (f"max by (route, cohort) (canarygate_sample_ratio_mismatch{{{SEL}}})",
+         "{{route}} {{cohort}} mismatch")]),
     ("Negative feedback share by arm (thumbs down, of the feedback received)", "percentunit", [
         (ratio(by("arm", rate(FEEDBACK, 'value="negative"')),
                by("arm", rate(FEEDBACK, 'value!="escalated"'))), "{{arm}}")]),
