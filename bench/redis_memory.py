@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,13 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.analysis import ArmWindow
+from gateway.analysis import UNIT_GROUPS, ArmWindow
 from gateway.asgi import new_request_id
 from gateway.store.pairs import RedisPairStore
 from gateway.store.records import RedisRecordStore
 from gateway.store.rollouts import HISTORY, RouteState, Transition
 from gateway.store.shared import Shared
-from gateway.store.stats import RedisStatsStore
+from gateway.store.stats import RedisStatsStore, units_interval
 from gateway.tasks import Spawner
 
 RECORD = "support-chat\x1fcandidate\x1fenterprise\x1f3f9a0c41d2b7e815"  # route, arm, cohort, rollout
@@ -122,8 +123,9 @@ async def pairs(url: str, count: int, client: redis.Redis) -> float:
     return per_pair
 
 
-async def routes(url: str, count: int, client: redis.Redis) -> tuple[float, float]:
-    """A route's rollout state with a full history, and one interval's statistics of its three arms."""
+async def routes(url: str, count: int, client: redis.Redis) -> tuple[float, float, float]:
+    """A route's rollout state with a full history, one interval's statistics of its three arms, and one
+    step's windows per unit group of the three arms (one cohort)."""
     shared = Shared(url, "cg:")
     before = used(client)
     for n in range(count):
@@ -139,7 +141,11 @@ async def routes(url: str, count: int, client: redis.Redis) -> tuple[float, floa
         await shared.redis.set(f"cg:rollout:route-{n}", state.to_json())
     per_route = (used(client) - before) / count
     stats = RedisStatsStore(shared)
-    window = ArmWindow(requests=600, errors=3, invalid=2, fallbacks=1, tokens=90_000, token_answers=590)
+    window = ArmWindow(
+        requests=600, errors=3, invalid=2, fallbacks=1, tokens=90_000, tokens_sq=1.6e7, token_answers=590,
+        expected=300.0, expected_sq=150.0, signed=-14, timed=600, log_latency=-130.5, log_latency_sq=180.2,
+        ttfts=600, log_ttft=-900.1, log_ttft_sq=1400.7,
+    )  # fmt: skip
     window.latency.update({b: 20 for b in range(20, 40)})
     window.ttft.update({b: 20 for b in range(10, 30)})
     before = used(client)
@@ -149,9 +155,19 @@ async def routes(url: str, count: int, client: redis.Redis) -> tuple[float, floa
         }
         await stats.add(batch, os.urandom(8).hex())
     per_interval = (used(client) - before) / count
+    group = replace(window, latency={}, ttft={})  # a unit group's window: no histograms
+    before = used(client)
+    for n in range(count):
+        groups = {
+            (f"route-{n}", "3f9a0c41d2b7e815", units_interval(1), f"{arm}@all#{g}"): group
+            for arm in ("base", "candidate", "shadow")
+            for g in range(UNIT_GROUPS)
+        }
+        await stats.add(groups, os.urandom(8).hex())
+    per_step = (used(client) - before) / count
     client.flushall()
     await shared.close()
-    return per_route, per_interval
+    return per_route, per_interval, per_step
 
 
 async def main() -> None:
@@ -179,7 +195,7 @@ async def main() -> None:
         version = client.info("server")["redis_version"]
         bucketed, per_key = await records(url, args.records, client)
         per_pair = await pairs(url, args.pairs, client)
-        per_route, per_interval = await routes(url, args.routes, client)
+        per_route, per_interval, per_step = await routes(url, args.routes, client)
         costs = await write_costs(url)
     finally:
         client.close()
@@ -190,6 +206,7 @@ async def main() -> None:
     print(f"pair record (content capture off): {per_pair:.0f} B")
     print(f"route: rollout state with {HISTORY} transitions {per_route:.0f} B")
     print(f"route statistics: {per_interval:.0f} B per interval")
+    print(f"route statistics per unit group: {per_step:.0f} B per step and cohort")
     through_cpu, through_wall, batched_cpu, batched_wall = costs
     print(f"request record written through: {through_cpu:.0f} µs CPU, {through_wall:.0f} µs wall each")
     print(f"request record batched (1,000 a flush): {batched_cpu:.1f} µs CPU, {batched_wall:.1f} µs wall")
