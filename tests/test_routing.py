@@ -1,14 +1,16 @@
 from __future__ import annotations
 
+from collections import Counter
 from hashlib import sha256
 from pathlib import Path
 
 import pytest
 
+from gateway.analysis import UNIT_GROUPS
 from gateway.errors import InvalidRequest
 from gateway.policy import Policy
 from gateway.route import Route, compile_policy
-from gateway.routing import bucket, choose_arm, unit_key
+from gateway.routing import bucket, choose_arm, unit_group, unit_key
 
 
 def make_route(
@@ -95,3 +97,32 @@ def test_override_header_only_when_allowed() -> None:
 def test_default_salt_is_the_candidate_model() -> None:
     route = make_route(10, salt=None)
     assert route.salt == "c"
+
+
+def test_the_assignment_carries_each_request_s_chance_of_the_candidate() -> None:
+    route = make_route(20, override=True)
+    assert choose_arm(route, "user-1").share == pytest.approx(0.2)
+    assert choose_arm(route, "user-1", override="candidate").share == 1.0  # forced: no chance about it
+    assert choose_arm(route, "user-1", override="base").share == 0.0
+    assert choose_arm(make_route(0), "user-1").share == 0.0
+    assert choose_arm(make_route(0, candidate=False), "user-1").share == 0.0
+
+
+def test_unit_groups_are_stable_even_and_mix_both_arms() -> None:
+    """A unit's group and sign come from its key alone (every replica agrees); groups are filled evenly,
+    signs are balanced, and each group holds units of both arms (its hash is not the assignment's)."""
+    route = make_route(20)
+    keys = [f"user-{i}" for i in range(20_000)]
+    drawn = [unit_group("r", k) for k in keys]
+    assert drawn == [unit_group("r", k) for k in keys]
+    per_group = Counter(g for g, _ in drawn)
+    assert set(per_group) == set(range(UNIT_GROUPS))
+    assert max(per_group.values()) < 1.3 * len(keys) / UNIT_GROUPS
+    assert abs(sum(s for _, s in drawn)) < 0.03 * len(keys) and {s for _, s in drawn} == {-1, 1}
+    candidates = Counter(
+        g for (g, _), k in zip(drawn, keys, strict=True) if choose_arm(route, k).arm == "candidate"
+    )
+    assert set(candidates) == set(range(UNIT_GROUPS))  # every group has candidate units, at 20%
+    assert all(0.1 < candidates[g] / per_group[g] < 0.3 for g in range(UNIT_GROUPS))
+    randoms = {unit_group("r", None) for _ in range(2000)}  # no key: a unit of its own, anywhere
+    assert {g for g, _ in randoms} == set(range(UNIT_GROUPS)) and {s for _, s in randoms} == {-1, 1}
