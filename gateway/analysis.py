@@ -60,6 +60,9 @@ BUCKETS = 275
 _LOG_FACTOR = math.log(BUCKET_FACTOR)
 UNIT_GROUPS = 64  # unit groups per arm: the clusters of the cluster-robust variance
 SAMPLE_RATIO = "sample_ratio"  # the verdict of the sample-ratio check: it holds a rollout, never ends it
+SAMPLE_RATIO_UNITS = "sample_ratio_units"  # the same over the distinct units seen in the step
+SAMPLE_RATIOS = frozenset({SAMPLE_RATIO, SAMPLE_RATIO_UNITS})
+HLL_ERROR = 0.0081  # relative standard error of Redis's HyperLogLog count (12 KB, 16,384 registers)
 
 
 def bucket_of(seconds: float) -> int:
@@ -542,6 +545,32 @@ def sample_ratio(groups: Groups, *, alpha: float, n_star: float, min_samples: in
     return Verdict(SAMPLE_RATIO, result, share - wanted, low, high, 0.0, n_base, observed, False, reason)
 
 
+def units_ratio(
+    base: int, candidate: int, weight: float, *, alpha: float, n_star: float, min_samples: int
+) -> Verdict:
+    """Do the arms' shares of the distinct units seen in a step match its weight? Each unit's arm is its
+    hash point against the weight, so the candidate's count of U units is Binomial(U, weight) whatever
+    the units send; the counts come from HyperLogLogs (HLL_ERROR each, added to the variance). Unlike
+    the requests' share, a candidate that changes how much its users send does not move it."""
+    n = base + candidate
+    if n < min_samples or not 0 < weight < 1:
+        why = f"{n}/{min_samples} units" if 0 < weight < 1 else "no unit had a chance of either arm"
+        return Verdict(SAMPLE_RATIO_UNITS, "wait", None, None, None, 0.0, base, candidate, False, why)
+    gap = candidate - weight * n  # = (1 - w) C - w B
+    variance = n * weight * (1 - weight)
+    variance += ((1 - weight) * HLL_ERROR * candidate) ** 2 + (weight * HLL_ERROR * base) ** 2
+    margin = boundary(n, alpha, n_star) * math.sqrt(variance)
+    mismatch = abs(gap) > margin
+    reason = f"candidate {_pct(candidate / n)} of {n} units seen in the step, expected {_pct(weight)}" + (
+        ": the arms no longer receive what the weight says" if mismatch else ""
+    )
+    result: Result = "fail" if mismatch else "pass"
+    low, high = (gap - margin) / n, (gap + margin) / n
+    return Verdict(
+        SAMPLE_RATIO_UNITS, result, candidate / n - weight, low, high, 0.0, base, candidate, False, reason
+    )
+
+
 def per_interval(
     gates: Gates, strata: Sequence[tuple[int, ArmWindow, ArmWindow]]
 ) -> dict[str, list[dict[str, Any]]]:
@@ -612,8 +641,8 @@ def decide(
     still applies to every step). A sample-ratio mismatch holds: with the arms' shares not what the
     weight says, no gate's comparison can be trusted, and the rollout neither advances nor rolls back on
     a non-critical gate (a failing critical gate still rolls back: the safe direction)."""
-    mismatch = any(v.gate == SAMPLE_RATIO and v.result == "fail" for v in verdicts)
-    verdicts = [v for v in verdicts if v.gate != SAMPLE_RATIO]
+    mismatch = any(v.gate in SAMPLE_RATIOS and v.result == "fail" for v in verdicts)
+    verdicts = [v for v in verdicts if v.gate not in SAMPLE_RATIOS]
     failed = [v for v in verdicts if v.result == "fail" and (v.critical or not critical_only or mismatch)]
     if mismatch:  # the comparison itself is in doubt: only a critical failure still rolls back
         return "rollback" if any(v.critical for v in failed) else "hold"

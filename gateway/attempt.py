@@ -18,6 +18,7 @@ from gateway.checks import SchemaChecks
 from gateway.errors import GatewayError, InvalidOutput, UpstreamError, UpstreamTimeout
 from gateway.mirror import Observation, Pair
 from gateway.route import Route, RouteArm
+from gateway.routing import ANONYMOUS, Unit
 from gateway.streaming import MAX_PENDING, first_data_end
 from gateway.telemetry import ArmMetrics, RouteMetrics
 from gateway.upstream import Call, Response, Upstream
@@ -49,7 +50,6 @@ class Request:
         "checks",
         "cohort",
         "endpoint",
-        "group",
         "headers",
         "metrics",
         "pairs",
@@ -57,10 +57,10 @@ class Request:
         "route",
         "rules",
         "share",
-        "sign",
         "span",
         "stream",
         "token",
+        "unit",
         "upstream_s",
     )
 
@@ -76,14 +76,14 @@ class Request:
         span: Span | None,
         cohort: str,
         checks: SchemaChecks,
-        group: tuple[int, int] = (0, 1),
+        unit: Unit = ANONYMOUS,
         share: float = 0.0,
     ) -> None:
         self.checks = checks  # where schema checks too costly for the loop run
         self.route = route
         self.cohort = cohort
-        self.group, self.sign = group  # its unit's group and sign (statistics), and its probability of
-        self.share = share  # being the candidate's
+        self.unit = unit  # who it is, for the statistics, and its probability of being the candidate's
+        self.share = share
         self.endpoint = endpoint
         self.body = body
         self.payload = body.payload

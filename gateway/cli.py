@@ -612,9 +612,9 @@ def _compare(args: argparse.Namespace) -> int:
             f"\n{'gate':<38}{'verdict':<9}{'value':>10}  {'interval':<22}{'threshold':>10}"
             f"{'n base':>9}{'n cand':>9}"
         )
-        checks = [g for g in answer["gates"] if g["gate"] == "sample_ratio"]
+        checks = [g for g in answer["gates"] if g["gate"].startswith("sample_ratio")]
         for gate in answer["gates"]:
-            if gate["gate"] == "sample_ratio":
+            if gate["gate"].startswith("sample_ratio"):
                 continue
             ratio, ceiling = gate["gate"].endswith("_ratio"), gate["gate"] == "fallback_rate"
             shown = _ratio if ratio else _pct if ceiling else _points
@@ -640,7 +640,8 @@ def _compare(args: argparse.Namespace) -> int:
         for check in checks:  # not a gate: a mismatch holds the rollout, whatever the gates say
             where = "" if check["cohort"] == "all" else f" [{check['cohort']}]"
             verdict = {"fail": "MISMATCH", "pass": "ok"}.get(check["result"], check["result"])
-            print(f"sample ratio{where}: {verdict}: {check['reason']}")
+            of = "units" if check["gate"].endswith("_units") else "requests"
+            print(f"sample ratio of {of}{where}: {verdict}: {check['reason']}")
         for label, key in (
             ("rollout so far", "window"),
             (f"last {answer['interval_s']:g} s interval", "last_interval"),

@@ -252,7 +252,7 @@ def _ms(values: list[float], q: float) -> str:
 def _gates(snap: Snapshot) -> list[dict[str, Any]]:
     """The gates of the analysis (the sample-ratio check is shown among the controller's moves when it
     holds the rollout)."""
-    return [g for g in (snap.analysis or {}).get("gates", []) if g["gate"] != "sample_ratio"]
+    return [g for g in (snap.analysis or {}).get("gates", []) if not g["gate"].startswith("sample_ratio")]
 
 
 def _gate_value(gate: dict[str, Any]) -> str:

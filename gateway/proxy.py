@@ -48,7 +48,7 @@ from gateway.fallback import CIRCUIT_OPEN, Guards
 from gateway.feedback import Assignments
 from gateway.ledger import Ledger
 from gateway.route import Route, RouteArm
-from gateway.routing import OVERRIDE_HEADER, choose_arm, cohort_of, mirror_sampled, unit_group, unit_key
+from gateway.routing import OVERRIDE_HEADER, choose_arm, cohort_of, mirror_sampled, unit_key, unit_of
 from gateway.shadow import Shadows
 from gateway.stats import Recorder
 from gateway.store.pairs import PairStore
@@ -139,7 +139,7 @@ class Proxy:
                 span,
                 cohort,
                 self.checks,
-                unit_group(route.name, key),
+                unit_of(route.name, key),
                 assignment.share,
             )
             if span is not None and route.cohorts is not None:
@@ -177,7 +177,7 @@ class Proxy:
                         reply.arm,
                         request.cohort,
                         route.rollout_key,
-                        request.group,
+                        request.unit.group,
                     )
             if span is not None:
                 self._tracing.end_server(span, reply.arm, reply.fallback, reply.status, failure)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from gateway.analysis import (
-    SAMPLE_RATIO,
+    SAMPLE_RATIOS,
     UNIT_GROUPS,
     ArmWindow,
     Groups,
@@ -21,6 +21,7 @@ from gateway.analysis import (
     decide,
     judge,
     sample_ratio,
+    units_ratio,
 )
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, Unavailable
 from gateway.readiness import ArmReadiness
@@ -287,6 +288,7 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
     if arm == "candidate":
         step = by_step.get(units_interval(current.step), {})  # the weight the check expects is the step's
         verdicts.extend(sample_ratios(step, route, auto.confidence, auto.min_samples))
+        verdicts.extend(await units_ratios(stats, route, current, auto.confidence, auto.min_samples))
     return Analysis(
         route.name, current.phase, arm, verdicts, (base, candidate), last, auto.interval_s, fresh, truncated,
         labelled,
@@ -324,6 +326,34 @@ def sample_ratios(
         if groups is not None:
             verdict = sample_ratio(groups, alpha=alpha, n_star=n_star, min_samples=min_samples)
             checks.append(replace(verdict, cohort=cohort or "all"))
+    return checks
+
+
+async def units_ratios(
+    stats: StatsStore, route: Route, current: RouteState, confidence: float, min_samples: int
+) -> list[Verdict]:
+    """The sample-ratio check of the distinct units each arm served in the current step, per cohort (a
+    unit may be in several cohorts, so there is no sum over them): only while the controller walks the
+    steps, where the weight is the step's (an operator may change a manual weight at any moment)."""
+    phase = current.resume_to if current.phase == "paused" else current.phase
+    if phase != "progressing" or current.step < 0:
+        return []
+    cohorts = route.cohorts
+    names = [c for c in cohorts.names if c in cohorts.candidate_may_serve] if cohorts is not None else ["all"]
+    arms = [f"{arm}@{cohort}" for cohort in names for arm in ("base", "candidate")]
+    counts = await stats.units(route.name, route.rollout_key, units_interval(current.step), arms)
+    alpha = (1 - confidence) / max(len(names), 1)
+    checks = []
+    for cohort in names:
+        verdict = units_ratio(
+            counts[f"base@{cohort}"],
+            counts[f"candidate@{cohort}"],
+            current.weight / 100,
+            alpha=alpha,
+            n_star=10.0 * min_samples,
+            min_samples=min_samples,
+        )
+        checks.append(replace(verdict, cohort=cohort))
     return checks
 
 
@@ -415,13 +445,13 @@ class Controller:
         )
         self._judged[route.name] = (current.version, now if interval_end else judged)
         gates = [asdict(v) for v in analysis.verdicts]
-        mismatch = [v for v in analysis.verdicts if v.gate == SAMPLE_RATIO and v.result == "fail"]
+        mismatch = [v for v in analysis.verdicts if v.gate in SAMPLE_RATIOS and v.result == "fail"]
         if mismatch and decision == "hold" and not current.history[-1].reason.startswith(MISMATCH):
             where = "; ".join(f"cohort {v.cohort}: {v.reason}" for v in mismatch)
             await self._rollouts.move(route.name, "controller", f"{MISMATCH} ({where})", current, gates=gates)
             return
         if decision == "rollback":
-            failed = [v for v in analysis.verdicts if v.result == "fail" and v.gate != SAMPLE_RATIO]
+            failed = [v for v in analysis.verdicts if v.result == "fail" and v.gate not in SAMPLE_RATIOS]
             reason = "; ".join(
                 f"{v.gate}{'' if v.cohort == 'all' else f' [cohort {v.cohort}]'} {v.reason}" for v in failed
             )

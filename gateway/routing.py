@@ -106,16 +106,28 @@ def choose_arm(
     return Assignment(arm, point, key is not None, share)
 
 
-def unit_group(route: str, key: str | None, rand: Callable[[], float] = random.random) -> tuple[int, int]:
-    """The unit group a request's statistics are also counted in (analysis.UNIT_GROUPS), and its unit's
-    sign (+1 or -1, for analysis.sample_ratio): by a hash of the unit key independent of the
-    assignment's, so that each group holds units of both arms; a request without a key is a unit of its
-    own, in a group at random."""
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """Who a request is, for the statistics: its unit group (analysis.UNIT_GROUPS), its sign (+1 or -1,
+    for analysis.sample_ratio), and an opaque id of its key (the sample-ratio check of units seen), all
+    by a hash of the unit key independent of the assignment's, so that each group holds units of both
+    arms. A request without a key is a unit of its own, in a group at random, without an id."""
+
+    group: int
+    sign: int
+    id: str | None
+
+
+ANONYMOUS = Unit(0, 1, None)  # a request the statistics know nothing of
+
+
+def unit_of(route: str, key: str | None, rand: Callable[[], float] = random.random) -> Unit:
     if key is None:
         point = int(rand() * UNIT_GROUPS * 2)
-    else:
-        point = int.from_bytes(sha256(f"{route}:units:{key}".encode()).digest()[:4], "big")
-    return point % UNIT_GROUPS, 1 if point // UNIT_GROUPS % 2 else -1
+        return Unit(point % UNIT_GROUPS, 1 if point // UNIT_GROUPS % 2 else -1, None)
+    digest = sha256(f"{route}:units:{key}".encode()).digest()
+    point = int.from_bytes(digest[:4], "big")
+    return Unit(point % UNIT_GROUPS, 1 if point // UNIT_GROUPS % 2 else -1, digest[4:12].hex())
 
 
 def mirror_sampled(

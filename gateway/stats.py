@@ -25,6 +25,7 @@ log = logging.getLogger("gateway.stats")
 
 FLUSH_S = 1.0
 MAX_PENDING = 10_000  # windows kept while the store is unreachable; beyond, the oldest batch is dropped
+MAX_SEEN = 100_000  # units noted per step, arm and cohort between two flushes
 # Counted while the rollout may be judged: by the controller, or by an operator reading `compare`.
 LIVE = frozenset({"shadow", "progressing", "paused", "manual"})
 UNJUDGED = frozenset({"client_closed", "cancelled", "internal_error"})  # no verdict on the arm
@@ -41,6 +42,7 @@ class Recorder:
         self._rollouts = rollouts
         self._pending: dict[StatsKey, ArmWindow] = {}
         self._unsent: deque[tuple[str, dict[StatsKey, ArmWindow]]] = deque()  # (batch id, batch)
+        self._seen: dict[StatsKey, set[str]] = {}  # units served per step, arm and cohort
 
     def _live(self, route: Route) -> bool:
         """Counted only while the rollout can be judged: by the controller, or (manual mode) by an operator
@@ -72,6 +74,18 @@ class Recorder:
             return []
         return [self._window(route, units_interval(state.step), f"{arm}@{cohort}#{group}")]
 
+    def _seen_unit(self, route: Route, arm: str, cohort: str, unit: str | None, share: float) -> None:
+        """A unit served in the current step, for the sample-ratio check of units: only when its arm was
+        a draw (not forced, not a cohort left out), and at most MAX_SEEN new ones a flush."""
+        state = self._rollouts.current(route.name)
+        if unit is None or not 0 < share < 1 or state is None:
+            return
+        seen = self._seen.setdefault(
+            (route.name, route.rollout_key, units_interval(state.step), f"{arm}@{cohort}"), set()
+        )
+        if len(seen) < MAX_SEEN:
+            seen.add(unit)
+
     def record(
         self,
         route: Route,
@@ -86,13 +100,16 @@ class Recorder:
         group: int | None = None,
         share: float | None = None,
         sign: int = 1,
+        unit: str | None = None,
     ) -> None:
         """One attempt. arm: base, candidate, or shadow (the candidate's mirrored calls). With
-        rollout.segments, counted for its cohort too (arm "candidate@billing"); group and sign: its
+        rollout.segments, counted for its cohort too (arm "candidate@billing"); group, sign and unit: its
         unit's; share: for a primary attempt, the probability it had of being the candidate's."""
         if outcome in UNJUDGED or not self._live(route):
             return  # the client left or the gateway failed (no verdict on the arm), or nothing is judged
         windows = self._windows(route, arm, cohort)
+        if share is not None:
+            self._seen_unit(route, arm, cohort, unit, share)
         latency = bucket_of(duration_s)
         ttft = bucket_of(ttft_s) if ttft_s is not None else None
         log_latency = math.log(max(duration_s, 1e-6))
@@ -138,9 +155,10 @@ class Recorder:
             attempt.ttft_s,
             attempt.cost,
             request.cohort,
-            request.group,
+            request.unit.group,
             request.share if arm in PRIMARY else None,
-            request.sign,
+            request.unit.sign,
+            request.unit.id,
         )
 
     def fallback(self, request: Request, attempted: bool) -> None:
@@ -150,14 +168,17 @@ class Recorder:
         if not self._live(route):
             return
         windows = self._windows(route, "candidate", request.cohort)
-        for window in windows + self._unit_window(route, "candidate", request.cohort, request.group):
+        unit = request.unit
+        for window in windows + self._unit_window(route, "candidate", request.cohort, unit.group):
             window.fallbacks += 1
             if not attempted:
                 window.requests += 1
                 window.unattempted += 1
                 window.expected += request.share
                 window.expected_sq += request.share * request.share
-                window.signed += request.sign
+                window.signed += unit.sign
+        if not attempted:
+            self._seen_unit(route, "candidate", request.cohort, unit.id, request.share)
 
     def feedback(
         self, route: Route, arm: str, cohort: str, negative: bool, escalated: bool, group: int | None = None
@@ -174,6 +195,12 @@ class Recorder:
     async def flush(self) -> None:
         """Sends the batches not yet sent, oldest first, each as it was first sent and under its id: a
         write that timed out may have been applied, and the store counts a batch id once."""
+        seen, self._seen = self._seen, {}
+        if seen:
+            try:
+                await self._store.seen(seen)  # adding a unit again changes nothing: no batch id needed
+            except StateUnavailable:
+                log.warning("state store unreachable: units seen in the last second not noted")
         batch, self._pending = self._pending, {}
         if batch:
             self._unsent.append((os.urandom(12).hex(), batch))

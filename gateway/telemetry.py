@@ -19,7 +19,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from gateway.analysis import SAMPLE_RATIO
+from gateway.analysis import SAMPLE_RATIO, SAMPLE_RATIOS
 from gateway.errors import KINDS, OUTCOMES, REASONS
 from gateway.route import Route
 from gateway.store.rollouts import PHASES, RouteState
@@ -266,9 +266,14 @@ class Metrics:
         """The controller's latest judgement of a route (set by the replica that holds the lease)."""
         if not self.enabled:
             return
+        mismatch: dict[str, bool] = {}  # cohort -> either sample-ratio check failed
         for verdict in analysis.verdicts:
-            if verdict.gate == SAMPLE_RATIO:
-                self.sample_ratio(analysis.route, verdict)
+            if verdict.gate in SAMPLE_RATIOS:
+                failed = mismatch.get(verdict.cohort, False) or verdict.result == "fail"
+                mismatch[verdict.cohort] = failed
+                self.sample_ratio_mismatch.labels(analysis.route, verdict.cohort).set(1 if failed else 0)
+                if verdict.gate == SAMPLE_RATIO:
+                    self.sample_ratio(analysis.route, verdict)
                 continue
             if verdict.cohort != "all":
                 continue  # per-cohort verdicts: in compare and the analysis endpoint
@@ -277,7 +282,6 @@ class Metrics:
             self.gate_threshold.labels(analysis.route, verdict.gate).set(verdict.threshold)
 
     def sample_ratio(self, route: str, verdict: Verdict) -> None:
-        self.sample_ratio_mismatch.labels(route, verdict.cohort).set(1 if verdict.result == "fail" else 0)
         n = verdict.n_base + verdict.n_candidate
         if verdict.value is not None and n:
             observed = verdict.n_candidate / n

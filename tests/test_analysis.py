@@ -26,6 +26,7 @@ from gateway.analysis import (
     quantile_ratio,
     rate_increase,
     sample_ratio,
+    units_ratio,
 )
 from gateway.policy import Gates, RateGate, RatioGate
 
@@ -363,3 +364,27 @@ def test_a_sample_ratio_mismatch_holds_and_only_a_critical_failure_still_rolls_b
     assert decide([verdict("latency_p99_ratio", "fail"), mismatch], "rollback", "hold") == "hold"
     assert decide([verdict("error_rate", "fail", critical=True), mismatch], "rollback", "hold") == "rollback"
     assert decide([*passing, verdict("sample_ratio", "pass")], "rollback", "hold") == "advance"
+
+
+def test_the_units_check_is_a_binomial_test_that_allows_for_the_counts_error() -> None:
+    kw = {"alpha": 0.01, "n_star": 5000.0, "min_samples": 500}
+    rng = np.random.default_rng(9)
+    # Units assigned by their hash: the candidate's count is Binomial(U, w); looked at every "interval".
+    false = 0
+    for _ in range(200):
+        total = 0
+        candidate = 0
+        for _ in range(10):
+            total += 2000
+            candidate += int(rng.binomial(2000, 0.25))
+            if units_ratio(total - candidate, candidate, 0.25, **kw).result == "fail":  # type: ignore[arg-type]
+                false += 1
+                break
+    assert false <= 4  # 1% at every look at once, 200 rollouts: about 2 at most
+    short = units_ratio(15_500, 4_500, 0.25, **kw)  # type: ignore[arg-type]  # 22.5% against 25%
+    assert short.result == "fail" and "of 20000 units seen in the step, expected 25.00%" in short.reason
+    # Millions of units: a HyperLogLog's 0.81% error is larger than the binomial's; 0.5% off is no mismatch.
+    many = units_ratio(7_462_500, 2_537_500, 0.25, **kw)  # type: ignore[arg-type]  # 25.4%
+    assert many.result == "pass"
+    assert units_ratio(10, 3, 0.25, **kw).result == "wait"  # type: ignore[arg-type]
+    assert units_ratio(900, 0, 0.0, **kw).result == "wait"  # type: ignore[arg-type]  # nothing to expect

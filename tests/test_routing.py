@@ -10,7 +10,7 @@ from gateway.analysis import UNIT_GROUPS
 from gateway.errors import InvalidRequest
 from gateway.policy import Policy
 from gateway.route import Route, compile_policy
-from gateway.routing import bucket, choose_arm, unit_group, unit_key
+from gateway.routing import bucket, choose_arm, unit_key, unit_of
 
 
 def make_route(
@@ -113,8 +113,11 @@ def test_unit_groups_are_stable_even_and_mix_both_arms() -> None:
     signs are balanced, and each group holds units of both arms (its hash is not the assignment's)."""
     route = make_route(20)
     keys = [f"user-{i}" for i in range(20_000)]
-    drawn = [unit_group("r", k) for k in keys]
-    assert drawn == [unit_group("r", k) for k in keys]
+    units = [unit_of("r", k) for k in keys]
+    assert units == [unit_of("r", k) for k in keys]
+    assert len({u.id for u in units}) == len(keys) and all(u.id and len(u.id) == 16 for u in units)
+    assert not any(k in (u.id or "") for u, k in zip(units, keys, strict=True))  # opaque: no key in it
+    drawn = [(u.group, u.sign) for u in units]
     per_group = Counter(g for g, _ in drawn)
     assert set(per_group) == set(range(UNIT_GROUPS))
     assert max(per_group.values()) < 1.3 * len(keys) / UNIT_GROUPS
@@ -124,5 +127,6 @@ def test_unit_groups_are_stable_even_and_mix_both_arms() -> None:
     )
     assert set(candidates) == set(range(UNIT_GROUPS))  # every group has candidate units, at 20%
     assert all(0.1 < candidates[g] / per_group[g] < 0.3 for g in range(UNIT_GROUPS))
-    randoms = {unit_group("r", None) for _ in range(2000)}  # no key: a unit of its own, anywhere
-    assert {g for g, _ in randoms} == set(range(UNIT_GROUPS)) and {s for _, s in randoms} == {-1, 1}
+    randoms = [unit_of("r", None) for _ in range(2000)]  # no key: a unit of its own, anywhere, no id
+    assert {u.group for u in randoms} == set(range(UNIT_GROUPS)) and {u.sign for u in randoms} == {-1, 1}
+    assert all(u.id is None for u in randoms)

@@ -341,7 +341,10 @@ def test_the_controller_promotes_a_healthy_candidate_through_every_step(
         "validation_failure_rate": "pass",
         "latency_p99_ratio": "pass",
         "sample_ratio": "pass",  # each request counted with its chance of the candidate, by the proxy
+        "sample_ratio_units": "pass",  # and each user (its "user" field) once per step, by its arm
     }
+    units = gates["sample_ratio_units"]
+    assert units["n_candidate"] > 0 and units["n_base"] > 0, units
     check = gates["sample_ratio"]
     assert check["n_candidate"] > 0 and check["n_base"] > 0 and abs(check["value"]) < 0.2, check
     metrics = httpx.get(f"{gw.url}/metrics").text
@@ -356,7 +359,7 @@ def test_the_controller_promotes_a_healthy_candidate_through_every_step(
     assert compare.returncode == 0, compare.stderr
     assert "validation_failure_rate *" in compare.stdout and "pass" in compare.stdout
     assert "rollout so far:" in compare.stdout
-    assert "sample ratio: ok: candidate" in compare.stdout, compare.stdout
+    assert "sample ratio of requests: ok: candidate" in compare.stdout, compare.stdout
 
 
 def test_the_controller_rolls_back_a_candidate_failing_json_before_the_second_step(

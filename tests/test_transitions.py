@@ -221,7 +221,7 @@ def test_a_sample_ratio_mismatch_holds_the_rollout_and_says_which_cohort_and_sha
         assert reason.startswith(MISMATCH) and "cohort all" in reason, reason
         assert "candidate 40.00% of 2500 requests, expected 50.00%" in reason, reason
         analysis = await analyse(store.stats, route, current, now[0])
-        assert all(v.result == "pass" for v in analysis.verdicts if v.gate != "sample_ratio")
+        assert all(v.result == "pass" for v in analysis.verdicts if not v.gate.startswith("sample_ratio"))
         exposition = metrics.exposition()[0].decode()
         assert 'canarygate_sample_ratio_mismatch{cohort="all",route="chat"} 1.0' in exposition
         assert 'canarygate_candidate_share{cohort="all",kind="observed",route="chat"} 0.4' in exposition
@@ -230,6 +230,55 @@ def test_a_sample_ratio_mismatch_holds_the_rollout_and_says_which_cohort_and_sha
         current = store.rollouts.current("chat")
         assert current is not None and current.phase == "progressing"
         assert sum(t.reason.startswith(MISMATCH) for t in current.history) == 1
+
+    _with_redis_store(redis_prefix, route, run)
+
+
+def test_units_seen_count_in_a_hyperloglog_and_a_shortfall_of_candidate_units_holds(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    """Units, not requests: 4,000 users at 50%, each sending 1 to 5 requests; a quarter of the candidate's
+    users leave before any answer. Redis's HyperLogLog counts them within its error; the check of units
+    finds the shortfall (and the one of requests as well)."""
+    from gateway.rollout import MISMATCH, Controller, analyse
+    from gateway.routing import unit_of
+    from gateway.stats import Recorder
+    from gateway.store.stats import units_interval
+
+    route = _automatic(tmp_path)
+
+    async def run(store: Store) -> None:
+        rollouts = Rollouts(store.rollouts, lambda name: route)
+        await rollouts.move("chat", "test", "to 50%", phase="progressing", step=1, weight=50.0)
+        recorder = Recorder(store.stats, store.rollouts)
+        now = [time.time()]
+        controller = Controller(store.lease, store.stats, rollouts, lambda: [route], clock=lambda: now[0])
+        served = {"base": 0, "candidate": 0}
+        for n in range(4000):
+            arm = "candidate" if n % 2 else "base"
+            unit = unit_of("chat", f"user-{n}")
+            left = arm == "candidate" and n % 8 == 1  # a quarter of the candidate's users
+            served[arm] += not left
+            for _ in range(1 + n % 5):
+                outcome = "client_closed" if left else "ok"
+                recorder.record(
+                    route, arm, outcome, 0.05, False, 10, None,
+                    group=unit.group, share=0.5, sign=unit.sign, unit=unit.id,
+                )  # fmt: skip
+        await recorder.flush()
+        arms = ["base@all", "candidate@all"]
+        counts = await store.stats.units("chat", route.rollout_key, units_interval(1), arms)
+        assert abs(counts["base@all"] - served["base"]) <= 0.03 * served["base"]
+        assert abs(counts["candidate@all"] - served["candidate"]) <= 0.03 * served["candidate"]
+        current = store.rollouts.current("chat")
+        assert current is not None
+        verdicts = {v.gate: v for v in (await analyse(store.stats, route, current, now[0])).verdicts}
+        assert verdicts["sample_ratio_units"].result == "fail", verdicts["sample_ratio_units"]
+        assert "units seen in the step, expected 50.00%" in verdicts["sample_ratio_units"].reason
+        await controller.consider(route)
+        current = store.rollouts.current("chat")
+        assert current is not None and current.history[-1].reason.startswith(MISMATCH)
+        assert "units seen in the step" in current.history[-1].reason
 
     _with_redis_store(redis_prefix, route, run)
 

@@ -15,6 +15,7 @@ from gateway.store.shared import BATCH_MARK_S, Shared
 # route, rollout, interval number, arm ("base", "candidate", "shadow", ...); interval -1 (stats.UNITS) holds
 # the rollout's windows per unit group, arm "candidate@cohort#group".
 StatsKey = tuple[str, str, int, str]
+MEMORY_UNITS = 1_000_000  # units kept per step, arm and cohort in memory (a set; Redis keeps a HyperLogLog)
 UNITS = -1  # the "intervals" under which the windows per unit group are kept: one per step, counting down
 
 
@@ -38,10 +39,17 @@ class StatsStore(Protocol):
     def keep_only(self, rollouts: set[tuple[str, str]]) -> None:
         """The (route, rollout) pairs still served: the statistics of the others may go."""
 
+    async def seen(self, batch: Mapping[StatsKey, set[str]]) -> None:
+        """Units served (opaque ids) per (route, rollout, step's interval number, "arm@cohort")."""
+
+    async def units(self, route: str, rollout: str, interval: int, arms: list[str]) -> dict[str, int]:
+        """How many distinct units each arm ("arm@cohort") served in the step (estimates, in Redis)."""
+
 
 class MemoryStatsStore:
     def __init__(self) -> None:
         self._stats: dict[tuple[str, str], dict[int, dict[str, ArmWindow]]] = {}
+        self._seen: dict[StatsKey, set[str]] = {}  # exact sets, up to MEMORY_UNITS each
 
     async def add(self, batch: Mapping[StatsKey, ArmWindow], batch_id: str) -> None:
         for (route, rollout, interval, arm), window in batch.items():
@@ -55,6 +63,17 @@ class MemoryStatsStore:
     def keep_only(self, rollouts: set[tuple[str, str]]) -> None:
         for key in [k for k in self._stats if k not in rollouts]:
             del self._stats[key]  # statistics of rollouts that ended
+        for seen in [k for k in self._seen if (k[0], k[1]) not in rollouts]:
+            del self._seen[seen]
+
+    async def seen(self, batch: Mapping[StatsKey, set[str]]) -> None:
+        for key, units in batch.items():
+            kept = self._seen.setdefault(key, set())
+            if len(kept) < MEMORY_UNITS:
+                kept.update(units)
+
+    async def units(self, route: str, rollout: str, interval: int, arms: list[str]) -> dict[str, int]:
+        return {arm: len(self._seen.get((route, rollout, interval, arm), ())) for arm in arms}
 
 
 # A statistics batch, applied once: KEYS[1] marks the batch as applied (for ARGV[1] s); ARGV[2] is the
@@ -163,6 +182,30 @@ class RedisStatsStore:
 
     def keep_only(self, rollouts: set[tuple[str, str]]) -> None:
         pass  # each hash expires STATS_TTL_S after its last write
+
+    async def seen(self, batch: Mapping[StatsKey, set[str]]) -> None:
+        """A HyperLogLog per (route, rollout, step, arm@cohort): 12 KB at most, whatever the units."""
+        pipe = self._shared.redis.pipeline(transaction=False)
+        for (route, rollout, interval, arm), units in batch.items():
+            key = f"{self._prefix}seen:{route}:{rollout}:{interval}:{arm}"
+            members = list(units)
+            for start in range(0, len(members), 1000):
+                pipe.pfadd(key, *members[start : start + 1000])
+            pipe.expire(key, STATS_TTL_S)
+        try:
+            await pipe.execute()
+        except RedisError as exc:
+            self._shared.unavailable(exc, write=True)
+
+    async def units(self, route: str, rollout: str, interval: int, arms: list[str]) -> dict[str, int]:
+        pipe = self._shared.redis.pipeline(transaction=False)
+        for arm in arms:
+            pipe.pfcount(f"{self._prefix}seen:{route}:{rollout}:{interval}:{arm}")
+        try:
+            counts = await pipe.execute()
+        except RedisError as exc:
+            self._shared.unavailable(exc)
+        return {arm: int(count) for arm, count in zip(arms, counts, strict=True)}
 
 
 def _windows(fields: Mapping[bytes, bytes]) -> dict[str, ArmWindow]:
