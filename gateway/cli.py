@@ -47,12 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument(
-        "--policies",
-        type=Path,
-        default=Path(os.environ.get("CANARYGATE_POLICY_DIR", "policies")),
-        help="directory of route policy files (env CANARYGATE_POLICY_DIR)",
-    )
+    _policies_option(serve)
     serve.add_argument(
         "--host",
         default=os.environ.get("CANARYGATE_HOST", "127.0.0.1"),
@@ -95,12 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a route's automatic rollout will take, and what it will catch, on given traffic",
     )
     plan.add_argument("route")
-    plan.add_argument(
-        "--policies",
-        type=Path,
-        default=Path(os.environ.get("CANARYGATE_POLICY_DIR", "policies")),
-        help="directory of route policy files (env CANARYGATE_POLICY_DIR)",
-    )
+    _policies_option(plan)
     plan.add_argument(
         "--requests", type=float, required=True, help="requests the route gets per rollout interval"
     )
@@ -207,6 +197,15 @@ def _parser() -> argparse.ArgumentParser:
     view.add_argument("--plain", dest="live", action="store_false", help="plain lines even in a terminal")
     demo.set_defaults(func=_demo)
     return parser
+
+
+def _policies_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--policies",
+        type=Path,
+        default=Path(os.environ.get("CANARYGATE_POLICY_DIR", "policies")),
+        help="directory of route policy files (env CANARYGATE_POLICY_DIR)",
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
