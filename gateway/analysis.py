@@ -58,7 +58,7 @@ BUCKET_BASE_S = 0.001
 BUCKET_FACTOR = 1.05
 BUCKETS = 275
 _LOG_FACTOR = math.log(BUCKET_FACTOR)
-UNIT_GROUPS = 64  # unit groups per arm: the clusters of the cluster-robust variance
+UNIT_GROUPS = 64  # unit groups per arm: where how much units differ, and how large they are, is read
 SAMPLE_RATIO = "sample_ratio"  # the verdict of the sample-ratio check: it holds a rollout, never ends it
 SAMPLE_RATIO_UNITS = "sample_ratio_units"  # the same over the distinct units seen in the step
 SAMPLE_RATIOS = frozenset({SAMPLE_RATIO, SAMPLE_RATIO_UNITS})
@@ -98,7 +98,7 @@ class ArmWindow:
     # For the design effects and the sample-ratio check (see the module's note):
     expected: float = 0.0  # primary requests: the sum of each one's probability of being the candidate's
     expected_sq: float = 0.0  # the sum of its squares (the independent-requests variance of the count)
-    signed: int = 0  # primary requests, each +1 or -1 by its unit's hash: a sketch of the units' sizes
+    signed: int = 0  # requests, each +1 or -1 by its unit's hash: a sketch of the units' sizes
     timed: int = 0  # answers with a latency, and the sums of its log (seconds) and squares
     log_latency: float = 0.0
     log_latency_sq: float = 0.0
