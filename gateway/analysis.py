@@ -502,7 +502,10 @@ def judge(
             unit = "tokens" if name == "output_tokens_ratio" else "cost"
             effects = _effects(groups, total, squares, "token_answers")
             verdict = mean_ratio(name, sums, gate.max, critical=crit, unit=unit, effects=effects, **kw)
-        verdicts.append(replace(verdict, needs=needs(verdict, min_samples)))
+        wanted = needs(verdict, min_samples)
+        if name == "ttft_p50_ratio" and verdict.value is None:  # a time to first token is a stream's only
+            wanted = "streamed answers of both arms in the same interval (TTFT is measured on streams only)"
+        verdicts.append(replace(verdict, needs=wanted))
     return verdicts
 
 

@@ -223,6 +223,14 @@ def test_a_waiting_gate_says_what_it_still_needs() -> None:
     assert alone.needs == "samples of both arms in the same interval"
     settled = verdict(ArmWindow(requests=1000, invalid=10), ArmWindow(requests=1000, invalid=10))
     assert settled.result == "pass" and settled.needs is None
+    # Requests that are not streamed have no time to first token: the TTFT gate says so.
+    (ttft,) = judge(
+        Gates(ttft_p50_ratio=RatioGate(max=1.2)),
+        [(ArmWindow(requests=900), ArmWindow(requests=900))],
+        confidence=0.99,
+        min_samples=500,
+    )
+    assert ttft.result == "wait" and ttft.needs is not None and "measured on streams only" in ttft.needs
 
 
 def test_each_gate_shows_its_estimate_per_interval() -> None:
