@@ -76,9 +76,10 @@ class Recorder:
 
     def _seen_unit(self, route: Route, arm: str, cohort: str, unit: str | None, share: float) -> None:
         """A unit served in the current step, for the sample-ratio check of units: only when its arm was
-        a draw (not forced, not a cohort left out), and at most MAX_SEEN new ones a flush."""
+        a draw at the step's weight (not forced, not a cohort left out, not assigned before the step
+        began and answered after), and at most MAX_SEEN new ones a flush."""
         state = self._rollouts.current(route.name)
-        if unit is None or not 0 < share < 1 or state is None:
+        if unit is None or not 0 < share < 1 or state is None or share != state.weight / 100:
             return
         seen = self._seen.setdefault(
             (route.name, route.rollout_key, units_interval(state.step), f"{arm}@{cohort}"), set()

@@ -265,6 +265,8 @@ def test_units_seen_count_in_a_hyperloglog_and_a_shortfall_of_candidate_units_ho
                     route, arm, outcome, 0.05, False, 10, None,
                     group=unit.group, share=0.5, sign=unit.sign, unit=unit.id,
                 )  # fmt: skip
+        late = unit_of("chat", "assigned-before-the-step")  # at the previous step's weight: not the step's
+        recorder.record(route, "base", "ok", 0.05, False, 10, None, group=late.group, share=0.2, unit=late.id)
         await recorder.flush()
         arms = ["base@all", "candidate@all"]
         counts = await store.stats.units("chat", route.rollout_key, units_interval(1), arms)
