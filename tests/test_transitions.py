@@ -341,3 +341,27 @@ def _with_redis_store(redis_prefix: str, route: Route, body: Callable[[Store], A
             await store.close()
 
     asyncio.run(run())
+
+
+def test_a_unit_is_noted_for_a_step_only_when_assigned_at_its_weight(tmp_path: Path) -> None:
+    from gateway.routing import unit_of
+    from gateway.stats import Recorder
+
+    route = _automatic(tmp_path)
+
+    async def run() -> None:
+        store = Store.memory()
+        await store.start([route])
+        rollouts = Rollouts(store.rollouts, lambda name: route)
+        await rollouts.move("chat", "test", "to 50%", phase="progressing", step=1, weight=50.0)
+        recorder = Recorder(store.stats, store.rollouts)
+        for name, share in (("in flight from 20%", 0.2), ("forced", 1.0), ("at 50%", 0.5), ("keyless", 0.5)):
+            unit = unit_of("chat", None if name == "keyless" else name)
+            recorder.record(
+                route, "base", "ok", 0.05, False, 10, None, group=unit.group, share=share, unit=unit.id
+            )
+        await recorder.flush()
+        counts = await store.stats.units("chat", route.rollout_key, units_interval(1), ["base@all"])
+        assert counts == {"base@all": 1}
+
+    asyncio.run(run())
