@@ -19,6 +19,7 @@ from gateway.route import Route
 from gateway.store import Store
 from gateway.store.rollouts import PHASES, Phase, RedisRolloutStore, RouteState, change
 from gateway.store.shared import Shared
+from gateway.store.stats import units_interval
 from gateway.tasks import Spawner
 from tests.conftest import REDIS_URL
 from tests.test_state import canary_text, routes_of
@@ -243,7 +244,6 @@ def test_units_seen_count_in_a_hyperloglog_and_a_shortfall_of_candidate_units_ho
     from gateway.rollout import MISMATCH, Controller, analyse
     from gateway.routing import unit_of
     from gateway.stats import Recorder
-    from gateway.store.stats import units_interval
 
     route = _automatic(tmp_path)
 
@@ -289,7 +289,6 @@ def test_unit_groups_and_the_sample_ratio_sums_survive_redis(redis_prefix: str, 
     """What the Recorder counts per unit group (under the step's negative interval number, no histograms)
     and the new sums of every window come back from Redis as they were counted."""
     from gateway.stats import Recorder
-    from gateway.store.stats import units_interval
 
     route = _automatic(tmp_path)
 
