@@ -58,6 +58,7 @@ BUCKET_BASE_S = 0.001
 BUCKET_FACTOR = 1.05
 BUCKETS = 275
 _LOG_FACTOR = math.log(BUCKET_FACTOR)
+FEW_UNITS = 1000  # from about this many units on, a mean of them is as good as normal
 UNIT_GROUPS = 64  # unit groups per arm: where how much units differ, and how large they are, is read
 SAMPLE_RATIO = "sample_ratio"  # the verdict of the sample-ratio check: it holds a rollout, never ends it
 SAMPLE_RATIO_UNITS = "sample_ratio_units"  # the same over the distinct units seen in the step
@@ -246,19 +247,41 @@ def design_effects(arms: Sequence[Sequence[tuple[float, float, float, float]]]) 
     ]
 
 
-def _effects(groups: Groups | None, total: str, squares: str, count: str) -> tuple[float, float]:
-    """(base, candidate) design effects of the mean of a window's field total (squares: the field of its
-    squares; the same as total for a rate) per count. A unit's count of this measure is taken as its
-    share of the unit's requests (the signed requests scaled to it)."""
+Effects = tuple[float, float, float]  # (base, candidate) design effects, and the fewer arm's effective units
+
+
+def _effects(groups: Groups | None, total: str, squares: str, count: str) -> Effects:
+    """The arms' design effects of the mean of a window's field total (squares: the field of its
+    squares; the same as total for a rate) per count, and how many units the arm with fewer has in
+    effect (n^2 / F2). A unit's count of this measure is taken as its share of the unit's requests (the
+    signed requests scaled to it)."""
     if groups is None:
-        return 1.0, 1.0
+        return 1.0, 1.0, math.inf
 
     def row(w: ArmWindow) -> tuple[float, float, float, float]:
         n = float(getattr(w, count))
         return getattr(w, total), getattr(w, squares), n, w.signed * n / w.requests if w.requests else 0.0
 
-    base, candidate = design_effects([[row(w) for w in groups[0]], [row(w) for w in groups[1]]])
-    return base, candidate
+    rows = [[row(w) for w in groups[0]], [row(w) for w in groups[1]]]
+    base, candidate = design_effects(rows)
+    units = math.inf
+    for arm in rows:
+        n, sizes = sum(r[2] for r in arm), sum(r[3] * r[3] for r in arm)
+        if sizes > n > 0:
+            units = min(units, n * n / sizes)
+    return base, candidate, units
+
+
+def few_units(z: float, units: float) -> float:
+    """The multiplier z, for an estimate that rests on few units: a mean of m units of differing
+    difficulty is far from normal (one hard tenant among five makes the candidate's rate), so z is read
+    as the same tail of a Student t with m - 1 degrees of freedom (Cornish-Fisher, to the second order:
+    close from tens of units on, short of the exact t for a handful), as cluster-robust inference with
+    few clusters does. Unchanged from about a thousand units on."""
+    if not math.isfinite(z) or units >= FEW_UNITS:
+        return z
+    nu = max(units - 1, 1.0)
+    return z + (z**3 + z) / (4 * nu) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * nu * nu)
 
 
 def rate_increase(
@@ -270,7 +293,7 @@ def rate_increase(
     n_star: float,
     min_samples: int,
     critical: bool = False,
-    effects: tuple[float, float] = (1.0, 1.0),
+    effects: Effects = (1.0, 1.0, math.inf),
 ) -> Verdict:
     """candidate rate - base rate <= max_increase, over the strata where both arms have samples: each
     stratum's difference weighted by nb*nc/(nb+nc) (Mantel-Haenszel), so a rate that moves for both arms
@@ -287,13 +310,13 @@ def rate_increase(
     # Each stratum's variance from the arm's rate over all of them, smoothed: (x + 1/2) / (n + 1), so that
     # a zero count never reads as zero uncertainty.
     pb, pc = (xb + 0.5) / (nb + 1), (xc + 0.5) / (nc + 1)
-    db, dc = effects
+    db, dc, units = effects
     variance = sum(
         w * w * (db * pb * (1 - pb) / b[1] + dc * pc * (1 - pc) / c[1])
         for w, (b, c) in zip(weights, used, strict=True)
     )
     se = math.sqrt(variance) / total
-    z = boundary(min(nb / db, nc / dc), 2 * alpha, n_star)  # one-sided at alpha
+    z = few_units(boundary(min(nb / db, nc / dc), 2 * alpha, n_star), units)  # one-sided at alpha
     low, high = diff - z * se, diff + z * se
     result = _decide(low, diff, max_increase, min(nb, nc) >= min_samples)
     reason = (
@@ -314,11 +337,12 @@ def rate_max(
     min_samples: int,
     critical: bool = False,
     effect: float = 1.0,
+    units: float = math.inf,
 ) -> Verdict:
     """The candidate's own rate <= maximum (fallbacks happen only on the candidate)."""
     xc, nc = candidate
     rate = _rate(xc, nc)
-    z = boundary(nc / effect, 2 * alpha, n_star)
+    z = few_units(boundary(nc / effect, 2 * alpha, n_star), units)
     se = _se_rate(xc, nc) * math.sqrt(effect)
     low, high = rate - z * se, rate + z * se
     result = _decide(low, rate, maximum, nc >= min_samples)
@@ -337,7 +361,7 @@ def quantile_ratio(
     n_star: float,
     min_samples: int,
     critical: bool = False,
-    effects: tuple[float, float] = (1.0, 1.0),
+    effects: Effects = (1.0, 1.0, math.inf),
 ) -> Verdict:
     """candidate's q-quantile / base's <= maximum, from log-bucket histograms per interval: the base's
     histogram reweighted to the candidate's intervals (see the module's note)."""
@@ -356,9 +380,9 @@ def quantile_ratio(
     if not used:
         return Verdict(gate, "wait", None, None, None, maximum, nb, nc, critical, NOTHING_SHARED)
     # Each side at alpha/2: the ratio's interval then holds at alpha (one-sided: the lower end).
-    db, dc = effects
-    b_est, b_lo, b_hi = _quantile_interval(base, nc, q, alpha, n_star, effective=nc * nc / spread / db)
-    c_est, c_lo, c_hi = _quantile_interval(candidate, nc, q, alpha, n_star, effective=nc / dc)
+    db, dc, units = effects
+    b_est, b_lo, b_hi = _quantile_interval(base, nc, q, alpha, n_star, nc * nc / spread / db, units)
+    c_est, c_lo, c_hi = _quantile_interval(candidate, nc, q, alpha, n_star, nc / dc, units)
     ratio, low, high = c_est / b_est, c_lo / b_hi, c_hi / b_lo
     result = _decide(low, ratio, maximum, min(nb, nc) >= min_samples)
     label = f"p{round(q * 100)}"
@@ -378,7 +402,7 @@ def mean_ratio(
     min_samples: int,
     critical: bool = False,
     unit: str = "tokens",
-    effects: tuple[float, float] = (1.0, 1.0),
+    effects: Effects = (1.0, 1.0, math.inf),
 ) -> Verdict:
     """A mean per answer (output tokens, cost), candidate / base <= maximum, by the delta method on the
     log ratio; the base reweighted to the candidate's intervals. strata: per interval, base and candidate
@@ -390,12 +414,12 @@ def mean_ratio(
     qb = sum(b[1] * c[2] / b[2] for b, c in used)
     if not used or sb <= 0 or sc <= 0:
         return Verdict(gate, "wait", None, None, None, maximum, nb, nc, critical, f"no {unit} counted")
-    db, dc = effects
+    db, dc, units = effects
     effective = nc * nc / sum(c[2] * c[2] / b[2] for b, c in used) / db
     mb, mc = sb / nc, sc / nc
     vb, vc = max(qb / nc - mb * mb, 0.0), max(qc / nc - mc * mc, 0.0)
     se_log = math.sqrt(vb / (effective * mb * mb) + dc * vc / (nc * mc * mc))
-    z = boundary(min(nb / db, nc / dc), 2 * alpha, n_star)
+    z = few_units(boundary(min(nb / db, nc / dc), 2 * alpha, n_star), units)
     ratio = mc / mb
     low, high = ratio * math.exp(-z * se_log), ratio * math.exp(z * se_log)
     result = _decide(low, ratio, maximum, min(nb, nc) >= min_samples)
@@ -413,13 +437,19 @@ def _decide(low: float, estimate: float, threshold: float, enough: bool) -> Resu
 
 
 def _quantile_interval(
-    hist: dict[int, float], n: float, q: float, alpha: float, n_star: float, effective: float | None = None
+    hist: dict[int, float],
+    n: float,
+    q: float,
+    alpha: float,
+    n_star: float,
+    effective: float | None = None,
+    units: float = math.inf,
 ) -> tuple[float, float, float]:
     """(estimate, low, high) of the q-quantile: the ranks n*q -+ z*sqrt(n*q*(1-q)) read off the buckets.
     effective: the sample size behind a reweighted histogram of total weight n (the ranks' spread is
     that of `effective` samples, scaled to n)."""
     m = n if effective is None else effective
-    z = boundary(m, alpha, n_star)  # two-sided at alpha: alpha/2 per end
+    z = few_units(boundary(m, alpha, n_star), units)  # two-sided at alpha: alpha/2 per end
     spread = z * math.sqrt(m * q * (1 - q)) * n / m
     ordered = sorted(hist.items())
     return (
@@ -476,13 +506,15 @@ def judge(
             effects = _effects(groups, events, events, out_of)
             verdict = rate_increase(name, rates, gate.max_increase, critical=crit, effects=effects, **kw)
         elif name == "fallback_rate":  # the candidate's own: nothing to compare with
+            fallback_effects = _effects(groups, "fallbacks", "fallbacks", "requests")
             verdict = rate_max(
                 name,
                 (sum(c.fallbacks for _, c in strata), sum(c.requests for _, c in strata)),
                 gate.max,
                 sum(b.requests for b, _ in strata),
                 critical=crit,
-                effect=_effects(groups, "fallbacks", "fallbacks", "requests")[1],
+                effect=fallback_effects[1],
+                units=fallback_effects[2],
                 **kw,
             )
         elif name in QUANTILES:

@@ -20,6 +20,7 @@ from gateway.analysis import (
     bucket_of,
     decide,
     design_effects,
+    few_units,
     judge,
     mean_ratio,
     per_interval,
@@ -396,3 +397,18 @@ def test_the_units_check_is_a_binomial_test_that_allows_for_the_counts_error() -
     assert many.result == "pass"
     assert units_ratio(10, 3, 0.25, **kw).result == "wait"  # type: ignore[arg-type]
     assert units_ratio(900, 0, 0.0, **kw).result == "wait"  # type: ignore[arg-type]  # nothing to expect
+
+
+def test_an_estimate_that_rests_on_few_units_is_read_as_a_student_t() -> None:
+    assert few_units(3.0, math.inf) == 3.0 and few_units(3.0, 5000) == 3.0  # many units: normal
+    assert few_units(math.inf, 3) == math.inf
+    widened = [few_units(3.0, m) for m in (500, 50, 5)]
+    assert 3.0 < widened[0] < widened[1] < widened[2]
+    # The t quantile of the same tail (one-sided 99.865%, z = 3.0) is about 3.16 at 49 degrees of freedom;
+    # at 4 the expansion (5.95) is twice the normal's, if short of the exact t's.
+    assert widened[1] == pytest.approx(3.16, abs=0.05) and widened[2] > 5.5
+    base, candidate = _groups_of(np.random.default_rng(4), 500, 0.01, 1.5, 100_000)  # about 5 tenants
+    gates = Gates(validation_failure_rate=RateGate(max_increase=0.0005, critical=True))
+    strata = [(_total(base), _total(candidate))]
+    (verdict,) = judge(gates, strata, confidence=0.99, min_samples=500, groups=(base, candidate))
+    assert verdict.high is not None and verdict.low is not None and verdict.high - verdict.low > 0.02
