@@ -30,6 +30,8 @@ request also adds its unit's sign, +1 or -1 by hash, a sketch of the units' size
 variation, less the requests' own, says how much units differ, and each gate's variance is multiplied
 by its design effect (see design_effects; at least 1). For quantiles the design effect is that of the
 mean of the log latency, an approximation (what makes one tenant slow shifts its whole distribution).
+With few units (five tenants at 1%), a mean of them is far from normal: each multiplier is then read as
+the same tail of a Student t with as many degrees of freedom as units (few_units).
 
 A gate passes when it has min_samples per arm and its estimate is within the threshold; it fails when
 its interval lies wholly beyond the threshold; otherwise it waits (not enough data, or not clear yet).
