@@ -336,9 +336,20 @@ def _plan(args: argparse.Namespace) -> int:
             f"canarygate plan: route {route.name!r} has no automatic rollout (rollout.steps)", file=sys.stderr
         )
         return 2
-    if args.requests < 1:
-        print("canarygate plan: --requests must be at least 1", file=sys.stderr)
-        return 2
+    flags = (
+        ("--requests", args.requests, 1, 1e9, "a number of requests per interval"),
+        ("--error-rate", args.error_rate, 0, 0.99, "a fraction"),
+        ("--validation-failure-rate", args.validation_failure_rate, 0, 0.99, "a fraction"),
+        ("--latency-p50", args.latency_p50, 0.001, 3600, "seconds"),
+        ("--latency-sigma", args.latency_sigma, 0.01, 5, "a log-normal spread"),
+    )
+    for flag, value, low, high, what in flags:
+        if not (math.isfinite(value) and low <= value <= high):
+            print(
+                f"canarygate plan: {flag} must be {what} in [{low:g}, {high:g}], got {value:g}",
+                file=sys.stderr,
+            )
+            return 2
     configured = [name for name, gate in rollout.gates if gate is not None]
     regressions: list[tuple[str, float]] = []
     for given in args.worse:
@@ -350,6 +361,11 @@ def _plan(args: argparse.Namespace) -> int:
         if name not in configured or not math.isfinite(value):
             gates = ", ".join(configured)
             print(f"canarygate plan: --worse {given!r}: give GATE=SIZE, GATE one of {gates}", file=sys.stderr)
+            return 2
+        ratio = name.endswith("_ratio")
+        if not (0 < value <= 100 if ratio else 0 <= value < 1):
+            what = "a factor in (0, 100]" if ratio else "a fraction in [0, 1) (0.004: +0.4 points)"
+            print(f"canarygate plan: --worse {given!r}: {name}'s size must be {what}", file=sys.stderr)
             return 2
         regressions.append((name, value))
     if not regressions:

@@ -96,9 +96,16 @@ def test_the_plan_command_reads_the_route_s_policy_and_refuses_what_it_cannot_pl
     for args, message in (
         (("nope", "--requests", "10"), "no route 'nope'"),
         (("manual", "--requests", "10"), "has no automatic rollout"),
-        (("digest", "--requests", "0"), "--requests must be at least 1"),
+        (("digest", "--requests", "0"), "--requests must be a number of requests per interval in [1, 1e+09]"),
         (("digest", "--requests", "10", "--worse", "ttft_p50_ratio=1.2"), "GATE one of error_rate"),
         (("digest", "--requests", "10", "--worse", "error_rate=lots"), "give GATE=SIZE"),
+        (("digest", "--requests", "nan"), "--requests must be a number of requests per interval"),
+        (("digest", "--requests", "10", "--latency-p50", "0"), "--latency-p50 must be seconds"),
+        (("digest", "--requests", "10", "--latency-sigma", "0"), "--latency-sigma must be"),
+        (("digest", "--requests", "10", "--error-rate", "-1"), "--error-rate must be a fraction"),
+        (("digest", "--requests", "10", "--validation-failure-rate", "1.5"), "must be a fraction"),
+        (("digest", "--requests", "10", "--worse", "latency_p99_ratio=0"), "must be a factor in (0, 100]"),
+        (("digest", "--requests", "10", "--worse", "error_rate=2"), "must be a fraction in [0, 1)"),
     ):
         refused = plan(tmp_path, *args)
         assert refused.returncode == 2 and message in refused.stderr, (args, refused.stderr)
