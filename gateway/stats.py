@@ -15,7 +15,7 @@ from gateway.analysis import ArmWindow, bucket_of
 from gateway.errors import ERROR_OUTCOMES
 from gateway.route import Route
 from gateway.store import StateUnavailable
-from gateway.store.rollouts import RolloutStore
+from gateway.store.rollouts import RolloutStore, RouteState
 from gateway.store.stats import StatsKey, StatsStore, units_interval
 
 if TYPE_CHECKING:
@@ -44,14 +44,15 @@ class Recorder:
         self._unsent: deque[tuple[str, dict[StatsKey, ArmWindow]]] = deque()  # (batch id, batch)
         self._seen: dict[StatsKey, set[str]] = {}  # units served per step, arm and cohort
 
-    def _live(self, route: Route) -> bool:
-        """Counted only while the rollout can be judged: by the controller, or (manual mode) by an operator
-        reading `canarygate compare`; not once it is promoted or rolled back (statistics would pile up for
-        nobody), and never for a route without a candidate."""
+    def _live(self, route: Route) -> RouteState | None:
+        """The rollout's state while it can be judged, when it is counted: by the controller, or (manual
+        mode) by an operator reading `canarygate compare`; not once it is promoted or rolled back
+        (statistics would pile up for nobody), and never for a route without a candidate."""
         if route.candidate is None:
-            return False
+            return None
         state = self._rollouts.current(route.name)
-        return state is not None and state.phase in LIVE and state.rollout == route.rollout_key
+        live = state is not None and state.phase in LIVE and state.rollout == route.rollout_key
+        return state if live else None
 
     def _window(self, route: Route, number: int, arm: str) -> ArmWindow:
         window = self._pending.get((route.name, route.rollout_key, number, arm))
@@ -67,19 +68,21 @@ class Recorder:
             for k in ((arm, f"{arm}@{cohort}") if _segmented(route) else (arm,))
         ]
 
-    def _unit_window(self, route: Route, arm: str, cohort: str, group: int | None) -> list[ArmWindow]:
+    def _unit_window(
+        self, route: Route, state: RouteState, arm: str, cohort: str, group: int | None
+    ) -> list[ArmWindow]:
         """The current step's window for the arm's unit group in this cohort (analysis.UNIT_GROUPS)."""
-        state = self._rollouts.current(route.name)
-        if group is None or state is None:
+        if group is None:
             return []
         return [self._window(route, units_interval(state.step), f"{arm}@{cohort}#{group}")]
 
-    def _seen_unit(self, route: Route, arm: str, cohort: str, unit: str | None, share: float) -> None:
+    def _seen_unit(
+        self, route: Route, state: RouteState, arm: str, cohort: str, unit: str | None, share: float
+    ) -> None:
         """A unit served in the current step, for the sample-ratio check of units: only when its arm was
         a draw at the step's weight (not forced, not a cohort left out, not assigned before the step
         began and answered after), and at most MAX_SEEN new ones a flush."""
-        state = self._rollouts.current(route.name)
-        if unit is None or not 0 < share < 1 or state is None or share != state.weight / 100:
+        if unit is None or not 0 < share < 1 or share != state.weight / 100:
             return
         seen = self._seen.setdefault(
             (route.name, route.rollout_key, units_interval(state.step), f"{arm}@{cohort}"), set()
@@ -106,11 +109,12 @@ class Recorder:
         """One attempt. arm: base, candidate, or shadow (the candidate's mirrored calls). With
         rollout.segments, counted for its cohort too (arm "candidate@billing"); group, sign and unit: its
         unit's; share: for a primary attempt, the probability it had of being the candidate's."""
-        if outcome in UNJUDGED or not self._live(route):
+        state = self._live(route)
+        if outcome in UNJUDGED or state is None:
             return  # the client left or the gateway failed (no verdict on the arm), or nothing is judged
         windows = self._windows(route, arm, cohort)
         if share is not None:
-            self._seen_unit(route, arm, cohort, unit, share)
+            self._seen_unit(route, state, arm, cohort, unit, share)
         latency = bucket_of(duration_s)
         ttft = bucket_of(ttft_s) if ttft_s is not None else None
         log_latency = math.log(max(duration_s, 1e-6))
@@ -119,7 +123,7 @@ class Recorder:
             window.latency[latency] = window.latency.get(latency, 0) + 1
             if ttft is not None:
                 window.ttft[ttft] = window.ttft.get(ttft, 0) + 1
-        for window in windows + self._unit_window(route, arm, cohort, group):
+        for window in windows + self._unit_window(route, state, arm, cohort, group):
             window.requests += 1
             if outcome in ERROR_OUTCOMES:
                 window.errors += 1
@@ -166,11 +170,12 @@ class Recorder:
         """Base answered a request assigned to the candidate (attempted=False: its circuit was open, and the
         request counts as the candidate's, unattempted)."""
         route = request.route
-        if not self._live(route):
+        state = self._live(route)
+        if state is None:
             return
         windows = self._windows(route, "candidate", request.cohort)
         unit = request.unit
-        for window in windows + self._unit_window(route, "candidate", request.cohort, unit.group):
+        for window in windows + self._unit_window(route, state, "candidate", request.cohort, unit.group):
             window.fallbacks += 1
             if not attempted:
                 window.requests += 1
@@ -179,16 +184,18 @@ class Recorder:
                 window.expected_sq += request.share * request.share
                 window.signed += unit.sign
         if not attempted:
-            self._seen_unit(route, "candidate", request.cohort, unit.id, request.share)
+            self._seen_unit(route, state, "candidate", request.cohort, unit.id, request.share)
 
     def feedback(
         self, route: Route, arm: str, cohort: str, negative: bool, escalated: bool, group: int | None = None
     ) -> None:
         """Feedback on an answer of this rollout, counted in the interval it arrives (and in the answer's
         unit group, when its record has one)."""
-        if not self._live(route):
+        state = self._live(route)
+        if state is None:
             return
-        for window in self._windows(route, arm, cohort) + self._unit_window(route, arm, cohort, group):
+        windows = self._windows(route, arm, cohort) + self._unit_window(route, state, arm, cohort, group)
+        for window in windows:
             window.feedback += 1
             window.negative += negative
             window.escalated += escalated
