@@ -108,9 +108,7 @@ def walk(rollout: Rollout, traffic: Traffic, worse: Mapping[str, float] | None =
             failed = [v for v in verdicts if v.result == "fail"]
             return Course("rolled_back", t, round(seen), _named(failed), holding)
         if decision == "advance":
-            reason, changes = controller_step(state, steps)
-            if state.phase == "shadow":
-                changes = {"phase": "progressing", "step": 0, "weight": steps[0]}
+            reason, changes = controller_step(state, steps)  # from the mirror-only phase (step -1): step 0
             state = replace(state, **changes)
             if state.phase == "promoted":
                 return Course("promoted", t, round(seen), reason, holding)

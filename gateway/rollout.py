@@ -251,8 +251,8 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
             f"held: the rollout has run longer than its statistics are kept ({MAX_INTERVALS} intervals, "
             f"{STATS_TTL_S // 86400} days): promote or roll back by hand, or start it again"
         )
-    steps = len(auto.steps or [])
-    by_step = await stats.read(route.name, route.rollout_key, range(units_interval(steps), UNITS + 1))
+    last_step = max(len(auto.steps or []) - 1, 0)  # manual mode: step 0
+    by_step = await stats.read(route.name, route.rollout_key, range(units_interval(last_step), UNITS + 1))
     units: dict[str, ArmWindow] = {}  # the whole rollout's, for the design effects
     for windows in by_step.values():
         for name, window in windows.items():

@@ -336,17 +336,19 @@ def test_the_controller_promotes_a_healthy_candidate_through_every_step(
     after = httpx.get(f"{gw.url}/admin/routes/chat/analysis", headers=ADMIN).json()
     assert after["window"]["candidate"]["requests"] == counted  # promoted: nothing left to judge
     gates = {g["gate"]: g for g in analysis.json()["gates"]}
-    assert {name: g["result"] for name, g in gates.items()} == {
+    assert {name: g["result"] for name, g in gates.items() if not name.startswith("sample_ratio")} == {
         "error_rate": "pass",
         "validation_failure_rate": "pass",
         "latency_p99_ratio": "pass",
-        "sample_ratio": "pass",  # each request counted with its chance of the candidate, by the proxy
-        "sample_ratio_units": "pass",  # and each user (its "user" field) once per step, by its arm
     }
-    units = gates["sample_ratio_units"]
-    assert units["n_candidate"] > 0 and units["n_base"] > 0, units
-    check = gates["sample_ratio"]
-    assert check["n_candidate"] > 0 and check["n_base"] > 0 and abs(check["value"]) < 0.2, check
+    # The sample-ratio checks of the last step, as the controller decided on them: never a mismatch (it
+    # would have held), and "wait" when the step was too short for min_samples (it advanced after one
+    # interval). Each request counted with its chance of the candidate, and each user (its "user" field)
+    # noted once for the step, by the proxy: the candidate's, at least, that the step was passed on.
+    for name in ("sample_ratio", "sample_ratio_units"):
+        check = gates[name]
+        assert check["result"] in ("pass", "wait") and check["n_candidate"] > 0, check
+        assert check["value"] is None or abs(check["value"]) < 0.2, check
     metrics = httpx.get(f"{gw.url}/metrics").text
     assert 'canarygate_gate_threshold{gate="latency_p99_ratio",route="chat"} 5.0' in metrics
     compare = subprocess.run(
@@ -427,7 +429,8 @@ def test_clients_that_leave_the_candidate_before_its_answer_hold_the_rollout_on_
     detail = httpx.get(f"{gw.url}/admin/routes/chat", headers=ADMIN, timeout=10).json()
     assert (detail["phase"], detail["weight"]) == ("progressing", 20)  # neither advanced nor rolled back
     (reason,) = [t["reason"] for t in detail["history"] if t["reason"].startswith(MISMATCH)]
-    assert "cohort all: candidate 0.00% of" in reason and "expected 20.00% from the weight" in reason
+    # the check of requests or of units, whichever found it first (both see a candidate never counted)
+    assert "cohort all: candidate 0.00% of" in reason and "expected 20.00%" in reason, reason
     assert gave_up[0] > 0
     metrics = httpx.get(f"{gw.url}/metrics", timeout=10).text
     assert 'canarygate_sample_ratio_mismatch{cohort="all",route="chat"} 1.0' in metrics
