@@ -471,7 +471,8 @@ def test_a_restarted_gateway_resumes_the_step_and_the_controller_holds_while_red
         )
     finally:
         stop.set()
-    assert phase_of(second.url)[0] == "promoted"
+    # The other replica learns it by pub/sub, or by its next poll of the state (every POLL_S).
+    wait_for(lambda: phase_of(second.url)[0] == "promoted", timeout=10, message="the other replica")
 
 
 def test_several_workers_without_redis_refuse_to_hold_rollout_state(
