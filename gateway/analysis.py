@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from gateway.policy import Gates
+from gateway.policy import Gates, LossGate, ScoreGate
 
 Result = Literal["pass", "fail", "wait"]
 
@@ -108,6 +108,23 @@ class ArmWindow:
     ttfts: int = 0
     log_ttft: float = 0.0
     log_ttft_sq: float = 0.0
+    # Evaluations, per evaluator: [results, sum, sum of squares, order flips]. A score in [0, 1]; a judged
+    # pair's value is +1 for a candidate loss, -1 for a win, 0 for a tie (flips: ties the order decided).
+    scores: dict[str, list[float]] = field(default_factory=dict)
+
+    def score(self, evaluator: str, value: float, flip: bool = False) -> None:
+        kept = self.scores.get(evaluator)
+        if kept is None:
+            kept = self.scores[evaluator] = [0.0, 0.0, 0.0, 0.0]
+        kept[0] += 1
+        kept[1] += value
+        kept[2] += value * value
+        kept[3] += flip
+
+    def scored(self, evaluator: str) -> tuple[float, float, float]:
+        """(sum, sum of squares, results) of an evaluator's values."""
+        kept = self.scores.get(evaluator)
+        return (kept[1], kept[2], kept[0]) if kept is not None else (0.0, 0.0, 0.0)
 
     @property
     def attempts(self) -> int:
@@ -141,6 +158,10 @@ class ArmWindow:
         for mine, theirs in ((self.latency, other.latency), (self.ttft, other.ttft)):
             for bucket, count in theirs.items():
                 mine[bucket] = mine.get(bucket, 0) + count
+        for evaluator, values in other.scores.items():
+            kept = self.scores.setdefault(evaluator, [0.0, 0.0, 0.0, 0.0])
+            for i, value in enumerate(values):
+                kept[i] += value
 
 
 Strata = Sequence[tuple[ArmWindow, ArmWindow]]  # (base, candidate) per interval
@@ -261,8 +282,11 @@ def _effects(groups: Groups | None, total: str, squares: str, count: str) -> Eff
         return 1.0, 1.0, math.inf
 
     def row(w: ArmWindow) -> tuple[float, float, float, float]:
-        n = float(getattr(w, count))
-        return getattr(w, total), getattr(w, squares), n, w.signed * n / w.requests if w.requests else 0.0
+        if total.startswith("scores:"):  # an evaluator's results: (sum, squares, results)
+            value, value_sq, n = w.scored(total[7:])
+        else:
+            value, value_sq, n = getattr(w, total), getattr(w, squares), float(getattr(w, count))
+        return value, value_sq, n, w.signed * n / w.requests if w.requests else 0.0
 
     rows = [[row(w) for w in groups[0]], [row(w) for w in groups[1]]]
     base, candidate = design_effects(rows)
@@ -430,6 +454,81 @@ def mean_ratio(
     return Verdict(gate, result, ratio, low, high, maximum, nb, nc, critical, reason)
 
 
+def _score_variance(total: float, squares: float, n: float) -> float:
+    """The variance of one result, from the sums, with a quarter of a pseudo-result's worth added: results
+    that all agree must not read as certainty."""
+    return max(squares - total * total / n, 0.0) / (n + 1) + 0.25 / (n + 1) if n > 0 else 0.25
+
+
+def score_decrease(
+    gate: str,
+    strata: Sequence[tuple[tuple[float, float, float], tuple[float, float, float]]],
+    max_decrease: float,
+    *,
+    alpha: float,
+    n_star: float,
+    min_samples: int,
+    critical: bool = False,
+    effects: Effects = (1.0, 1.0, math.inf),
+) -> Verdict:
+    """base mean score - candidate mean score <= max_decrease, over the strata where both arms have results,
+    Mantel-Haenszel-weighted as rates are. strata: per interval, (sum, sum of squares, results) per arm."""
+    used = [(b, c) for b, c in strata if b[2] > 0 and c[2] > 0]
+    nb, nc = sum(b[2] for b, _ in used), sum(c[2] for _, c in used)
+    if not used:
+        return Verdict(
+            gate, "wait", None, None, None, max_decrease, int(nb), int(nc), critical, NOTHING_SHARED
+        )
+    weights = [b[2] * c[2] / (b[2] + c[2]) for b, c in used]
+    total = sum(weights)
+    diff = sum(w * (b[0] / b[2] - c[0] / c[2]) for w, (b, c) in zip(weights, used, strict=True)) / total
+    vb = _score_variance(sum(b[0] for b, _ in used), sum(b[1] for b, _ in used), nb)
+    vc = _score_variance(sum(c[0] for _, c in used), sum(c[1] for _, c in used), nc)
+    db, dc, units = effects
+    variance = sum(w * w * (db * vb / b[2] + dc * vc / c[2]) for w, (b, c) in zip(weights, used, strict=True))
+    se = math.sqrt(variance) / total
+    z = few_units(boundary(min(nb / db, nc / dc), 2 * alpha, n_star), units)
+    low, high = diff - z * se, diff + z * se
+    result = _decide(low, diff, max_decrease, min(nb, nc) >= min_samples)
+    mean_c = sum(c[0] for _, c in used) / nc
+    reason = (
+        f"mean score {mean_c:.3f} vs base {mean_c + diff:.3f} over the same intervals, "
+        f"allowed -{max_decrease:g}"
+    )
+    return Verdict(gate, result, diff, low, high, max_decrease, int(nb), int(nc), critical, reason)
+
+
+def loss_rate(
+    gate: str,
+    pairs: tuple[float, float, float],
+    maximum: float,
+    *,
+    alpha: float,
+    n_star: float,
+    min_samples: int,
+    critical: bool = False,
+    effect: float = 1.0,
+    units: float = math.inf,
+) -> Verdict:
+    """Judged pairs: the candidate's share of losses minus its share of wins <= maximum. Each pair is +1
+    (a loss), -1 (a win) or 0 (a tie); pairs: (sum, sum of squares, pairs). A pair is already a comparison
+    at one moment, so there is nothing to stratify; units still make pairs alike (the design effect)."""
+    total, squares, n = pairs
+    if n <= 0:
+        return Verdict(gate, "wait", None, None, None, maximum, 0, 0, critical, "no judged pair yet")
+    mean = total / n
+    se = math.sqrt(effect * _score_variance(total, squares, n) / n)
+    z = few_units(boundary(n / effect, 2 * alpha, n_star), units)
+    low, high = mean - z * se, mean + z * se
+    result = _decide(low, mean, maximum, n >= min_samples)
+    losses, wins = (squares + total) / 2, (squares - total) / 2
+    reason = (
+        f"{losses:.0f} losses, {wins:.0f} wins, {n - squares:.0f} ties in {n:.0f} judged pairs "
+        f"(losses - wins {_pct(mean)}), at most {_pct(maximum)}"
+    )
+    return Verdict(gate, result, mean, low, high, maximum, int(n), int(n), critical, reason)
+
+
 def _decide(low: float, estimate: float, threshold: float, enough: bool) -> Result:
     if not enough:
         return "wait"
@@ -481,6 +580,17 @@ def _pct(rate: float) -> str:
     return f"{rate * 100:.2f}%"
 
 
+@dataclass(frozen=True)
+class Paired:
+    """Where the results on shadow pairs are counted: per interval (base, shadow) windows (a pair's verdict
+    and the candidate's tool agreement on the shadow side, the base's agreement with itself on the noise
+    floor's pairs on the base side), the same per unit group, and which evaluators are judged on pairs."""
+
+    strata: Strata
+    groups: Groups | None
+    evaluators: frozenset[str]
+
+
 def judge(
     gates: Gates,
     strata: Strata,
@@ -488,18 +598,39 @@ def judge(
     confidence: float,
     min_samples: int,
     groups: Groups | None = None,
+    paired: Paired | None = None,
 ) -> list[Verdict]:
     """Every configured gate over the strata (per interval: base, candidate), each at an equal share of
     the rollout's error budget (1 - confidence). groups: the arms' windows per unit group over the same
-    rollout, for the design effects (None: requests are independent)."""
-    configured = [(name, gate) for name, gate in gates if gate is not None]
+    rollout, for the design effects (None: requests are independent). paired: the shadow pairs' windows,
+    for the quality gates of evaluators judged on pairs."""
+    configured = gates.configured()
     alpha = (1 - confidence) / max(len(configured), 1)
-    n_star = 10.0 * min_samples  # the boundary is tightest around a few times the minimum sample
-    kw: dict[str, Any] = {"alpha": alpha, "n_star": n_star, "min_samples": min_samples}
     verdicts = []
-    for name, gate in configured:
+    for name, typed in configured:
+        gate: Any = typed  # each kind of gate reads its own fields below
         crit = gate.critical
-        if name in RATES:
+        least = getattr(gate, "min_samples", None) or min_samples
+        n_star = 10.0 * least  # the boundary is tightest around a few times the minimum sample
+        kw: dict[str, Any] = {"alpha": alpha, "n_star": n_star, "min_samples": least}
+        kind, _, evaluator = name.partition(":")
+        on_pairs = paired is not None and evaluator in paired.evaluators
+        if kind == "pairwise_loss_rate" or (kind == "eval_score_decrease" and on_pairs):
+            where, unit_groups = (paired.strata, paired.groups) if paired is not None else ((), None)
+        else:
+            where, unit_groups = strata, groups
+        if isinstance(gate, LossGate):
+            scored = [c.scored(evaluator) for _, c in where]
+            pairs = (sum(x[0] for x in scored), sum(x[1] for x in scored), sum(x[2] for x in scored))
+            effects = _effects(unit_groups, f"scores:{evaluator}", "", "")
+            verdict = loss_rate(
+                name, pairs, gate.max, critical=crit, effect=effects[1], units=effects[2], **kw
+            )
+        elif isinstance(gate, ScoreGate):
+            sums = [(b.scored(evaluator), c.scored(evaluator)) for b, c in where]
+            effects = _effects(unit_groups, f"scores:{evaluator}", "", "")
+            verdict = score_decrease(name, sums, gate.max_decrease, critical=crit, effects=effects, **kw)
+        elif name in RATES:
             events, out_of = RATES[name]
             rates = [
                 ((getattr(b, events), getattr(b, out_of)), (getattr(c, events), getattr(c, out_of)))
@@ -526,7 +657,7 @@ def judge(
             verdict = quantile_ratio(name, hists, q, gate.max, critical=crit, effects=effects, **kw)
         else:
             total, squares = MEANS[name]
-            sums = [
+            means = [
                 (
                     (getattr(b, total), getattr(b, squares), b.token_answers),
                     (getattr(c, total), getattr(c, squares), c.token_answers),
@@ -535,8 +666,8 @@ def judge(
             ]
             unit = "tokens" if name == "output_tokens_ratio" else "cost"
             effects = _effects(groups, total, squares, "token_answers")
-            verdict = mean_ratio(name, sums, gate.max, critical=crit, unit=unit, effects=effects, **kw)
-        wanted = needs(verdict, min_samples)
+            verdict = mean_ratio(name, means, gate.max, critical=crit, unit=unit, effects=effects, **kw)
+        wanted = needs(verdict, least)
         if name == "ttft_p50_ratio" and verdict.value is None:  # a time to first token is a stream's only
             wanted = "streamed answers of both arms in the same interval (TTFT is measured on streams only)"
         verdicts.append(replace(verdict, needs=wanted))
@@ -615,9 +746,7 @@ def per_interval(
     estimate is made of (a rate's difference, a quantile's or a mean's ratio; the fallback rate is the
     candidate's own). strata: (interval number, base, candidate)."""
     out: dict[str, list[dict[str, Any]]] = {}
-    for name, gate in gates:
-        if gate is None:
-            continue
+    for name, _ in gates.configured():
         rows = []
         for interval, b, c in strata:
             estimate = _interval_estimate(name, b, c)
@@ -631,7 +760,16 @@ def per_interval(
 
 
 def _interval_estimate(name: str, b: ArmWindow, c: ArmWindow) -> tuple[int, int, float] | None:
-    if name in RATES:
+    kind, _, evaluator = name.partition(":")
+    if kind == "eval_score_decrease":
+        (sb, _, nb), (sc, _, nc) = b.scored(evaluator), c.scored(evaluator)
+        if nb and nc:
+            return int(nb), int(nc), sb / nb - sc / nc
+    elif kind == "pairwise_loss_rate":
+        verdicts, _, n = c.scored(evaluator)
+        if n:
+            return int(n), int(n), verdicts / n
+    elif name in RATES:
         events, out_of = RATES[name]
         nb, nc = getattr(b, out_of), getattr(c, out_of)
         if nb and nc:

@@ -48,6 +48,7 @@ from gateway.errors import (
     Unavailable,
     log_error,
 )
+from gateway.evaluation.evaluations import Evaluations
 from gateway.feedback import Assignments, Feedback, FeedbackIn
 from gateway.proxy import Proxy
 from gateway.readiness import Readiness
@@ -112,6 +113,9 @@ class Services:
             self.assignments, self.store.backend, self.metrics, self.stats, self.routes.compiled
         )
         self.upstream = Upstream()
+        self.evaluations = Evaluations(
+            self.upstream, self.spawner, self.stats, self.metrics, self.tracing, os.environ
+        )
         self.readiness = Readiness(self.upstream, settings.readyz_probe_timeout_s)
         self.controller = Controller(
             self.store.lease,
@@ -141,6 +145,7 @@ class Services:
             self.store.pairs,
             self.stats,
             self.assignments,
+            self.evaluations,
         )
 
     def _automatic(self) -> list[Route]:
@@ -372,12 +377,17 @@ def _api(services: Services) -> FastAPI:
         }
 
     @api.get("/admin/pairs", dependencies=[Depends(admin)])
-    async def pairs(route: str, disagreements: bool = False, limit: int = 100) -> Response:
-        """Recent compared shadow pairs of a route, newest first, as JSON lines."""
+    async def pairs(
+        route: str, disagreements: bool = False, decisive: bool = False, limit: int = 100
+    ) -> Response:
+        """Recent compared shadow pairs of a route, newest first, as JSON lines; decisive: only those a
+        pairwise judge decided."""
         if services.routes.get(route) is None:
             raise ModelNotFound(f"no route {route[:100]!r} on this gateway", param="route")
         try:
-            records = await services.store.pairs.recent(route, max(1, min(limit, 100_000)), disagreements)
+            records = await services.store.pairs.recent(
+                route, max(1, min(limit, 100_000)), disagreements, decisive
+            )
         except StateUnavailable as exc:
             raise Unavailable("the pair store (Redis) cannot be reached") from exc
         body = b"".join(orjson.dumps(record) + b"\n" for record in records)
@@ -535,6 +545,7 @@ def _analysis_view(analysis: Analysis, state: RouteState, route: Route) -> dict[
         "gates": gates,
         "window": {"base": arm(analysis.window[0]), "candidate": arm(analysis.window[1])},
         "last_interval": {"base": arm(analysis.last[0]), "candidate": arm(analysis.last[1])},
+        "evaluations": analysis.evaluations,
     }
 
 

@@ -54,6 +54,7 @@ class Request:
         "metrics",
         "pairs",
         "payload",
+        "request_id",
         "route",
         "rules",
         "share",
@@ -78,7 +79,9 @@ class Request:
         checks: SchemaChecks,
         unit: Unit = ANONYMOUS,
         share: float = 0.0,
+        request_id: str = "",
     ) -> None:
+        self.request_id = request_id
         self.checks = checks  # where schema checks too costly for the loop run
         self.route = route
         self.cohort = cohort

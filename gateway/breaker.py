@@ -25,9 +25,17 @@ class BreakerSettings:
 
 class CircuitBreaker:
     def __init__(
-        self, name: str, settings: BreakerSettings, clock: Callable[[], float] = time.monotonic
+        self,
+        name: str,
+        settings: BreakerSettings,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        calls: str = "candidate requests",
+        while_open: str = "base serves every unit",
     ) -> None:
         self.name = name
+        self._calls = calls  # what it counts, and what an open circuit means, in its log lines
+        self._while_open = while_open
         self.settings = settings
         self._clock = clock
         self._outcomes: deque[bool] = deque(maxlen=settings.window)  # True: a failure
@@ -74,7 +82,7 @@ class CircuitBreaker:
         count = len(self._outcomes)
         if count >= self.settings.min_requests and self._failures / count >= self.settings.failure_rate:
             self._open(
-                f"{self._failures} of the last {count} candidate requests failed "
+                f"{self._failures} of the last {count} {self._calls} failed "
                 f"({self._failures / count:.0%} >= {self.settings.failure_rate:.0%})"
             )
 
@@ -92,7 +100,7 @@ class CircuitBreaker:
     def _open(self, reason: str) -> None:
         self._reset()
         self._opened_at = self._clock()
-        self._move("open", f"{reason}; base serves every unit for {self.settings.open_s:g}s")
+        self._move("open", f"{reason}; {self._while_open} for {self.settings.open_s:g}s")
 
     def _reset(self) -> None:
         self._outcomes.clear()

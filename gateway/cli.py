@@ -143,7 +143,15 @@ def _parser() -> argparse.ArgumentParser:
     pairs = sub.add_parser("pairs", help="export compared shadow pairs from a running gateway")
     pairs.add_argument("--route", required=True)
     pairs.add_argument("--disagreements", action="store_true", help="only pairs that disagree on a check")
-    pairs.add_argument("--jsonl", action="store_true", help="one JSON record a line, for scripts")
+    pairs.add_argument("--jsonl", action="store_true", help="one JSON record a line (as --format jsonl)")
+    pairs.add_argument(
+        "--format",
+        choices=["table", "jsonl", "preference", "sft"],
+        default="table",
+        help="preference: JSONL preference rows of the pairs a pairwise judge decided (winner preferred); "
+        "sft: the base's answers where the candidate lost (needs mirror.capture_content)",
+    )
+    pairs.add_argument("--evaluator", help="preference, sft: the pairwise evaluator whose verdicts count")
     pairs.add_argument("--limit", type=int, default=100)
     _admin_options(pairs, json_flag=False)
     pairs.set_defaults(func=_pairs)
@@ -350,7 +358,8 @@ def _plan(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-    configured = [name for name, gate in rollout.gates if gate is not None]
+    configured = [name for name, _ in rollout.gates.configured() if ":" not in name]
+    quality = [name for name, _ in rollout.gates.configured() if ":" in name]
     regressions: list[tuple[str, float]] = []
     for given in args.worse:
         name, _, size = given.partition("=")
@@ -398,7 +407,10 @@ def _plan(args: argparse.Namespace) -> int:
         f"validation failures {args.validation_failure_rate * 100:.2f}%, "
         f"p50 latency {args.latency_p50 * 1000:.0f} ms"
     )
-    print("(expected values: a typical rollout, about the median; bench/decisions.py measures the spread)\n")
+    print("(expected values: a typical rollout, about the median; bench/decisions.py measures the spread)")
+    if quality:
+        print(f"not planned: {', '.join(quality)} (a judge's results cannot be predicted here)")
+    print()
 
     def took(course: Any) -> str:
         span, plural = _span(course.intervals * every), "s" if course.intervals != 1 else ""
@@ -549,23 +561,80 @@ def _pairs(args: argparse.Namespace) -> int:
 def _print_pairs(args: argparse.Namespace) -> int:
     import orjson
 
+    fmt = "jsonl" if args.jsonl else args.format
+    training = fmt in ("preference", "sft")
     params: dict[str, str | int] = {"route": args.route, "limit": args.limit}
     if args.disagreements:
         params["disagreements"] = "true"
+    if training:
+        params["decisive"] = "true"
     response = _admin(args, "GET", "/admin/pairs", params=params)
-    if args.jsonl:
+    if fmt == "jsonl":
         sys.stdout.write(response.text)
         return 0
     records = [orjson.loads(line) for line in response.text.splitlines() if line]
-    print(f"{'time':<21}{'pair':<10}{'kind':<10}{'primary ms':>11}{'shadow ms':>10}  disagreements")
+    if training:
+        rows = [row for r in records if (row := training_row(r, fmt, args.evaluator)) is not None]
+        for row in rows:
+            sys.stdout.write(orjson.dumps(row).decode() + "\n")
+        print(f"{len(rows)} {fmt} row(s) from {len(records)} decided pair(s)", file=sys.stderr)
+        if records and not any("prompt" in r for r in records):
+            print(
+                "the pairs carry no content: set mirror.capture_content: true on the route to export them",
+                file=sys.stderr,
+            )
+        return 0
+    print(
+        f"{'time':<21}{'pair':<10}{'kind':<10}{'primary ms':>11}{'shadow ms':>10}  disagreements / verdicts"
+    )
     for r in records:
         disagreements = ", ".join(check for check, agreed in r["checks"].items() if not agreed) or "-"
+        verdicts = ", ".join(f"{name}: {v.get('verdict')}" for name, v in (r.get("verdicts") or {}).items())
         print(
             f"{r['time']:<21}{r['pair_id'][:8]:<10}{r['kind']:<10}{r['primary']['latency_ms']:>11.1f}"
-            f"{r['shadow']['latency_ms']:>10.1f}  {disagreements}"
+            f"{r['shadow']['latency_ms']:>10.1f}  {disagreements}{' / ' + verdicts if verdicts else ''}"
         )
     print(f"{len(records)} pair(s)", file=sys.stderr)
     return 0
+
+
+def training_row(record: dict[str, Any], fmt: str, evaluator: str | None = None) -> dict[str, Any] | None:
+    """A decided pair as a training row: preference ({"input": {"messages", "tools"}, "preferred_output",
+    "non_preferred_output"}, OpenAI's preference fine-tuning format) or sft (the conversation with the
+    base's answer, where the candidate lost). None for a pair without content or a decisive verdict."""
+    prompt = record.get("prompt")
+    verdicts = record.get("verdicts") or {}
+    decided = [
+        v["verdict"]
+        for name, v in verdicts.items()
+        if (evaluator is None or name == evaluator) and v.get("verdict") in ("win", "loss")
+    ]
+    if record.get("kind") != "candidate" or not isinstance(prompt, list) or not decided:
+        return None
+    base, candidate = _assistant(record["primary"]), _assistant(record["shadow"])
+    if base is None or candidate is None:
+        return None
+    tools = record.get("tools") or []
+    if fmt == "sft":
+        if decided[0] != "loss":
+            return None
+        return {"messages": [*prompt, base], **({"tools": tools} if tools else {})}
+    preferred, other = (candidate, base) if decided[0] == "win" else (base, candidate)
+    return {
+        "input": {"messages": prompt, "tools": tools},
+        "preferred_output": [preferred],
+        "non_preferred_output": [other],
+    }
+
+
+def _assistant(side: dict[str, Any]) -> dict[str, Any] | None:
+    output = side.get("output")
+    if not isinstance(output, dict):
+        return None
+    message = {"role": "assistant", "content": output.get("content")}
+    if output.get("tool_calls"):
+        message["tool_calls"] = output["tool_calls"]
+    return message
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -668,9 +737,38 @@ def _compare(args: argparse.Namespace) -> int:
                     f"  {arm:<10}{w['requests']:>8} requests  errors {_pct(w['error_rate'])}  "
                     f"invalid {_pct(w['validation_failure_rate'])}  fallbacks {_pct(w['fallback_rate'])}"
                 )
+        _print_evaluations(answer.get("evaluations") or {})
         return 0
 
     return _run_admin("compare", show)
+
+
+ARM_SHOWN = {"base": "base", "candidate": "candidate", "shadow": "candidate (shadow)", "noise": "noise floor"}
+
+
+def _print_evaluations(evaluations: dict[str, Any]) -> None:
+    """Each evaluator's results so far; a pairwise judge's verdicts beside its calibration: how it judged
+    the noise floor's base-against-base pairs, where any verdict but a tie is the judge's own noise."""
+    if not evaluations:
+        return
+    print("\nevaluations (rollout so far):")
+    for name, e in evaluations.items():
+        head = f"  {name} ({e['kind']}, {e['sample'] * 100:g}% sampled)"
+        if e["kind"] != "pairwise":
+            arms = [f"{ARM_SHOWN[a]} {e[a]['mean']:.3f} (n={e[a]['results']})" for a in ARM_SHOWN if a in e]
+            print(f"{head}: mean score {'; '.join(arms) or 'no results yet'}")
+            continue
+        print(f"{head}:")
+        for arm, label in (("shadow", "candidate vs base"), ("noise", "base vs base (calibration)")):
+            v = e.get(arm)
+            if v is None:
+                print(f"    {label}: no judged pair yet")
+                continue
+            n = v["pairs"]
+            print(
+                f"    {label}: {v['wins']} wins, {v['ties']} ties, {v['losses']} losses of {n} pairs; "
+                f"ties {_pct(v['ties'] / n)}, order flips {_pct(v['flips'] / n)}"
+            )
 
 
 def _ratio(value: float | None) -> str:

@@ -19,12 +19,14 @@ from gateway.tracing import Tracing
 
 if TYPE_CHECKING:
     from gateway.attempt import Attempt, Request
+    from gateway.evaluation.evaluations import Evaluations
 
 
 class Ledger:
-    def __init__(self, stats: Recorder, tracing: Tracing) -> None:
+    def __init__(self, stats: Recorder, tracing: Tracing, evaluations: Evaluations | None = None) -> None:
         self._stats = stats
         self._tracing = tracing
+        self._evaluations = evaluations
 
     def book(
         self,
@@ -62,6 +64,8 @@ class Ledger:
             observation = attempt.observation()
             for pair in request.pairs:
                 pair.record_primary(observation)
+        if self._evaluations is not None and stats_arm is not None and outcome == "ok":
+            self._evaluations.answer(request, attempt, stats_arm)
         if attempt.span is not None:
             self._tracing.end_client(
                 attempt.span,

@@ -3,18 +3,17 @@ delay or fail the primary, and each one compared with the answer the user actual
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from gateway.errors import GatewayError
+from gateway.lane import Lane, Limits
 from gateway.route import MirrorSettings, PerRoute, Route
 from gateway.tasks import Spawner
 from gateway.validation import Rules
@@ -22,9 +21,10 @@ from gateway.validation import Rules
 log = logging.getLogger("gateway.mirror")
 
 
-class Mirror:
+class Mirror(Lane):
     """One route's shadow calls: at most max_concurrency at once and max_queue waiting; beyond that, and
-    while the token budget of the last minute is spent, new ones are dropped (the caller counts them)."""
+    while the token budget of the last minute is spent, new ones are dropped (the caller counts them).
+    Stopped when shadow traffic is off (rollback, pause, promotion, a new policy)."""
 
     def __init__(
         self,
@@ -33,67 +33,9 @@ class Mirror:
         spawner: Spawner,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.name = name
+        limits = Limits(settings.max_concurrency, settings.max_queue, settings.tokens_per_minute)
+        super().__init__(f"mirror:{name}", limits, spawner, clock)
         self.settings = settings
-        self._spawner = spawner
-        self._clock = clock
-        self._task_name = f"mirror:{name}"
-        self._queue: deque[Callable[[], Coroutine[Any, Any, None]]] = deque()
-        self._runners: set[asyncio.Task[Any]] = set()  # each works through the queue until it is empty
-        self._stopped = False
-        self.pending = 0  # running or waiting for a runner
-        self._spent: deque[tuple[float, int]] = deque()  # (when, tokens) over the last minute
-        self._spent_total = 0
-
-    def submit(self, work: Callable[[], Coroutine[Any, Any, None]]) -> bool:
-        if self._stopped or self.pending >= self.settings.max_concurrency + self.settings.max_queue:
-            return False
-        budget = self.settings.tokens_per_minute
-        if budget is not None and self._tokens_last_minute() >= budget:
-            return False
-        self.pending += 1
-        if len(self._runners) < self.settings.max_concurrency:
-            runner = self._spawner.spawn(self._run(work), name=self._task_name)
-            self._runners.add(runner)
-            runner.add_done_callback(self._runners.discard)
-        else:
-            self._queue.append(work)
-        return True
-
-    def stop(self) -> None:
-        """Shadow traffic is off (rollback, pause, promotion, a new policy): what waits is dropped, what
-        runs is cancelled, nothing more is admitted."""
-        self._stopped = True
-        dropped = len(self._queue)
-        self._queue.clear()
-        for runner in list(self._runners):
-            runner.cancel()
-        if dropped or self._runners:
-            log.info(
-                "route=%s shadow traffic off: %d queued shadow calls dropped, %d running cancelled",
-                *(self.name, dropped, len(self._runners)),
-            )
-
-    async def _run(self, work: Callable[[], Coroutine[Any, Any, None]] | None) -> None:
-        while work is not None:
-            try:
-                await work()
-            finally:
-                self.pending -= 1
-            work = self._queue.popleft() if self._queue else None
-
-    def spend(self, tokens: int) -> None:
-        if self.settings.tokens_per_minute is None:
-            return  # no budget: nothing to keep (the log would only grow)
-        self._spent.append((self._clock(), tokens))
-        self._spent_total += tokens
-        self._tokens_last_minute()  # trims what fell out of the minute
-
-    def _tokens_last_minute(self) -> int:
-        horizon = self._clock() - 60
-        while self._spent and self._spent[0][0] < horizon:
-            self._spent_total -= self._spent.popleft()[1]
-        return self._spent_total
 
 
 class Mirrors:
@@ -166,6 +108,7 @@ def pair_record(
     shadow: Observation,
     models: tuple[str, str],
     prompt: Any | None,
+    tools: Any | None = None,
 ) -> dict[str, Any]:
     """What an exported pair says; the prompt and both answers only when the operator captures content."""
     record: dict[str, Any] = {
@@ -189,6 +132,8 @@ def pair_record(
             record[side]["output"] = _first_message(answer)
     if prompt is not None:
         record["prompt"] = prompt
+        if tools:
+            record["tools"] = tools
     return record
 
 

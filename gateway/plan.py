@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from gateway.analysis import BUCKETS, ArmWindow, Verdict, bucket_bound, decide, judge
-from gateway.policy import Gates, Rollout
+from gateway.policy import QUALITY_GATES, Gates, Rollout
 from gateway.rollout import controller_step
 from gateway.store.rollouts import RouteState
 
@@ -73,6 +73,8 @@ def walk(rollout: Rollout, traffic: Traffic, worse: Mapping[str, float] | None =
     added, as a fraction; ratios: the factor; fallback_rate: its rate)."""
     worse = dict(worse or {})
     steps = list(rollout.steps or [])
+    # The quality gates' results come from a judge: nothing here can predict them, so they are left out.
+    gates = rollout.gates.model_copy(update={key: {} for key in QUALITY_GATES})
     if not steps:
         raise ValueError("plan needs an automatic rollout (rollout.steps)")
     shadow = rollout.shadow_first
@@ -99,9 +101,7 @@ def walk(rollout: Rollout, traffic: Traffic, worse: Mapping[str, float] | None =
         else:
             strata.append((base, candidate))
             stratum = (state.phase, state.step)
-        verdicts = judge(
-            rollout.gates, strata, confidence=rollout.confidence, min_samples=rollout.min_samples
-        )
+        verdicts = judge(gates, strata, confidence=rollout.confidence, min_samples=rollout.min_samples)
         promotes = state.phase == "progressing" and controller_step(state, steps)[1]["phase"] == "promoted"
         decision = decide(verdicts, rollout.on_fail, rollout.on_no_data, final=promotes)
         if decision == "rollback":

@@ -38,6 +38,10 @@ RESERVED_HEADERS = frozenset(
 DEFAULT_STICKY_KEYS = ("header:x-session-id", "header:x-user-id", "body:user")
 
 Seconds = Annotated[float, Field(gt=0, le=3600)]
+ArmName = Literal["base", "candidate"]
+ARM_NAMES: tuple[ArmName, ...] = ("base", "candidate")
+Mode = Literal["primary", "mirror"]
+MODE_NAMES: tuple[Mode, ...] = ("primary", "mirror")
 
 
 class Strict(BaseModel):
@@ -138,49 +142,9 @@ class Arm(Strict):
     )
     tls: Tls | None = Field(default=None, description="TLS settings for an https:// url")
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in {"http", "https"}:
-            raise ValueError(f"must start with http:// or https://, got {value!r}")
-        if not parts.hostname:
-            raise ValueError(f"has no host: {value!r}")
-        if parts.query or parts.fragment:
-            raise ValueError("must not carry a query string or fragment")
-        if parts.username or parts.password:
-            raise ValueError("must not embed credentials; use api_key_env")
-        try:
-            parts.port  # noqa: B018 - raises on an invalid port
-        except ValueError:
-            raise ValueError(f"has an invalid port: {value!r}") from None
-        return value.rstrip("/")
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, value: str | None) -> str | None:
-        if value is not None and not ENV_NAME.match(value):
-            raise ValueError(f"{value!r} is not an environment variable name (letters, digits, _)")
-        return value
-
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, header_value in value.items():
-            if not HEADER_NAME.match(name):
-                raise ValueError(f"{name!r} is not a valid header name")
-            if name.lower() in RESERVED_HEADERS:
-                raise ValueError(f"header {name!r} is set by the gateway; use api_key_env for credentials")
-            if "\r" in header_value or "\n" in header_value:
-                raise ValueError(f"value of header {name!r} contains a line break")
-            try:
-                header_value.encode("latin-1")  # what HTTP/1.1 can carry; anything else fails every call
-            except UnicodeEncodeError:
-                raise ValueError(
-                    f"value of header {name!r} has characters HTTP headers cannot carry (only Latin-1); "
-                    "percent-encode them"
-                ) from None
-        return value
+    _url = field_validator("url")(lambda value: check_url(value))
+    _env_name = field_validator("api_key_env")(lambda value: check_env_name(value))
+    _headers = field_validator("headers")(lambda value: check_headers(value))
 
     @model_validator(mode="after")
     def _one_credential(self) -> Arm:
@@ -189,6 +153,49 @@ class Arm(Strict):
         if self.tls is not None and not self.url.startswith("https://"):
             raise ValueError("tls applies to an https:// url only")
         return self
+
+
+def check_url(value: str) -> str:
+    """An upstream's base URL: http(s), a host, no query, fragment or credentials."""
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"}:
+        raise ValueError(f"must start with http:// or https://, got {value!r}")
+    if not parts.hostname:
+        raise ValueError(f"has no host: {value!r}")
+    if parts.query or parts.fragment:
+        raise ValueError("must not carry a query string or fragment")
+    if parts.username or parts.password:
+        raise ValueError("must not embed credentials; use api_key_env")
+    try:
+        parts.port  # noqa: B018 - raises on an invalid port
+    except ValueError:
+        raise ValueError(f"has an invalid port: {value!r}") from None
+    return value.rstrip("/")
+
+
+def check_env_name(value: str | None) -> str | None:
+    if value is not None and not ENV_NAME.match(value):
+        raise ValueError(f"{value!r} is not an environment variable name (letters, digits, _)")
+    return value
+
+
+def check_headers(value: dict[str, str]) -> dict[str, str]:
+    """Extra headers for an upstream: valid names, not the gateway's own, values HTTP/1.1 can carry."""
+    for name, header_value in value.items():
+        if not HEADER_NAME.match(name):
+            raise ValueError(f"{name!r} is not a valid header name")
+        if name.lower() in RESERVED_HEADERS:
+            raise ValueError(f"header {name!r} is set by the gateway; use api_key_env for credentials")
+        if "\r" in header_value or "\n" in header_value:
+            raise ValueError(f"value of header {name!r} contains a line break")
+        try:
+            header_value.encode("latin-1")  # what HTTP/1.1 can carry; anything else fails every call
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"value of header {name!r} has characters HTTP headers cannot carry (only Latin-1); "
+                "percent-encode them"
+            ) from None
+    return value
 
 
 class Arms(Strict):
@@ -314,6 +321,174 @@ class Mirror(Strict):
     records: int = Field(default=1000, ge=0, le=1_000_000, description="Pair records kept per route")
 
 
+EVALUATOR_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+METADATA_SOURCE = re.compile(r"^metadata:[A-Za-z_][A-Za-z0-9_]*$")
+RUBRICS = ("instruction_adherence", "task_completion")  # built in; any other text is a custom rubric
+JUDGED = frozenset({"rubric", "pairwise"})  # the kinds that ask the judge
+EvaluatorKind = Literal[
+    "rubric", "pairwise", "tool_selection", "regex", "contains", "max_length", "json_path"
+]
+
+
+class JudgeTimeouts(Strict):
+    connect_s: Seconds = 2.0
+    total_s: Seconds = 60.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> JudgeTimeouts:
+        if self.connect_s > self.total_s:
+            raise ValueError(f"connect_s ({self.connect_s}) cannot exceed total_s ({self.total_s})")
+        return self
+
+
+class Judge(Strict):
+    """The judge: any OpenAI-compatible chat endpoint (vLLM, llama.cpp, a hosted API, or this gateway's own
+    URL and a route of it as the model). Never on a user's path: its calls run in the background, within
+    these bounds, behind their own circuit breaker."""
+
+    url: str = Field(description="Base URL of the OpenAI-compatible API, e.g. http://judge:8000/v1")
+    model: str = Field(min_length=1, max_length=256)
+    api_key_env: str | None = Field(default=None, description="Environment variable holding the key")
+    headers: dict[str, str] = Field(default_factory=dict)
+    tls: Tls | None = None
+    price: Price | None = Field(default=None, description="Token prices: canarygate_judge_cost_total")
+    timeouts: JudgeTimeouts = Field(default_factory=JudgeTimeouts)
+    max_concurrency: int = Field(default=4, ge=1, le=1000, description="Judge calls at once")
+    max_queue: int = Field(default=256, ge=0, le=100_000, description="Judge calls waiting; beyond: dropped")
+    requests_per_minute: int | None = Field(default=None, ge=1, le=1_000_000)
+    tokens_per_minute: int | None = Field(default=None, ge=1, description="Judging stops while spent")
+    max_tokens: int = Field(default=256, ge=16, le=8192, description="Longest verdict the judge may write")
+    max_answer_chars: int = Field(
+        default=8000, ge=100, le=1_000_000, description="Each answer and request is cut to this in the prompt"
+    )
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
+
+    _url = field_validator("url")(lambda value: check_url(value))
+    _env_name = field_validator("api_key_env")(lambda value: check_env_name(value))
+    _headers = field_validator("headers")(lambda value: check_headers(value))
+
+    @model_validator(mode="after")
+    def _tls(self) -> Judge:
+        if self.tls is not None and not self.url.startswith("https://"):
+            raise ValueError("tls applies to an https:// url only")
+        return self
+
+
+class Evaluator(Strict):
+    """One evaluation of answers: by the judge (rubric, pairwise) or by a deterministic check. sample: the
+    share of requests evaluated, drawn by request id, so every evaluator sees the same requests."""
+
+    name: str = Field(description="Lower-case letters, digits and _: the metrics' evaluator label")
+    kind: EvaluatorKind
+    sample: float = Field(default=1.0, gt=0, le=1, description="Share of requests evaluated")
+    arms: list[ArmName] = Field(default_factory=lambda: list(ARM_NAMES), min_length=1)
+    modes: list[Mode] = Field(
+        default_factory=lambda: list(MODE_NAMES),
+        min_length=1,
+        description="primary: answers users got; mirror: the candidate's shadow answers",
+    )
+    rubric: str | None = Field(
+        default=None,
+        max_length=4000,
+        description="rubric: instruction_adherence, task_completion, or the rubric's own text",
+    )
+    pattern: str | None = Field(default=None, max_length=1000, description="regex: searched in the answer")
+    text: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(
+        default=None, max_length=100, description="contains: any of these"
+    )
+    case_sensitive: bool = False
+    expect: bool = Field(
+        default=True, description="regex, contains, json_path: must (true) or must not match"
+    )
+    max_chars: int | None = Field(default=None, ge=1, description="max_length: characters of the answer")
+    max_tokens: int | None = Field(default=None, ge=1, description="max_length: output tokens (usage)")
+    path: str | None = Field(default=None, max_length=500, description="json_path: RFC 9535, e.g. $.answer")
+    equals: Any = Field(default=None, description="json_path: the value the path must hold")
+    expected_from: str | None = Field(
+        default=None,
+        description="tool_selection: metadata:FIELD of the request naming the right tool; without it, "
+        "the candidate's shadow answer is scored against the base's",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not EVALUATOR_NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not an evaluator name: a-z first, then a-z, 0-9 and _ (48 at most)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> Evaluator:
+        needed = {
+            "rubric": ("rubric",),
+            "regex": ("pattern",),
+            "contains": ("text",),
+            "json_path": ("path",),
+        }.get(self.kind, ())
+        for name in needed:
+            if getattr(self, name) is None:
+                raise ValueError(f"kind {self.kind} needs {name}")
+        allowed_by_kind: dict[str, set[str]] = {
+            "rubric": {"rubric"},
+            "pairwise": {"rubric"},
+            "tool_selection": {"expected_from"},
+            "regex": {"pattern", "expect", "case_sensitive"},
+            "contains": {"text", "expect", "case_sensitive"},
+            "max_length": {"max_chars", "max_tokens"},
+            "json_path": {"path", "equals", "expect"},
+        }
+        allowed = allowed_by_kind[self.kind]
+        specific = set().union(*allowed_by_kind.values())
+        stray = sorted((self.model_fields_set & specific) - allowed)
+        if stray:
+            raise ValueError(f"kind {self.kind} does not take {', '.join(stray)}")
+        if self.kind == "max_length" and self.max_chars is None and self.max_tokens is None:
+            raise ValueError("kind max_length needs max_chars or max_tokens")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern does not compile: {exc}") from None
+        if self.path is not None:
+            from gateway.evaluation.checks import compile_path  # the JSONPath library, loaded when used
+
+            problem = compile_path(self.path)[1]
+            if problem:
+                raise ValueError(f"path: {problem}")
+        if self.expected_from is not None and not METADATA_SOURCE.match(self.expected_from):
+            raise ValueError(f"expected_from {self.expected_from!r}: use metadata:FIELD")
+        if self.kind == "pairwise" and ("arms" in self.model_fields_set or "modes" in self.model_fields_set):
+            raise ValueError(
+                "kind pairwise judges shadow pairs (base answer vs candidate's): drop arms and modes"
+            )
+        return self
+
+    @property
+    def on_pairs(self) -> bool:
+        """Judged on shadow pairs (the candidate's answer against the base's), not on single answers."""
+        return self.kind == "pairwise" or (self.kind == "tool_selection" and self.expected_from is None)
+
+
+class Evaluation(Strict):
+    """Evaluators of the route's answers, and the judge the rubric and pairwise ones ask."""
+
+    judge: Judge | None = None
+    evaluators: list[Evaluator] = Field(default_factory=list, max_length=16)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Evaluation:
+        names = [e.name for e in self.evaluators]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"evaluator names listed twice: {', '.join(twice)}")
+        judged = [e.name for e in self.evaluators if e.kind in JUDGED]
+        if judged and self.judge is None:
+            raise ValueError(f"evaluators {', '.join(judged)} ask a judge: set evaluation.judge (url, model)")
+        return self
+
+
 COHORT_SOURCE = re.compile(
     r"^(header:[A-Za-z0-9!#$%&'*+.^_`|~-]+|metadata:[A-Za-z_][A-Za-z0-9_]*|api_key_group|tools|json_mode|stream)$"
 )
@@ -403,8 +578,34 @@ class RatioGate(Strict):
     critical: bool = False
 
 
+class ScoreGate(Strict):
+    """An evaluator's mean score, base - candidate, at most max_decrease (0.05: five points of [0, 1])."""
+
+    max_decrease: float = Field(ge=0, le=1)
+    critical: bool = False
+    min_samples: int | None = Field(
+        default=None, ge=10, description="Results per arm before it may pass or fail (rollout.min_samples)"
+    )
+
+
+class LossGate(Strict):
+    """Judged pairs: the candidate's share of losses minus its share of wins, at most max (0.05: five
+    points more losses than wins)."""
+
+    max: float = Field(ge=0, le=1)
+    critical: bool = False
+    min_samples: int | None = Field(
+        default=None, ge=10, description="Judged pairs before it may pass or fail (rollout.min_samples)"
+    )
+
+
+AnyGate = RateGate | CeilingGate | RatioGate | ScoreGate | LossGate
+
+
 class Gates(Strict):
-    """Candidate against base over the same window. Omitted gates are not checked."""
+    """Candidate against base over the same window. Omitted gates are not checked. The quality gates are
+    per evaluator (evaluation.evaluators), named "eval_score_decrease:NAME" and "pairwise_loss_rate:NAME"
+    in verdicts and metrics."""
 
     error_rate: RateGate | None = None
     validation_failure_rate: RateGate | None = None
@@ -415,6 +616,25 @@ class Gates(Strict):
     cost_per_request_ratio: RatioGate | None = None
     negative_feedback_rate: RateGate | None = None  # over the feedback received, not the requests
     escalation_rate: RateGate | None = None
+    eval_score_decrease: dict[str, ScoreGate] = Field(
+        default_factory=dict, description="Per evaluator of evaluation.evaluators (not pairwise)"
+    )
+    pairwise_loss_rate: dict[str, LossGate] = Field(
+        default_factory=dict, description="Per pairwise evaluator of evaluation.evaluators"
+    )
+
+    def configured(self) -> list[tuple[str, AnyGate]]:
+        """Every gate set, by the name its verdicts carry; the quality gates one per evaluator."""
+        out: list[tuple[str, AnyGate]] = []
+        for name, gate in self:
+            if isinstance(gate, dict):
+                out.extend((f"{name}:{evaluator}", g) for evaluator, g in gate.items())
+            elif gate is not None:
+                out.append((name, gate))
+        return out
+
+
+QUALITY_GATES = ("eval_score_decrease", "pairwise_loss_rate")
 
 
 DEFAULT_GATES = Gates(
@@ -461,7 +681,7 @@ class Rollout(Strict):
             raise ValueError("set either weight (manual mode) or steps (automatic mode), not both")
         if self.steps is None and "shadow_first" in self.model_fields_set:
             raise ValueError("shadow_first needs steps")
-        if self.steps is not None and not any(self.gates.model_dump().values()):
+        if self.steps is not None and not self.gates.configured():
             raise ValueError("gates: automatic mode needs at least one gate")
         return self
 
@@ -477,6 +697,7 @@ class Policy(Strict):
     fallback: Fallback = Field(default_factory=Fallback)
     mirror: Mirror = Field(default_factory=Mirror)
     cohorts: Cohorts | None = Field(default=None, description="Group requests for metrics, targeting, gates")
+    evaluation: Evaluation = Field(default_factory=Evaluation)
 
     @field_validator("route")
     @classmethod
@@ -511,6 +732,7 @@ class Policy(Strict):
         priced = [a is not None and a.price is not None for a in (self.arms.base, self.arms.candidate)]
         if self.rollout.gates.cost_per_request_ratio is not None and self.rollout.steps and not all(priced):
             raise ValueError("rollout.gates.cost_per_request_ratio needs a price on both arms (arms.*.price)")
+        self._quality_gates()
         if self.rollout.shadow_first and self.mirror.percent <= 0:
             raise ValueError("rollout.shadow_first needs mirror.percent above 0 (shadow traffic to judge)")
         for name in ("base", "candidate"):
@@ -521,12 +743,35 @@ class Policy(Strict):
                     raise ValueError(f"arms.{name}.timeouts merged with timeouts: {problem}")
         return self
 
+    def _quality_gates(self) -> None:
+        evaluators = {e.name: e for e in self.evaluation.evaluators}
+        gates = self.rollout.gates
+        for gate, wanted in (("eval_score_decrease", False), ("pairwise_loss_rate", True)):
+            for name in getattr(gates, gate):
+                evaluator = evaluators.get(name)
+                if evaluator is None:
+                    known = ", ".join(sorted(evaluators)) or "none declared"
+                    raise ValueError(f"rollout.gates.{gate}: {name!r} is not an evaluator ({known})")
+                if (evaluator.kind == "pairwise") != wanted:
+                    use = "pairwise_loss_rate" if evaluator.kind == "pairwise" else "eval_score_decrease"
+                    raise ValueError(
+                        f"rollout.gates.{gate}: {name} is a {evaluator.kind} evaluator; use {use}"
+                    )
+                if evaluator.on_pairs and self.mirror.percent <= 0:
+                    raise ValueError(
+                        f"rollout.gates.{gate}: {name} is judged on shadow pairs: set mirror.percent above 0"
+                    )
+                if not evaluator.on_pairs and not {"base", "candidate"} <= set(evaluator.arms):
+                    raise ValueError(
+                        f"rollout.gates.{gate}: {name} must evaluate both arms (arms: [base, candidate])"
+                    )
+        pairs = [e.name for e in self.evaluation.evaluators if e.on_pairs]
+        if pairs and self.mirror.percent <= 0 and self.mirror.noise_floor_percent <= 0:
+            raise ValueError(f"evaluators {', '.join(pairs)} judge shadow pairs: set mirror.percent above 0")
+
 
 def merge_timeouts(route: Timeouts, arm: TimeoutOverrides | None) -> Timeouts:
     if arm is None:
         return route
     overrides = {k: v for k, v in arm.model_dump().items() if v is not None}
     return Timeouts.model_construct(**{**route.model_dump(), **overrides})
-
-
-ArmName = Literal["base", "candidate"]

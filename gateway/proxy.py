@@ -44,6 +44,7 @@ from gateway.errors import (
     log_error,
     same_way,
 )
+from gateway.evaluation.evaluations import Evaluations
 from gateway.fallback import CIRCUIT_OPEN, Guards
 from gateway.feedback import Assignments
 from gateway.ledger import Ledger
@@ -83,6 +84,7 @@ class Proxy:
         pairs: PairStore,
         stats: Recorder,
         assignments: Assignments,
+        evaluations: Evaluations | None = None,
     ) -> None:
         self._routes = routes
         self._stats = stats
@@ -96,9 +98,9 @@ class Proxy:
         self._tracing = tracing
         self._schemas = SchemaCache()
         self.guards = Guards()
-        self._ledger = Ledger(stats, tracing)
+        self._ledger = Ledger(stats, tracing, evaluations)
         self._capacity = Capacity()
-        self.shadows = Shadows(upstream, tracing, spawner, pairs, self._ledger, self._capacity)
+        self.shadows = Shadows(upstream, tracing, spawner, pairs, self._ledger, self._capacity, evaluations)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         started = time.perf_counter()
@@ -141,6 +143,7 @@ class Proxy:
                 self.checks,
                 unit_of(route.name, key),
                 assignment.share,
+                reply.request_id,
             )
             if span is not None and route.cohorts is not None:
                 span.set_attribute("canarygate.cohort", cohort)

@@ -17,6 +17,7 @@ from gateway.analysis import (
     UNIT_GROUPS,
     ArmWindow,
     Groups,
+    Paired,
     Verdict,
     decide,
     judge,
@@ -221,6 +222,7 @@ class Analysis:
     fresh: int  # candidate requests since the current step began: a step is never passed unseen
     truncated: str | None = None  # why the window no longer covers the whole rollout: the rollout holds
     strata: list[tuple[int, ArmWindow, ArmWindow]] = field(default_factory=list)  # (interval, base, cand.)
+    evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)  # per evaluator: see evaluated()
 
 
 def measured_arm(current: RouteState) -> str:
@@ -273,7 +275,15 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
     labelled = [(i, arms.get("base", EMPTY), arms.get(arm, EMPTY)) for i, arms in sorted(stored.items())]
     strata = [(b, c) for _, b, c in labelled]
     kw: dict[str, Any] = {"confidence": confidence, "min_samples": auto.min_samples}
-    verdicts = judge(auto.gates, strata, groups=unit_groups(units, arm), **kw)
+    on_pairs = frozenset(e.name for e in route.policy.evaluation.evaluators if e.on_pairs)
+
+    def paired(cohort: str | None = None) -> Paired:
+        """The shadow pairs' windows (base, shadow) per interval, for the quality gates judged on pairs."""
+        at = f"@{cohort}" if cohort else ""
+        windows = [(arms.get(f"base{at}", EMPTY), arms.get(f"shadow{at}", EMPTY)) for arms in stored.values()]
+        return Paired(windows, unit_groups(units, "shadow", cohort), on_pairs)
+
+    verdicts = judge(auto.gates, strata, groups=unit_groups(units, arm), paired=paired(), **kw)
     total = base.requests + candidate.requests
     for cohort in cohorts:
         pairs = [
@@ -283,7 +293,9 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
         served = sum(b.requests + c.requests for b, c in pairs)
         assert segments is not None
         if total and served / total >= segments.min_share:
-            judged = judge(auto.gates, pairs, groups=unit_groups(units, arm, cohort), **kw)
+            judged = judge(
+                auto.gates, pairs, groups=unit_groups(units, arm, cohort), paired=paired(cohort), **kw
+            )
             verdicts.extend(replace(v, cohort=cohort) for v in judged)
     if arm == "candidate":
         step = by_step.get(units_interval(current.step), {})  # the weight the check expects is the step's
@@ -291,8 +303,40 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
         verdicts.extend(await units_ratios(stats, route, current, auto.confidence, auto.min_samples))
     return Analysis(
         route.name, current.phase, arm, verdicts, (base, candidate), last, auto.interval_s, fresh, truncated,
-        labelled,
+        labelled, evaluated(route, stored),
     )  # fmt: skip
+
+
+def evaluated(route: Route, stored: dict[int, dict[str, ArmWindow]]) -> dict[str, dict[str, Any]]:
+    """Each evaluator's results over the rollout so far: for a score, each arm's mean and count (shadow: the
+    candidate's shadow answers and, for a tool choice, its agreement with the base; the base's agreement
+    with itself on the noise floor); for a pairwise judge, the candidate's wins, ties, losses and flips,
+    and the same for the noise floor's base-against-base pairs (how the judge behaves with no difference)."""
+    merged: dict[str, ArmWindow] = {}
+    for arms in stored.values():
+        for name in ("base", "candidate", "shadow", "noise"):
+            if name in arms:
+                merged.setdefault(name, ArmWindow()).merge(arms[name])
+    out: dict[str, dict[str, Any]] = {}
+    for evaluator in route.policy.evaluation.evaluators:
+        rows: dict[str, Any] = {}
+        for arm, window in merged.items():
+            kept = window.scores.get(evaluator.name)
+            if not kept or not kept[0]:
+                continue
+            n, total, squares, flips = kept
+            if evaluator.kind == "pairwise":
+                rows[arm] = {
+                    "pairs": int(n),
+                    "wins": round((squares - total) / 2),
+                    "losses": round((squares + total) / 2),
+                    "ties": round(n - squares),
+                    "flips": int(flips),
+                }
+            else:
+                rows[arm] = {"results": int(n), "mean": total / n}
+        out[evaluator.name] = {"kind": evaluator.kind, "sample": evaluator.sample, **rows}
+    return out
 
 
 def unit_groups(units: dict[str, ArmWindow], arm: str, cohort: str | None = None) -> Groups | None:

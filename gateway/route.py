@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from aiohttp import ClientTimeout
 from yarl import URL
@@ -19,6 +19,7 @@ from gateway.policy import ArmName, Policy, Rollout, Timeouts, Tls, merge_timeou
 from gateway.validation import RoutePolicy, compile_schema
 
 T = TypeVar("T")
+UpstreamName = Literal["base", "candidate", "judge"]  # who an upstream is, in its errors and pools
 
 ENDPOINT_PATHS: Mapping[str, str] = {
     "chat": "/chat/completions",
@@ -55,7 +56,7 @@ class Bulkhead:
     """What an arm's own connection pool is built from; while it stays the same, reloads keep the pool."""
 
     route: str
-    arm: ArmName
+    arm: UpstreamName
     origin: str  # scheme://host:port
     max_connections: int
     keepalive_s: float
@@ -64,7 +65,7 @@ class Bulkhead:
 
 @dataclass(frozen=True, slots=True)
 class RouteArm:
-    name: ArmName
+    name: UpstreamName
     model: str
     url: str
     urls: Mapping[str, URL]
@@ -125,6 +126,11 @@ def compile_policy(
         if policy.arms.candidate
         else None
     )
+    judge = policy.evaluation.judge
+    if judge is not None and judge.api_key_env and not environ.get(judge.api_key_env):
+        missing.append(
+            ("evaluation.judge.api_key_env", f"environment variable {judge.api_key_env} is not set")
+        )
     salt = policy.assignment.salt or (policy.arms.candidate.model if policy.arms.candidate else policy.route)
     sources = tuple(
         (kind, name) for kind, _, name in (s.partition(":") for s in policy.assignment.sticky_keys)

@@ -12,6 +12,7 @@ from typing import Any
 from gateway.attempt import Attempt, Request, fetch, first_chunk, upstream_headers
 from gateway.capacity import Capacity, Preempted
 from gateway.errors import GatewayError, same_way
+from gateway.evaluation.evaluations import Evaluations
 from gateway.ledger import Ledger
 from gateway.mirror import Mirror, Mirrors, Observation, Pair, compare, pair_record
 from gateway.route import RouteArm
@@ -36,8 +37,10 @@ class Shadows:
         pairs: PairStore,
         ledger: Ledger,
         capacity: Capacity,
+        evaluations: Evaluations | None = None,
     ) -> None:
         self._upstream = upstream
+        self._evaluations = evaluations
         self._ledger = ledger
         self.capacity = capacity
         self._logged: dict[str, tuple[float, int]] = {}  # route -> (last logged, failures left out since)
@@ -113,22 +116,32 @@ class Shadows:
                 request.metrics.tokens_ratio.observe(shadow.output_tokens / primary.output_tokens)
         route = request.route
         settings = route.mirror
-        if settings is None or settings.records == 0:
-            return
-        shadow_arm = route.candidate if kind == "candidate" and route.candidate else route.base
-        prompt = _prompt(request.payload) if settings.capture_content else None
-        record = pair_record(
-            pair_id=pair_id,
-            kind=kind,
-            route=route.name,
-            request_id=rid,
-            checks=checks,
-            primary=primary,
-            shadow=shadow,
-            models=(route.base.model, shadow_arm.model),
-            prompt=prompt,
-        )
-        self._pairs.add(record, settings.records)
+        record = None
+        if settings is not None and settings.records > 0:
+            shadow_arm = route.candidate if kind == "candidate" and route.candidate else route.base
+            payload = request.payload
+            record = pair_record(
+                pair_id=pair_id,
+                kind=kind,
+                route=route.name,
+                request_id=rid,
+                checks=checks,
+                primary=primary,
+                shadow=shadow,
+                models=(route.base.model, shadow_arm.model),
+                prompt=_prompt(payload) if settings.capture_content else None,
+                tools=payload.get("tools") if settings.capture_content else None,
+            )
+        kept = record
+
+        def keep() -> None:
+            if kept is not None and settings is not None:
+                self._pairs.add(kept, settings.records)
+
+        if self._evaluations is not None:
+            self._evaluations.pair(request, kind, primary, shadow, record, keep)
+        else:
+            keep()
 
     async def _call(
         self,

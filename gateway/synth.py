@@ -84,6 +84,10 @@ class Knobs:
     repeat_tool_fields: bool = False  # every tool-call delta repeats its id and name (as llama.cpp does)
     done_delay_s: float = 0.0  # [DONE] goes out, and the stream ends this much later, in a write of its own
     embedding_dim: int = 16
+    # The share of answers that do the task: the others look fine (fluent, valid JSON, a declared tool)
+    # but ignore it. A simulated judge tells them apart (see judge_answer).
+    quality: float = 1.0
+    judge_prefers_first: float = 0.0  # as a judge: the share of pairwise verdicts that say "A" regardless
 
     def __post_init__(self) -> None:
         rates = (
@@ -96,6 +100,8 @@ class Knobs:
             "hang_rate",
             "malformed_rate",
             "break_after_done_rate",
+            "quality",
+            "judge_prefers_first",
         )
         for name in rates:
             value = getattr(self, name)
@@ -162,10 +168,15 @@ def count_tokens(text: str) -> int:
 
 
 def chat(request: dict[str, Any], knobs: Knobs, rng: random.Random) -> Generation:
-    call = _tool_to_call(request, rng, rng.random() < knobs.ignore_tool_choice_rate)
+    verdict = judge_answer(request, knobs, rng)
+    if verdict is not None:
+        return Generation(pieces=_split(verdict, 8))
+    good = knobs.quality >= 1 or rng.random() < knobs.quality  # no draw at 1: seeded answers stay the same
+    call = _tool_to_call(request, rng, rng.random() < knobs.ignore_tool_choice_rate, good)
     if call is not None:
         name, parameters, legacy = call
         return _tool_call(name, parameters, legacy, knobs, rng)
+    marker = task_marker(prompt_text(request)) if good else None
     fmt = request.get("response_format") or {}
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if kind in ("json_object", "json_schema"):
@@ -175,13 +186,23 @@ def chat(request: dict[str, Any], knobs: Knobs, rng: random.Random) -> Generatio
             if isinstance(schema, dict)
             else {"answer": _words(rng, 6), "confidence": 0.9}
         )
+        text_field = (
+            next((k for k, v in value.items() if isinstance(v, str)), None)
+            if isinstance(value, dict)
+            else None
+        )
+        if marker is not None and text_field is not None:
+            value[text_field] = f"{marker} {value[text_field]}"
         if rng.random() < knobs.schema_mismatch_rate:
             value = {"unexpected": True, "note": "this object ignores the requested schema"}
         content = json.dumps(value)
         if rng.random() < knobs.invalid_json_rate:
             content = content[: max(1, len(content) * 2 // 3)]
         return Generation(pieces=_split(content, 4))
-    return text(request, knobs, rng)
+    answer = text(request, knobs, rng)
+    if marker is not None:
+        answer.pieces[0] = marker  # the same length; the first word now answers this prompt
+    return answer
 
 
 def text(request: dict[str, Any], knobs: Knobs, rng: random.Random) -> Generation:
@@ -195,9 +216,10 @@ def text(request: dict[str, Any], knobs: Knobs, rng: random.Random) -> Generatio
 
 
 def _tool_to_call(
-    request: dict[str, Any], rng: random.Random, defy: bool = False
+    request: dict[str, Any], rng: random.Random, defy: bool = False, good: bool = True
 ) -> tuple[str, dict[str, Any], bool] | None:
-    """The tool the model calls, if any; defy makes it do the opposite of what tool_choice says."""
+    """The tool the model calls, if any; defy makes it do the opposite of what tool_choice says. Unless
+    tool_choice names one, the right tool for the prompt (right_tool); not good: another declared one."""
     messages = request.get("messages") or []
     if messages and isinstance(messages[-1], dict) and messages[-1].get("role") in ("tool", "function"):
         return None  # the tool already answered: reply in words
@@ -221,8 +243,77 @@ def _tool_to_call(
         named = [t for t in tools if t.get("name") == wanted]
         if named:
             return named[0]["name"], named[0].get("parameters") or {}, legacy
-    picked = rng.choice(tools)
+    index = right_tool(prompt_text(request), len(tools))
+    if not good and len(tools) > 1:
+        index = (index + 1 + rng.randrange(len(tools) - 1)) % len(tools)
+    picked = tools[index]
     return picked["name"], picked.get("parameters") or {}, legacy
+
+
+def task_marker(prompt: str) -> str:
+    """The word an answer that does the task carries: it depends on the prompt, so an answer that ignores
+    the task (or answers another prompt) cannot have it."""
+    return "re-" + sha256(prompt.encode()).hexdigest()[:8]
+
+
+def right_tool(prompt: str, count: int) -> int:
+    """The index of the declared tool that is right for this prompt."""
+    return int(sha256(prompt.encode()).hexdigest()[8:16], 16) % count
+
+
+JUDGE_SCHEMAS = ("canarygate_rubric", "canarygate_pairwise")
+
+
+def judge_answer(request: dict[str, Any], knobs: Knobs, rng: random.Random) -> str | None:
+    """As a judge: the verdict on a canarygate judge prompt (None for any other request), read from what
+    the simulator generates. An answer does the task when it carries the prompt's task marker, or calls
+    the prompt's right tool; a rubric scores 5 or 1, a pairwise verdict prefers the one that does."""
+    fmt = request.get("response_format")
+    schema = fmt.get("json_schema") if isinstance(fmt, dict) else None
+    name = schema.get("name") if isinstance(schema, dict) else None
+    if name not in JUDGE_SCHEMAS:
+        return None
+    asked = prompt_text(request)
+    original = _tagged(asked, "request")
+    try:
+        conversation = json.loads(original or "")
+    except ValueError:
+        conversation = None
+    if not isinstance(conversation, dict):
+        verdict: dict[str, Any] = {"reason": "the request could not be read", "score": 3, "winner": "tie"}
+    elif name == "canarygate_rubric":
+        good = _does_task(conversation, _tagged(asked, "answer") or "")
+        verdict = {"reason": "does the task" if good else "ignores the task", "score": 5 if good else 1}
+    else:
+        a = _does_task(conversation, _tagged(asked, "answer_a") or "")
+        b = _does_task(conversation, _tagged(asked, "answer_b") or "")
+        winner = "tie" if a == b else "A" if a else "B"
+        if rng.random() < knobs.judge_prefers_first:
+            winner = "A"
+        verdict = {"reason": f"A {'does' if a else 'ignores'} the task, B {'does' if b else 'ignores'} it",
+                   "winner": winner}  # fmt: skip
+    keys = ("reason", "score") if name == "canarygate_rubric" else ("reason", "winner")
+    return json.dumps({k: verdict[k] for k in keys})
+
+
+def _tagged(text: str, tag: str) -> str | None:
+    start, end = text.find(f"<{tag}>\n"), text.find(f"\n</{tag}>")
+    return text[start + len(tag) + 3 : end] if start >= 0 and end > start else None
+
+
+def _does_task(conversation: dict[str, Any], answer: str) -> bool:
+    prompt = prompt_text(conversation)
+    tools = [
+        t["function"] for t in conversation.get("tools") or [] if isinstance(t, dict) and "function" in t
+    ]
+    if tools and answer.startswith("["):  # tool calls, as JSON
+        try:
+            calls = json.loads(answer)
+        except ValueError:
+            return False
+        called = calls[0].get("function", {}).get("name") if calls and isinstance(calls[0], dict) else None
+        return bool(called == tools[right_tool(prompt, len(tools))].get("name"))
+    return task_marker(prompt) in answer
 
 
 def _tool_call(

@@ -21,6 +21,7 @@ from prometheus_client import (
 
 from gateway.analysis import SAMPLE_RATIO, SAMPLE_RATIOS
 from gateway.errors import KINDS, OUTCOMES, REASONS
+from gateway.evaluation.judge import OUTCOMES as JUDGE_OUTCOMES
 from gateway.route import Route
 from gateway.store.rollouts import PHASES, RouteState
 
@@ -36,6 +37,8 @@ MIRROR_OUTCOMES = ("sent", "deferred", "dropped", "cancelled", "error")
 MIRROR_CHECKS = ("json_valid", "schema_valid", "tool_name", "tool_args", "finish_reason")
 RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+SCORE_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
+VERDICTS = ("win", "tie", "loss", "flip")
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
 
@@ -225,6 +228,65 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.eval_score = Histogram(
+            "canarygate_eval_score",
+            "Evaluator results, a score in [0, 1] (mode=mirror: the candidate's shadow answers)",
+            ["route", "arm", "mode", "evaluator", "cohort"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.eval_verdicts = Counter(
+            "canarygate_eval_verdicts",
+            "Judged pairs: the candidate's win, tie or loss (kind=noise: base against base, the judge's "
+            "calibration); flip: the two orders disagreed (counted as a tie too)",
+            ["route", "evaluator", "verdict", "kind"],
+            registry=r,
+        )
+        self.evaluations_skipped = Counter(
+            "canarygate_evaluations_skipped",
+            "Sampled evaluations not made, by why (the judge's queue full, over its budget, failed, ...)",
+            ["route", "evaluator", "reason"],
+            registry=r,
+        )
+        self.judge_calls = Counter(
+            "canarygate_judge_calls",
+            "Calls to the route's judge, by outcome",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.judge_duration = Histogram(
+            "canarygate_judge_duration_seconds",
+            "Judge calls that reached the judge, by outcome",
+            ["route", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.judge_tokens = Counter(
+            "canarygate_judge_tokens",
+            "Tokens the judge reported, by outcome",
+            ["route", "type", "outcome"],
+            registry=r,
+        )
+        self.judge_cost = Counter(
+            "canarygate_judge_cost",
+            "What judge calls cost by evaluation.judge.price, by outcome",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.judge_circuit = Gauge(
+            "canarygate_judge_circuit_open",
+            "1 while the route's judge circuit is open or half-open",
+            ["route"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.judge_queue = Gauge(
+            "canarygate_judge_pending",
+            "Judgings running or waiting for the route's judge",
+            ["route"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.policy_reloads = Counter(
             "canarygate_policy_reloads", "Policy reloads, by result", ["result"], registry=r
         )
@@ -294,6 +356,34 @@ class Metrics:
         self.feedback_total.labels(route, arm, cohort, "negative" if negative else "positive").inc()
         if escalated:
             self.feedback_total.labels(route, arm, cohort, "escalated").inc()
+
+    def evaluated(self, route: str, arm: str, mode: str, cohort: str, evaluator: str, score: float) -> None:
+        if self.enabled:
+            self.eval_score.labels(route, arm, mode, evaluator, cohort).observe(score)
+
+    def verdict(self, route: str, evaluator: str, verdict: str, kind: str) -> None:
+        if self.enabled:
+            self.eval_verdicts.labels(route, evaluator, verdict, kind).inc()
+
+    def skipped(self, route: str, evaluator: str, reason: str) -> None:
+        if self.enabled:
+            self.evaluations_skipped.labels(route, evaluator, reason).inc()
+
+    def judge_call(self, route: str, outcome: str, spent: Any | None) -> None:
+        """One judge call; spent: its duration, tokens and cost, when it reached the judge."""
+        if not self.enabled:
+            return
+        self.judge_calls.labels(route, outcome).inc()
+        if spent is not None:
+            self.judge_duration.labels(route, outcome).observe(spent.duration_s)
+            self.judge_tokens.labels(route, "input", outcome).inc(spent.input_tokens)
+            self.judge_tokens.labels(route, "output", outcome).inc(spent.output_tokens)
+            self.judge_cost.labels(route, outcome).inc(spent.cost)
+
+    def judge_state(self, route: str, circuit_open: bool, pending: int) -> None:
+        if self.enabled:
+            self.judge_circuit.labels(route).set(1 if circuit_open else 0)
+            self.judge_queue.labels(route).set(pending)
 
     def rejected(self, route: str) -> None:
         if self.enabled:
@@ -387,6 +477,16 @@ class RouteMetrics:
         }
         self.latency_ratio = m.mirror_latency_ratio.labels(name)
         self.tokens_ratio = m.mirror_tokens_ratio.labels(name)
+        evaluation = route.policy.evaluation
+        for evaluator in evaluation.evaluators:
+            if evaluator.kind == "pairwise":
+                for verdict in VERDICTS:
+                    for kind in ("candidate", "noise"):
+                        m.eval_verdicts.labels(name, evaluator.name, verdict, kind)
+        if evaluation.judge is not None:
+            for outcome in JUDGE_OUTCOMES:
+                m.judge_calls.labels(name, outcome)
+            m.judge_circuit.labels(name).set(0)
 
     def arm(self, arm: str, mode: str = "primary", cohort: str = "all") -> ArmMetrics:
         return self.arms[(arm, mode, cohort)]

@@ -145,6 +145,38 @@ class Tracing:
             span.set_status(Status(StatusCode.ERROR, getattr(error, "message", str(error))))
         span.end(end_time=end_ns)
 
+    def evaluation(
+        self,
+        judged: Span | None,
+        route: str,
+        result: Any,
+        response_id: str | None,
+        *,
+        judge_reason: bool = False,
+    ) -> None:
+        """An evaluator's result as a `gen_ai.evaluation.result` event. Results come after the judged span
+        has ended (OpenTelemetry spans cannot change then), so each is the event of a zero-length span
+        parented to the judged one, as the GenAI conventions' tracing bridges do. judge_reason: the
+        explanation is a judge's words about the content, recorded only with CANARYGATE_TRACE_CONTENT."""
+        if self.tracer is None or judged is None:
+            return
+        attributes: dict[str, str | float] = {
+            "gen_ai.evaluation.name": result.evaluator,
+            "gen_ai.evaluation.score.value": result.score,
+            "gen_ai.evaluation.score.label": result.label,
+        }
+        if result.explanation and (self.record_content or not judge_reason):
+            attributes["gen_ai.evaluation.explanation"] = result.explanation[:1000]
+        if response_id:
+            attributes["gen_ai.response.id"] = response_id
+        span = self.tracer.start_span(
+            f"evaluate {result.evaluator}",
+            context=trace.set_span_in_context(judged),
+            attributes={"canarygate.route": route, "gen_ai.evaluation.name": result.evaluator},
+        )
+        span.add_event("gen_ai.evaluation.result", attributes)
+        span.end()
+
     def end_server(self, span: Span, arm: str | None, fallback: str | None, status: int, error: Any) -> None:
         if arm is not None:
             span.set_attribute("canarygate.arm", arm)

@@ -29,7 +29,9 @@ class PairStore(Protocol):
 
     def add(self, record: dict[str, Any], limit: int) -> None: ...
 
-    async def recent(self, route: str, count: int, disagreements: bool) -> list[dict[str, Any]]: ...
+    async def recent(
+        self, route: str, count: int, disagreements: bool, decisive: bool = False
+    ) -> list[dict[str, Any]]: ...
 
     async def close(self) -> None: ...
 
@@ -48,12 +50,25 @@ class MemoryPairStore:
             self._records[record["route"]] = kept
         kept.append(record)
 
-    async def recent(self, route: str, count: int, disagreements: bool) -> list[dict[str, Any]]:
-        found = [r for r in reversed(self._records.get(route, ())) if not disagreements or not r["agree"]]
+    async def recent(
+        self, route: str, count: int, disagreements: bool, decisive: bool = False
+    ) -> list[dict[str, Any]]:
+        found = [r for r in reversed(self._records.get(route, ())) if wanted(r, disagreements, decisive)]
         return found[:count]
 
     async def close(self) -> None:
         pass
+
+
+def wanted(record: dict[str, Any], disagreements: bool, decisive: bool) -> bool:
+    """disagreements: only pairs that disagree on a check; decisive: only pairs a pairwise judge decided
+    (a win or a loss for the candidate)."""
+    if disagreements and record["agree"]:
+        return False
+    if decisive:
+        verdicts = record.get("verdicts") or {}
+        return any(v.get("verdict") in ("win", "loss") for v in verdicts.values())
+    return True
 
 
 # A batch of pair records, added once: KEYS[1] marks the batch as added (for ARGV[1] s); ARGV[2] is the
@@ -96,16 +111,18 @@ class RedisPairStore:
     def add(self, record: dict[str, Any], limit: int) -> None:
         self._buffer.append((record, limit))  # past BUFFER records (Redis away), the oldest go first
 
-    async def recent(self, route: str, count: int, disagreements: bool) -> list[dict[str, Any]]:
+    async def recent(
+        self, route: str, count: int, disagreements: bool, decisive: bool = False
+    ) -> list[dict[str, Any]]:
         await self.flush()
         # Newest first; the stream is capped, so scanning it for disagreements stays bounded.
-        scan = self.SCAN if disagreements else count
+        scan = self.SCAN if disagreements or decisive else count
         try:
             entries = await self._redis.xrevrange(self.key(route), count=scan)
         except RedisError as exc:
             self._shared.unavailable(exc)
         records = [orjson.loads(fields[b"record"]) for _, fields in entries or () if fields]
-        return [r for r in records if not disagreements or not r["agree"]][:count]
+        return [r for r in records if wanted(r, disagreements, decisive)][:count]
 
     async def flush(self) -> None:
         """Sends what failed last time (as it was, under its id: a write that timed out may have been

@@ -141,6 +141,10 @@ class RedisStatsStore:
             for kind, hist in (("l", w.latency), ("t", w.ttft)):
                 for bucket, count in hist.items():
                     fields += (f"{prefix}{kind}{bucket}", "i", count)
+            for evaluator, values in w.scores.items():  # "ev:NAME:0".."3": results, sum, squares, flips
+                for i, value in enumerate(values):
+                    if value:
+                        fields += (f"{prefix}ev:{evaluator}:{i}", "f", repr(float(value)))
             args += (key, len(fields) // 3, *fields)
         for index, arms in listed.items():
             args += (index, len(arms), *(x for arm in arms for x in (arm, "s", 0)))
@@ -226,7 +230,10 @@ def _window(fields: Mapping[bytes, bytes]) -> ArmWindow:
 
 
 def _set(window: ArmWindow, name: str, raw_value: bytes) -> None:
-    if name in _FLOATS:
+    if name.startswith("ev:"):
+        evaluator, _, index = name[3:].rpartition(":")
+        window.scores.setdefault(evaluator, [0.0, 0.0, 0.0, 0.0])[int(index)] = float(raw_value)
+    elif name in _FLOATS:
         setattr(window, name, float(raw_value))
     elif name in _COUNTS:
         setattr(window, name, int(raw_value))
