@@ -64,7 +64,18 @@ rollout:
     validation_failure_rate: {{max_increase: 0.01, critical: true}}
     latency_p99_ratio: {{max: 1.6}}
     ttft_p50_ratio: {{max: 1.6}}
+{quality}"""
+# The judged scenario's evaluators (a third simulator is the judge) and the gates on what they find.
+QUALITY = """\
+    pairwise_loss_rate: {{preference: {{max: 0.05, min_samples: 60}}}}
+    eval_score_decrease: {{adherence: {{max_decrease: 0.05, min_samples: 60}}}}
+evaluation:
+  judge: {{url: "{judge}", model: {judge_model}, max_concurrency: 16}}
+  evaluators:
+    - {{name: adherence, kind: rubric, rubric: instruction_adherence, sample: 0.5}}
+    - {{name: preference, kind: pairwise}}
 """
+JUDGE_MODEL = "judge-8b-instruct"
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,7 @@ class Scenario:
     policy_model: str = (
         CANDIDATE_MODEL  # the candidate model the policy names (the server serves the right one)
     )
+    judged: bool = False  # a judge evaluates the answers, with gates on its verdicts
 
 
 SCENARIOS = {
@@ -87,6 +99,13 @@ SCENARIOS = {
     ),
     "slow": Scenario("answers about 3x slower", {"latency_s": 0.3, "time_per_token_s": 0.005}, "rolled_back"),
     "flaky": Scenario("fails 10% of its calls with HTTP 500", {"error_rate": 0.1}, "rolled_back"),
+    "subtle": Scenario(
+        "answers fast and in valid JSON, but ignores the instructions in 20% of its answers: only a judge "
+        "can tell",
+        {"quality": 0.8},
+        "rolled_back",
+        judged=True,
+    ),
     "misconfigured": Scenario(
         "is deployed with its model name misspelled in the policy (the server answers 404)",
         {},
@@ -384,7 +403,7 @@ class PlainView:
             )
         for gate in _gates(snap):
             shown = f"{gate['result']:<5} {_gate_value(gate):>11} {_gate_threshold(gate)}"
-            print(f"    gate {gate['gate']:<24} {shown}", flush=True)
+            print(f"    gate {gate['gate']:<30} {shown}", flush=True)
         for line in _extras(snap):
             print(f"    {line}", flush=True)
 
@@ -488,6 +507,12 @@ def run_demo(
         candidate_knobs = replace(BASE_KNOBS, **scenario.knobs)  # type: ignore[arg-type]
         served = Simulator(candidate_knobs, served_models=[CANDIDATE_MODEL])  # 404 for any other name
         candidate = stack.enter_context(BackgroundServer(served.app()))
+        quality = ""
+        if scenario.judged:
+            judge = stack.enter_context(
+                BackgroundServer(Simulator(BASE_KNOBS, served_models=[JUDGE_MODEL]).app())
+            )
+            quality = QUALITY.format(judge=f"{judge.url}/v1", judge_model=JUDGE_MODEL)
         (work / f"{ROUTE}.yaml").write_text(
             POLICY.format(
                 route=ROUTE,
@@ -497,6 +522,7 @@ def run_demo(
                 candidate_model=scenario.policy_model,
                 steps=STEPS,
                 interval=interval_s,
+                quality=quality,
             )
         )
         settings = Settings(
@@ -516,6 +542,8 @@ def run_demo(
             "" if scenario.policy_model == CANDIDATE_MODEL else f"; the policy says {scenario.policy_model}"
         )
         print(f"simulated candidate  {candidate.url}/v1 ({CANDIDATE_MODEL}{named})")
+        if scenario.judged:
+            print(f"simulated judge      {judge.url}/v1 ({JUDGE_MODEL}): a rubric and a pairwise judge")
         print(
             f"gateway              {gateway.url}/v1, route {ROUTE!r}, {users} simulated users (openai client)"
         )

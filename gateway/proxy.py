@@ -44,7 +44,7 @@ from gateway.errors import (
     log_error,
     same_way,
 )
-from gateway.evaluation.evaluations import Evaluations
+from gateway.evaluation.evaluations import Evaluations, evaluated
 from gateway.fallback import CIRCUIT_OPEN, Guards
 from gateway.feedback import Assignments
 from gateway.ledger import Ledger
@@ -350,7 +350,10 @@ class Proxy:
         assert call is not None
         try:
             tail = Tail()
-            accumulator = Accumulator() if request.rules is not None or request.pairs else None
+            kept = (
+                request.rules is not None or request.pairs or evaluated(request)
+            )  # the whole answer is needed
+            accumulator = Accumulator() if kept else None
             await reply.start_stream(resp.status, _content_type(resp, EVENT_STREAM))
             error = await relay(
                 resp, reply, first, call.failure, observer(tail, accumulator), watch.finishing

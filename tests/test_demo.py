@@ -55,6 +55,18 @@ def test_a_bad_candidate_is_rolled_back_before_users_notice(scenario: str, gate:
     assert "as expected" in out and "0 client errors" in out  # fallback answered every failed call
 
 
+def test_only_the_judge_sees_the_subtle_candidate_and_it_never_reaches_a_user() -> None:
+    code, out = demo("--scenario", "subtle", *SHORT)
+    assert code == 0, out
+    (verdict,) = re.findall(r"verdict: rolled back .*", out)
+    assert "in the mirror-only phase" in verdict and (
+        "pairwise_loss_rate" in verdict or "eval_score" in verdict
+    )
+    for gate in ("error_rate", "validation_failure_rate", "latency_p99_ratio"):
+        assert not re.search(rf"gate {gate} +fail", out), out  # format and operations see nothing wrong
+    assert "and 0 by the candidate; 0 client errors" in out
+
+
 def test_the_live_view_draws_arms_gates_and_the_controller() -> None:
     code, out = demo("--scenario", "flaky", "--live", *SHORT)
     assert code == 0, out

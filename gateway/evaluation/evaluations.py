@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.evaluation")
 
 _SPAN = 2.0**64
+ARMS = ("base", "candidate", "shadow")  # the statistics' arms whose answers single-answer evaluators read
 
 
 def sampled(request_id: str, rate: float) -> bool:
@@ -41,6 +42,14 @@ def sampled(request_id: str, rate: float) -> bool:
         return True
     digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / _SPAN < rate  # 2^64: the digest's range, so a point in [0, 1)
+
+
+def evaluated(request: Request) -> bool:
+    """Whether a single-answer evaluator will read this request's answer (a stream's then is rebuilt)."""
+    return any(
+        not e.on_pairs and sampled(request.request_id, e.sample)
+        for e in request.route.policy.evaluation.evaluators
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +100,9 @@ class Evaluations:
         if not evaluators or JUDGE_HEADER.lower() in request.headers:
             return
         observation = attempt.observation()
-        if observation.answer is None or stats_arm not in ("base", "candidate", "shadow"):
-            return
+        answer = observation.answer
+        if answer is None or str(answer.get("object")).endswith(".chunk") or stats_arm not in ARMS:
+            return  # no answer, or only a stream's last chunk (the stream was not rebuilt)
         mode = "mirror" if stats_arm == "shadow" else "primary"
         arm = "base" if stats_arm == "base" else "candidate"
         subject = Subject(request, stats_arm, arm, mode, attempt.span, _response_id(observation.answer))
