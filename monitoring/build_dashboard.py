@@ -39,7 +39,11 @@ TTFT = "canarygate_time_to_first_token_seconds"
 FEEDBACK = "canarygate_feedback_total"
 COST = "canarygate_cost_total"
 COHORT = 'cohort=~"$cohort"'
-COHORTED = {REQUESTS, FALLBACKS, VALIDATION, DURATION, FEEDBACK}  # the metrics with a cohort label
+EVAL = "canarygate_eval_score"
+VERDICTS = "canarygate_eval_verdicts_total"
+JUDGE = "canarygate_judge_calls_total"
+NOT_FLIP = 'verdict!="flip"'  # a flip is also counted as a tie: the verdicts without it sum to the pairs
+COHORTED = {REQUESTS, FALLBACKS, VALIDATION, DURATION, FEEDBACK, EVAL}  # the metrics with a cohort label
 
 
 def ratio(numerator: str, denominator: str) -> str:
@@ -110,6 +114,26 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         (quantile(0.99, "canarygate_overhead_seconds", "route", ""), "p99 {{route}}")]),
     ("Upstream attempts in flight by arm", "none", [
         (f"sum by (arm) (canarygate_inflight_requests{{{SEL}}})", "{{arm}}")]),
+    # Evaluation: what the evaluators and the judge say, by arm and cohort, and how the judge is doing.
+    ("Evaluation: mean score by evaluator and arm (mirror: the candidate's shadow answers)", "percentunit", [
+        (ratio(by("evaluator, arm, mode", rate(EVAL + "_sum")),
+               by("evaluator, arm, mode", rate(EVAL + "_count"))), "{{evaluator}} {{arm}} {{mode}}")]),
+    ("Evaluation fail rate by cohort and arm (scores under 0.5)", "percentunit", [
+        (ratio(by("evaluator, cohort, arm", rate(EVAL + "_bucket", 'le="0.25"')),
+               by("evaluator, cohort, arm", rate(EVAL + "_count"))), "{{evaluator}} {{cohort}} {{arm}}")]),
+    ("Pairwise judge: the candidate's wins, ties, losses; the noise floor's (base vs base)", "percentunit", [
+        (ratio(by("evaluator, kind, verdict", rate(VERDICTS, NOT_FLIP)),
+               "ignoring (verdict) group_left " + by("evaluator, kind", rate(VERDICTS, NOT_FLIP))),
+         "{{evaluator}} {{kind}} {{verdict}}"),
+        (ratio(by("evaluator, kind", rate(VERDICTS, 'verdict="flip"')),
+               by("evaluator, kind", rate(VERDICTS, NOT_FLIP))), "{{evaluator}} {{kind}} order flips")]),
+    ("Judge health: calls by outcome, p99 latency, circuit open", "none", [
+        (by("outcome", rate(JUDGE)), "{{outcome}} calls / s"),
+        (quantile(0.99, "canarygate_judge_duration_seconds", "route", ""), "p99 latency (s) {{route}}"),
+        (f"max by (route) (canarygate_judge_circuit_open{{{SEL}}})", "circuit open {{route}}")]),
+    ("Judge tokens and cost per second", "none", [
+        (by("type", rate("canarygate_judge_tokens_total")), "{{type}} tokens / s"),
+        (f"sum({rate('canarygate_judge_cost_total')})", "cost / s")]),
 ]  # fmt: skip
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}

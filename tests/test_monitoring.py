@@ -169,8 +169,15 @@ def test_every_panel_and_rule_against_a_real_prometheus(
     directory = tmp_path / "policies"
     directory.mkdir()
     breaker = "fallback: {circuit_breaker: {window: 20, min_requests: 8, failure_rate: 0.5, open_s: 600}}"
+    judged = (  # the base's simulator is the judge too; shadow pairs and the noise floor are judged
+        "mirror: {percent: 100, noise_floor_percent: 100, sample_by: request}\n"
+        f"evaluation:\n  judge: {{url: {base.url}, model: judge, price: {{input_per_million: 1, "
+        "output_per_million: 2}}\n  evaluators:\n"
+        "    - {name: adherence, kind: rubric, rubric: instruction_adherence}\n"
+        "    - {name: preference, kind: pairwise}\n"
+    )
     (directory / "chat.yaml").write_text(
-        policy_yaml("chat", base.url, candidate.url, weight=50, extra=breaker)
+        policy_yaml("chat", base.url, candidate.url, weight=50, extra=f"{breaker}\n{judged}")
     )
     automatic = "rollout: {steps: [50, 100], interval_s: 600, min_samples: 10}"  # judged, never moved
     (directory / "auto.yaml").write_text(
