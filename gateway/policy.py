@@ -358,6 +358,11 @@ class Judge(Strict):
     requests_per_minute: int | None = Field(default=None, ge=1, le=1_000_000)
     tokens_per_minute: int | None = Field(default=None, ge=1, description="Judging stops while spent")
     max_tokens: int = Field(default=256, ge=16, le=8192, description="Longest verdict the judge may write")
+    response_format: Literal["json_schema", "json_object", "none"] = Field(
+        default="json_schema",
+        description="How the verdict's schema is asked for: json_schema (OpenAI, vLLM, llama.cpp), "
+        "json_object with the schema beside it (llama-cpp-python), none (the prompt alone)",
+    )
     max_answer_chars: int = Field(
         default=8000, ge=100, le=1_000_000, description="Each answer and request is cut to this in the prompt"
     )

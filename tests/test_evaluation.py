@@ -4,6 +4,7 @@ knows which of its answers did the task), the official openai client, the gatewa
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from typing import Any
@@ -360,3 +361,55 @@ def test_the_controller_rolls_back_a_candidate_only_the_judge_can_see_is_worse(
     assert view["candidate_measured_as"] == "shadow"  # caught before any user saw the candidate
     s = scrape(url)
     assert value(s, "canarygate_requests_total", route="chat", arm="candidate", mode="primary") == 0
+
+
+@pytest.mark.skipif(
+    not os.environ.get("CANARYGATE_TEST_LLAMA_URL"),
+    reason="set CANARYGATE_TEST_LLAMA_URL to a llama-cpp-python server's /v1 (model alias in "
+    "CANARYGATE_TEST_LLAMA_MODEL, default smol) to use it as the judge",
+)
+def test_a_real_instruct_model_as_the_judge(sims: tuple[Sim, Sim], make_gateway: GatewayFactory) -> None:
+    """A real judge on a one-slot server: every call ends in a counted outcome, users never wait for it,
+    and whatever its biases, a verdict that flips with the order is a tie, never a win. What it said is
+    printed (pytest -s): a 135M-parameter model is no judge, and the figures show it."""
+    base, candidate = sims
+    candidate.set_knobs(quality=0)
+    url, model = (
+        os.environ["CANARYGATE_TEST_LLAMA_URL"],
+        os.environ.get("CANARYGATE_TEST_LLAMA_MODEL", "smol"),
+    )
+    judge = (
+        f"evaluation:\n  judge: {{url: {url}, model: {model}, response_format: json_object, "
+        "max_concurrency: 1, max_tokens: 96, timeouts: {total_s: 120}}\n  evaluators:\n"
+        "    - {name: adherence, kind: rubric, rubric: instruction_adherence}\n"
+        "    - {name: preference, kind: pairwise}\n"
+    )
+    gw = make_gateway(
+        {"chat": policy_yaml("chat", base.url, candidate.url, extra=f"{SHADOW}\n{judge}")}, admin_token=TOKEN
+    )
+    started = time.perf_counter()
+    ask(gw.url, 6)
+    took = time.perf_counter() - started
+    calls = 6 * 2 + 6 * 2  # a rubric per answer (base and shadow), two orders per pair
+
+    def outcomes() -> dict[str, float]:
+        s = scrape(gw.url)
+        return {
+            o: value(s, "canarygate_judge_calls_total", route="chat", outcome=o)
+            for o in ("ok", "invalid", "error", "timeout")
+        }
+
+    wait_for(lambda: sum(outcomes().values()) == calls, timeout=600, message="every judge call to end")
+    verdicts = judged(gw.url, "preference")
+    view = analysis(gw.url)["evaluations"]
+    print(f"\nreal judge {model}: calls {outcomes()}; pairs {verdicts}; rubric {view['adherence']}")
+    print(f"the users' six answers took {took:.2f}s")
+    s = scrape(gw.url)
+    skipped = sum(
+        v
+        for (n, ls), v in s.items()
+        if n == "canarygate_evaluations_skipped_total" and ("evaluator", "preference") in ls
+    )
+    assert sum(verdicts[v] for v in ("win", "tie", "loss")) + skipped == 6  # every pair judged, or counted
+    assert verdicts["flip"] <= verdicts["tie"]  # a flip is a tie, never a win or a loss
+    assert took < 30  # six answers; the judge's seconds per call never reached the users

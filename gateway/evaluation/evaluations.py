@@ -105,16 +105,16 @@ class Evaluations:
             return  # no answer, or only a stream's last chunk (the stream was not rebuilt)
         mode = "mirror" if stats_arm == "shadow" else "primary"
         arm = "base" if stats_arm == "base" else "candidate"
-        subject = Subject(request, stats_arm, arm, mode, attempt.span, _response_id(observation.answer))
+        subject = Subject(request, stats_arm, arm, mode, attempt.span, _response_id(answer))
         for evaluator in evaluators:
             if evaluator.on_pairs or arm not in evaluator.arms or mode not in evaluator.modes:
                 continue
             if not sampled(request.request_id, evaluator.sample):
                 continue
             if evaluator.kind == "rubric":
-                self._submit(subject, evaluator, 1, self._rubric(subject, evaluator, observation.answer))
+                self._submit(subject, evaluator, 1, self._rubric(subject, evaluator, answer))
             else:
-                result = check(evaluator, observation.answer, request.payload)
+                result = check(evaluator, answer, request.payload)
                 if result is not None:
                     self._scored(subject, result, judge_reason=False)
 

@@ -62,6 +62,7 @@ def compile_judge(route: str, policy: JudgePolicy, environ: Mapping[str, str]) -
     if secret is not None:
         headers["Authorization"] = f"Bearer {secret}"
     headers[JUDGE_HEADER] = "1"
+    headers["Content-Type"] = "application/json"
     t = policy.timeouts
     timeouts = Timeouts.model_construct(connect_s=t.connect_s, first_token_s=t.total_s, total_s=t.total_s)
     url = URL(policy.url)
@@ -129,6 +130,11 @@ class Judge:
             raise JudgeFailed("circuit_open", "the judge's circuit is open")
         started = time.perf_counter()
         body = {**body, "model": self.arm.model, "max_tokens": self.policy.max_tokens, "stream": False}
+        asked = self.policy.response_format
+        if asked != "json_schema":  # the prompts ask for json_schema, which not every server takes
+            wanted = body.pop("response_format")
+            if asked == "json_object":
+                body["response_format"] = {"type": "json_object", "schema": wanted["json_schema"]["schema"]}
         call = Call(
             self.arm, "chat", orjson.dumps(body), dict(self.arm.headers), None, self.arm.client_timeout,
             self.arm.timeouts.first_token_s,
