@@ -12,16 +12,19 @@ answers: a JSON-schema answer and a tool call (candidate weight 100%, so validat
 mirror suite: the same gateway and requests, on a route with mirror.percent 100 (every request also
 sent to the candidate and compared) and on one without.
 
+evaluation suite: the same, on a route whose every answer goes through three deterministic evaluators
+and 10% of them to a rubric judge (nginx answering a fixed verdict, at most 4 judge calls at once).
+
 telemetry suite: three gateways, same requests: metrics off (CANARYGATE_METRICS=false); metrics on;
 metrics on and tracing on, exporting every span through the OTLP/HTTP batch exporter to a sink.
 
 Targets: p50 overhead over direct <= 0.35 ms and >= 80% of the passthrough's req/s at 32 connections;
 validation adds <= 0.2 ms p50; mirroring everything adds <= 0.3 ms p50 and keeps >= 50% of the
-throughput; metrics add <= 0.1 ms p50; tracing adds <= 0.3 ms p50 on top.
+throughput, and so does evaluating every answer; metrics add <= 0.1 ms p50; tracing adds <= 0.3 ms p50 on top.
 client suite: the upstream client alone, in-process against the same nginx: CPU time per call for
 gateway.upstream (aiohttp behind the gateway's bulkhead, classification and bounds) and bare aiohttp.
 
-Usage: python bench/run.py [--suite all|client|proxy|validation|mirror|telemetry] [--duration 6]
+Usage: python bench/run.py [--suite all|client|proxy|validation|mirror|evaluation|telemetry] [--duration 6]
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ ANSWERS = {
     "valjson": ("application/json", completion({"content": json.dumps({
         "customer": "Ada Lovelace", "order_id": "UK-12345", "priority": "high",
         "items": [{"sku": "A1", "qty": 2, "price": 9.5}, {"sku": "B7", "qty": 1, "price": 120.0}]})})),
+    "judge": ("application/json", completion({"content": json.dumps({"reason": "done", "score": 5})})),
     "valtool": ("application/json", completion({"content": None, "tool_calls": [{
         "id": "call_1", "type": "function",
         "function": {"name": "lookup_order",
@@ -296,17 +300,21 @@ def validation_suite(ports: dict[str, int], duration: float, work: Path) -> tupl
     return rows, ok
 
 
-def mirror_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[list[str], bool]:
+def on_off(
+    ports: dict[str, int], duration: float, work: Path, what: str, routes: dict[str, str]
+) -> tuple[list[str], dict[str, dict[str, float]], float, float]:
+    """The same requests to two routes of one gateway, "off" and the feature's label: the table's rows,
+    each route's better round, the added p50 and the share of "off"'s throughput kept."""
     rows = [
-        "| mirror | p50 @1 conn | p99 @1 conn | added p50 | req/s @32 conns | % of mirror-off | errors |",
+        f"| {what} | p50 @1 conn | p99 @1 conn | added p50 | req/s @32 conns | % of {what}-off | errors |",
         "|---|---|---|---|---|---|---|",
     ]
-    print("mirror:")
+    print(f"{what}:")
     targets = {}
-    for label, model in (("off", "bench-plain"), ("100%", "bench-mirror")):
+    for label, model in routes.items():
         body = {"model": model, "messages": PROMPT}
         targets[label] = Target(
-            f"mirror-{label}", f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions", body
+            f"{what}-{label}", f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions", body
         )
         check_answer(targets[label], arm="base")
     # Off and on alternate, twice each, and each keeps its better round: a ratio of two runs minutes
@@ -317,7 +325,7 @@ def mirror_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[li
         | {"errors": sum(r[label]["errors"] for r in rounds)}
         for label in targets
     }
-    off, on = results["off"], results["100%"]
+    off, on = results["off"], results[next(label for label in routes if label != "off")]
     added = on["p50_ms"] - off["p50_ms"]
     share = on["rps_32"] / off["rps_32"]
     for label, r in results.items():
@@ -326,7 +334,34 @@ def mirror_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[li
             f"{'—' if label == 'off' else f'{added:.3f} ms'} | {r['rps_32']:.0f} | "
             f"{'—' if label == 'off' else f'{100 * share:.0f}%'} | {int(r['errors'])} |"
         )
-    return rows, added <= 0.3 and share >= 0.5 and on["errors"] == 0 and off["errors"] == 0
+    return rows, results, added, share
+
+
+def mirror_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[list[str], bool]:
+    rows, results, added, share = on_off(
+        ports, duration, work, "mirror", {"off": "bench-plain", "100%": "bench-mirror"}
+    )
+    errors = sum(r["errors"] for r in results.values())
+    return rows, added <= 0.3 and share >= 0.5 and errors == 0
+
+
+def evaluation_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[list[str], bool]:
+    """Every answer through three deterministic checks, and 10% of them to a rubric judge (nginx answers
+    with a fixed verdict), bounded at 4 judge calls at once: what is over the bound is dropped and
+    counted, never waited for."""
+    rows, results, added, share = on_off(
+        ports, duration, work, "evaluation", {"off": "bench-plain", "checks+judge": "bench-judged"}
+    )
+    metrics = httpx.get(f"http://127.0.0.1:{ports['gateway']}/metrics").text
+    calls = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(
+            r'canarygate_judge_calls_total\{outcome="(\w+)",route="bench-judged"\} (\S+)', metrics
+        )
+    }
+    rows.append(f"\njudge calls during the runs: {', '.join(f'{k} {v:.0f}' for k, v in calls.items() if v)}")
+    errors = sum(r["errors"] for r in results.values())
+    return rows, added <= 0.3 and share >= 0.5 and errors == 0 and calls.get("ok", 0) > 0
 
 
 def telemetry_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[list[str], bool]:
@@ -441,6 +476,7 @@ SUITES = {
     "proxy": proxy_suite,
     "validation": validation_suite,
     "mirror": mirror_suite,
+    "evaluation": evaluation_suite,
     "telemetry": telemetry_suite,
 }
 
@@ -499,6 +535,17 @@ def main() -> int:
                 weight=0,
                 extra="mirror: {percent: 100, sample_by: request, max_concurrency: 64, max_queue: 1024}",
             )
+        )
+        judged = (
+            f"evaluation:\n  judge: {{url: http://127.0.0.1:{ports['nginx']}/judge/v1, model: j, "
+            "max_concurrency: 4}\n  evaluators:\n"
+            "    - {name: adherence, kind: rubric, rubric: instruction_adherence, sample: 0.1}\n"
+            "    - {name: greets, kind: regex, pattern: '^The quick'}\n"
+            "    - {name: polite, kind: contains, text: [please, thank]}\n"
+            "    - {name: short, kind: max_length, max_chars: 2000}\n"
+        )
+        (policies / "judged.yaml").write_text(
+            POLICY.format(route="bench-judged", port=ports["nginx"], kind="json", weight=0, extra=judged)
         )
         for kind in ("valjson", "valtool"):
             for mode, extra in (("on", ""), ("off", "validation: {json: off, tool_calls: false}")):

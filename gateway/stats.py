@@ -206,19 +206,18 @@ class Recorder:
         arm: str,
         cohort: str,
         group: int | None,
-        evaluator: str,
-        value: float,
-        flip: bool = False,
+        results: list[tuple[str, float, bool]],
     ) -> None:
-        """An evaluator's result on an answer (or a judged pair) of this rollout, counted in the interval it
-        arrives, as feedback is. arm: base, candidate, shadow (the candidate's shadow answers, and judged
-        pairs), or noise (the noise floor's pairs)."""
+        """Evaluators' results (evaluator, value, flip) on one answer (or a judged pair) of this rollout,
+        counted in the interval they arrive, as feedback is. arm: base, candidate, shadow (the candidate's
+        shadow answers, and judged pairs), or noise (the noise floor's pairs)."""
         state = self._live(route)
         if state is None:
             return
         windows = self._windows(route, arm, cohort) + self._unit_window(route, state, arm, cohort, group)
         for window in windows:
-            window.score(evaluator, value, flip)
+            for evaluator, value, flip in results:
+                window.score(evaluator, value, flip)
 
     async def flush(self) -> None:
         """Sends the batches not yet sent, oldest first, each as it was first sent and under its id: a

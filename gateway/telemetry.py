@@ -291,6 +291,7 @@ class Metrics:
             "canarygate_policy_reloads", "Policy reloads, by result", ["result"], registry=r
         )
         self._routes: dict[str, tuple[Route, RouteMetrics]] = {}
+        self._scores: dict[tuple[str, ...], Any] = {}  # canarygate_eval_score's children, bound once
         for result in ("ok", "rejected"):
             self.policy_reloads.labels(result)
 
@@ -358,8 +359,13 @@ class Metrics:
             self.feedback_total.labels(route, arm, cohort, "escalated").inc()
 
     def evaluated(self, route: str, arm: str, mode: str, cohort: str, evaluator: str, score: float) -> None:
-        if self.enabled:
-            self.eval_score.labels(route, arm, mode, evaluator, cohort).observe(score)
+        if not self.enabled:
+            return
+        key = (route, arm, mode, evaluator, cohort)
+        child = self._scores.get(key)  # labels() takes a lock and builds a key: once per label set
+        if child is None:
+            child = self._scores[key] = self.eval_score.labels(*key)
+        child.observe(score)
 
     def verdict(self, route: str, evaluator: str, verdict: str, kind: str) -> None:
         if self.enabled:

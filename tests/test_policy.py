@@ -201,6 +201,6 @@ def test_every_policy_example_in_the_readme_loads(tmp_path: Path) -> None:
     assert len(examples) >= 2
     for index, example in enumerate(examples):
         write(tmp_path, f"example-{index}.yaml", example)
-    routes, problems = load_dir(tmp_path, {"BASE_KEY": "sk-test"})
+    routes, problems = load_dir(tmp_path, {"BASE_KEY": "sk-test", "JUDGE_KEY": "sk-judge"})
     assert problems == []
     assert len(routes) == len(examples)

@@ -296,6 +296,8 @@ def test_unit_groups_and_the_sample_ratio_sums_survive_redis(redis_prefix: str, 
         recorder = Recorder(store.stats, store.rollouts)
         recorder.record(route, "candidate", "ok", 0.5, True, 7, 0.25, group=5, share=0.2, sign=-1)
         recorder.record(route, "candidate", "ok", 2.0, False, 3, None, group=5, share=0.2, sign=-1)
+        recorder.evaluation(route, "shadow", "all", 5, [("adherence", 0.75, False), ("pref", 1.0, True)])
+        recorder.evaluation(route, "shadow", "all", 5, [("adherence", 0.25, False), ("pref", -1.0, False)])
         await recorder.flush()
         step = units_interval(0)  # the first step's
         units = (await store.stats.read("chat", route.rollout_key, range(step, step + 1)))[step]
@@ -306,9 +308,13 @@ def test_unit_groups_and_the_sample_ratio_sums_survive_redis(redis_prefix: str, 
         assert group.signed == -2
         assert group.log_latency == pytest.approx(math.log(0.5) + math.log(2.0))
         assert group.log_ttft_sq == pytest.approx(math.log(0.25) ** 2)
+        shadow = units["shadow@all#5"]  # evaluators' results: (results, sum, squares, flips) each
+        assert shadow.scores == {"adherence": [2, 1.0, 0.625, 0], "pref": [2, 0.0, 2.0, 1]}
         now = int(time.time() // route.rollout.interval_s)
         intervals = await store.stats.read("chat", route.rollout_key, range(now - 2, now + 1))
         (window,) = [arms["candidate"] for arms in intervals.values()]
+        (judged,) = [arms["shadow"] for arms in intervals.values()]
+        assert judged.scored("pref") == (0.0, 2.0, 2.0)
         assert (
             window.requests == 2
             and sum(window.latency.values()) == 2

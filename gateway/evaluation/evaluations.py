@@ -106,6 +106,7 @@ class Evaluations:
         mode = "mirror" if stats_arm == "shadow" else "primary"
         arm = "base" if stats_arm == "base" else "candidate"
         subject = Subject(request, stats_arm, arm, mode, attempt.span, _response_id(answer))
+        results = []
         for evaluator in evaluators:
             if evaluator.on_pairs or arm not in evaluator.arms or mode not in evaluator.modes:
                 continue
@@ -116,7 +117,9 @@ class Evaluations:
             else:
                 result = check(evaluator, answer, request.payload)
                 if result is not None:
-                    self._scored(subject, result, judge_reason=False)
+                    results.append(result)
+        if results:
+            self._scored(subject, results, judge_reason=False)
 
     def pair(
         self,
@@ -146,7 +149,7 @@ class Evaluations:
                 result = same_tools(evaluator, request.payload, base, other)
                 if result is not None:
                     where = subject if kind == "candidate" else _as(subject, "base")
-                    self._scored(where, result, judge_reason=False)
+                    self._scored(where, [result], judge_reason=False)
                     _note(record, result, None)
             else:
                 judged.append(evaluator)
@@ -214,7 +217,9 @@ class Evaluations:
             return
         assert verdict.score is not None
         label = "pass" if verdict.score >= 0.5 else "fail"
-        self._scored(subject, Result(evaluator.name, verdict.score, label, verdict.reason), judge_reason=True)
+        self._scored(
+            subject, [Result(evaluator.name, verdict.score, label, verdict.reason)], judge_reason=True
+        )
 
     async def _pairwise(
         self,
@@ -261,9 +266,7 @@ class Evaluations:
                 subject.stats_arm,
                 request.cohort,
                 request.unit.group,
-                evaluator.name,
-                value,
-                flip,
+                [(evaluator.name, value, flip)],
             )
             reason = other_first.reason if verdict == "win" else base_first.reason
             explained = f"{verdict}{' (the order decided: a flip)' if flip else ''}: {reason}"
@@ -275,18 +278,18 @@ class Evaluations:
         finally:
             done()
 
-    def _scored(self, subject: Subject, result: Result, *, judge_reason: bool) -> None:
+    def _scored(self, subject: Subject, results: list[Result], *, judge_reason: bool) -> None:
         request = subject.request
         route = request.route
-        self._metrics.evaluated(
-            route.name, subject.arm, subject.mode, request.cohort, result.evaluator, result.score
-        )
-        self._stats.evaluation(
-            route, subject.stats_arm, request.cohort, request.unit.group, result.evaluator, result.score
-        )
-        self._tracing.evaluation(
-            subject.span, route.name, result, subject.response_id, judge_reason=judge_reason
-        )
+        for result in results:
+            self._metrics.evaluated(
+                route.name, subject.arm, subject.mode, request.cohort, result.evaluator, result.score
+            )
+            self._tracing.evaluation(
+                subject.span, route.name, result, subject.response_id, judge_reason=judge_reason
+            )
+        scores = [(result.evaluator, result.score, False) for result in results]
+        self._stats.evaluation(route, subject.stats_arm, request.cohort, request.unit.group, scores)
 
 
 def _as(subject: Subject, stats_arm: str) -> Subject:
