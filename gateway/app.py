@@ -158,7 +158,9 @@ class Services:
             for route in self.routes.routes():
                 self.proxy.shadows.mirrors.get(route)  # a new rollout: the old one's shadow calls stop
             self.spawner.spawn(self._adopt(), name="state-adopt")
-            bulkheads = [arm.bulkhead for route in self.routes.routes() for arm in route.arms()]
+            routes = list(self.routes.routes())
+            bulkheads = [arm.bulkhead for route in routes for arm in route.arms()]
+            bulkheads += self.evaluations.bulkheads(routes)
             self.spawner.spawn(self.upstream.retire(bulkheads), name="upstream-retire")
 
     async def _adopt(self) -> None:

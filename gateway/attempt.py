@@ -8,7 +8,6 @@ import time
 from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
-import orjson
 from aiohttp import ClientTimeout
 from opentelemetry.trace import Span
 
@@ -268,31 +267,17 @@ class Attempt:
 
 
 async def fetch(upstream: Upstream, attempt: Attempt) -> tuple[Response, bytes, Any]:
-    """A non-streamed exchange: the response, its body, and the body parsed (None when it is not JSON).
-    Raises the upstream's error status as UpstreamHTTPError; counts the answer's tokens."""
+    """A non-streamed exchange: the response, its body, and the body parsed as a JSON object. Raises the
+    upstream's error status as UpstreamHTTPError; counts the answer's tokens."""
     call = attempt.open()
+
+    def seen(status: int) -> None:
+        attempt.status = status
+
     try:
-        resp = await upstream.open(call)
-        attempt.status = resp.status
-        try:
-            data = await resp.read()
-        except Exception as exc:
-            raise call.failure(exc) from exc
-        finally:
-            resp.close()
+        resp, data, answer = await upstream.fetch(call, seen)
     finally:
         attempt.closed()
-    if resp.status >= 400:
-        raise call.http_error(resp, data)
-    try:
-        answer = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        answer = None
-    if not isinstance(answer, dict):
-        raise UpstreamError(
-            f"the {call.arm.name} upstream answered HTTP {resp.status} with a body that is not a JSON object",
-            code="upstream_protocol_error",
-        )
     attempt.answered(answer)
     return resp, data, answer
 

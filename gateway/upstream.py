@@ -17,8 +17,9 @@ import os
 import re
 import ssl
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
@@ -210,6 +211,35 @@ class Upstream:
             resp.close()
             raise UpstreamError(f"the {arm.name} upstream {problem}", code="upstream_protocol_error")
         return resp
+
+    async def fetch(
+        self, call: Call, on_status: Callable[[int], None] | None = None
+    ) -> tuple[Response, bytes, dict[str, Any]]:
+        """A non-streamed exchange: the response, its body (bounded by the arm's max_response_bytes) and the
+        body as a JSON object. Raises the upstream's error status as UpstreamHTTPError, and a body that is
+        not a JSON object as UpstreamError. on_status: told the status as soon as the head is in."""
+        resp = await self.open(call)
+        if on_status is not None:
+            on_status(resp.status)
+        try:
+            data = await resp.read()
+        except Exception as exc:
+            raise call.failure(exc) from exc
+        finally:
+            resp.close()
+        if resp.status >= 400:
+            raise call.http_error(resp, data)
+        try:
+            answer = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise UpstreamError(
+                f"the {call.arm.name} upstream answered HTTP {resp.status} with a body that is not a JSON "
+                "object",
+                code="upstream_protocol_error",
+            )
+        return resp, data, answer
 
     async def probe(self, arm: RouteArm, timeout_s: float) -> tuple[int, bytes]:
         """GET {url}/models with the arm's credentials; returns the HTTP status and the body (bounded by the

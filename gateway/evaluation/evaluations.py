@@ -12,13 +12,15 @@ import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from gateway.evaluation.checks import Result, check, same_tools
 from gateway.evaluation.judge import JUDGE_HEADER, Judge, JudgeFailed, compile_judge
 from gateway.evaluation.prompts import Verdict, pairwise_prompt, rubric_prompt
+from gateway.lane import Work
 from gateway.policy import Evaluator
-from gateway.route import PerRoute, Route
+from gateway.route import Bulkhead, PerRoute, Route
 from gateway.stats import Recorder
 from gateway.tasks import Spawner
 from gateway.telemetry import Metrics
@@ -93,6 +95,10 @@ class Evaluations:
     def judge(self, route: Route) -> Judge | None:
         return self._judges.get(route)
 
+    def bulkheads(self, routes: list[Route]) -> list[Bulkhead]:
+        """The connection pools the routes' judges use (kept when a reload retires the others)."""
+        return [judge.arm.bulkhead for route in routes if (judge := self._judges.get(route)) is not None]
+
     def answer(self, request: Request, attempt: Attempt, stats_arm: str) -> None:
         """A booked attempt with an answer (a primary, or the candidate's shadow call): the single-answer
         evaluators that take its arm and mode, if the request is in their sample."""
@@ -113,7 +119,7 @@ class Evaluations:
             if not sampled(request.request_id, evaluator.sample):
                 continue
             if evaluator.kind == "rubric":
-                self._submit(subject, evaluator, 1, self._rubric(subject, evaluator, answer))
+                self._submit(subject, evaluator, 1, partial(self._rubric, subject, evaluator, answer))
             else:
                 result = check(evaluator, answer, request.payload)
                 if result is not None:
@@ -150,7 +156,7 @@ class Evaluations:
                 if result is not None:
                     where = subject if kind == "candidate" else _as(subject, "base")
                     self._scored(where, [result], judge_reason=False)
-                    _note(record, result, None)
+                    _note(record, evaluator.name, result, None)
             else:
                 judged.append(evaluator)
         if not judged:
@@ -164,7 +170,7 @@ class Evaluations:
                 keep()
 
         for evaluator in judged:
-            work = self._pairwise(subject, evaluator, kind, base, other, record, done)
+            work = partial(self._pairwise, subject, evaluator, kind, base, other, record, done)
             self._submit(subject, evaluator, 2, work, on_refused=done)
 
     def _submit(
@@ -172,14 +178,14 @@ class Evaluations:
         subject: Subject,
         evaluator: Evaluator,
         calls: int,
-        work: Any,
+        work: Work,
         on_refused: Callable[[], None] | None = None,
     ) -> None:
+        """Queue a judging of `calls` judge calls (work makes its coroutine when its turn comes)."""
         route = subject.request.route
         judge = self._judges.get(route)
-        refusal = "no_judge" if judge is None else judge.submit(lambda: work, calls)
+        refusal = "no_judge" if judge is None else judge.submit(work, calls)
         if refusal is not None:
-            work.close()  # never awaited: closed, so Python does not warn
             self._metrics.skipped(route.name, evaluator.name, refusal)
             for _ in range(calls):
                 self._metrics.judge_call(route.name, refusal, None)
@@ -248,7 +254,7 @@ class Evaluations:
                 other_first = await shown(other, base)
             except JudgeFailed as failed:
                 self._metrics.skipped(request.route.name, evaluator.name, failed.outcome)
-                _note(record, None, f"not judged: {failed.outcome}")
+                _note(record, evaluator.name, None, f"not judged: {failed.outcome}")
                 return
             orders = (base_first.winner, other_first.winner)
             if orders == ("B", "A"):
@@ -274,7 +280,7 @@ class Evaluations:
             self._tracing.evaluation(
                 subject.span, request.route.name, result, subject.response_id, judge_reason=True
             )
-            _note(record, result, None, flip=flip)
+            _note(record, evaluator.name, result, None, flip=flip)
         finally:
             done()
 
@@ -297,21 +303,26 @@ def _as(subject: Subject, stats_arm: str) -> Subject:
 
 
 def _note(
-    record: dict[str, Any] | None, result: Result | None, failure: str | None, *, flip: bool = False
+    record: dict[str, Any] | None,
+    evaluator: str,
+    result: Result | None,
+    failure: str | None,
+    *,
+    flip: bool = False,
 ) -> None:
     """A verdict on the pair's record; the judge's reason only when the route captures content."""
     if record is None:
         return
     verdicts = record.setdefault("verdicts", {})
     if result is None:
-        verdicts[failure or "?"] = {"verdict": "not_judged", "reason": failure}
+        verdicts[evaluator] = {"verdict": "not_judged", "reason": failure}
         return
     entry: dict[str, Any] = {"verdict": result.label, "score": result.score}
     if flip:
         entry["flip"] = True
     if "prompt" in record:  # captured content: the reason may quote it
         entry["reason"] = result.explanation
-    verdicts[result.evaluator] = entry
+    verdicts[evaluator] = entry
 
 
 def _response_id(answer: dict[str, Any] | None) -> str | None:

@@ -15,7 +15,7 @@ from aiohttp import ClientTimeout
 from yarl import URL
 
 from gateway.breaker import BreakerSettings, CircuitBreaker
-from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
+from gateway.errors import GatewayError, UpstreamTimeout
 from gateway.evaluation.prompts import BadVerdict, Verdict, read
 from gateway.lane import Lane, Limits, Work
 from gateway.policy import Judge as JudgePolicy
@@ -140,7 +140,7 @@ class Judge:
             self.arm.timeouts.first_token_s,
         )  # fmt: skip
         try:
-            answer = await self._exchange(call)
+            _, _, answer = await self._upstream.fetch(call)
         except GatewayError as exc:
             self._failed(exc.message)
             spent = Spent(time.perf_counter() - started, 0, 0, 0.0)
@@ -159,26 +159,6 @@ class Judge:
         if self.breaker is not None:
             self.breaker.record(False)
         return verdict, spent
-
-    async def _exchange(self, call: Call) -> dict[str, Any]:
-        resp = await self._upstream.open(call)
-        try:
-            data = await resp.read()
-        except Exception as exc:
-            raise call.failure(exc) from exc
-        finally:
-            resp.close()
-        if resp.status >= 400:
-            raise call.http_error(resp, data)
-        try:
-            answer = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            answer = None
-        if not isinstance(answer, dict):
-            raise UpstreamError(
-                "the judge answered with a body that is not a JSON object", code="upstream_protocol_error"
-            )
-        return answer
 
     def _failed(self, message: str) -> None:
         if self.breaker is not None:
