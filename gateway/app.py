@@ -37,6 +37,7 @@ from gateway.asgi import (
     new_request_id,
 )
 from gateway.auth import ApiKeys, KeysFile, bearer_token
+from gateway.capacity import Capacity
 from gateway.checks import SchemaChecks
 from gateway.errors import (
     GatewayError,
@@ -113,8 +114,9 @@ class Services:
             self.assignments, self.store.backend, self.metrics, self.stats, self.routes.compiled
         )
         self.upstream = Upstream()
+        self.capacity = Capacity()  # the slots of servers that run few requests at once: users first
         self.evaluations = Evaluations(
-            self.upstream, self.spawner, self.stats, self.metrics, self.tracing, os.environ
+            self.upstream, self.spawner, self.stats, self.metrics, self.tracing, os.environ, self.capacity
         )
         self.readiness = Readiness(self.upstream, settings.readyz_probe_timeout_s)
         self.controller = Controller(
@@ -146,6 +148,7 @@ class Services:
             self.stats,
             self.assignments,
             self.evaluations,
+            self.capacity,
         )
 
     def _automatic(self) -> list[Route]:

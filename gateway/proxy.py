@@ -85,6 +85,7 @@ class Proxy:
         stats: Recorder,
         assignments: Assignments,
         evaluations: Evaluations | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         self._routes = routes
         self._stats = stats
@@ -99,7 +100,7 @@ class Proxy:
         self._schemas = SchemaCache()
         self.guards = Guards()
         self._ledger = Ledger(stats, tracing, evaluations)
-        self._capacity = Capacity()
+        self._capacity = capacity if capacity is not None else Capacity()
         self.shadows = Shadows(upstream, tracing, spawner, pairs, self._ledger, self._capacity, evaluations)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:

@@ -413,3 +413,32 @@ def test_a_real_instruct_model_as_the_judge(sims: tuple[Sim, Sim], make_gateway:
     assert sum(verdicts[v] for v in ("win", "tie", "loss")) + skipped == 6  # every pair judged, or counted
     assert verdicts["flip"] <= verdicts["tie"]  # a flip is a tie, never a win or a loss
     assert took < 30  # six answers; the judge's seconds per call never reached the users
+
+
+def test_a_judge_on_a_one_slot_server_an_arm_uses_yields_to_users(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    base, candidate = sims
+    base.simulator.interrupt = True  # llama.cpp's way: a request arriving stops the running stream
+    base.set_knobs(time_per_token_s=0.01, output_tokens=20)
+    evaluators = "    - {name: adherence, kind: rubric, rubric: instruction_adherence}\n"
+    policy = policy_yaml(
+        "chat",
+        base.url,
+        candidate.url,
+        base_extra="max_concurrency: 1",
+        extra=evaluation(base.url, evaluators).replace("max_concurrency: 2", "max_concurrency: 1"),
+    )
+    gw = make_gateway({"chat": policy})
+    client = gw.client()
+    for i in range(12):  # one user after another: only the gateway's own judge calls could cut them
+        messages = [{"role": "user", "content": f"task {i}"}]
+        stream = client.chat.completions.create(model="chat", messages=messages, stream=True)  # type: ignore[arg-type]
+        chunks = [c for c in stream if c.choices]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+    def calls(outcome: str) -> float:
+        return value(scrape(gw.url), "canarygate_judge_calls_total", route="chat", outcome=outcome)
+
+    wait_for(lambda: calls("ok") + calls("preempted") == 12, message="every judge call made or yielded")
+    assert base.stats()["streams"]["interrupted"] == 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from gateway.capacity import Capacity
 from gateway.evaluation.checks import Result, check, same_tools
 from gateway.evaluation.judge import JUDGE_HEADER, Judge, JudgeFailed, compile_judge
 from gateway.evaluation.prompts import Verdict, pairwise_prompt, rubric_prompt
@@ -75,6 +76,7 @@ class Evaluations:
         metrics: Metrics,
         tracing: Tracing,
         environ: Mapping[str, str],
+        capacity: Capacity | None = None,
     ) -> None:
         self._upstream = upstream
         self._spawner = spawner
@@ -87,7 +89,7 @@ class Evaluations:
             policy = route.policy.evaluation.judge
             assert policy is not None  # PerRoute builds only when the settings key exists
             arm, _ = compile_judge(route.name, policy, environ)
-            return Judge(route.name, policy, arm, upstream, spawner)
+            return Judge(route.name, policy, arm, upstream, spawner, capacity)
 
         # A judge outlives reloads while its settings stay the same (its queue, breaker and budgets).
         self._judges = PerRoute(lambda route: route.policy.evaluation.judge, build, retire=Judge.stop)

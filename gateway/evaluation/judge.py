@@ -15,6 +15,7 @@ from aiohttp import ClientTimeout
 from yarl import URL
 
 from gateway.breaker import BreakerSettings, CircuitBreaker
+from gateway.capacity import Capacity, Preempted
 from gateway.errors import GatewayError, UpstreamTimeout
 from gateway.evaluation.prompts import BadVerdict, Verdict, read
 from gateway.lane import Lane, Limits, Work
@@ -27,7 +28,10 @@ from gateway.upstream import Call, Upstream
 log = logging.getLogger("gateway.evaluation.judge")
 
 JUDGE_HEADER = "X-Canarygate-Judge"  # on every judge call: a gateway that judges itself skips judging these
-OUTCOMES = ("ok", "error", "timeout", "invalid", "circuit_open", "queue_full", "rate_limited", "token_budget")
+OUTCOMES = (
+    "ok", "error", "timeout", "invalid", "preempted", "circuit_open", "queue_full", "rate_limited",
+    "token_budget",
+)  # fmt: skip
 # Refused before a call: the route's judge stopped (its settings changed), or none is configured.
 REFUSALS = ("stopped", "no_judge")
 LOG_EVERY_S = 10.0
@@ -96,9 +100,13 @@ class Judge:
         arm: RouteArm,
         upstream: Upstream,
         spawner: Spawner,
+        capacity: Capacity | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy
+        # A judge on a server an arm also uses, with the arm's max_concurrency, shares its slots: its
+        # calls then yield to users' requests as shadow calls do.
+        self._slots = capacity.slots(arm) if capacity is not None else None
         self.arm = arm
         self._upstream = upstream
         limits = Limits(
@@ -139,8 +147,19 @@ class Judge:
             self.arm, "chat", orjson.dumps(body), dict(self.arm.headers), None, self.arm.client_timeout,
             self.arm.timeouts.first_token_s,
         )  # fmt: skip
+        slots = self._slots
         try:
-            _, _, answer = await self._upstream.fetch(call)
+            if slots is None:
+                _, _, answer = await self._upstream.fetch(call)
+            else:
+                if not slots.spare:
+                    await slots.wait_for_spare()
+                started = time.perf_counter()  # the judge's latency, not the wait for a slot
+                _, _, answer = await slots.run_shadow(self._upstream.fetch(call))
+        except Preempted as exc:
+            if self.breaker is not None:
+                self.breaker.release()  # it made room for a user: nothing learnt about the judge
+            raise JudgeFailed("preempted", "the judge call made room for a user's request") from exc
         except GatewayError as exc:
             self._failed(exc.message)
             spent = Spent(time.perf_counter() - started, 0, 0, 0.0)
