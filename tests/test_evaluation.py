@@ -442,3 +442,20 @@ def test_a_judge_on_a_one_slot_server_an_arm_uses_yields_to_users(
 
     wait_for(lambda: calls("ok") + calls("preempted") == 12, message="every judge call made or yielded")
     assert base.stats()["streams"]["interrupted"] == 0
+
+
+def test_a_judge_s_own_calls_are_never_judged(sims: tuple[Sim, Sim], make_gateway: GatewayFactory) -> None:
+    """When the judge is this gateway (its url, a route as its model), its calls carry x-canarygate-judge:
+    judging them would judge the judging, for ever."""
+    base = sims[0]
+    evaluators = "    - {name: short, kind: max_length, max_chars: 10000}\n"
+    gw = make_gateway({"chat": policy_yaml("chat", base.url, extra=evaluation(base.url, evaluators))})
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    assert gw.post("/v1/chat/completions", json=body, headers={"X-Canarygate-Judge": "1"}).status_code == 200
+    assert gw.post("/v1/chat/completions", json=body).status_code == 200
+
+    def judged() -> float:
+        return value(scrape(gw.url), "canarygate_eval_score_count", route="chat", evaluator="short")
+
+    wait_for(lambda: judged() == 1, message="the user's answer evaluated")
+    assert judged() == 1
