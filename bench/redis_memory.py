@@ -123,7 +123,9 @@ async def pairs(url: str, count: int, client: redis.Redis) -> float:
     return per_pair
 
 
-async def routes(url: str, count: int, client: redis.Redis) -> tuple[float, float, float]:
+async def routes(
+    url: str, count: int, client: redis.Redis
+) -> tuple[float, float, float, tuple[float, float]]:
     """A route's rollout state with a full history, one interval's statistics of its three arms, and one
     step's windows per unit group of the three arms (one cohort)."""
     shared = Shared(url, "cg:")
@@ -165,9 +167,31 @@ async def routes(url: str, count: int, client: redis.Redis) -> tuple[float, floa
         }
         await stats.add(groups, os.urandom(8).hex())
     per_step = (used(client) - before) / count
+    # The same with two evaluators' results in every window (results, sum, squares, flips each).
+    scored = replace(
+        window, scores={"adherence": [180.0, 151.25, 139.5, 0.0], "preference": [90.0, 12.0, 30.0, 2.0]}
+    )
+    before = used(client)
+    for n in range(count):
+        batch = {
+            (f"scored-{n}", "3f9a0c41d2b7e815", 1, arm): scored for arm in ("base", "candidate", "shadow")
+        }
+        await stats.add(batch, os.urandom(8).hex())
+    per_interval_scored = (used(client) - before) / count
+    scored_group = replace(scored, latency={}, ttft={})
+    before = used(client)
+    for n in range(count):
+        groups = {
+            (f"scored-{n}", "3f9a0c41d2b7e815", units_interval(1), f"{arm}@all#{g}"): scored_group
+            for arm in ("base", "candidate", "shadow")
+            for g in range(UNIT_GROUPS)
+        }
+        await stats.add(groups, os.urandom(8).hex())
+    per_step_scored = (used(client) - before) / count
     client.flushall()
     await shared.close()
-    return per_route, per_interval, per_step
+    per_evaluator = ((per_interval_scored - per_interval) / 2, (per_step_scored - per_step) / 2)
+    return per_route, per_interval, per_step, per_evaluator
 
 
 async def main() -> None:
@@ -195,7 +219,7 @@ async def main() -> None:
         version = client.info("server")["redis_version"]
         bucketed, per_key = await records(url, args.records, client)
         per_pair = await pairs(url, args.pairs, client)
-        per_route, per_interval, per_step = await routes(url, args.routes, client)
+        per_route, per_interval, per_step, per_evaluator = await routes(url, args.routes, client)
         costs = await write_costs(url)
     finally:
         client.close()
@@ -207,6 +231,10 @@ async def main() -> None:
     print(f"route: rollout state with {HISTORY} transitions {per_route:.0f} B")
     print(f"route statistics: {per_interval:.0f} B per interval")
     print(f"route statistics per unit group: {per_step:.0f} B per step and cohort")
+    print(
+        f"each evaluator adds {per_evaluator[0]:.0f} B per interval and {per_evaluator[1]:.0f} B per step "
+        "and cohort (three arms' results)"
+    )
     through_cpu, through_wall, batched_cpu, batched_wall = costs
     print(f"request record written through: {through_cpu:.0f} µs CPU, {through_wall:.0f} µs wall each")
     print(f"request record batched (1,000 a flush): {batched_cpu:.1f} µs CPU, {batched_wall:.1f} µs wall")
