@@ -150,44 +150,28 @@ async def routes(
     )  # fmt: skip
     window.latency.update({b: 20 for b in range(20, 40)})
     window.ttft.update({b: 20 for b in range(10, 30)})
-    before = used(client)
-    for n in range(count):
-        batch = {
-            (f"route-{n}", "3f9a0c41d2b7e815", 1, arm): window for arm in ("base", "candidate", "shadow")
-        }
-        await stats.add(batch, os.urandom(8).hex())
-    per_interval = (used(client) - before) / count
+
+    async def added(name: str, one: ArmWindow, interval: int, groups: range) -> float:
+        """used_memory per route after adding the window to the three arms (per unit group, when groups)."""
+        before = used(client)
+        for n in range(count):
+            batch = {
+                (f"{name}-{n}", "3f9a0c41d2b7e815", interval, f"{arm}@all#{g}" if groups else arm): one
+                for arm in ("base", "candidate", "shadow")
+                for g in groups or range(1)
+            }
+            await stats.add(batch, os.urandom(8).hex())
+        return (used(client) - before) / count
+
     group = replace(window, latency={}, ttft={})  # a unit group's window: no histograms
-    before = used(client)
-    for n in range(count):
-        groups = {
-            (f"route-{n}", "3f9a0c41d2b7e815", units_interval(1), f"{arm}@all#{g}"): group
-            for arm in ("base", "candidate", "shadow")
-            for g in range(UNIT_GROUPS)
-        }
-        await stats.add(groups, os.urandom(8).hex())
-    per_step = (used(client) - before) / count
+    per_interval = await added("route", window, 1, range(0))
+    per_step = await added("route", group, units_interval(1), range(UNIT_GROUPS))
     # The same with two evaluators' results in every window (results, sum, squares, flips each).
-    scored = replace(
-        window, scores={"adherence": [180.0, 151.25, 139.5, 0.0], "preference": [90.0, 12.0, 30.0, 2.0]}
+    scores = {"adherence": [180.0, 151.25, 139.5, 0.0], "preference": [90.0, 12.0, 30.0, 2.0]}
+    per_interval_scored = await added("scored", replace(window, scores=scores), 1, range(0))
+    per_step_scored = await added(
+        "scored", replace(group, scores=scores), units_interval(1), range(UNIT_GROUPS)
     )
-    before = used(client)
-    for n in range(count):
-        batch = {
-            (f"scored-{n}", "3f9a0c41d2b7e815", 1, arm): scored for arm in ("base", "candidate", "shadow")
-        }
-        await stats.add(batch, os.urandom(8).hex())
-    per_interval_scored = (used(client) - before) / count
-    scored_group = replace(scored, latency={}, ttft={})
-    before = used(client)
-    for n in range(count):
-        groups = {
-            (f"scored-{n}", "3f9a0c41d2b7e815", units_interval(1), f"{arm}@all#{g}"): scored_group
-            for arm in ("base", "candidate", "shadow")
-            for g in range(UNIT_GROUPS)
-        }
-        await stats.add(groups, os.urandom(8).hex())
-    per_step_scored = (used(client) - before) / count
     client.flushall()
     await shared.close()
     per_evaluator = ((per_interval_scored - per_interval) / 2, (per_step_scored - per_step) / 2)

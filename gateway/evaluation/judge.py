@@ -127,10 +127,9 @@ class Judge:
 
     def submit(self, work: Work, calls: int) -> str | None:
         """Queue a judging of `calls` calls; None when queued, else why it was refused."""
-        refusal = self.lane.refusal()
-        if refusal is None and not self.lane.submit(work, calls):
-            refusal = "queue_full"
-        return refusal
+        if self.lane.submit(work, calls):
+            return None
+        return self.lane.refusal() or "queue_full"
 
     async def ask(self, body: dict[str, Any], schema: str) -> tuple[Verdict, Spent]:
         """One judge call: the verdict, and what it took. JudgeFailed when there is none."""
