@@ -78,12 +78,9 @@ class Evaluations:
         environ: Mapping[str, str],
         capacity: Capacity | None = None,
     ) -> None:
-        self._upstream = upstream
-        self._spawner = spawner
         self._stats = stats
         self._metrics = metrics
         self._tracing = tracing
-        self._environ = environ
 
         def build(route: Route) -> Judge:
             policy = route.policy.evaluation.judge
@@ -145,7 +142,6 @@ class Evaluations:
         if not evaluators or base is None or other is None or JUDGE_HEADER.lower() in request.headers:
             keep()
             return
-        # tool_selection's base side is the noise floor: how often the base agrees with itself.
         stats_arm = "shadow" if kind == "candidate" else "noise"
         subject = Subject(request, stats_arm, "candidate" if kind == "candidate" else "base", "mirror",
                           request.span, _response_id(other))  # fmt: skip
@@ -155,7 +151,7 @@ class Evaluations:
                 continue
             if evaluator.kind == "tool_selection":
                 result = same_tools(evaluator, request.payload, base, other)
-                if result is not None:
+                if result is not None:  # the base's side of this check: how often it agrees with itself
                     where = subject if kind == "candidate" else _as(subject, "base")
                     self._scored(where, [result], judge_reason=False)
                     _note(record, evaluator.name, result, None)
