@@ -4,6 +4,7 @@ counted and change nothing for users."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -15,7 +16,7 @@ from aiohttp import ClientTimeout
 from yarl import URL
 
 from gateway.breaker import BreakerSettings, CircuitBreaker
-from gateway.capacity import Capacity, Preempted
+from gateway.capacity import Capacity, Preempted, Slots
 from gateway.errors import GatewayError, UpstreamTimeout
 from gateway.evaluation.prompts import BadVerdict, Verdict, read
 from gateway.lane import Lane, Limits, Work
@@ -35,6 +36,7 @@ OUTCOMES = (
 # Refused before a call: the route's judge stopped (its settings changed), or none is configured.
 REFUSALS = ("stopped", "no_judge")
 LOG_EVERY_S = 10.0
+SETTLE_S = 0.25  # how long a slot shared with users stays spare before a judge call takes it
 
 
 class JudgeFailed(Exception):
@@ -151,8 +153,7 @@ class Judge:
             if slots is None:
                 _, _, answer = await self._upstream.fetch(call)
             else:
-                if not slots.spare:
-                    await slots.wait_for_spare()
+                await _settled(slots)
                 started = time.perf_counter()  # the judge's latency, not the wait for a slot
                 _, _, answer = await slots.run_shadow(self._upstream.fetch(call))
         except Preempted as exc:
@@ -192,6 +193,20 @@ class Judge:
 
     def stop(self) -> None:
         self.lane.stop()
+
+
+async def _settled(slots: Slots) -> None:
+    """Until a slot is spare, and, on a server users are served by, has stayed spare SETTLE_S: a user's
+    next request often follows the last answer within milliseconds (an agent's next step), and a judge
+    call sent in that instant could reach a one-slot server after it and cut it short."""
+    while True:
+        if not slots.spare:
+            await slots.wait_for_spare()
+        if not slots.started:
+            return  # the judge's own server: nobody to make way for
+        await asyncio.sleep(SETTLE_S)
+        if slots.spare:
+            return
 
 
 def _tokens(answer: dict[str, Any], kind: str) -> int:
