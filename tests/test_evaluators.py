@@ -13,7 +13,7 @@ import pytest
 from gateway.analysis import ArmWindow, Paired, judge, loss_rate, score_decrease
 from gateway.evaluation.checks import check, same_tools
 from gateway.evaluation.evaluations import sampled
-from gateway.evaluation.prompts import BadVerdict, pairwise_prompt, read, rubric_prompt
+from gateway.evaluation.prompts import BadVerdict, pairwise_prompt, read, rubric_prompt, swapped
 from gateway.loader import load_file
 from gateway.policy import Evaluator, Gates
 
@@ -123,6 +123,24 @@ def test_judge_prompts_put_the_answers_in_tags_and_verdicts_must_match_the_schem
     ):
         with pytest.raises(BadVerdict):
             verdict(bad)
+
+
+@pytest.mark.parametrize(
+    ("base_first", "candidate_first", "expected"),
+    [
+        ("B", "A", ("win", -1.0, False)),  # the candidate preferred in both orders
+        ("A", "B", ("loss", 1.0, False)),  # the base preferred in both orders
+        ("A", "A", ("tie", 0.0, True)),  # the first answer always: the position decided
+        ("B", "B", ("tie", 0.0, True)),  # the second answer always
+        ("tie", "tie", ("tie", 0.0, False)),
+        ("B", "tie", ("tie", 0.0, False)),  # one order undecided: no verdict survives the swap
+        ("tie", "B", ("tie", 0.0, False)),
+    ],
+)
+def test_a_pair_s_verdict_must_survive_the_order_swap(
+    base_first: str, candidate_first: str, expected: tuple[str, float, bool]
+) -> None:
+    assert swapped(base_first, candidate_first) == expected
 
 
 def test_the_example_policy_with_evaluation_loads(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.capacity import Capacity
 from gateway.evaluation.checks import Result, check, same_tools
 from gateway.evaluation.judge import JUDGE_HEADER, Judge, JudgeFailed, compile_judge
-from gateway.evaluation.prompts import Verdict, pairwise_prompt, rubric_prompt
+from gateway.evaluation.prompts import Verdict, pairwise_prompt, rubric_prompt, swapped
 from gateway.lane import Work
 from gateway.policy import Evaluator
 from gateway.route import Bulkhead, PerRoute, Route
@@ -254,14 +254,7 @@ class Evaluations:
                 self._metrics.skipped(request.route.name, evaluator.name, failed.outcome)
                 _note(record, evaluator.name, None, f"not judged: {failed.outcome}")
                 return
-            orders = (base_first.winner, other_first.winner)
-            if orders == ("B", "A"):
-                verdict, value = "win", -1.0
-            elif orders == ("A", "B"):
-                verdict, value = "loss", 1.0
-            else:
-                verdict, value = "tie", 0.0
-            flip = orders in (("A", "A"), ("B", "B"))
+            verdict, value, flip = swapped(base_first.winner, other_first.winner)
             self._metrics.verdict(request.route.name, evaluator.name, verdict, kind)
             if flip:
                 self._metrics.verdict(request.route.name, evaluator.name, "flip", kind)

@@ -116,6 +116,18 @@ def read(answer: Any, schema: str) -> Verdict:
     return Verdict(None, verdict["winner"], reason)
 
 
+def swapped(base_first: str | None, other_first: str | None) -> tuple[str, float, bool]:
+    """The candidate's verdict from a pair judged in both orders (the winner, "A", "B" or "tie", with the
+    base's answer shown first, then with the candidate's): a win only when both orders prefer the
+    candidate, a loss only when both prefer the base, a tie otherwise. Returns (verdict, value: -1 a win,
+    +1 a loss, 0 a tie, flip: both orders named the same position, so the position decided)."""
+    if (base_first, other_first) == ("B", "A"):
+        return "win", -1.0, False
+    if (base_first, other_first) == ("A", "B"):
+        return "loss", 1.0, False
+    return "tie", 0.0, base_first == other_first and base_first in ("A", "B")
+
+
 def _chat(user: str, name: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {
         "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
