@@ -482,3 +482,37 @@ def test_a_judge_s_own_calls_are_never_judged(sims: tuple[Sim, Sim], make_gatewa
 
     wait_for(lambda: judged() == 1, message="the user's answer evaluated")
     assert judged() == 1
+
+
+def test_a_cohort_the_candidate_ignores_fails_its_own_pairwise_gate(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    """rollout.segments judges the quality gates per cohort too: a candidate that ignores only billing's
+    tasks (a tenth of the traffic) loses the pairs of billing, and billing's own gate rolls it back."""
+    from tests.conftest import CANDIDATE_MODEL
+    from tests.test_state import ADMIN, drive_until
+
+    base, candidate = sims
+    candidate.simulator.models[f"{CANDIDATE_MODEL}@billing"] = Knobs(quality=0)
+    text = policy_yaml("chat", base.url, candidate.url).replace("rollout:\n  weight: 0\n", "")
+    text += (
+        "cohorts: {source: 'metadata:intent', values: [billing, support]}\n"
+        "mirror: {percent: 100, sample_by: request}\n"
+        "rollout:\n  shadow_first: true\n  steps: [50, 100]\n  interval_s: 1\n  min_samples: 20\n"
+        "  gates:\n    pairwise_loss_rate: {preference: {max: 0.2}}\n"
+        "  segments: {by: cohort, min_share: 0.05}\n"
+        + evaluation(base.url, "    - {name: preference, kind: pairwise}\n")
+    )
+    gw = make_gateway({"chat": text}, admin_token=ADMIN["Authorization"].removeprefix("Bearer "))
+
+    def intent(i: int) -> dict[str, object]:
+        name = "billing" if i % 10 == 0 else "support"
+        return {"metadata": {"intent": name, "sim_profile": name}}
+
+    drive_until(gw.url, "rolled_back", timeout=60, extra=intent)
+    view = httpx.get(f"{gw.url}/admin/routes/chat/analysis", headers=ADMIN, timeout=10).json()
+    assert view["decided"]["reason"].startswith("gate failed: pairwise_loss_rate:preference [cohort billing]")
+    by_cohort = {g["cohort"]: g for g in view["gates"] if g["gate"] == "pairwise_loss_rate:preference"}
+    assert by_cohort["billing"]["result"] == "fail" and by_cohort["billing"]["value"] == 1.0
+    assert by_cohort["all"]["result"] in ("pass", "wait")  # a tenth of losses: within the aggregate's 20%
+    assert by_cohort["support"]["value"] == 0.0
