@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -212,18 +212,15 @@ class Evaluations:
     async def _rubric(self, subject: Subject, evaluator: Evaluator, answer: dict[str, Any]) -> None:
         judge = self._judges.get(subject.request.route)
         assert judge is not None
-        assert evaluator.rubric is not None
-        body = rubric_prompt(evaluator.rubric, subject.request.payload, answer, judge.policy.max_answer_chars)
+        ask = partial(self._ask, subject, evaluator)
         try:
-            verdict = await self._ask(subject, evaluator, body, "canarygate_rubric")
+            result = await rubric(
+                ask, evaluator, subject.request.payload, answer, judge.policy.max_answer_chars
+            )
         except JudgeFailed as failed:
             self._metrics.skipped(subject.request.route.name, evaluator.name, failed.outcome)
             return
-        assert verdict.score is not None
-        label = "pass" if verdict.score >= 0.5 else "fail"
-        self._scored(
-            subject, [Result(evaluator.name, verdict.score, label, verdict.reason)], judge_reason=True
-        )
+        self._scored(subject, [result], judge_reason=True)
 
     async def _pairwise(
         self,
@@ -235,26 +232,19 @@ class Evaluations:
         record: dict[str, Any] | None,
         done: Callable[[], None],
     ) -> None:
-        """Both orders: the base's answer first, then the candidate's first. The candidate wins only when
-        both say so, and loses only when both say so."""
         request = subject.request
         judge = self._judges.get(request.route)
         assert judge is not None
+        ask = partial(self._ask, subject, evaluator)
         limit = judge.policy.max_answer_chars
-
-        async def shown(first: dict[str, Any], second: dict[str, Any]) -> Verdict:
-            body = pairwise_prompt(evaluator.rubric, request.payload, first, second, limit)
-            return await self._ask(subject, evaluator, body, "canarygate_pairwise")
-
         try:
             try:
-                base_first = await shown(base, other)
-                other_first = await shown(other, base)
+                pairing = await pairwise(ask, evaluator, request.payload, base, other, limit)
             except JudgeFailed as failed:
                 self._metrics.skipped(request.route.name, evaluator.name, failed.outcome)
                 _note(record, evaluator.name, None, f"not judged: {failed.outcome}")
                 return
-            verdict, value, flip = swapped(base_first.winner, other_first.winner)
+            verdict, value, flip, result = pairing
             self._metrics.verdict(request.route.name, evaluator.name, verdict, kind)
             if flip:
                 self._metrics.verdict(request.route.name, evaluator.name, "flip", kind)
@@ -265,9 +255,6 @@ class Evaluations:
                 request.unit.group,
                 [(evaluator.name, value, flip)],
             )
-            reason = other_first.reason if verdict == "win" else base_first.reason
-            explained = f"{verdict}{' (the order decided: a flip)' if flip else ''}: {reason}"
-            result = Result(evaluator.name, (1 - value) / 2, verdict, explained)
             self._tracing.evaluation(
                 subject.span, request.route.name, result, subject.response_id, judge_reason=True
             )
@@ -287,6 +274,43 @@ class Evaluations:
             )
         scores = [(result.evaluator, result.score, False) for result in results]
         self._stats.evaluation(route, subject.stats_arm, request.cohort, request.unit.group, scores)
+
+
+Ask = Callable[[dict[str, Any], str], Awaitable[Verdict]]
+
+
+async def rubric(
+    ask: Ask, evaluator: Evaluator, payload: dict[str, Any], answer: dict[str, Any], limit: int
+) -> Result:
+    """A rubric evaluator's judging of one answer (live traffic and pre-flight): its score in [0, 1]."""
+    assert evaluator.rubric is not None
+    verdict = await ask(rubric_prompt(evaluator.rubric, payload, answer, limit), "canarygate_rubric")
+    assert verdict.score is not None
+    return Result(evaluator.name, verdict.score, "pass" if verdict.score >= 0.5 else "fail", verdict.reason)
+
+
+async def pairwise(
+    ask: Ask,
+    evaluator: Evaluator,
+    payload: dict[str, Any],
+    base: dict[str, Any],
+    other: dict[str, Any],
+    limit: int,
+) -> tuple[str, float, bool, Result]:
+    """A pairwise evaluator's judging of the base's answer against another (live and pre-flight), shown
+    both ways round: the base's answer first, then the other's. The other wins only when both say so,
+    and loses only when both say so. (verdict, value for the statistics, whether the order decided, and
+    the result: score 1 for a win, 0.5 a tie, 0 a loss)."""
+    base_first = await ask(
+        pairwise_prompt(evaluator.rubric, payload, base, other, limit), "canarygate_pairwise"
+    )
+    other_first = await ask(
+        pairwise_prompt(evaluator.rubric, payload, other, base, limit), "canarygate_pairwise"
+    )
+    verdict, value, flip = swapped(base_first.winner, other_first.winner)
+    reason = other_first.reason if verdict == "win" else base_first.reason
+    explained = f"{verdict}{' (the order decided: a flip)' if flip else ''}: {reason}"
+    return verdict, value, flip, Result(evaluator.name, (1 - value) / 2, verdict, explained)
 
 
 def _as(subject: Subject, stats_arm: str) -> Subject:

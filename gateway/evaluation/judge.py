@@ -153,7 +153,7 @@ class Judge:
             if slots is None:
                 _, _, answer = await self._upstream.fetch(call)
             else:
-                await _settled(slots)
+                await settled(slots)
                 started = time.perf_counter()  # the judge's latency, not the wait for a slot
                 _, _, answer = await slots.run_shadow(self._upstream.fetch(call))
         except Preempted as exc:
@@ -195,7 +195,7 @@ class Judge:
         self.lane.stop()
 
 
-async def _settled(slots: Slots) -> None:
+async def settled(slots: Slots) -> None:
     """Until a slot is spare, and, on a server users are served by, has stayed spare SETTLE_S: a user's
     next request often follows the last answer within milliseconds (an agent's next step), and a judge
     call sent in that instant could reach a one-slot server after it and cut it short."""
