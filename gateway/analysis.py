@@ -121,6 +121,40 @@ class ArmWindow:
         kept[2] += value * value
         kept[3] += flip
 
+    def attempt(
+        self,
+        error: bool,
+        invalid: bool,
+        output_tokens: int | None,
+        cost: float | None,
+        log_latency: float,
+        log_ttft: float | None = None,
+        share: float | None = None,
+        sign: int = 1,
+    ) -> None:
+        """One attempt's counts and sums (the histograms are the caller's: they are kept per interval)."""
+        self.requests += 1
+        self.errors += error
+        self.invalid += invalid
+        if output_tokens is not None:
+            self.tokens += output_tokens
+            self.tokens_sq += output_tokens * output_tokens
+            self.token_answers += 1
+        if cost is not None:
+            self.cost += cost
+            self.cost_sq += cost * cost
+        if share is not None:
+            self.expected += share
+            self.expected_sq += share * share
+        self.signed += sign
+        self.timed += 1
+        self.log_latency += log_latency
+        self.log_latency_sq += log_latency * log_latency
+        if log_ttft is not None:
+            self.ttfts += 1
+            self.log_ttft += log_ttft
+            self.log_ttft_sq += log_ttft * log_ttft
+
     def scored(self, evaluator: str) -> tuple[float, float, float]:
         """(sum, sum of squares, results) of an evaluator's values."""
         kept = self.scores.get(evaluator)

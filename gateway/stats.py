@@ -124,29 +124,10 @@ class Recorder:
             if ttft is not None:
                 window.ttft[ttft] = window.ttft.get(ttft, 0) + 1
         for window in windows + self._unit_window(route, state, arm, cohort, group):
-            window.requests += 1
-            if outcome in ERROR_OUTCOMES:
-                window.errors += 1
-            if invalid:
-                window.invalid += 1
-            if output_tokens is not None:
-                window.tokens += output_tokens
-                window.tokens_sq += output_tokens * output_tokens
-                window.token_answers += 1
-            if cost is not None:
-                window.cost += cost
-                window.cost_sq += cost * cost
-            if share is not None:
-                window.expected += share
-                window.expected_sq += share * share
-            window.signed += sign
-            window.timed += 1
-            window.log_latency += log_latency
-            window.log_latency_sq += log_latency * log_latency
-            if ttft_s is not None:
-                window.ttfts += 1
-                window.log_ttft += log_ttft
-                window.log_ttft_sq += log_ttft * log_ttft
+            window.attempt(
+                outcome in ERROR_OUTCOMES, invalid, output_tokens, cost, log_latency,
+                log_ttft if ttft_s is not None else None, share, sign,
+            )  # fmt: skip
 
     def attempt(self, request: Request, arm: str, outcome: str, attempt: Attempt) -> None:
         """An upstream attempt, as the ledger books it."""
