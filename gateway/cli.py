@@ -1,5 +1,5 @@
-"""The `canarygate` command: serve, check, simulate, demo; and, against a running gateway's admin API,
-status, set-weight, pause, resume, promote, rollback, pairs."""
+"""The `canarygate` command: serve, check, plan, preflight, simulate, demo; and, against a running
+gateway's admin API, status, set-weight, pause, resume, promote, rollback, pairs."""
 
 from __future__ import annotations
 
@@ -179,6 +179,10 @@ def _parser() -> argparse.ArgumentParser:
         verb.add_argument("route")
         _admin_options(verb, reason=True)
         verb.set_defaults(func=_act, action=action)
+
+    from gateway.preflight import command as preflight
+
+    preflight.add_parser(sub, _policies_option)
 
     demo = sub.add_parser(
         "demo", help="rehearse a canary: simulated base and candidate, the gateway, users, live view"

@@ -649,6 +649,45 @@ DEFAULT_GATES = Gates(
 )
 
 
+# What a held-out set can measure (no feedback, escalations, fallbacks or streams before any user).
+PREFLIGHT_GATES = (
+    "error_rate", "validation_failure_rate", "latency_p99_ratio", "output_tokens_ratio",
+    "cost_per_request_ratio", *QUALITY_GATES,
+)  # fmt: skip
+# The scores of an item's own expectations (expected.tool, .arguments, .contains, .answer): gateable in
+# pre-flight by these names, as evaluators are.
+EXPECTED_SCORES = ("expected_tool", "expected_arguments", "expected_contains", "expected_answer")
+
+
+class Preflight(Strict):
+    """The rollout's first phase: the candidate against the base on a held-out set, before any user or
+    shadow call reaches it. Passed: the rollout goes on (shadow_first, or the first step); failed: it
+    rolls back (or holds, with on_fail: hold); undecided (too few items to tell): it holds."""
+
+    dataset: str | None = Field(
+        default=None,
+        description="The held-out set (JSONL), relative to the policy file; without it the phase waits for "
+        "a pre-flight run elsewhere and recorded (canarygate preflight --record)",
+    )
+    gates: Gates | None = Field(
+        default=None,
+        description="Default: the rollout's gates a held-out set can measure; quality gates may also name "
+        "expected_tool, expected_arguments, expected_contains, expected_answer",
+    )
+    min_samples: int = Field(default=20, ge=5, description="Answers per arm before a gate may pass or fail")
+    samples: int = Field(default=1, ge=1, le=20, description="Answers per item and arm (sampling noise)")
+    limit: int | None = Field(default=None, ge=1, description="Items of the set to use (the first ones)")
+    concurrency: int = Field(default=2, ge=1, le=64, description="Items in flight at once")
+    timeout_s: float = Field(default=1800, ge=1, le=86400, description="The whole run; past it: undecided")
+
+    def judged_gates(self, rollout: Gates) -> Gates:
+        """The gates pre-flight judges: its own, or the rollout's it can measure."""
+        if self.gates is not None:
+            return self.gates
+        kept = {name: getattr(rollout, name) for name in PREFLIGHT_GATES}
+        return Gates.model_construct(**kept)
+
+
 class Rollout(Strict):
     weight: float = Field(
         default=0, ge=0, le=100, description="Manual mode: percent of units served by the candidate"
@@ -669,6 +708,9 @@ class Rollout(Strict):
     segments: Segments | None = Field(default=None, description="Judge every gate per cohort as well")
     on_fail: Literal["rollback", "hold"] = "rollback"
     on_no_data: Literal["hold", "pass"] = "hold"
+    preflight: Preflight | None = Field(
+        default=None, description="A first phase on a held-out set, before shadow traffic (needs steps)"
+    )
 
     @field_validator("steps")
     @classmethod
@@ -686,6 +728,8 @@ class Rollout(Strict):
             raise ValueError("set either weight (manual mode) or steps (automatic mode), not both")
         if self.steps is None and "shadow_first" in self.model_fields_set:
             raise ValueError("shadow_first needs steps")
+        if self.steps is None and self.preflight is not None:
+            raise ValueError("preflight needs steps (it is the first phase of an automatic rollout)")
         if self.steps is not None and not self.gates.configured():
             raise ValueError("gates: automatic mode needs at least one gate")
         return self
@@ -770,9 +814,33 @@ class Policy(Strict):
                     raise ValueError(
                         f"rollout.gates.{gate}: {name} must evaluate both arms (arms: [base, candidate])"
                     )
+        self._preflight_gates(evaluators)
         pairs = [e.name for e in self.evaluation.evaluators if e.on_pairs]
         if pairs and self.mirror.percent <= 0 and self.mirror.noise_floor_percent <= 0:
             raise ValueError(f"evaluators {', '.join(pairs)} judge shadow pairs: set mirror.percent above 0")
+
+    def _preflight_gates(self, evaluators: dict[str, Evaluator]) -> None:
+        preflight = self.rollout.preflight
+        if preflight is None or preflight.gates is None:
+            return
+        where = "rollout.preflight.gates"
+        for name, gate in preflight.gates:
+            if gate and name not in PREFLIGHT_GATES:
+                raise ValueError(
+                    f"{where}.{name}: a held-out set cannot measure it (no users yet); use "
+                    f"{', '.join(PREFLIGHT_GATES)}"
+                )
+        for gate, wanted in (("eval_score_decrease", False), ("pairwise_loss_rate", True)):
+            for name in getattr(preflight.gates, gate):
+                evaluator = evaluators.get(name)
+                if evaluator is None and not (gate == "eval_score_decrease" and name in EXPECTED_SCORES):
+                    known = ", ".join([*sorted(evaluators), *EXPECTED_SCORES])
+                    raise ValueError(f"{where}.{gate}: {name!r} is not an evaluator ({known})")
+                if evaluator is not None and (evaluator.kind == "pairwise") != wanted:
+                    use = "pairwise_loss_rate" if evaluator.kind == "pairwise" else "eval_score_decrease"
+                    raise ValueError(f"{where}.{gate}: {name} is a {evaluator.kind} evaluator; use {use}")
+        if not preflight.gates.configured():
+            raise ValueError(f"{where}: set at least one gate, or leave gates out to use the rollout's")
 
 
 def merge_timeouts(route: Timeouts, arm: TimeoutOverrides | None) -> Timeouts:
