@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import Depends, FastAPI, Header, Request
@@ -126,6 +126,7 @@ class Services:
             self._automatic,
             on_analysis=self.metrics.gates,
             ready=self.readiness.check,
+            preflight=self._preflight,
         )
         self.api_keys = ApiKeys(settings.api_keys, settings.api_key_groups)
         self.loop_lag = LoopLag()
@@ -150,6 +151,32 @@ class Services:
             self.evaluations,
             self.capacity,
         )
+
+    async def _preflight(self, route: Route) -> dict[str, Any]:
+        """The route's pre-flight phase, run in this gateway: its arms' calls take spare slots only (users
+        first, as shadow calls), its judge is the route's. Returns what the rollout records."""
+        from gateway.preflight import Preflight, Settings
+        from gateway.preflight.dataset import load
+        from gateway.preflight.report import recorded
+        from gateway.preflight.run import Direct
+
+        policy = route.automatic.preflight if route.automatic is not None else None
+        assert policy is not None
+        assert policy.dataset is not None
+        path = route.source.parent / policy.dataset
+        items = await asyncio.to_thread(load, path, limit=policy.limit)
+        judge = self.evaluations.judge(route)
+        preflight = Preflight(
+            route, items, Direct(self.upstream, self.capacity), judge, Settings.of(route), policy.dataset
+        )
+        self.metrics.preflight(route.name, "running")
+        try:
+            report = await preflight.run(policy.timeout_s)
+        except BaseException:
+            self.metrics.preflight(route.name, None)
+            raise
+        self.metrics.preflight(route.name, report["verdict"])
+        return recorded(report)
 
     def _automatic(self) -> list[Route]:
         return [route for route in self.routes.policies() if route.automatic is not None]
@@ -256,6 +283,7 @@ class Services:
     async def close(self) -> None:
         await self.spawner.close()
         await self.controller.resign()
+        await self.controller.close()
         with contextlib.suppress(StateUnavailable):
             await self.stats.flush()
             await self.assignments.flush()
@@ -420,6 +448,14 @@ def _api(services: Services) -> FastAPI:
     async def route_detail(route: str) -> dict[str, Any]:
         return _rollout_view(*services.rollouts.view(route), history=True)
 
+    @api.post("/admin/routes/{route:path}/preflight", dependencies=[Depends(admin)])
+    async def record_preflight(route: str, given: RecordedPreflight) -> dict[str, Any]:
+        """A pre-flight run elsewhere (canarygate preflight --record): the rollout waiting in its pre-flight
+        phase moves by its verdict."""
+        state = await services.rollouts.record_preflight(route, given.model_dump(), "admin")
+        return {**_rollout_view(services.rollouts.view(route)[0], state, history=True),
+                "message": f"route {route} is now {state.phase}: {state.history[-1].reason}"}  # fmt: skip
+
     @api.post("/admin/routes/{route:path}/{action}", dependencies=[Depends(admin)])
     async def act(
         route: str,
@@ -552,6 +588,19 @@ def _analysis_view(analysis: Analysis, state: RouteState, route: Route) -> dict[
         "last_interval": {"base": arm(analysis.last[0]), "candidate": arm(analysis.last[1])},
         "evaluations": analysis.evaluations,
     }
+
+
+class RecordedPreflight(BaseModel):
+    """What `canarygate preflight --record` sends: the report's verdict, models and gates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    verdict: Literal["pass", "fail", "undecided"]
+    summary: str = Field(max_length=4000)
+    models: dict[Literal["base", "candidate"], Annotated[str, Field(max_length=500)]]
+    dataset: str = Field(max_length=1000)
+    answered: int = Field(ge=0)
+    gates: list[dict[str, Any]] = Field(max_length=500)
 
 
 def _model_card(route: Route) -> dict[str, Any]:

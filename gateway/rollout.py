@@ -41,7 +41,7 @@ EMPTY = ArmWindow()  # an arm with nothing in an interval (read only)
 
 
 # Phases without shadow traffic: nothing is being judged on it (paused, ended).
-NO_SHADOWS = frozenset({"paused", "promoted", "rolled_back"})
+NO_SHADOWS = frozenset({"preflight", "paused", "promoted", "rolled_back"})
 JUDGED = frozenset({"shadow", "progressing"})  # the phases the controller moves; the rest are an operator's
 ROLLED_BACK: dict[str, Any] = {"phase": "rolled_back", "weight": 0.0, "mirror": False, "resume_to": None}
 OperatorAction = Literal["pause", "resume", "promote", "rollback", "set_weight"]
@@ -86,6 +86,27 @@ def controller_step(state: RouteState, steps: Sequence[float]) -> tuple[str, dic
         "phase": "promoted",
         "weight": 100.0,
     }
+
+
+def preflight_change(route: Route, recorded: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Where a pre-flight verdict takes the rollout: passed, to the mirror-only phase (shadow_first) or the
+    first step, its analysis window opening then; failed, rolled back (or held, with on_fail: hold);
+    undecided, held. The reason is the report's summary."""
+    auto = route.automatic
+    assert auto is not None
+    assert auto.steps
+    summary = str(recorded.get("summary") or f"pre-flight {recorded['verdict']}")
+    verdict = recorded["verdict"]
+    if verdict == "pass":
+        now = time.time()
+        if auto.shadow_first:
+            changes = {"phase": "shadow", "step": -1, "weight": 0.0}
+        else:
+            changes = {"phase": "progressing", "step": 0, "weight": auto.steps[0]}
+        return summary, {**changes, "started_at": now, "step_at": now}
+    if verdict == "fail" and auto.on_fail == "rollback":
+        return summary, dict(ROLLED_BACK)
+    return f"held in pre-flight: {summary}", {}
 
 
 def effective(route: Route, state: RouteState | None) -> Route:
@@ -164,6 +185,37 @@ class Rollouts:
             reason,
             key=key,
             decide=lambda newest: operator_change(newest, action, has_candidate=has_candidate, weight=weight),
+        )
+
+    async def record_preflight(self, name: str, recorded: dict[str, Any], by: str) -> RouteState:
+        """A pre-flight run elsewhere (canarygate preflight --record), for the same base and candidate: the
+        rollout waiting in its pre-flight phase moves by its verdict, as if the controller had run it."""
+        route, state = self.view(name)
+        models = recorded.get("models") or {}
+        if route.candidate is None or route.automatic is None or route.automatic.preflight is None:
+            raise Conflict(
+                f"route {name!r} has no pre-flight phase (rollout.preflight) to record a verdict in"
+            )
+        wanted = {"base": route.base.model, "candidate": route.candidate.model}
+        if models != wanted:
+            raise Conflict(
+                f"the pre-flight compared base {models.get('base')!r} with candidate "
+                f"{models.get('candidate')!r}; route {name!r} rolls out {wanted['candidate']!r} behind "
+                f"{wanted['base']!r}"
+            )
+        reason, changes = preflight_change(route, recorded)
+
+        def decide(newest: RouteState) -> dict[str, Any]:
+            if newest.phase != "preflight":
+                raise Conflict(
+                    f"route {name!r} is {newest.phase}, not in its pre-flight phase: a verdict is recorded "
+                    "while the rollout waits there (a new rollout of the route starts there)"
+                )
+            return changes
+
+        decide(state)
+        return await self.move(
+            name, by, f"recorded by {by}: {reason}", decide=decide, gates=recorded["gates"]
         )
 
     async def rollback(
@@ -418,6 +470,7 @@ class Controller:
         tick_s: float = 1.0,
         ready: Callable[[RouteArm], Awaitable[ArmReadiness]] | None = None,
         clock: Callable[[], float] = time.time,
+        preflight: Callable[[Route], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self._lease = lease
         self._stats = stats
@@ -430,6 +483,9 @@ class Controller:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self._judged: dict[str, tuple[int, float]] = {}  # route -> (state version, when judged)
         self.leading = False
+        self._preflight = preflight  # runs a route's pre-flight, returns what its report records
+        # route -> (the pre-flight phase it runs for: rollout and when the phase began, its run)
+        self._preflights: dict[str, tuple[tuple[str, float], asyncio.Task[dict[str, Any]] | None]] = {}
 
     async def run(self) -> None:
         while True:
@@ -466,6 +522,10 @@ class Controller:
         current = self._rollouts.current(route.name)
         if auto is None or current is None or current.rollout != route.rollout_key:
             return
+        if current.phase == "preflight":
+            await self._preflight_phase(route, current)
+            return
+        self._forget_preflight(route.name)
         if current.phase not in JUDGED:
             return
         now = self._clock()
@@ -504,6 +564,58 @@ class Controller:
             if current.phase == "shadow" and not await self._candidate_ready(route, current):
                 return
             await self._advance(route, current, auto.steps or [], gates)
+
+    async def _preflight_phase(self, route: Route, current: RouteState) -> None:
+        """Runs the route's pre-flight once per phase (in the background: the controller goes on judging
+        the other routes), then moves the rollout by its verdict. Without a dataset, or without a runner,
+        the phase waits for a recorded one."""
+        phase = (current.rollout, current.step_at)
+        kept = self._preflights.get(route.name)
+        policy = route.automatic.preflight if route.automatic is not None else None
+        if kept is None or kept[0] != phase:
+            self._forget_preflight(route.name)
+            if policy is None or policy.dataset is None or self._preflight is None:
+                waiting = "held in pre-flight: waiting for a recorded one (canarygate preflight --record)"
+                self._preflights[route.name] = (phase, None)
+                if current.history[-1].reason != waiting:
+                    await self._rollouts.move(route.name, "controller", waiting, current)
+                return
+            run = asyncio.ensure_future(self._preflight(route))
+            self._preflights[route.name] = (phase, run)
+            log.info("route=%s pre-flight started on %s", route.name, policy.dataset)
+            return
+        running = kept[1]
+        if running is None or not running.done():
+            return
+        self._preflights[route.name] = (phase, None)  # decided once: not again for this phase
+        try:
+            recorded = running.result()
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:  # a set that cannot be read, a judge that cannot be asked: hold, say why
+            log.warning("route=%s pre-flight could not run: %s", route.name, exc)
+            await self._rollouts.move(
+                route.name, "controller", f"held in pre-flight: it could not run: {exc}", current
+            )
+            return
+        reason, changes = preflight_change(route, recorded)
+        log.info("route=%s %s", route.name, reason)
+        if changes.get("phase") == "rolled_back":
+            await self._rollouts.rollback(route.name, "controller", reason, recorded["gates"], current)
+        else:
+            await self._rollouts.move(
+                route.name, "controller", reason, current, gates=recorded["gates"], **changes
+            )
+
+    def _forget_preflight(self, name: str) -> None:
+        """The rollout left its pre-flight phase (an operator, a recorded verdict): a run under way stops."""
+        kept = self._preflights.pop(name, None)
+        if kept is not None and kept[1] is not None:
+            kept[1].cancel()
+
+    async def close(self) -> None:
+        for name in list(self._preflights):
+            self._forget_preflight(name)
 
     async def _candidate_ready(self, route: Route, current: RouteState) -> bool:
         """Users are served by the candidate only once it answers /models with its model listed; until

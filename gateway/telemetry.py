@@ -42,6 +42,9 @@ VERDICTS = ("win", "tie", "loss", "flip")
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
 
+PREFLIGHT_VERDICTS = ("running", "pass", "fail", "undecided")
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, enabled: bool = True) -> None:
         # The *_created series would double the series count for nothing a dashboard uses.
@@ -152,6 +155,13 @@ class Metrics:
             "canarygate_rollout_phase",
             "1 for the route's current rollout phase",
             ["route", "phase"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.preflight_verdict = Gauge(
+            "canarygate_preflight_verdict",
+            "1 for the route's pre-flight: running, or its verdict (pass, fail, undecided) once it ran here",
+            ["route", "verdict"],
             multiprocess_mode="livemax",
             registry=r,
         )
@@ -320,6 +330,12 @@ class Metrics:
             self.rollout_transitions.labels(state.route, phase)
         if transition:
             self.rollout_transitions.labels(state.route, state.phase).inc()
+
+    def preflight(self, route: str, verdict: str | None) -> None:
+        """The pre-flight this replica runs for a route: running, its verdict, or None (it stopped)."""
+        if self.enabled:
+            for shown in PREFLIGHT_VERDICTS:
+                self.preflight_verdict.labels(route, shown).set(1 if shown == verdict else 0)
 
     def skew(self, route: str, skewed: bool) -> None:
         if self.enabled:

@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import orjson
 from redis.exceptions import RedisError
@@ -26,8 +26,8 @@ from gateway.tasks import Spawner
 
 log = logging.getLogger("gateway.store.rollouts")
 
-Phase = Literal["shadow", "progressing", "paused", "promoted", "rolled_back", "manual"]
-PHASES: tuple[Phase, ...] = ("shadow", "progressing", "paused", "promoted", "rolled_back", "manual")
+Phase = Literal["preflight", "shadow", "progressing", "paused", "promoted", "rolled_back", "manual"]
+PHASES: tuple[Phase, ...] = get_args(Phase)
 HISTORY = 50  # transitions kept per route
 SUPERSEDED = 50  # earlier rollouts remembered per route
 POLL_S = 1.0
@@ -97,8 +97,9 @@ class RouteState:
 
 def initial(route: Route, replacing: RouteState | None = None) -> RouteState:
     """Where a rollout starts. Manual mode: the policy's weight, changed only by an operator from then
-    on. Automatic mode: the mirror-only phase (shadow_first) or the first step. replacing: the route's
-    rollout this one supersedes (remembered, so that no replica starts that one again)."""
+    on. Automatic mode: pre-flight (rollout.preflight), the mirror-only phase (shadow_first) or the first
+    step. replacing: the route's rollout this one supersedes (remembered, so that no replica starts that
+    one again)."""
     now = time.time()
     auto = route.automatic
     phase: Phase = "manual"
@@ -106,6 +107,8 @@ def initial(route: Route, replacing: RouteState | None = None) -> RouteState:
     weight = route.policy.rollout.weight if route.candidate is not None else 0.0
     if auto is not None and auto.steps:
         phase, step, weight = ("shadow", -1, 0.0) if auto.shadow_first else ("progressing", 0, auto.steps[0])
+        if auto.preflight is not None:
+            phase, step, weight = "preflight", -1, 0.0
     entry = Transition(now, phase, weight, step, "policy loaded", "policy")
     return RouteState(
         route=route.name,
