@@ -4,12 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint prometheus nginx bench serve simulate clean
+.PHONY: demo test lint prometheus nginx chromium bench serve simulate clean
 
 demo: $(STAMP)  ## simulated base + candidate behind the gateway, with traffic from the openai client
 	$(BIN)/canarygate demo
 
-test: $(STAMP) lint prometheus nginx  ## lint, type-check and run the whole test suite
+test: $(STAMP) lint prometheus nginx chromium  ## lint, type-check and run the whole test suite
 	$(BIN)/pytest
 
 prometheus:  ## the tests check dashboards and alert rules against a real Prometheus (Debian's package)
@@ -19,6 +19,10 @@ prometheus:  ## the tests check dashboards and alert rules against a real Promet
 nginx:  ## the replica tests put a real nginx in front of the gateways, as a cluster would (Debian's package)
 	@command -v nginx >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx)
+
+chromium:  ## the pre-flight report's HTML page is opened in a real headless browser (Debian's package)
+	@command -v chromium >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench monitoring

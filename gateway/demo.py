@@ -27,6 +27,7 @@ from typing import Any, Literal
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import heldout
 from gateway.app import create_app
 from gateway.server import BackgroundServer
 from gateway.settings import Settings
@@ -54,7 +55,17 @@ fallback:
        tool_args_parse, tool_args_schema]
   budget: {{ratio: 0.5, window_s: 10, min_per_window: 10}}
 rollout:
-  shadow_first: true          # first a mirror-only phase: users see only the base
+  preflight:                  # first the held-out set: no user or shadow call reaches the candidate
+    dataset: heldout.jsonl
+    samples: {preflight_samples}
+    concurrency: 16
+    min_samples: 60
+    gates:                    # what a set of this size can tell: gross failures, and the quality below
+      error_rate: {{max_increase: 0.25}}
+      validation_failure_rate: {{max_increase: 0.25}}
+      eval_score_decrease:
+        expected_contains: {{max_decrease: 0.05}}
+{preflight_quality}  shadow_first: true          # then a mirror-only phase: users see only the base
   steps: {steps}
   interval_s: {interval}
   min_samples: 80
@@ -75,6 +86,12 @@ evaluation:
     - {{name: adherence, kind: rubric, rubric: instruction_adherence, sample: 0.5}}
     - {{name: preference, kind: pairwise}}
 """
+# Pre-flight's gates on the judge, for the judged scenario.
+PREFLIGHT_QUALITY = """\
+        adherence: {max_decrease: 0.05}
+      pairwise_loss_rate: {preference: {max: 0.05}}
+"""
+PREFLIGHT_SAMPLES = 5  # answers per item and arm: 400 of the 80-item set, enough to tell 20 points
 JUDGE_MODEL = "judge-8b-instruct"
 
 
@@ -292,7 +309,9 @@ def _gate_threshold(gate: dict[str, Any]) -> str:
 def _phase_line(snap: Snapshot) -> str:
     rollout = snap.rollout
     phase = snap.phase
-    if phase == "shadow":
+    if phase == "preflight":
+        where = "base and candidate answer the held-out set; no user or shadow call reaches the candidate"
+    elif phase == "shadow":
         where = "mirror-only phase: users get the base, 30% of requests are replayed to the candidate"
     elif phase == "progressing":
         where = (
@@ -474,7 +493,9 @@ def verdict(rollout: dict[str, Any], elapsed: float) -> tuple[str, str]:
         return "promoted", f"promoted after {walked} steps in {elapsed:.0f} s"
     if phase == "rolled_back":
         before = history[1] if len(history) > 1 else None
-        if before is None or before["phase"] == "shadow":
+        if before is not None and before["phase"] == "preflight":
+            where = "in pre-flight, before any user or shadow call reached the candidate"
+        elif before is None or before["phase"] == "shadow":
             where = "in the mirror-only phase, before any user was served by the candidate"
         else:
             where = f"at step {before['step'] + 1} (weight {before['weight']:g}%)"
@@ -513,8 +534,11 @@ def run_demo(
                 BackgroundServer(Simulator(BASE_KNOBS, served_models=[JUDGE_MODEL]).app())
             )
             quality = QUALITY.format(judge=f"{judge.url}/v1", judge_model=JUDGE_MODEL)
+        (work / "heldout.jsonl").write_text(heldout.text())
         (work / f"{ROUTE}.yaml").write_text(
             POLICY.format(
+                preflight_samples=PREFLIGHT_SAMPLES,
+                preflight_quality=PREFLIGHT_QUALITY if scenario.judged else "",
                 route=ROUTE,
                 base=f"{base.url}/v1",
                 candidate=f"{candidate.url}/v1",
@@ -548,7 +572,11 @@ def run_demo(
             f"gateway              {gateway.url}/v1, route {ROUTE!r}, {users} simulated users (openai client)"
         )
         steps = " -> ".join(f"{s}%" for s in STEPS)
-        print(f"rollout              mirror-only, then {steps}; gates judged every {interval_s:g} s")
+        held_out = f"{len(heldout.rows())} held-out items x {PREFLIGHT_SAMPLES}"
+        print(
+            f"rollout              pre-flight ({held_out}), mirror-only, then {steps}; gates judged every "
+            f"{interval_s:g} s"
+        )
         print(f"gateway log          {log_file}")
         view: PlainView | LiveView = LiveView(f"canarygate demo: {scenario_name}") if live else PlainView()
         started = time.monotonic()

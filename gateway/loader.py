@@ -67,6 +67,13 @@ def load_dir(
             first = routes[policy.route].source
             problems.append(Problem(file, None, "route", f"{policy.route!r} is already defined in {first}"))
             continue
+        preflight = policy.rollout.preflight
+        if preflight is not None and preflight.dataset is not None:
+            dataset = file.parent / preflight.dataset
+            if not dataset.is_file():
+                why = f"{dataset}: no such file (the held-out set, relative to the policy file)"
+                problems.append(Problem(file, None, "rollout.preflight.dataset", why))
+                continue
         route, missing = compile_policy(policy, file, env)
         severity: Severity = "error" if require_secrets else "warning"
         problems.extend(Problem(file, None, path, msg, severity) for path, msg in missing)

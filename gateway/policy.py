@@ -709,7 +709,9 @@ class Rollout(Strict):
     on_fail: Literal["rollback", "hold"] = "rollback"
     on_no_data: Literal["hold", "pass"] = "hold"
     preflight: Preflight | None = Field(
-        default=None, description="A first phase on a held-out set, before shadow traffic (needs steps)"
+        default=None,
+        description="A first phase on a held-out set, before shadow traffic (automatic mode); in manual "
+        "mode, what `canarygate preflight` judges",
     )
 
     @field_validator("steps")
@@ -728,8 +730,11 @@ class Rollout(Strict):
             raise ValueError("set either weight (manual mode) or steps (automatic mode), not both")
         if self.steps is None and "shadow_first" in self.model_fields_set:
             raise ValueError("shadow_first needs steps")
-        if self.steps is None and self.preflight is not None:
-            raise ValueError("preflight needs steps (it is the first phase of an automatic rollout)")
+        if self.steps is None and self.preflight is not None and self.preflight.dataset is not None:
+            raise ValueError(
+                "preflight.dataset needs steps: the pre-flight phase is an automatic rollout's; in manual "
+                "mode the section only sets what `canarygate preflight` judges"
+            )
         if self.steps is not None and not self.gates.configured():
             raise ValueError("gates: automatic mode needs at least one gate")
         return self

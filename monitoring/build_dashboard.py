@@ -84,6 +84,10 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
                by("arm", rate(REQUESTS, f'{PRIMARY}, outcome=~"ok|invalid_output"'))), "{{arm}}")]),
     ("Rollout weight (% of units on the candidate)", "percent", [
         (f"max by (route) (canarygate_rollout_weight{{{SEL}}})", "{{route}}")]),
+    ("Rollout phase (1: current) and the pre-flight on the held-out set", "none", [
+        (f"max by (route, phase) (canarygate_rollout_phase{{{SEL}}}) == 1", "{{route}} {{phase}}"),
+        (f"max by (route, verdict) (canarygate_preflight_verdict{{{SEL}}}) == 1",
+         "{{route}} pre-flight {{verdict}}")]),
     ("Rollout gates: measured value and threshold (controller's latest judgement)", "none", [
         (f"max by (route, gate) (canarygate_gate_value{{{SEL}}})", "{{route}} {{gate}}"),
         (f"max by (route, gate) (canarygate_gate_threshold{{{SEL}}})", "{{route}} {{gate}} threshold")]),

@@ -24,6 +24,7 @@ def test_healthy_candidate_is_promoted_step_by_step() -> None:
     assert "expected: promoted" in out
     moves = re.findall(r"controller: (\w+) at (\d+)%", out)
     assert moves == [
+        ("preflight", "0"),  # the policy's first phase: the held-out set
         ("shadow", "0"),
         ("progressing", "10"),
         ("progressing", "30"),
@@ -56,12 +57,12 @@ def test_a_bad_candidate_is_rolled_back_before_users_notice(scenario: str, gate:
 
 
 def test_only_the_judge_sees_the_subtle_candidate_and_it_never_reaches_a_user() -> None:
+    """Caught by pre-flight: the judge and the held-out set's own expectations see what users would."""
     code, out = demo("--scenario", "subtle", *SHORT)
     assert code == 0, out
     (verdict,) = re.findall(r"verdict: rolled back .*", out)
-    assert "in the mirror-only phase" in verdict and (
-        "pairwise_loss_rate" in verdict or "eval_score" in verdict
-    )
+    assert "in pre-flight, before any user or shadow call" in verdict, verdict
+    assert "pairwise_loss_rate:preference" in verdict and "eval_score_decrease:adherence" in verdict
     for gate in ("error_rate", "validation_failure_rate", "latency_p99_ratio"):
         assert not re.search(rf"gate {gate} +fail", out), out  # format and operations see nothing wrong
     assert "and 0 by the candidate; 0 client errors" in out

@@ -183,6 +183,17 @@ def test_every_panel_and_rule_against_a_real_prometheus(
     (directory / "auto.yaml").write_text(
         policy_yaml("auto", base.url, candidate.url, extra=automatic).replace("rollout:\n  weight: 0\n", "")
     )
+    # A rollout that starts with pre-flight on a held-out set of its own (it passes, then waits unmoved).
+    (directory / "set.jsonl").write_text(
+        "".join(f'{{"messages": [{{"role": "user", "content": "q{i}"}}]}}\n' for i in range(10))
+    )
+    preflight = (
+        "rollout:\n  steps: [50, 100]\n  interval_s: 600\n  preflight:\n    dataset: set.jsonl\n"
+        "    min_samples: 5\n    gates: {error_rate: {max_increase: 0.9}}\n"
+    )
+    (directory / "pre.yaml").write_text(
+        policy_yaml("pre", base.url, candidate.url, extra=preflight).replace("rollout:\n  weight: 0\n", "")
+    )
     app = create_app(Settings(policy_dir=directory, watch_policies=False))
     with BackgroundServer(app) as gateway:
         server = prometheus(f"127.0.0.1:{gateway.port}")

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway import heldout
 from gateway.preflight.dataset import DatasetError, load
 from gateway.synth import prompt_text, task_marker
 from tests.conftest import REPO, GatewayFactory, Sim, policy_yaml, wait_for
@@ -151,6 +152,24 @@ def test_the_cli_refuses_a_bad_set_or_route_with_exit_code_2(sims: tuple[Sim, Si
     assert result.returncode == 2 and "line 1:" in result.stderr and "Traceback" not in result.stderr
     result = canarygate("preflight", str(bad), "--route", "nope", "--policies", str(policies))
     assert result.returncode == 2 and "no route 'nope'" in result.stderr
+
+
+def test_the_shipped_example_set_is_what_its_generator_writes() -> None:
+    assert SET.read_text() == heldout.text(), "run python -m gateway.heldout > datasets/support-heldout.jsonl"
+    items = load(SET)
+    assert len(items) == 80
+    categories = {i.category for i in items}
+    assert categories == {
+        "format",
+        "tool-use",
+        "multi-step",
+        "adversarial",
+        "out-of-domain",
+        "policy-conflict",
+    }
+    assert {i.cohort for i in items} == {"enterprise", "self-serve"}
+    assert sum(i.expected.tool is not None for i in items) == 15
+    assert sum("response_format" in i.request for i in items) == 15
 
 
 # -- the CLI against the simulator -------------------------------------------------------------------
@@ -476,9 +495,21 @@ def test_a_policy_s_pre_flight_mistakes_are_named(tmp_path: Path, sims: tuple[Si
         (policies / "chat.yaml").write_text(text)
         result = canarygate("check", str(policies))
         assert result.returncode == 2 and says in result.stdout, result.stdout
+    nowhere = tmp_path / "nowhere"
+    nowhere.mkdir()
+    extra = "  preflight: {dataset: missing.jsonl}\n"
+    (nowhere / "chat.yaml").write_text(
+        policy(base, candidate, gates="    error_rate: {max_increase: 0.05}\n", extra=extra)
+    )
+    result = canarygate("check", str(nowhere))
+    assert (
+        result.returncode == 2
+        and "rollout.preflight.dataset" in result.stdout
+        and "no such file" in result.stdout
+    )
     manual = tmp_path / "manual"
     manual.mkdir()
     text = policy_yaml("chat", base.url, candidate.url) + "  preflight: {dataset: x.jsonl}\n"
     (manual / "chat.yaml").write_text(text)
     result = canarygate("check", str(manual))
-    assert result.returncode == 2 and "preflight needs steps" in result.stdout, result.stdout
+    assert result.returncode == 2 and "preflight.dataset needs steps" in result.stdout, result.stdout

@@ -91,7 +91,8 @@ def test_the_controller_walks_the_steps_then_promotes_and_moves_only_judged_phas
         ("promoted", 100.0, 2),
     ]
     assert current.history[-1].reason == "gates passed at every step: promoted after 3 steps"
-    assert set(PHASES) - JUDGED == {"paused", "promoted", "rolled_back", "manual"}  # an operator's, only
+    # An operator's only; pre-flight moves by its run's verdict (the controller's, or one recorded).
+    assert set(PHASES) - JUDGED == {"preflight", "paused", "promoted", "rolled_back", "manual"}
 
 
 def test_an_operator_s_action_is_decided_again_on_the_state_it_meets(

@@ -174,6 +174,7 @@ def _gates(
 def _gate(verdict: Verdict) -> dict[str, Any]:
     """A verdict, with whether it is non-inferior and, when it could not decide, the size that might."""
     out = asdict(verdict)
+    out["reason"] = verdict.reason.replace("over the same intervals", "on the same items")
     out["non_inferior"] = non_inferior(verdict)
     out["needed"] = _needed(verdict) if not out["non_inferior"] and verdict.result != "fail" else None
     return out

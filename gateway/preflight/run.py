@@ -267,9 +267,12 @@ class Runner:
         return answer
 
     def _expectations(self, item: Item, answer: Answer) -> None:
-        """The item's own expectations: each a score of 1 or 0 (an arm without an answer scores 0)."""
+        """The item's own expectations: each a score of 1 or 0. An arm that gave no answer is not scored
+        (as live traffic, where only answers are evaluated): its error rate counts it."""
         expected = item.expected
         body = answer.answer
+        if body is None:
+            return
         if expected.tool is not None:
             called = tools_called(body)
             _score(answer, "expected_tool", called[:1] == [expected.tool],
@@ -293,6 +296,8 @@ class Runner:
 
     async def _single(self, evaluator: Evaluator, item: Item, answer: Answer, outcome: Outcome) -> None:
         body = answer.answer
+        if body is None:
+            return
         if evaluator.kind == "tool_selection" and item.expected.tool is not None:
             called = tools_called(body)
             ok = called[:1] == [item.expected.tool]
@@ -302,9 +307,6 @@ class Runner:
                 ok,
                 f"called {called[0] if called else 'no tool'}, expected {item.expected.tool}",
             )
-            return
-        if body is None:
-            _score(answer, evaluator.name, False, "no answer")
             return
         if evaluator.kind == "rubric":
             if self._judge is None:
@@ -325,10 +327,8 @@ class Runner:
 
     async def _pair(self, evaluator: Evaluator, item: Item, outcome: Outcome) -> None:
         base, other = outcome.base.answer, outcome.candidate.answer
-        if base is None or other is None:  # an arm that did not answer loses; neither: a tie
-            value = 0.0 if base is None and other is None else (1.0 if other is None else -1.0)
-            verdict = {1.0: "loss", -1.0: "win", 0.0: "tie"}[value]
-            outcome.pairs[evaluator.name] = (verdict, value, False, "an arm gave no answer")
+        if base is None or other is None:  # nothing to compare: the error rate counts the missing answer
+            outcome.not_judged[evaluator.name] = "no_answer"
             return
         if self._judge is None:
             outcome.not_judged[evaluator.name] = "no_judge"
@@ -368,11 +368,7 @@ def _rules(route: Route, items: list[Item]) -> dict[str, Rules | None]:
 def _agreement(evaluator: Evaluator, item: Item, base: Answer, candidate: Answer) -> None:
     """tool_selection with no expected tool: the candidate against the base's choice (the base, the
     reference, agrees with itself)."""
-    if base.answer is None:
-        return
-    if candidate.answer is None:
-        _score(candidate, evaluator.name, False, "no answer")
-        _score(base, evaluator.name, True, "the reference")
+    if base.answer is None or candidate.answer is None:
         return
     result = same_tools(evaluator, item.request, base.answer, candidate.answer)
     if result is not None:
