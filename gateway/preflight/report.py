@@ -317,8 +317,8 @@ def _deficit(outcome: Outcome) -> float:
     base, candidate = outcome.base, outcome.candidate
     lost = sum(max(base.scores.get(n, 0.0) - s, 0.0) for n, s in candidate.scores.items())
     lost += sum(1.0 for verdict, *_ in outcome.pairs.values() if verdict == "loss")
-    lost += 1.0 if candidate.error or candidate.failure else 0.0
-    return lost - (1.0 if base.error or base.failure else 0.0) * 0.5
+    failed = [bool(answer.error or answer.failure) for answer in (base, candidate)]
+    return lost + failed[1] - failed[0]  # an item both arms failed is not where the candidate did worse
 
 
 def _worst(outcomes: list[Outcome], capture: bool) -> list[dict[str, Any]]:
