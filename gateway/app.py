@@ -158,7 +158,7 @@ class Services:
         from gateway.preflight import Preflight, Settings
         from gateway.preflight.dataset import load
         from gateway.preflight.report import recorded
-        from gateway.preflight.run import Direct
+        from gateway.preflight.run import Direct, Runner
 
         policy = route.automatic.preflight if route.automatic is not None else None
         assert policy is not None
@@ -166,9 +166,10 @@ class Services:
         path = route.source.parent / policy.dataset
         items = await asyncio.to_thread(load, path, limit=policy.limit)
         judge = self.evaluations.judge(route)
-        preflight = Preflight(
-            route, items, Direct(self.upstream, self.capacity), judge, Settings.of(route), policy.dataset
-        )
+        settings = Settings.of(route)
+        runner = Runner(route, items, Direct(self.upstream, self.capacity), judge, settings.samples,
+                        settings.concurrency)  # fmt: skip
+        preflight = Preflight(runner, settings, policy.dataset)
         self.metrics.preflight(route.name, "running")
         try:
             report = await preflight.run(policy.timeout_s)

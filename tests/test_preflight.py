@@ -23,6 +23,7 @@ from tests.test_cli import canarygate
 from tests.test_evaluation import evaluation
 
 TOKEN = "admin-secret-token"
+CATEGORIES = {"format", "tool-use", "multi-step", "adversarial", "out-of-domain", "policy-conflict"}
 SET = REPO / "datasets" / "support-heldout.jsonl"
 JUDGED = (
     "    - {name: adherence, kind: rubric, rubric: instruction_adherence}\n"
@@ -159,14 +160,7 @@ def test_the_shipped_example_set_is_what_its_generator_writes() -> None:
     items = load(SET)
     assert len(items) == 80
     categories = {i.category for i in items}
-    assert categories == {
-        "format",
-        "tool-use",
-        "multi-step",
-        "adversarial",
-        "out-of-domain",
-        "policy-conflict",
-    }
+    assert categories == CATEGORIES
     assert {i.cohort for i in items} == {"enterprise", "self-serve"}
     assert sum(i.expected.tool is not None for i in items) == 15
     assert sum("response_format" in i.request for i in items) == 15
@@ -265,14 +259,7 @@ def test_a_candidate_that_ignores_instructions_fails_and_a_healthy_one_passes(
     assert pairs["wins"] == 0 and pairs["losses"] > 0 and pairs["pairs"] == 160
     assert out["arms"]["candidate"]["scores"]["expected_contains"]["mean"] < 1.0
     assert out["arms"]["base"]["scores"]["expected_contains"]["mean"] == 1.0
-    assert set(out["categories"]) == {
-        "format",
-        "tool-use",
-        "multi-step",
-        "adversarial",
-        "out-of-domain",
-        "policy-conflict",
-    }
+    assert set(out["categories"]) == CATEGORIES
     assert set(out["cohorts"]) == {"enterprise", "self-serve"}
     assert "prompt" in out["worst"][0] and out["worst"][0]["candidate"]["answer"]
     assert "[####" in result.stderr  # the progress line

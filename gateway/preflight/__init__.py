@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.evaluation.judge import Judge
 from gateway.policy import EXPECTED_SCORES, Gates
 from gateway.policy import Preflight as PreflightPolicy
 from gateway.preflight import report as reports
-from gateway.preflight.dataset import Item
-from gateway.preflight.run import Outcome, Runner, Send
+from gateway.preflight.run import Runner
 from gateway.route import Route
 
 
@@ -45,27 +42,13 @@ class Settings:
 class Preflight:
     """One run over a held-out set; report() at any moment (a stopped run's report says so)."""
 
-    def __init__(
-        self,
-        route: Route,
-        items: list[Item],
-        send: Send,
-        judge: Judge | None,
-        settings: Settings,
-        dataset: str,
-        *,
-        capture: bool = False,
-        on_outcome: Callable[[Outcome], None] | None = None,
-    ) -> None:
-        self.route = route
+    def __init__(self, runner: Runner, settings: Settings, dataset: str, *, capture: bool = False) -> None:
+        self.route = runner.route
         self.settings = settings
         self.dataset = dataset
         self.capture = capture
-        self.items = len(items)
-        self.runner = Runner(
-            route, items, send, judge, samples=settings.samples, concurrency=settings.concurrency,
-            on_outcome=on_outcome,
-        )  # fmt: skip
+        self.items = len(runner.items)
+        self.runner = runner
         self._started = time.monotonic()
 
     async def run(self, timeout_s: float | None = None) -> dict[str, Any]:

@@ -143,7 +143,7 @@ async def _run(args: argparse.Namespace, route: Any, items: list[Any], progress:
     from gateway.capacity import Capacity
     from gateway.evaluation.judge import Judge, compile_judge
     from gateway.preflight import Preflight, Settings
-    from gateway.preflight.run import Direct, Misconfigured, ViaGateway
+    from gateway.preflight.run import Direct, Misconfigured, Runner, ViaGateway
     from gateway.tasks import Spawner
     from gateway.upstream import Upstream
 
@@ -167,9 +167,8 @@ async def _run(args: argparse.Namespace, route: Any, items: list[Any], progress:
         timeout = max(arm.timeouts.total_s for arm in route.arms()) + 5
         via = ViaGateway(args.url, route.name, os.environ.get(args.api_key_env), timeout)
     send = via if via is not None else Direct(upstream, capacity)
-    preflight = Preflight(
-        route, items, send, judge, settings, str(args.dataset), capture=args.capture, on_outcome=progress.add
-    )
+    runner = Runner(route, items, send, judge, settings.samples, settings.concurrency, progress.add)
+    preflight = Preflight(runner, settings, str(args.dataset), capture=args.capture)
     try:
         return await preflight.run()
     except Misconfigured as exc:

@@ -178,7 +178,6 @@ class Runner:
         items: list[Item],
         send: Send,
         judge: Judge | None,
-        *,
         samples: int = 1,
         concurrency: int = 4,
         on_outcome: Callable[[Outcome], None] | None = None,
