@@ -572,8 +572,13 @@ def _analysis_view(analysis: Analysis, state: RouteState, route: Route) -> dict[
             gate["intervals"] = estimates.get(gate["gate"], [])
     decided = None
     last = state.history[-1] if state.history else None
-    if state.phase in ("rolled_back", "promoted") and last is not None and last.gates is not None:
-        # What the decision was made on, not a recomputation (answers still in flight were counted since).
+    if (
+        state.phase in ("rolled_back", "promoted", "preflight")
+        and last is not None
+        and last.gates is not None
+    ):
+        # What the decision was made on, not a recomputation (answers still in flight were counted since);
+        # held in pre-flight: the pre-flight's verdicts.
         gates = last.gates
         decided = {"at": last.at, "by": last.by, "phase": last.phase, "reason": last.reason}
     return {

@@ -587,25 +587,27 @@ class Controller:
         running = kept[1]
         if running is None or not running.done():
             return
-        self._preflights[route.name] = (phase, None)  # decided once: not again for this phase
         try:
             recorded = running.result()
         except asyncio.CancelledError:
+            self._preflights[route.name] = (phase, None)
             return
         except Exception as exc:  # a set that cannot be read, a judge that cannot be asked: hold, say why
             log.warning("route=%s pre-flight could not run: %s", route.name, exc)
             await self._rollouts.move(
                 route.name, "controller", f"held in pre-flight: it could not run: {exc}", current
             )
-            return
-        reason, changes = preflight_change(route, recorded)
-        log.info("route=%s %s", route.name, reason)
-        if changes.get("phase") == "rolled_back":
-            await self._rollouts.rollback(route.name, "controller", reason, recorded["gates"], current)
         else:
-            await self._rollouts.move(
-                route.name, "controller", reason, current, gates=recorded["gates"], **changes
-            )
+            reason, changes = preflight_change(route, recorded)
+            log.info("route=%s %s", route.name, reason)
+            if changes.get("phase") == "rolled_back":
+                await self._rollouts.rollback(route.name, "controller", reason, recorded["gates"], current)
+            else:
+                await self._rollouts.move(
+                    route.name, "controller", reason, current, gates=recorded["gates"], **changes
+                )
+        # Decided once the move is written: a move the store refused is tried again at the next tick.
+        self._preflights[route.name] = (phase, None)
 
     def _forget_preflight(self, name: str) -> None:
         """The rollout left its pre-flight phase (an operator, a recorded verdict): a run under way stops."""

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -429,6 +430,33 @@ def test_the_rollout_starts_with_pre_flight_and_moves_by_its_verdict(
     assert not [r for r in candidate.requests() if r.get("headers", {}).get("x-canarygate-mirror")]
     status = canarygate("status", "chat", "--url", gw.url, env={"CANARYGATE_ADMIN_TOKEN": TOKEN})
     assert "pre-flight" in status.stdout, status.stdout
+    compare = canarygate("compare", "chat", "--url", gw.url, env={"CANARYGATE_ADMIN_TOKEN": TOKEN})
+    assert compare.returncode == 0, compare.stderr
+    if phase == "rolled_back":  # the verdicts it was decided on
+        assert "on these verdicts: pre-flight fail" in compare.stdout, compare.stdout
+        assert "pairwise_loss_rate:preference" in compare.stdout
+
+
+def test_an_undecided_pre_flight_holds_and_says_what_would_decide(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    base, candidate = sims
+    dataset = write(tmp_path / "set.jsonl", [marked(i) for i in range(20)])
+    gates = "{error_rate: {max_increase: 0.001}}"
+    extra = f"  preflight: {{dataset: {dataset}, min_samples: 10, gates: {gates}}}\n"
+    text = policy(base, candidate, gates="    error_rate: {max_increase: 0.05}\n", extra=extra)
+    gw = make_gateway({"chat": text}, admin_token=TOKEN)
+    wait_for(lambda: state(gw.url)["version"] > 1, timeout=30, message="the pre-flight's verdict")
+    view = state(gw.url)
+    held = view["history"][0]
+    assert view["phase"] == "preflight", view
+    assert held["reason"].startswith("held in pre-flight: pre-flight undecided"), held
+    assert "answers per arm would decide it (this run: 20)" in held["reason"]
+    time.sleep(2)  # the controller ticks every second: a held verdict is not run (nor written) again
+    assert state(gw.url)["version"] == view["version"]
+    compare = canarygate("compare", "chat", "--url", gw.url, env={"CANARYGATE_ADMIN_TOKEN": TOKEN})
+    assert compare.returncode == 0, compare.stderr
+    assert "on these verdicts: held in pre-flight" in compare.stdout and "needs about" in compare.stdout
 
 
 def test_a_recorded_pre_flight_moves_a_rollout_waiting_for_one(

@@ -362,22 +362,15 @@ def _prompt(outcome: Outcome) -> str:
 def recorded(report: dict[str, Any]) -> dict[str, Any]:
     """What a rollout keeps of a report: its verdict, the models it compared, the set, and each gate."""
     keep = (
-        "gate",
-        "cohort",
-        "result",
-        "value",
-        "low",
-        "high",
-        "threshold",
-        "n_base",
-        "n_candidate",
+        "gate", "cohort", "result", "value", "low", "high", "threshold", "n_base", "n_candidate", "critical",
         "reason",
-    )
+    )  # fmt: skip
     return {
         "verdict": report["verdict"],
         "summary": summary(report),
         "models": report["models"],
         "dataset": report["dataset"],
         "answered": report["answered"],
-        "gates": [{k: g[k] for k in keep} | {"needed": g["needed"]} for g in report["gates"]],
+        # needs: as a rollout's verdicts say what they wait for (canarygate compare shows it)
+        "gates": [{k: g[k] for k in keep} | {"needs": g["needed"]} for g in report["gates"]],
     }
