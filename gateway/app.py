@@ -167,8 +167,8 @@ class Services:
         items = await asyncio.to_thread(load, path, limit=policy.limit)
         judge = self.evaluations.judge(route)
         settings = Settings.of(route)
-        runner = Runner(route, items, Direct(self.upstream, self.capacity), judge, settings.samples,
-                        settings.concurrency)  # fmt: skip
+        send = Direct(self.upstream, self.capacity)
+        runner = Runner(route, items, send, judge, settings.samples, settings.concurrency, keep_answers=False)
         preflight = Preflight(runner, settings, policy.dataset)
         self.metrics.preflight(route.name, "running")
         try:

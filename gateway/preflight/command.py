@@ -167,7 +167,9 @@ async def _run(args: argparse.Namespace, route: Any, items: list[Any], progress:
         timeout = max(arm.timeouts.total_s for arm in route.arms()) + 5
         via = ViaGateway(args.url, route.name, os.environ.get(args.api_key_env), timeout)
     send = via if via is not None else Direct(upstream, capacity)
-    runner = Runner(route, items, send, judge, settings.samples, settings.concurrency, progress.add)
+    runner = Runner(
+        route, items, send, judge, settings.samples, settings.concurrency, progress.add, args.capture
+    )
     preflight = Preflight(runner, settings, str(args.dataset), capture=args.capture)
     try:
         return await preflight.run()

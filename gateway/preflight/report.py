@@ -228,7 +228,7 @@ def _arm(answers: list[Answer], evaluators: Iterable[str]) -> dict[str, Any]:
     kinds = Counter(a.failure for a in answers if a.failure is not None)
     tokens = [a.output_tokens for a in answers if a.output_tokens is not None]
     costs = [a.cost for a in answers if a.cost is not None]
-    answered = [a for a in answers if a.answer is not None or a.failure is not None]
+    answered = [a for a in answers if a.error is None]
     return {
         "answers": n,
         "errors": _rate(sum(a.error is not None for a in answers), n),

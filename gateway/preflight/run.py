@@ -181,6 +181,7 @@ class Runner:
         samples: int = 1,
         concurrency: int = 4,
         on_outcome: Callable[[Outcome], None] | None = None,
+        keep_answers: bool = True,
     ) -> None:
         if route.candidate is None:
             raise ValueError(f"route {route.name!r} has no candidate arm to compare with its base")
@@ -193,6 +194,7 @@ class Runner:
         self._judge = judge
         self._concurrency = concurrency
         self._on_outcome = on_outcome
+        self._keep_answers = keep_answers  # False: answers are dropped once scored (memory: a large set)
         self._rules = _rules(route, items)
 
     async def run(self) -> list[Outcome]:
@@ -236,6 +238,8 @@ class Runner:
                     if answer.arm in evaluator.arms:
                         jobs.append(self._single(evaluator, item, answer, outcome))
         await asyncio.gather(*jobs)
+        if not self._keep_answers:
+            base.answer = candidate.answer = None
         return outcome
 
     async def _answer(self, arm: RouteArm, item: Item) -> Answer:
