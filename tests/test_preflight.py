@@ -484,6 +484,11 @@ def test_a_recorded_pre_flight_moves_a_rollout_waiting_for_one(
     view = state(gw.url)
     assert view["phase"] == "progressing" and view["history"][0]["by"] == "admin"
     assert "recorded by admin: pre-flight pass" in view["history"][0]["reason"]
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    bad = httpx.post(f"{gw.url}/admin/routes/chat/preflight", json={"verdict": "maybe"}, headers=headers)
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error", bad.text
+    anonymous = httpx.post(f"{gw.url}/admin/routes/chat/preflight", json={"verdict": "pass"})
+    assert anonymous.status_code == 401
     again = preflight(
         gw.policy_dir, dataset, "--record", "--admin-url", gw.url, "--report", str(prefix), env=env
     )
