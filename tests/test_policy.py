@@ -201,6 +201,9 @@ def test_every_policy_example_in_the_readme_loads(tmp_path: Path) -> None:
     assert len(examples) >= 2
     for index, example in enumerate(examples):
         write(tmp_path, f"example-{index}.yaml", example)
+        for dataset in re.findall(r"^\s+dataset: (\S+)", example, re.M):  # the held-out sets they name
+            (tmp_path / dataset).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / dataset).write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     routes, problems = load_dir(tmp_path, {"BASE_KEY": "sk-test", "JUDGE_KEY": "sk-judge"})
     assert problems == []
     assert len(routes) == len(examples)
