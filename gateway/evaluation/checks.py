@@ -88,14 +88,7 @@ def check(evaluator: Evaluator, answer: dict[str, Any], payload: dict[str, Any])
         return _max_length(evaluator, answer)
     if kind == "tool_selection":
         expected = _expected_tool(evaluator, payload)
-        if expected is None:
-            return None
-        called = tools_called(answer)
-        ok = called[:1] == [expected]
-        shown = called[0] if called else "no tool"
-        return Result(
-            name, float(ok), "correct" if ok else "incorrect", f"called {shown}, expected {expected}"
-        )
+        return tool_choice(name, answer, expected) if expected is not None else None
     text = text_of(answer)[:MAX_TEXT]
     if kind == "regex":
         assert evaluator.pattern is not None
@@ -110,6 +103,14 @@ def check(evaluator: Evaluator, answer: dict[str, Any], payload: dict[str, Any])
     if kind == "json_path":
         return _json_path(evaluator, text)
     raise ValueError(f"{kind} is not a deterministic check")
+
+
+def tool_choice(name: str, answer: dict[str, Any] | None, expected: str) -> Result:
+    """Is the first tool the answer calls the expected one?"""
+    called = tools_called(answer)
+    ok = called[:1] == [expected]
+    shown = called[0] if called else "no tool"
+    return Result(name, float(ok), "correct" if ok else "incorrect", f"called {shown}, expected {expected}")
 
 
 def same_tools(

@@ -17,7 +17,7 @@ import orjson
 
 from gateway.capacity import Capacity, Preempted
 from gateway.errors import KINDS, GatewayError
-from gateway.evaluation.checks import Result, check, message_of, same_tools, text_of, tools_called
+from gateway.evaluation.checks import Result, check, message_of, same_tools, text_of, tool_choice
 from gateway.evaluation.evaluations import pairwise, rubric
 from gateway.evaluation.judge import Judge, JudgeFailed, settled
 from gateway.evaluation.prompts import Verdict
@@ -277,9 +277,7 @@ class Runner:
         if body is None:
             return
         if expected.tool is not None:
-            called = tools_called(body)
-            _score(answer, "expected_tool", called[:1] == [expected.tool],
-                   f"called {called[0] if called else 'no tool'}, expected {expected.tool}")  # fmt: skip
+            _result(answer, tool_choice("expected_tool", body, expected.tool))
         if expected.arguments is not None:
             got = _arguments(body)
             ok = got is not None and all(got.get(k) == v for k, v in expected.arguments.items())
@@ -302,14 +300,7 @@ class Runner:
         if body is None:
             return
         if evaluator.kind == "tool_selection" and item.expected.tool is not None:
-            called = tools_called(body)
-            ok = called[:1] == [item.expected.tool]
-            _score(
-                answer,
-                evaluator.name,
-                ok,
-                f"called {called[0] if called else 'no tool'}, expected {item.expected.tool}",
-            )
+            _result(answer, tool_choice(evaluator.name, body, item.expected.tool))
             return
         if evaluator.kind == "rubric":
             if self._judge is None:
