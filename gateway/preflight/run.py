@@ -35,10 +35,11 @@ EXPECTED = ("expected_tool", "expected_arguments", "expected_contains", "expecte
 class NoAnswer(Exception):
     """An arm gave no answer to an item: why, and the validation kind when the gateway fell back for it."""
 
-    def __init__(self, reason: str, kind: str | None = None) -> None:
+    def __init__(self, reason: str, kind: str | None = None, latency_s: float | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.kind = kind
+        self.latency_s = latency_s  # until the failure: a failed call is timed too, as on live traffic
 
 
 class Misconfigured(Exception):
@@ -105,7 +106,7 @@ class Direct:
             except Preempted:
                 continue  # a user needed the slot: the item waits for the next spare one
             except GatewayError as exc:
-                raise NoAnswer(exc.message) from exc
+                raise NoAnswer(exc.message, latency_s=time.perf_counter() - started) from exc
             return answer, time.perf_counter() - started
 
 
@@ -138,7 +139,7 @@ class ViaGateway:
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             reason = f"the gateway at {self._url} could not be reached: {exc or type(exc).__name__}"
-            raise NoAnswer(reason) from None
+            raise NoAnswer(reason, latency_s=time.perf_counter() - started) from None
         try:
             parsed = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -150,18 +151,17 @@ class ViaGateway:
                 raise Misconfigured(f"the gateway refused the key (HTTP {status}): {message}")
             if status == 404:
                 raise Misconfigured(f"the gateway has no route {self._route!r}: {message}")
-            raise NoAnswer(f"HTTP {status}: {message}")
+            raise NoAnswer(f"HTTP {status}: {message}", latency_s=latency)
         if fallback:
-            raise NoAnswer(
-                f"the gateway fell back to the base ({fallback})", fallback if fallback in KINDS else None
-            )
+            kind = fallback if fallback in KINDS else None
+            raise NoAnswer(f"the gateway fell back to the base ({fallback})", kind, latency)
         if served != arm.name:
             raise Misconfigured(
                 f"asked for the {arm.name} arm, the gateway answered from {served or 'an unnamed arm'}: the "
                 f"route must honour {OVERRIDE_HEADER} (assignment.allow_override_header: true)"
             )
         if not isinstance(parsed, dict):
-            raise NoAnswer(f"HTTP {status} with a body that is not a JSON object")
+            raise NoAnswer(f"HTTP {status} with a body that is not a JSON object", latency_s=latency)
         return parsed, latency
 
     async def close(self) -> None:
@@ -253,6 +253,7 @@ class Runner:
         try:
             body, answer.latency_s = await self._send(arm, item.request)
         except NoAnswer as exc:
+            answer.latency_s = exc.latency_s
             answer.error = None if exc.kind else exc.reason
             answer.failure, answer.failure_message = exc.kind, exc.reason if exc.kind else None
             return answer
