@@ -43,11 +43,9 @@ class Preflight:
     """One run over a held-out set; report() at any moment (a stopped run's report says so)."""
 
     def __init__(self, runner: Runner, settings: Settings, dataset: str, *, capture: bool = False) -> None:
-        self.route = runner.route
         self.settings = settings
         self.dataset = dataset
         self.capture = capture
-        self.items = len(runner.items)
         self.runner = runner
         self._started = time.monotonic()
 
@@ -64,7 +62,8 @@ class Preflight:
         outcomes = list(self.runner.outcomes)
         if interrupted is None and len(outcomes) < self.runner.total:
             interrupted = f"{len(outcomes)} of {self.runner.total} answered"
-        route = self.route
+        runner = self.runner
+        route = runner.route
         assert route.candidate is not None
         evaluators: dict[str, str] = {e.name: e.kind for e in route.policy.evaluation.evaluators}
         for name in EXPECTED_SCORES:
@@ -74,6 +73,6 @@ class Preflight:
         return reports.build(
             outcomes, route=route.name, models=(route.base.model, route.candidate.model), gates=s.gates,
             evaluators=evaluators, confidence=s.confidence, min_samples=s.min_samples, dataset=self.dataset,
-            items=self.items, samples=s.samples, interrupted=interrupted, capture=self.capture,
+            items=len(runner.items), samples=runner.samples, interrupted=interrupted, capture=self.capture,
             duration_s=time.monotonic() - self._started,
         )  # fmt: skip
