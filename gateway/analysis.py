@@ -108,6 +108,14 @@ class ArmWindow:
     ttfts: int = 0
     log_ttft: float = 0.0
     log_ttft_sq: float = 0.0
+    # Finished traces (counted in the interval they end): how many, how many failed, and the sums (and
+    # squares) of their steps and cost.
+    traces: int = 0
+    trace_failures: int = 0
+    trace_steps: int = 0
+    trace_steps_sq: float = 0.0
+    trace_cost: float = 0.0
+    trace_cost_sq: float = 0.0
     # Evaluations, per evaluator: [results, sum, sum of squares, order flips]. A score in [0, 1]; a judged
     # pair's value is +1 for a candidate loss, -1 for a win, 0 for a tie (flips: ties the order decided).
     scores: dict[str, list[float]] = field(default_factory=dict)
@@ -155,6 +163,15 @@ class ArmWindow:
             self.log_ttft += log_ttft
             self.log_ttft_sq += log_ttft * log_ttft
 
+    def trace(self, steps: int, cost: float, failed: bool) -> None:
+        """One finished trace."""
+        self.traces += 1
+        self.trace_failures += failed
+        self.trace_steps += steps
+        self.trace_steps_sq += steps * steps
+        self.trace_cost += cost
+        self.trace_cost_sq += cost * cost
+
     def scored(self, evaluator: str) -> tuple[float, float, float]:
         """(sum, sum of squares, results) of an evaluator's values."""
         kept = self.scores.get(evaluator)
@@ -189,6 +206,12 @@ class ArmWindow:
         self.ttfts += other.ttfts
         self.log_ttft += other.log_ttft
         self.log_ttft_sq += other.log_ttft_sq
+        self.traces += other.traces
+        self.trace_failures += other.trace_failures
+        self.trace_steps += other.trace_steps
+        self.trace_steps_sq += other.trace_steps_sq
+        self.trace_cost += other.trace_cost
+        self.trace_cost_sq += other.trace_cost_sq
         for mine, theirs in ((self.latency, other.latency), (self.ttft, other.ttft)):
             for bucket, count in theirs.items():
                 mine[bucket] = mine.get(bucket, 0) + count
@@ -207,9 +230,16 @@ RATES = {
     "validation_failure_rate": ("invalid", "attempts"),
     "negative_feedback_rate": ("negative", "feedback"),
     "escalation_rate": ("escalated", "feedback"),
+    "trace_failure_rate": ("trace_failures", "traces"),
 }
 QUANTILES = {"latency_p99_ratio": (0.99, "latency"), "ttft_p50_ratio": (0.5, "ttft")}
-MEANS = {"output_tokens_ratio": ("tokens", "tokens_sq"), "cost_per_request_ratio": ("cost", "cost_sq")}
+# Means: (sum, sum of squares, over how many, what is counted), per answer or per finished trace.
+MEANS = {
+    "output_tokens_ratio": ("tokens", "tokens_sq", "token_answers", "tokens"),
+    "cost_per_request_ratio": ("cost", "cost_sq", "token_answers", "cost"),
+    "cost_per_trace_ratio": ("trace_cost", "trace_cost_sq", "traces", "cost"),
+    "steps_per_trace_ratio": ("trace_steps", "trace_steps_sq", "traces", "steps"),
+}
 # What a quantile gate's design effect is measured on: the log of the same timing (sum, squares, count).
 LOG_TIMINGS = {
     "latency": ("log_latency", "log_latency_sq", "timed"),
@@ -464,9 +494,9 @@ def mean_ratio(
     unit: str = "tokens",
     effects: Effects = (1.0, 1.0, math.inf),
 ) -> Verdict:
-    """A mean per answer (output tokens, cost), candidate / base <= maximum, by the delta method on the
-    log ratio; the base reweighted to the candidate's intervals. strata: per interval, base and candidate
-    as (sum, sum of squares, answers)."""
+    """A mean per answer (output tokens, cost) or per trace (steps, cost), candidate / base <= maximum,
+    by the delta method on the log ratio; the base reweighted to the candidate's intervals. strata: per
+    interval, base and candidate as (sum, sum of squares, answers or traces)."""
     used = [(b, c) for b, c in strata if b[2] > 0 and c[2] > 0]
     nb, nc = sum(b[2] for b, _ in used), sum(c[2] for _, c in used)
     sc, qc = sum(c[0] for _, c in used), sum(c[1] for _, c in used)
@@ -483,7 +513,9 @@ def mean_ratio(
     ratio = mc / mb
     low, high = ratio * math.exp(-z * se_log), ratio * math.exp(z * se_log)
     result = _decide(low, ratio, maximum, min(nb, nc) >= min_samples)
-    shown = (f"{mc:.0f}", f"{mb:.0f}") if unit == "tokens" else (f"{mc:.6f}", f"{mb:.6f}")
+    shown = {"tokens": (f"{mc:.0f}", f"{mb:.0f}"), "steps": (f"{mc:.2f}", f"{mb:.2f}")}.get(
+        unit, (f"{mc:.6f}", f"{mb:.6f}")
+    )
     reason = f"{shown[0]} {unit} vs base {shown[1]} (x{ratio:.2f}), at most x{maximum:g}"
     return Verdict(gate, result, ratio, low, high, maximum, nb, nc, critical, reason)
 
@@ -690,16 +722,15 @@ def judge(
             effects = _effects(groups, *LOG_TIMINGS[hist])
             verdict = quantile_ratio(name, hists, q, gate.max, critical=crit, effects=effects, **kw)
         else:
-            total, squares = MEANS[name]
+            total, squares, count, unit = MEANS[name]
             means = [
                 (
-                    (getattr(b, total), getattr(b, squares), b.token_answers),
-                    (getattr(c, total), getattr(c, squares), c.token_answers),
+                    (getattr(b, total), getattr(b, squares), getattr(b, count)),
+                    (getattr(c, total), getattr(c, squares), getattr(c, count)),
                 )
                 for b, c in strata
             ]
-            unit = "tokens" if name == "output_tokens_ratio" else "cost"
-            effects = _effects(groups, total, squares, "token_answers")
+            effects = _effects(groups, total, squares, count)
             verdict = mean_ratio(name, means, gate.max, critical=crit, unit=unit, effects=effects, **kw)
         wanted = needs(verdict, least)
         if name == "ttft_p50_ratio" and verdict.value is None:  # a time to first token is a stream's only
@@ -819,10 +850,10 @@ def _interval_estimate(name: str, b: ArmWindow, c: ArmWindow) -> tuple[int, int,
             ratio = _value_at_rank(sorted(hc.items()), q * nc) / _value_at_rank(sorted(hb.items()), q * nb)
             return nb, nc, ratio
     else:
-        total = MEANS[name][0]
-        if b.token_answers and c.token_answers and getattr(b, total) > 0:
-            base_mean = getattr(b, total) / b.token_answers
-            return b.token_answers, c.token_answers, getattr(c, total) / c.token_answers / base_mean
+        total, _, count, _ = MEANS[name]
+        nb, nc = getattr(b, count), getattr(c, count)
+        if nb and nc and getattr(b, total) > 0:
+            return nb, nc, getattr(c, total) / nc / (getattr(b, total) / nb)
     return None
 
 

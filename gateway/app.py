@@ -62,6 +62,7 @@ from gateway.store import StateUnavailable, Store
 from gateway.store.rollouts import RouteState, order, skewed
 from gateway.tasks import LoopLag, Spawner
 from gateway.telemetry import Metrics
+from gateway.traces import Traces
 from gateway.tracing import Tracing
 from gateway.upstream import Upstream
 
@@ -109,6 +110,14 @@ class Services:
         )
         self.rollouts = Rollouts(self.store.rollouts, self.routes.compiled, self.tracing)
         self.stats = Recorder(self.store.stats, self.store.rollouts)
+        self.traces = Traces(
+            self.store.traces,
+            self.stats,
+            self.metrics,
+            self.routes.compiled,
+            self.spawner,
+            max_open=settings.max_open_traces,
+        )
         self.assignments = Assignments(self.store.records, on_dropped=self.metrics.records_dropped.inc)
         self.feedback = Feedback(
             self.assignments, self.store.backend, self.metrics, self.stats, self.routes.compiled
@@ -150,6 +159,7 @@ class Services:
             self.assignments,
             self.evaluations,
             self.capacity,
+            self.traces,
         )
 
     async def _preflight(self, route: Route) -> dict[str, Any]:
@@ -266,6 +276,7 @@ class Services:
         await self.upstream.start()
         self.spawner.spawn(self.stats.run(), name="stats-flush")
         self.spawner.spawn(self.assignments.run(), name="assignments-flush")
+        self.spawner.spawn(self.traces.run(), name="traces")
         self.spawner.spawn(self.controller.run(), name="rollout-controller")
         self.spawner.spawn(self.loop_lag.run(), name="loop-lag")
         if self.settings.watch_policies:
@@ -288,6 +299,7 @@ class Services:
         with contextlib.suppress(StateUnavailable):
             await self.stats.flush()
             await self.assignments.flush()
+            await self.traces.flush()
         await self.store.close()
         await self.upstream.close()
         self.proxy.checks.close()

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Collection, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import ClientTimeout
 from opentelemetry.trace import Span
@@ -22,6 +22,9 @@ from gateway.streaming import MAX_PENDING, first_data_end
 from gateway.telemetry import ArmMetrics, RouteMetrics
 from gateway.upstream import Call, Response, Upstream
 from gateway.validation import SHAPE_ONLY, Deferred, Failure, Rules, check_chat, check_completion
+
+if TYPE_CHECKING:
+    from gateway.traces import Step
 
 log = logging.getLogger("gateway.proxy")
 
@@ -60,6 +63,7 @@ class Request:
         "span",
         "stream",
         "token",
+        "trace",
         "unit",
         "upstream_s",
     )
@@ -97,6 +101,7 @@ class Request:
         self.stream = body.payload.get("stream") is True
         self.upstream_s = 0.0  # time spent waiting on upstreams, summed over attempts
         self.pairs: list[Pair] = []  # shadow calls that will be compared with this request's answer
+        self.trace: Step | None = None  # its step in a trace (assignment.trace_keys), when it has one
 
     def call(self, arm: RouteArm, rid: str, deadline: float) -> Call:
         remaining = deadline - time.monotonic()

@@ -20,13 +20,21 @@ from gateway.tracing import Tracing
 if TYPE_CHECKING:
     from gateway.attempt import Attempt, Request
     from gateway.evaluation.evaluations import Evaluations
+    from gateway.traces import Traces
 
 
 class Ledger:
-    def __init__(self, stats: Recorder, tracing: Tracing, evaluations: Evaluations | None = None) -> None:
+    def __init__(
+        self,
+        stats: Recorder,
+        tracing: Tracing,
+        evaluations: Evaluations | None = None,
+        traces: Traces | None = None,
+    ) -> None:
         self._stats = stats
         self._tracing = tracing
         self._evaluations = evaluations
+        self._traces = traces
 
     def book(
         self,
@@ -54,6 +62,8 @@ class Ledger:
         attempt.metrics.outcomes[outcome].inc()
         if stats_arm is not None:
             self._stats.attempt(request, stats_arm, outcome, attempt)
+            if request.trace is not None and self._traces is not None and attempt.mode == "primary":
+                self._traces.attempt(request.trace, attempt, outcome, stats_arm)
         if breaker is not None:
             if arms_fault is None or (error is not None and not arms_fault):
                 breaker.release()  # nothing learnt about the candidate
@@ -67,6 +77,8 @@ class Ledger:
         if self._evaluations is not None and stats_arm is not None and outcome == "ok":
             self._evaluations.answer(request, attempt, stats_arm)
         if attempt.span is not None:
+            if request.trace is not None and request.trace.index is not None and attempt.mode == "primary":
+                attempt.span.set_attribute("canarygate.trace.step", request.trace.index)
             self._tracing.end_client(
                 attempt.span,
                 attempt.answer,

@@ -17,7 +17,10 @@ from gateway.validation import SchemaError, compile_schema
 ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
-STICKY_SOURCE = re.compile(r"^(header:[A-Za-z0-9!#$%&'*+.^_`|~-]+|body:[A-Za-z_][A-Za-z0-9_]*|api_key)$")
+_BODY_PATH = r"body:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,3}"
+STICKY_SOURCE = re.compile(rf"^(header:[A-Za-z0-9!#$%&'*+.^_`|~-]+|{_BODY_PATH}|api_key)$")
+# Where a request's trace (an agent run, a conversation) is named: the W3C traceparent's trace id too.
+TRACE_SOURCE = re.compile(rf"^(header:[A-Za-z0-9!#$%&'*+.^_`|~-]+|{_BODY_PATH}|traceparent)$")
 # Headers the gateway owns on the upstream hop; a policy cannot set them.
 RESERVED_HEADERS = frozenset(
     {
@@ -36,6 +39,7 @@ RESERVED_HEADERS = frozenset(
     }
 )
 DEFAULT_STICKY_KEYS = ("header:x-session-id", "header:x-user-id", "body:user")
+DEFAULT_TRACE_KEYS = ("header:x-conversation-id", "body:metadata.conversation_id")
 
 Seconds = Annotated[float, Field(gt=0, le=3600)]
 ArmName = Literal["base", "candidate"]
@@ -208,19 +212,47 @@ class Assignment(Strict):
         default_factory=lambda: list(DEFAULT_STICKY_KEYS),
         description="Sources of the unit key, first present wins: header:NAME, body:FIELD, api_key",
     )
+    trace_keys: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TRACE_KEYS),
+        description="Sources of the trace key (an agent run, a conversation), first present wins: "
+        "header:NAME, body:FIELD.PATH, traceparent (the W3C trace id); [] turns traces off",
+    )
+    sticky_by: Literal["trace", "unit"] = Field(
+        default="trace",
+        description="trace: a request with a trace key is assigned by it, so every step of a run is "
+        "served by one arm; unit: always by sticky_keys (the trace key only groups the statistics)",
+    )
     salt: str | None = Field(default=None, min_length=1, description="Defaults to the candidate's model")
     allow_override_header: bool = Field(default=False, description="Honour x-canary: base|candidate")
 
     @field_validator("sticky_keys")
     @classmethod
     def _sources(cls, value: list[str]) -> list[str]:
-        for source in value:
-            if not STICKY_SOURCE.match(source):
-                raise ValueError(f"{source!r} is not a key source; use header:NAME, body:FIELD or api_key")
-        duplicates = {s for s in value if value.count(s) > 1}
-        if duplicates:
-            raise ValueError(f"listed twice: {', '.join(sorted(duplicates))}")
-        return [s.lower() if s.startswith("header:") else s for s in value]
+        return _key_sources(value, STICKY_SOURCE, "header:NAME, body:FIELD or api_key")
+
+    @field_validator("trace_keys")
+    @classmethod
+    def _trace_sources(cls, value: list[str]) -> list[str]:
+        return _key_sources(value, TRACE_SOURCE, "header:NAME, body:FIELD.PATH or traceparent")
+
+
+def _key_sources(value: list[str], pattern: re.Pattern[str], kinds: str) -> list[str]:
+    for source in value:
+        if not pattern.match(source):
+            raise ValueError(f"{source!r} is not a key source; use {kinds}")
+    duplicates = {s for s in value if value.count(s) > 1}
+    if duplicates:
+        raise ValueError(f"listed twice: {', '.join(sorted(duplicates))}")
+    return [s.lower() if s.startswith("header:") else s for s in value]
+
+
+class Traces(Strict):
+    """Per-trace aggregation: a trace (the requests sharing a trace key) ends when no step has come for
+    idle_timeout_s; its steps, tokens, cost and failures are then counted (metrics, trace gates)."""
+
+    idle_timeout_s: float = Field(
+        default=300, ge=5, le=86400, description="A trace with no new step for this long has ended"
+    )
 
 
 class Validation(Strict):
@@ -619,6 +651,11 @@ class Gates(Strict):
     ttft_p50_ratio: RatioGate | None = None
     output_tokens_ratio: RatioGate | None = None
     cost_per_request_ratio: RatioGate | None = None
+    # Per finished trace (assignment.trace_keys): an agent run's cost, model calls, and whether any of its
+    # steps fell back, failed validation, failed or failed an evaluator.
+    cost_per_trace_ratio: RatioGate | None = None
+    steps_per_trace_ratio: RatioGate | None = None
+    trace_failure_rate: RateGate | None = None
     negative_feedback_rate: RateGate | None = None  # over the feedback received, not the requests
     escalation_rate: RateGate | None = None
     eval_score_decrease: dict[str, ScoreGate] = Field(
@@ -640,6 +677,10 @@ class Gates(Strict):
 
 
 QUALITY_GATES = ("eval_score_decrease", "pairwise_loss_rate")
+TRACE_GATES = ("cost_per_trace_ratio", "steps_per_trace_ratio", "trace_failure_rate")
+# What only users' own traffic can measure: shadow calls get no feedback and form no trace, so a
+# mirror-only phase is judged without these.
+LIVE_ONLY_GATES = frozenset({*TRACE_GATES, "negative_feedback_rate", "escalation_rate"})
 
 
 DEFAULT_GATES = Gates(
@@ -746,6 +787,7 @@ class Policy(Strict):
     arms: Arms
     timeouts: Timeouts = Field(default_factory=Timeouts)
     assignment: Assignment = Field(default_factory=Assignment)
+    traces: Traces = Field(default_factory=Traces)
     rollout: Rollout = Field(default_factory=Rollout)
     validation: Validation = Field(default_factory=Validation)
     fallback: Fallback = Field(default_factory=Fallback)
@@ -784,8 +826,14 @@ class Policy(Strict):
                 if name not in known:
                     raise ValueError(f"rollout.cohorts: {name!r} is not a cohort; known: {sorted(known)}")
         priced = [a is not None and a.price is not None for a in (self.arms.base, self.arms.candidate)]
-        if self.rollout.gates.cost_per_request_ratio is not None and self.rollout.steps and not all(priced):
-            raise ValueError("rollout.gates.cost_per_request_ratio needs a price on both arms (arms.*.price)")
+        for gate in ("cost_per_request_ratio", "cost_per_trace_ratio"):
+            if getattr(self.rollout.gates, gate) is not None and self.rollout.steps and not all(priced):
+                raise ValueError(f"rollout.gates.{gate} needs a price on both arms (arms.*.price)")
+        traced = [g for g in TRACE_GATES if getattr(self.rollout.gates, g) is not None]
+        if traced and not self.assignment.trace_keys:
+            raise ValueError(
+                f"rollout.gates.{traced[0]} needs assignment.trace_keys (where a trace is named)"
+            )
         self._quality_gates()
         if self.rollout.shadow_first and self.mirror.percent <= 0:
             raise ValueError("rollout.shadow_first needs mirror.percent above 0 (shadow traffic to judge)")

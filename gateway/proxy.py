@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any, NoReturn
 
+from opentelemetry.trace import Span
+
 from gateway.asgi import (
     EVENT_STREAM,
     JSON,
@@ -49,13 +51,22 @@ from gateway.fallback import CIRCUIT_OPEN, Guards
 from gateway.feedback import Assignments
 from gateway.ledger import Ledger
 from gateway.route import Route, RouteArm
-from gateway.routing import OVERRIDE_HEADER, choose_arm, cohort_of, mirror_sampled, unit_key, unit_of
+from gateway.routing import (
+    OVERRIDE_HEADER,
+    choose_arm,
+    cohort_of,
+    mirror_sampled,
+    trace_key,
+    unit_key,
+    unit_of,
+)
 from gateway.shadow import Shadows
 from gateway.stats import Recorder
 from gateway.store.pairs import PairStore
 from gateway.streaming import Accumulator, Tail, collect, last_event, observer, relay
 from gateway.tasks import Spawner
 from gateway.telemetry import Metrics
+from gateway.traces import Step, Traces
 from gateway.tracing import Tracing
 from gateway.upstream import CutShort, Response, Upstream, is_json, media_type
 from gateway.validation import Compiling, FieldError, Rules, SchemaCache, SchemaError, rules_for
@@ -86,6 +97,7 @@ class Proxy:
         assignments: Assignments,
         evaluations: Evaluations | None = None,
         capacity: Capacity | None = None,
+        traces: Traces | None = None,
     ) -> None:
         self._routes = routes
         self._stats = stats
@@ -99,7 +111,8 @@ class Proxy:
         self._tracing = tracing
         self._schemas = SchemaCache()
         self.guards = Guards()
-        self._ledger = Ledger(stats, tracing, evaluations)
+        self._traces = traces
+        self._ledger = Ledger(stats, tracing, evaluations, traces)
         self._capacity = capacity if capacity is not None else Capacity()
         self.shadows = Shadows(upstream, tracing, spawner, pairs, self._ledger, self._capacity, evaluations)
 
@@ -125,12 +138,16 @@ class Proxy:
             if span is not None:
                 self._tracing.name_route(span, endpoint, route.name, payload)
             _check_fields(payload, endpoint)
+            trace = trace_key(route.trace_sources, headers, payload) if route.trace_sources else None
             key = unit_key(route.sticky_sources, headers, payload, token)
+            if trace is not None and route.by_trace:
+                key = trace  # every step of a run on one arm: the trace is the unit
             cohort = cohort_of(route, headers, payload, key_group)
             override = headers.get(OVERRIDE_HEADER) if route.allow_override else None
             assignment = choose_arm(route, key, override, cohort=cohort)
             assigned = assignment.arm
             rules = await self._rules(payload, route, endpoint)
+            unit = unit_of(route.name, key)
             request = Request(
                 route,
                 endpoint,
@@ -142,12 +159,19 @@ class Proxy:
                 span,
                 cohort,
                 self.checks,
-                unit_of(route.name, key),
+                unit,
                 assignment.share,
                 reply.request_id,
             )
-            if span is not None and route.cohorts is not None:
-                span.set_attribute("canarygate.cohort", cohort)
+            if trace is not None and self._traces is not None:
+                request.trace = self._traces.begin(
+                    route, trace, assigned, cohort, unit.group, unit.sign, unit.id
+                )
+            if span is not None:
+                if route.cohorts is not None:
+                    span.set_attribute("canarygate.cohort", cohort)
+                if trace is not None:
+                    span.set_attribute("gen_ai.conversation.id", trace)
             shadows: tuple[str, ...] = ()
             if assigned == "base" and route.mirror is not None:
                 shadows = tuple(
@@ -173,6 +197,8 @@ class Proxy:
         finally:
             if request is not None:
                 request.metrics.overhead.observe(time.perf_counter() - started - request.upstream_s)
+                if request.trace is not None:
+                    await self._end_step(request.trace, span)
                 if reply.status == 200 and reply.arm is not None:  # an answer: it may get feedback
                     route = request.route
                     self._assignments.remember(
@@ -185,6 +211,17 @@ class Proxy:
                     )
             if span is not None:
                 self._tracing.end_server(span, reply.arm, reply.fallback, reply.status, failure)
+
+    async def _end_step(self, step: Step, span: Span | None) -> None:
+        """The request's step joins its trace's sums; its span says which step it was (the index may take
+        the store a moment: it is waited for after the answer, never before)."""
+        assert self._traces is not None
+        try:
+            index = await step.known_index() if span is not None else step.index
+            if span is not None and index is not None:
+                span.set_attribute("canarygate.trace.step", index)
+        finally:
+            self._traces.end(step)
 
     async def _serve(
         self, request: Request, assigned: str, shadows: tuple[str, ...], reply: Reply, watch: DisconnectWatch
@@ -284,6 +321,8 @@ class Proxy:
         reply.fallback = reason
         request.metrics.fallbacks[(reason, request.cohort)].inc()
         self._stats.fallback(request, attempted)
+        if request.trace is not None and self._traces is not None:
+            self._traces.fallback(request.trace)
 
     async def _attempt(
         self,

@@ -25,6 +25,7 @@ from gateway.analysis import (
     units_ratio,
 )
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, Unavailable
+from gateway.policy import LIVE_ONLY_GATES
 from gateway.readiness import ArmReadiness
 from gateway.route import Route, RouteArm
 from gateway.store import StateUnavailable
@@ -335,7 +336,10 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
         windows = [(arms.get(f"base{at}", EMPTY), arms.get(f"shadow{at}", EMPTY)) for arms in stored.values()]
         return Paired(windows, unit_groups(units, "shadow", cohort), on_pairs)
 
-    verdicts = judge(auto.gates, strata, groups=unit_groups(units, arm), paired=paired(), **kw)
+    gates = auto.gates
+    if arm == "shadow":  # shadow calls get no feedback and make no trace: those gates wait for users
+        gates = gates.model_copy(update=dict.fromkeys(LIVE_ONLY_GATES))
+    verdicts = judge(gates, strata, groups=unit_groups(units, arm), paired=paired(), **kw)
     total = base.requests + candidate.requests
     for cohort in cohorts:
         pairs = [
@@ -345,9 +349,7 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
         served = sum(b.requests + c.requests for b, c in pairs)
         assert segments is not None
         if total and served / total >= segments.min_share:
-            judged = judge(
-                auto.gates, pairs, groups=unit_groups(units, arm, cohort), paired=paired(cohort), **kw
-            )
+            judged = judge(gates, pairs, groups=unit_groups(units, arm, cohort), paired=paired(cohort), **kw)
             verdicts.extend(replace(v, cohort=cohort) for v in judged)
     if arm == "candidate":
         step = by_step.get(units_interval(current.step), {})  # the weight the check expects is the step's

@@ -88,6 +88,9 @@ class Route:
     weight: float
     salt: str
     sticky_sources: tuple[tuple[str, str], ...]
+    trace_sources: tuple[tuple[str, str], ...]  # () : no traces on this route
+    by_trace: bool  # assignment.sticky_by: trace (a request with a trace key is assigned by it)
+    trace_idle_s: float
     allow_override: bool
     validation: RoutePolicy
     buffer_streams: bool  # validation.stream == "buffer"
@@ -132,9 +135,8 @@ def compile_policy(
             ("evaluation.judge.api_key_env", f"environment variable {judge.api_key_env} is not set")
         )
     salt = policy.assignment.salt or (policy.arms.candidate.model if policy.arms.candidate else policy.route)
-    sources = tuple(
-        (kind, name) for kind, _, name in (s.partition(":") for s in policy.assignment.sticky_keys)
-    )
+    assignment = policy.assignment
+    sources = _sources(assignment.sticky_keys)
     checks = policy.validation
     shadow = policy.mirror
     fallback = policy.fallback
@@ -147,7 +149,10 @@ def compile_policy(
         weight=policy.rollout.weight,
         salt=salt,
         sticky_sources=sources,
-        allow_override=policy.assignment.allow_override_header,
+        trace_sources=_sources(assignment.trace_keys),
+        by_trace=assignment.sticky_by == "trace",
+        trace_idle_s=policy.traces.idle_timeout_s,
+        allow_override=assignment.allow_override_header,
         validation=RoutePolicy(
             json=checks.json_,
             schema=compile_schema(checks.schema_, "validation.schema")
@@ -194,6 +199,11 @@ def compile_policy(
         policy=policy,
     )
     return route, missing
+
+
+def _sources(keys: list[str]) -> tuple[tuple[str, str], ...]:
+    """("header", "x-user-id"), ("body", "metadata.conversation_id"), ("traceparent", ""), ...."""
+    return tuple((kind, name) for kind, _, name in (key.partition(":") for key in keys))
 
 
 def _cohorts(policy: Policy) -> CohortSettings | None:

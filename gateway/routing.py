@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from hashlib import sha256
@@ -26,6 +27,10 @@ class Assignment:
     share: float  # the probability it had of being the candidate's: what the sample-ratio check expects
 
 
+MAX_KEY_CHARS = 256  # a longer key is kept as its hash: trace keys name Redis fields and span attributes
+TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
 def unit_key(
     sources: tuple[tuple[str, str], ...],
     headers: Mapping[str, str],
@@ -37,12 +42,41 @@ def unit_key(
         if kind == "header":
             value = headers.get(name)
         elif kind == "body":
-            raw = body.get(name)
-            value = raw if isinstance(raw, str) else None
+            value = body_value(body, name)
         else:
             value = api_key
         if value:
             return value
+    return None
+
+
+def body_value(body: Mapping[str, Any], path: str) -> str | None:
+    """A string field of the body by a dotted path: "user", "metadata.conversation_id"."""
+    value: Any = body
+    for name in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(name)
+    return value if isinstance(value, str) else None
+
+
+def trace_key(
+    sources: tuple[tuple[str, str], ...], headers: Mapping[str, str], body: Mapping[str, Any]
+) -> str | None:
+    """The request's trace (an agent run, a conversation): the first configured source present, as
+    sent, or its sha256 when longer than MAX_KEY_CHARS or not printable ASCII. traceparent: the W3C
+    trace id (not an all-zero one, which the specification makes invalid)."""
+    for kind, name in sources:
+        if kind == "header":
+            value = headers.get(name)
+        elif kind == "body":
+            value = body_value(body, name)
+        else:
+            found = TRACEPARENT.match(headers.get("traceparent", "").strip().lower())
+            value = found.group(1) if found and found.group(1).strip("0") else None
+        if value:
+            plain = len(value) <= MAX_KEY_CHARS and value.isascii() and value.isprintable()
+            return value if plain else sha256(value.encode()).hexdigest()
     return None
 
 

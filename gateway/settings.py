@@ -35,6 +35,7 @@ class Settings:
     feedback_ttl_s: float = 86400.0  # how long an answer takes feedback
     memory_records: int = 200_000  # without Redis: assignment records kept for feedback (~220 B each)
     redis_records: int = 2_000_000  # with Redis: request records kept for feedback, newest first
+    max_open_traces: int = 100_000  # open traces kept (memory or Redis); beyond, the least recent end
     shutdown_timeout_s: int = 30  # SIGTERM: in-flight requests get this long to finish
 
     @classmethod
@@ -60,6 +61,7 @@ class Settings:
             feedback_ttl_s=_float(env, "CANARYGATE_FEEDBACK_TTL_S", 86400.0),
             memory_records=_int(env, "CANARYGATE_MEMORY_RECORDS", 200_000),
             redis_records=_int(env, "CANARYGATE_REDIS_RECORDS", 2_000_000),
+            max_open_traces=_int(env, "CANARYGATE_MAX_OPEN_TRACES", 100_000),
             shutdown_timeout_s=_int(env, "CANARYGATE_SHUTDOWN_TIMEOUT_S", 30),
         )
 

@@ -20,6 +20,7 @@ from gateway.store.stats import StatsKey, StatsStore, units_interval
 
 if TYPE_CHECKING:
     from gateway.attempt import Attempt, Request
+    from gateway.store.traces import Finished
 
 log = logging.getLogger("gateway.stats")
 
@@ -199,6 +200,16 @@ class Recorder:
         for window in windows:
             for evaluator, value, flip in results:
                 window.score(evaluator, value, flip)
+
+    def trace(self, route: Route, arm: str, cohort: str, group: int, sign: int, finished: Finished) -> None:
+        """A trace of this rollout that has ended, counted in the interval it ended (and in its unit's
+        group): its steps, its cost, and whether any step failed."""
+        state = self._live(route)
+        if state is None:
+            return
+        windows = self._windows(route, arm, cohort) + self._unit_window(route, state, arm, cohort, group)
+        for window in windows:
+            window.trace(int(finished["steps"]), finished["cost"], finished.failed)
 
     async def flush(self) -> None:
         """Sends the batches not yet sent, oldest first, each as it was first sent and under its id: a

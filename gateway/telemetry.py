@@ -43,6 +43,10 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 
 
 PREFLIGHT_VERDICTS = ("running", "pass", "fail", "undecided")
+STEP_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 30, 50, 100)
+TRACE_TOKEN_BUCKETS = (100, 300, 1000, 3000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
+TRACE_COST_BUCKETS = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+TRACE_ARMS = ("base", "candidate", "mixed")
 
 
 class Metrics:
@@ -300,10 +304,60 @@ class Metrics:
         self.policy_reloads = Counter(
             "canarygate_policy_reloads", "Policy reloads, by result", ["result"], registry=r
         )
+        per_trace = ["route", "arm", "cohort"]
+        self.traces = Counter(
+            "canarygate_traces",
+            "Finished traces (assignment.trace_keys), by result: failed when any step fell back, failed "
+            "validation, failed, or failed an evaluator; arm mixed: steps served by both arms",
+            [*per_trace, "result"],
+            registry=r,
+        )
+        self.trace_steps = Histogram(
+            "canarygate_trace_steps",
+            "Model calls per finished trace",
+            per_trace,
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.trace_tokens = Histogram(
+            "canarygate_trace_tokens",
+            "Tokens per finished trace, input and output",
+            [*per_trace, "type"],
+            buckets=TRACE_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.trace_cost = Histogram(
+            "canarygate_trace_cost",
+            "Cost per finished trace, by the arms' prices (arms.*.price)",
+            per_trace,
+            buckets=TRACE_COST_BUCKETS,
+            registry=r,
+        )
+        self.trace_step_failures = Counter(
+            "canarygate_trace_step_failures",
+            "Steps that failed (fallback, validation, error), by their index in the trace (1..10, then 10+)",
+            ["route", "arm", "step"],
+            registry=r,
+        )
+        self.traces_ended = Counter(
+            "canarygate_traces_ended",
+            "Traces ended, by why: idle (no step for traces.idle_timeout_s) or evicted (beyond "
+            "CANARYGATE_MAX_OPEN_TRACES open traces, the least recently active)",
+            ["reason"],
+            registry=r,
+        )
+        self.traces_open = Gauge(
+            "canarygate_traces_open",
+            "Traces open (in the state store: every replica's)",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self._routes: dict[str, tuple[Route, RouteMetrics]] = {}
         self._scores: dict[tuple[str, ...], Any] = {}  # canarygate_eval_score's children, bound once
         for result in ("ok", "rejected"):
             self.policy_reloads.labels(result)
+        for reason in ("idle", "evicted"):
+            self.traces_ended.labels(reason)
 
     def route(self, route: Route) -> RouteMetrics:
         """Pre-bound children for a route (identity-cached: routes are immutable, reloads make new ones)."""
@@ -407,6 +461,22 @@ class Metrics:
             self.judge_circuit.labels(route).set(1 if circuit_open else 0)
             self.judge_queue.labels(route).set(pending)
 
+    def trace(self, route: str, arm: str, cohort: str, finished: Any) -> None:
+        """A finished trace (store.traces.Finished)."""
+        if not self.enabled:
+            return
+        self.traces.labels(route, arm, cohort, "failed" if finished.failed else "ok").inc()
+        self.trace_steps.labels(route, arm, cohort).observe(finished["steps"])
+        self.trace_tokens.labels(route, arm, cohort, "input").observe(finished["input_tokens"])
+        self.trace_tokens.labels(route, arm, cohort, "output").observe(finished["output_tokens"])
+        if finished["cost"]:
+            self.trace_cost.labels(route, arm, cohort).observe(finished["cost"])
+        self.traces_ended.labels(finished.ended).inc()
+
+    def step_failed(self, route: str, arm: str, step: int) -> None:
+        if self.enabled:
+            self.trace_step_failures.labels(route, arm, str(step) if step <= 10 else "10+").inc()
+
     def rejected(self, route: str) -> None:
         if self.enabled:
             self.requests.labels(route, "none", "primary", "rejected", "all").inc()
@@ -483,6 +553,9 @@ class RouteMetrics:
             for cohort in cohorts:
                 for value in ("positive", "negative", "escalated"):
                     m.feedback_total.labels(name, arm, cohort, value)
+                if route.trace_sources:
+                    for result in ("ok", "failed"):
+                        m.traces.labels(name, arm, cohort, result)
         self.circuit = m.circuit_open.labels(name, "candidate")
         m.circuit_open.labels(name, "base").set(0)
         m.requests.labels(name, "none", "primary", "rejected", "all")

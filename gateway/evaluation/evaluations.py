@@ -274,6 +274,9 @@ class Evaluations:
             )
         scores = [(result.evaluator, result.score, False) for result in results]
         self._stats.evaluation(route, subject.stats_arm, request.cohort, request.unit.group, scores)
+        if request.trace is not None and subject.mode == "primary":
+            # A score under 0.5 fails its step, and so its trace (trace_failure_rate).
+            request.trace.count("eval_failures", sum(1 for result in results if result.score < 0.5))
 
 
 Ask = Callable[[dict[str, Any], str], Awaitable[Verdict]]

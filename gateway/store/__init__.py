@@ -6,6 +6,7 @@ replica (CANARYGATE_REDIS_URL). One module per kind of record, its memory and Re
   lease.py     which replica runs the controller
   records.py   request id -> who answered, for feedback; feedback already counted
   pairs.py     compared shadow pairs, for export
+  traces.py    open traces (agent runs) summed step by step, each handed once to a replica when it ends
 
 Redis down: requests never fail for it; writes raise StateUnavailable and readers serve what they saw.
 """
@@ -29,6 +30,7 @@ from gateway.store.records import (
 from gateway.store.rollouts import POLL_S, MemoryRolloutStore, RedisRolloutStore, RolloutStore
 from gateway.store.shared import Shared, StateUnavailable
 from gateway.store.stats import MemoryStatsStore, RedisStatsStore, StatsStore
+from gateway.store.traces import MemoryTraceStore, RedisTraceStore, TraceStore
 from gateway.tasks import Spawner
 
 __all__ = ["StateUnavailable", "Store"]
@@ -42,6 +44,7 @@ class Store:
     lease: Lease
     records: RecordStore
     pairs: PairStore
+    traces: TraceStore
     shared: Shared | None = None
 
     @classmethod
@@ -54,6 +57,7 @@ class Store:
             MemoryLease(),
             records_store,
             MemoryPairStore(),
+            MemoryTraceStore(),
         )
 
     @classmethod
@@ -76,6 +80,7 @@ class Store:
             lease=RedisLease(shared),
             records=RedisRecordStore(shared, records_ttl_s, records),
             pairs=RedisPairStore(shared, spawner),
+            traces=RedisTraceStore(shared),
             shared=shared,
         )
 

@@ -101,11 +101,12 @@ return 1
 """
 _COUNTS = (
     "requests", "unattempted", "errors", "invalid", "fallbacks", "tokens", "token_answers",
-    "feedback", "negative", "escalated", "timed", "ttfts", "signed",
+    "feedback", "negative", "escalated", "timed", "ttfts", "signed", "traces", "trace_failures",
+    "trace_steps",
 )  # fmt: skip
 _FLOATS = (
     "tokens_sq", "cost", "cost_sq", "expected", "expected_sq", "log_latency", "log_latency_sq", "log_ttft",
-    "log_ttft_sq",
+    "log_ttft_sq", "trace_steps_sq", "trace_cost", "trace_cost_sq",
 )  # fmt: skip
 
 
