@@ -120,7 +120,12 @@ class Services:
         )
         self.assignments = Assignments(self.store.records, on_dropped=self.metrics.records_dropped.inc)
         self.feedback = Feedback(
-            self.assignments, self.store.backend, self.metrics, self.stats, self.routes.compiled
+            self.assignments,
+            self.store.backend,
+            self.metrics,
+            self.stats,
+            self.routes.compiled,
+            self.routes.routes,
         )
         self.upstream = Upstream()
         self.capacity = Capacity()  # the slots of servers that run few requests at once: users first

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.proxy")
 
 # Client tracing headers passed upstream as they came when the gateway makes no spans of its own.
-TRACE_HEADERS = ("traceparent", "tracestate")
+TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 
 
 def upstream_headers(arm: RouteArm, client: Mapping[str, str], rid: str) -> dict[str, str]:
@@ -118,6 +118,8 @@ class Request:
             for name in TRACE_HEADERS:
                 if name in self.headers:
                     headers[name] = self.headers[name]
+        elif "baggage" in self.headers:  # carried on, with the arm's added (Tracing.client_span)
+            headers["baggage"] = self.headers["baggage"]
         body = self.body.with_model(arm.model)  # the client's bytes, this arm's model
         first_token_s = min(arm.timeouts.first_token_s, remaining)
         return Call(arm, self.endpoint, body, headers, self.token, timeout, first_token_s, self.stream)

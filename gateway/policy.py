@@ -251,7 +251,7 @@ class Traces(Strict):
     idle_timeout_s; its steps, tokens, cost and failures are then counted (metrics, trace gates)."""
 
     idle_timeout_s: float = Field(
-        default=300, ge=5, le=86400, description="A trace with no new step for this long has ended"
+        default=300, ge=1, le=86400, description="A trace with no new step for this long has ended"
     )
 
 
@@ -599,6 +599,9 @@ class RateGate(Strict):
 
     max_increase: float = Field(ge=0, le=1)
     critical: bool = Field(default=False, description="A failure rolls back at once, between intervals")
+    min_samples: int | None = Field(
+        default=None, ge=10, description="Per arm, for this gate (traces, feedback: fewer than requests)"
+    )
 
 
 class CeilingGate(Strict):
@@ -613,6 +616,9 @@ class RatioGate(Strict):
 
     max: float = Field(gt=0, le=100)
     critical: bool = False
+    min_samples: int | None = Field(
+        default=None, ge=10, description="Per arm, for this gate (traces: fewer than requests)"
+    )
 
 
 class ScoreGate(Strict):

@@ -48,7 +48,7 @@ from gateway.errors import (
 )
 from gateway.evaluation.evaluations import Evaluations, evaluated
 from gateway.fallback import CIRCUIT_OPEN, Guards
-from gateway.feedback import Assignments
+from gateway.feedback import Assignments, trace_record
 from gateway.ledger import Ledger
 from gateway.route import Route, RouteArm
 from gateway.routing import (
@@ -209,6 +209,15 @@ class Proxy:
                         route.rollout_key,
                         request.unit.group,
                     )
+                    if request.trace is not None:  # the trace is the arm's it was assigned to
+                        self._assignments.remember(
+                            trace_record(route.name, request.trace.trace),
+                            route.name,
+                            request.trace.arm,
+                            request.cohort,
+                            route.rollout_key,
+                            request.unit.group,
+                        )
             if span is not None:
                 self._tracing.end_server(span, reply.arm, reply.fallback, reply.status, failure)
 
@@ -346,7 +355,13 @@ class Proxy:
         try:
             attempt.call = request.call(arm, reply.request_id, deadline)
             if request.span is not None:
-                attempt.span = self._tracing.client_span(request.span, request.route.name, attempt.call)
+                attempt.span = self._tracing.client_span(
+                    request.span,
+                    request.route.name,
+                    attempt.call,
+                    conversation=request.trace.trace if request.trace is not None else None,
+                    rollout=request.route.rollout_key,
+                )
             if not request.stream:
                 await self._forward(attempt, request, reply, watch)
             elif request.rules is not None and enforce and request.route.buffer_streams:

@@ -353,7 +353,10 @@ async def analyse(stats: StatsStore, route: Route, current: RouteState, now: flo
             verdicts.extend(replace(v, cohort=cohort) for v in judged)
     if arm == "candidate":
         step = by_step.get(units_interval(current.step), {})  # the weight the check expects is the step's
-        verdicts.extend(sample_ratios(step, route, auto.confidence, auto.min_samples))
+        if not (route.by_trace and any(window.traces for window in step.values())):
+            # Assigned by trace, an arm's share of requests is its share of traces times its steps per
+            # trace, which a candidate changes by design: only the units' share (traces seen) can tell.
+            verdicts.extend(sample_ratios(step, route, auto.confidence, auto.min_samples))
         verdicts.extend(await units_ratios(stats, route, current, auto.confidence, auto.min_samples))
     return Analysis(
         route.name, current.phase, arm, verdicts, (base, candidate), last, auto.interval_s, fresh, truncated,

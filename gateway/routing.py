@@ -75,9 +75,14 @@ def trace_key(
             found = TRACEPARENT.match(headers.get("traceparent", "").strip().lower())
             value = found.group(1) if found and found.group(1).strip("0") else None
         if value:
-            plain = len(value) <= MAX_KEY_CHARS and value.isascii() and value.isprintable()
-            return value if plain else sha256(value.encode()).hexdigest()
+            return bounded_key(value)
     return None
+
+
+def bounded_key(value: str) -> str:
+    """A trace key as sent, or its sha256 when longer than MAX_KEY_CHARS or not printable ASCII."""
+    plain = len(value) <= MAX_KEY_CHARS and value.isascii() and value.isprintable()
+    return value if plain else sha256(value.encode()).hexdigest()
 
 
 def cohort_of(

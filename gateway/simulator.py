@@ -93,7 +93,7 @@ class Simulator:
         rng = synth.rng_for(body, model, prompt)
         n = body["n"] if isinstance(body.get("n"), int) and body["n"] > 0 else 1
         choices = [synth.chat(body, knobs, rng) for _ in range(min(n, 16))]
-        usage = _usage(prompt, choices)
+        usage = _usage(prompt, choices, knobs)
         malformed = rng.random() < knobs.malformed_rate
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -487,14 +487,21 @@ def _completion_chunks(model: str, choices: list[Generation], usage: dict[str, i
     return out
 
 
-def _usage(prompt: str, choices: list[Generation]) -> dict[str, int]:
+def _usage(prompt: str, choices: list[Generation], knobs: Knobs | None = None) -> dict[str, Any]:
     prompt_tokens = synth.count_tokens(prompt)
     completion_tokens = sum(len(g.pieces) for g in choices)
-    return {
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if knobs is not None and knobs.cached_prompt_share:  # as OpenAI (and vLLM with prefix caching) say it
+        usage["prompt_tokens_details"] = {"cached_tokens": int(prompt_tokens * knobs.cached_prompt_share)}
+    if knobs is not None and knobs.reasoning_tokens:  # counted in completion_tokens, as OpenAI's are
+        usage["completion_tokens"] += knobs.reasoning_tokens
+        usage["total_tokens"] += knobs.reasoning_tokens
+        usage["completion_tokens_details"] = {"reasoning_tokens": knobs.reasoning_tokens}
+    return usage
 
 
 async def _hang(request: Request) -> None:

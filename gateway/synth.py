@@ -88,6 +88,13 @@ class Knobs:
     # but ignore it. A simulated judge tells them apart (see judge_answer).
     quality: float = 1.0
     judge_prefers_first: float = 0.0  # as a judge: the share of pairwise verdicts that say "A" regardless
+    # Agents (a conversation whose tool results say which tool comes next, see agent_call): after the last
+    # tool says it is done, call it again this many times before answering; at this model call of the
+    # conversation (1: the first), call another declared tool than the right one.
+    extra_steps: int = 0
+    wrong_tool_at_step: int = 0
+    cached_prompt_share: float = 0.0  # usage reports this share of the prompt as cached (prefix caching)
+    reasoning_tokens: int = 0  # usage reports this many reasoning tokens, within completion_tokens
 
     def __post_init__(self) -> None:
         rates = (
@@ -102,6 +109,7 @@ class Knobs:
             "break_after_done_rate",
             "quality",
             "judge_prefers_first",
+            "cached_prompt_share",
         )
         for name in rates:
             value = getattr(self, name)
@@ -115,9 +123,13 @@ class Knobs:
             or self.time_per_token_s < 0
             or self.output_tokens < 1
             or self.embedding_dim < 1
+            or self.extra_steps < 0
+            or self.wrong_tool_at_step < 0
+            or self.reasoning_tokens < 0
         ):
             raise ValueError(
-                "latency_s and time_per_token_s must be >= 0; output_tokens and embedding_dim >= 1"
+                "latency_s, time_per_token_s, extra_steps and wrong_tool_at_step must be >= 0; "
+                "output_tokens and embedding_dim >= 1"
             )
 
 
@@ -172,7 +184,11 @@ def chat(request: dict[str, Any], knobs: Knobs, rng: random.Random) -> Generatio
     if verdict is not None:
         return Generation(pieces=_split(verdict, 8))
     good = knobs.quality >= 1 or rng.random() < knobs.quality  # no draw at 1: seeded answers stay the same
-    call = _tool_to_call(request, rng, rng.random() < knobs.ignore_tool_choice_rate, good)
+    call = agent_call(request, knobs)
+    if call is None:
+        call = _tool_to_call(request, rng, rng.random() < knobs.ignore_tool_choice_rate, good)
+    if call is not None and knobs.wrong_tool_at_step and knobs.wrong_tool_at_step == model_call(request):
+        call = _another_tool(request, call, rng)
     if call is not None:
         name, parameters, legacy = call
         return _tool_call(name, parameters, legacy, knobs, rng)
@@ -248,6 +264,78 @@ def _tool_to_call(
         index = (index + 1 + rng.randrange(len(tools) - 1)) % len(tools)
     picked = tools[index]
     return picked["name"], picked.get("parameters") or {}, legacy
+
+
+def model_call(request: dict[str, Any]) -> int:
+    """Which model call of its conversation this is: 1 + the assistant turns it already holds."""
+    messages = request.get("messages") or []
+    return 1 + sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
+
+
+def agent_call(request: dict[str, Any], knobs: Knobs) -> tuple[str, dict[str, Any], bool] | None:
+    """An agent's next tool, read from the last tool result: {"next": NAME} calls that tool; {"done":
+    true} answers in words, unless knobs.extra_steps says to call the same tool again first. None when
+    the last message is no tool result naming either (the usual rules then apply)."""
+    messages = request.get("messages") or []
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else None
+    if last is None or last.get("role") != "tool":
+        return None
+    result = _json_content(last)
+    if result is None:
+        return None
+    tools = {t["function"]["name"]: t["function"] for t in request.get("tools") or [] if _function(t)}
+    wanted = result.get("next")
+    if result.get("done") is True:
+        done = sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "tool" and _done(m))
+        wanted = _last_called(messages) if done <= knobs.extra_steps else None
+        if wanted is None:
+            return None
+    if not isinstance(wanted, str) or wanted not in tools:
+        return None
+    return wanted, tools[wanted].get("parameters") or {}, False
+
+
+def _another_tool(
+    request: dict[str, Any], call: tuple[str, dict[str, Any], bool], rng: random.Random
+) -> tuple[str, dict[str, Any], bool]:
+    others = [
+        t["function"] for t in request.get("tools") or [] if _function(t) and t["function"]["name"] != call[0]
+    ]
+    if not others:
+        return call
+    picked = rng.choice(others)
+    return picked["name"], picked.get("parameters") or {}, call[2]
+
+
+def _function(tool: Any) -> bool:
+    return isinstance(tool, dict) and isinstance(tool.get("function"), dict) and "name" in tool["function"]
+
+
+def _json_content(message: dict[str, Any]) -> dict[str, Any] | None:
+    content = message.get("content")
+    if not isinstance(content, str):
+        return None
+    try:
+        value = json.loads(content)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _done(message: dict[str, Any]) -> bool:
+    result = _json_content(message)
+    return result is not None and result.get("done") is True
+
+
+def _last_called(messages: list[Any]) -> str | None:
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "assistant" and message.get("tool_calls"):
+            calls = message["tool_calls"]
+            if isinstance(calls, list) and calls and isinstance(calls[-1], dict):
+                function = calls[-1].get("function")
+                name = function.get("name") if isinstance(function, dict) else None
+                return name if isinstance(name, str) else None
+    return None
 
 
 def task_marker(prompt: str) -> str:

@@ -556,6 +556,10 @@ class RouteMetrics:
                 if route.trace_sources:
                     for result in ("ok", "failed"):
                         m.traces.labels(name, arm, cohort, result)
+                    m.trace_steps.labels(name, arm, cohort)
+                    m.trace_cost.labels(name, arm, cohort)
+                    for kind in ("input", "output"):
+                        m.trace_tokens.labels(name, arm, cohort, kind)
         self.circuit = m.circuit_open.labels(name, "candidate")
         m.circuit_open.labels(name, "base").set(0)
         m.requests.labels(name, "none", "primary", "rejected", "all")

@@ -13,8 +13,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from opentelemetry import trace
+from opentelemetry import baggage, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -25,14 +27,21 @@ from gateway.upstream import Call
 
 OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
 CONTENT_LIMIT = 16 * 1024
+# The OpenTelemetry semantic conventions the spans follow (GenAI: span names "{gen_ai.operation.name}
+# {gen_ai.request.model}", gen_ai.* attributes); the tracer says so in its schema URL.
+SEMCONV_VERSION = "1.44.0"
+PROVIDER = "openai"  # gen_ai.provider.name: every upstream speaks OpenAI's API
+# What the arm's upstream calls carry in W3C baggage, so spans downstream can be grouped by arm.
+BAGGAGE = ("canarygate.route", "canarygate.arm", "canarygate.rollout")
 
 
 class Tracing:
     def __init__(self, provider: TracerProvider | None, *, record_content: bool = False) -> None:
         self.provider = provider
-        self.tracer = provider.get_tracer("canarygate") if provider is not None else None
+        schema = f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}"
+        self.tracer = provider.get_tracer("canarygate", schema_url=schema) if provider is not None else None
         self.record_content = record_content
-        self._propagator = TraceContextTextMapPropagator()
+        self._propagator = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
 
     @property
     def enabled(self) -> bool:
@@ -60,7 +69,11 @@ class Tracing:
             operation,
             context=self._propagator.extract(headers),
             kind=SpanKind.SERVER,
-            attributes={"gen_ai.operation.name": operation, "canarygate.mode": "primary"},
+            attributes={
+                "gen_ai.operation.name": operation,
+                "gen_ai.provider.name": PROVIDER,
+                "canarygate.mode": "primary",
+            },
         )
 
     def rollout_transition(
@@ -91,18 +104,32 @@ class Tracing:
         if self.record_content and isinstance(payload, dict) and "messages" in payload:
             span.set_attribute("gen_ai.input.messages", _truncate(payload["messages"]))
 
-    def client_span(self, server: Span, route: str, call: Call) -> Span | None:
-        """Start an attempt's span, a child of the request's; its traceparent goes in the call's headers."""
+    def client_span(
+        self, server: Span, route: str, call: Call, *, conversation: str | None = None, rollout: str = ""
+    ) -> Span | None:
+        """Start an attempt's span, a child of the request's; its traceparent, and the route, arm and
+        rollout as baggage (beside any the client sent), go in the call's headers."""
         if self.tracer is None:
             return None
+        attributes = _attempt_attributes(route, call, "primary")
+        if conversation is not None:
+            attributes["gen_ai.conversation.id"] = conversation
         span = self.tracer.start_span(
             f"{OPERATIONS[call.endpoint]} {call.arm.model}",
             context=trace.set_span_in_context(server),
             kind=SpanKind.CLIENT,
-            attributes=_attempt_attributes(route, call, "primary"),
+            attributes=attributes,
         )
-        self._propagator.inject(call.headers, context=trace.set_span_in_context(span))
+        context = trace.set_span_in_context(span, self._client_baggage(call.headers))
+        for name, value in zip(BAGGAGE, (route, call.arm.name, rollout), strict=True):
+            context = baggage.set_baggage(name, value, context)
+        self._propagator.inject(call.headers, context=context)
         return span
+
+    def _client_baggage(self, headers: Mapping[str, str]) -> Context:
+        """The baggage the client sent (the call's headers carry it on, as upstream_headers copied it)."""
+        sent = headers.get("baggage")
+        return self._propagator.extract({"baggage": sent}) if sent else Context()
 
     def mirror_span(self, primary: Span | None, route: str, call: Call) -> Span | None:
         """A shadow call is a trace of its own, linked to the primary request's span: it never lengthens
@@ -218,7 +245,7 @@ def _attempt_attributes(route: str, call: Call, mode: str) -> dict[str, Any]:
     url = call.arm.urls[call.endpoint]
     return {
         "gen_ai.operation.name": OPERATIONS[call.endpoint],
-        "gen_ai.provider.name": "openai",
+        "gen_ai.provider.name": PROVIDER,
         "gen_ai.request.model": call.arm.model,
         "server.address": url.host or "",
         "server.port": url.port or 0,
@@ -251,12 +278,18 @@ def _response_attributes(span: Span, answer: Mapping[str, Any], record_content: 
         span.set_attribute("gen_ai.response.id", answer["id"])
     usage = answer.get("usage")
     if isinstance(usage, dict):
-        for field, attribute in (
-            ("prompt_tokens", "gen_ai.usage.input_tokens"),
-            ("completion_tokens", "gen_ai.usage.output_tokens"),
+        for field, detail, attribute in (
+            ("prompt_tokens", None, "gen_ai.usage.input_tokens"),
+            ("completion_tokens", None, "gen_ai.usage.output_tokens"),
+            # Parts of the two above, when the upstream reports them (OpenAI's usage details).
+            ("prompt_tokens_details", "cached_tokens", "gen_ai.usage.cache_read.input_tokens"),
+            ("completion_tokens_details", "reasoning_tokens", "gen_ai.usage.reasoning.output_tokens"),
         ):
-            if isinstance(usage.get(field), int):
-                span.set_attribute(attribute, usage[field])
+            value = usage.get(field)
+            if detail is not None:
+                value = value.get(detail) if isinstance(value, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool):
+                span.set_attribute(attribute, value)
     choices = answer.get("choices")
     if isinstance(choices, list):
         reasons = [c.get("finish_reason") for c in choices if isinstance(c, dict) and c.get("finish_reason")]
