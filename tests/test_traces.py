@@ -87,7 +87,7 @@ def test_a_bad_trace_source_names_the_field() -> None:
         Policy.model_validate({**base, "assignment": {"trace_keys": ["cookie:sid"]}})
     gates = {"steps": [50, 100], "gates": {"steps_per_trace_ratio": {"max": 1.2}}}
     candidate = {"url": "http://127.0.0.1:1/v1", "model": "c"}
-    with pytest.raises(ValueError, match="needs assignment.trace_keys"):
+    with pytest.raises(ValueError, match=r"needs assignment\.trace_keys"):
         Policy.model_validate(
             {
                 **base,
