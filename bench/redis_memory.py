@@ -6,7 +6,9 @@ And what writing each request record through (a SET on the request's path) would
 against the batched flush it does: this process's CPU time and the wall time per record, the SETs one
 after another as a request would await its own.
 
-Usage: python bench/redis_memory.py [--records 200000] [--pairs 20000] [--routes 200]
+And bytes per open trace (agent runs summed until they end), in Redis and in the process.
+
+Usage: python bench/redis_memory.py [--records 200000] [--pairs 20000] [--routes 200] [--traces 100000]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from gateway.store.records import RedisRecordStore
 from gateway.store.rollouts import HISTORY, RouteState, Transition
 from gateway.store.shared import Shared
 from gateway.store.stats import RedisStatsStore, units_interval
+from gateway.store.traces import MemoryTraceStore, RedisTraceStore, TraceMeta, trace_id
 from gateway.tasks import Spawner
 
 RECORD = "support-chat\x1fcandidate\x1fenterprise\x1f3f9a0c41d2b7e815"  # route, arm, cohort, rollout
@@ -178,11 +182,64 @@ async def routes(
     return per_route, per_interval, per_step, per_evaluator
 
 
+STEP_SUMS = {"input_tokens": 812, "output_tokens": 95, "cached_tokens": 512, "tool_calls": 1, "cost": 0.00041}
+
+
+async def traces(url: str, count: int, client: redis.Redis) -> tuple[float, float]:
+    """Bytes per open trace: in Redis (its hash after four steps, and its place in the deadlines' set)
+    through the gateway's store, and in this process's memory store (tracemalloc)."""
+    shared = Shared(url, "cg:")
+    store = RedisTraceStore(shared)
+    before = used(client)
+    for start in range(0, count, 1000):
+        batch = {}
+        for i in range(start, min(start + 1000, count)):
+            tid = trace_id("support-agent", f"conversation-{i:08d}")
+            meta = TraceMeta(
+                "support-agent",
+                f"conversation-{i:08d}",
+                "3f9a0c41d2b7e815",
+                "candidate",
+                "all",
+                i % 64,
+                1,
+                f"{i:016x}",
+            )
+            for _ in range(4):
+                await store.step(tid, meta, 1000.0, 1300.0, count)
+            batch[tid] = (1300.0, {k: v * 4 for k, v in STEP_SUMS.items()})
+        await store.add(batch, 1000.0)
+    in_redis = (used(client) - before) / count
+    client.flushall()
+    await shared.close()
+    memory = MemoryTraceStore()
+    tracemalloc.start()
+    for i in range(count):
+        tid = trace_id("support-agent", f"conversation-{i:08d}")
+        meta = TraceMeta(
+            "support-agent",
+            f"conversation-{i:08d}",
+            "3f9a0c41d2b7e815",
+            "candidate",
+            "all",
+            i % 64,
+            1,
+            f"{i:016x}",
+        )
+        for _ in range(4):
+            memory.step_now(tid, meta, 1000.0, 1300.0, count)
+        await memory.add({tid: (1300.0, {k: v * 4 for k, v in STEP_SUMS.items()})}, 1000.0)
+    in_process = tracemalloc.get_traced_memory()[0] / count
+    tracemalloc.stop()
+    return in_redis, in_process
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--pairs", type=int, default=20_000)
     parser.add_argument("--routes", type=int, default=200)
+    parser.add_argument("--traces", type=int, default=100_000)
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
         sys.exit("redis-server is not installed")
@@ -205,6 +262,7 @@ async def main() -> None:
         per_pair = await pairs(url, args.pairs, client)
         per_route, per_interval, per_step, per_evaluator = await routes(url, args.routes, client)
         costs = await write_costs(url)
+        trace_redis, trace_memory = await traces(url, args.traces, client)
     finally:
         client.close()
         server.terminate()
@@ -218,6 +276,10 @@ async def main() -> None:
     print(
         f"each evaluator adds {per_evaluator[0]:.0f} B per interval and {per_evaluator[1]:.0f} B per step "
         "and cohort (three arms' results)"
+    )
+    print(
+        f"open trace (4 steps, {args.traces:,} open): {trace_redis:.0f} B in Redis, "
+        f"{trace_memory:.0f} B in the process without Redis"
     )
     through_cpu, through_wall, batched_cpu, batched_wall = costs
     print(f"request record written through: {through_cpu:.0f} µs CPU, {through_wall:.0f} µs wall each")

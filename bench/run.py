@@ -24,7 +24,11 @@ throughput, and so does evaluating every answer; metrics add <= 0.1 ms p50; trac
 client suite: the upstream client alone, in-process against the same nginx: CPU time per call for
 gateway.upstream (aiohttp behind the gateway's bulkhead, classification and bounds) and bare aiohttp.
 
-Usage: python bench/run.py [--suite all|client|proxy|validation|mirror|evaluation|telemetry] [--duration 6]
+traces suite: the same requests with and without a trace key (body:user, 1000 traces open at once), each
+a step of its trace in the first: the step's index, its sums, and the traces ending once a second.
+
+Usage: python bench/run.py [--suite all|client|proxy|validation|mirror|evaluation|telemetry|traces]
+       [--duration 6]
 """
 
 from __future__ import annotations
@@ -364,6 +368,22 @@ def evaluation_suite(ports: dict[str, int], duration: float, work: Path) -> tupl
     return rows, added <= 0.3 and share >= 0.5 and errors == 0 and calls.get("ok", 0) > 0
 
 
+def traces_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[list[str], bool]:
+    """Every request a step of a trace (trace key body:user, 1000 traces open at once: an agent's steps)
+    against the same requests with no trace key: the step's index, its sums, and the traces ending."""
+    rows, results, added, share = on_off(
+        ports, duration, work, "traces", {"off": "bench-plain", "every request a step": "bench-traced"}
+    )
+    metrics = httpx.get(f"http://127.0.0.1:{ports['gateway']}/metrics").text
+    ended = sum(
+        float(m.group(1))
+        for m in re.finditer(r'canarygate_trace_steps_count\{[^}]*route="bench-traced"[^}]*\} (\S+)', metrics)
+    )
+    rows.append(f"\ntraces ended during the runs: {ended:.0f}")
+    errors = sum(r["errors"] for r in results.values())
+    return rows, added <= 0.1 and share >= 0.8 and errors == 0
+
+
 def telemetry_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[list[str], bool]:
     rows = [
         "| gateway | p50 @1 conn | p99 @1 conn | added p50 | req/s @32 conns | errors |",
@@ -478,6 +498,7 @@ SUITES = {
     "mirror": mirror_suite,
     "evaluation": evaluation_suite,
     "telemetry": telemetry_suite,
+    "traces": traces_suite,
 }
 
 
@@ -535,6 +556,15 @@ def main() -> int:
                 weight=0,
                 extra="mirror: {percent: 100, sample_by: request, max_concurrency: 64, max_queue: 1024}",
             )
+        )
+        (policies / "traced.yaml").write_text(
+            POLICY.format(
+                route="bench-traced",
+                port=ports["nginx"],
+                kind="json",
+                weight=0,
+                extra="traces: {idle_timeout_s: 1}",
+            ).replace("{sticky_keys: [body:user]}", "{sticky_keys: [body:user], trace_keys: [body:user]}")
         )
         judged = (
             f"evaluation:\n  judge: {{url: http://127.0.0.1:{ports['nginx']}/judge/v1, model: j, "
