@@ -17,7 +17,7 @@ ERRORS = 'outcome=~"upstream_error|timeout|refused|invalid_output"'
 
 def rate(metric: str, labels: str = "") -> str:
     selector = f"{SEL}, {labels}" if labels else SEL
-    if metric.removesuffix("_bucket") in COHORTED:
+    if metric.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") in COHORTED:
         selector += f", {COHORT}"
     return f"rate({metric}{{{selector}}}[{WINDOW}])"
 
@@ -43,7 +43,23 @@ EVAL = "canarygate_eval_score"
 VERDICTS = "canarygate_eval_verdicts_total"
 JUDGE = "canarygate_judge_calls_total"
 NOT_FLIP = 'verdict!="flip"'  # a flip is also counted as a tie: the verdicts without it sum to the pairs
-COHORTED = {REQUESTS, FALLBACKS, VALIDATION, DURATION, FEEDBACK, EVAL}  # the metrics with a cohort label
+TRACES = "canarygate_traces_total"
+STEPS = "canarygate_trace_steps"
+TRACE_TOKENS = "canarygate_trace_tokens"
+TRACE_COST = "canarygate_trace_cost"
+# The metrics with a cohort label.
+COHORTED = {
+    REQUESTS,
+    FALLBACKS,
+    VALIDATION,
+    DURATION,
+    FEEDBACK,
+    EVAL,
+    TRACES,
+    STEPS,
+    TRACE_TOKENS,
+    TRACE_COST,
+}
 
 
 def ratio(numerator: str, denominator: str) -> str:
@@ -118,6 +134,19 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         (quantile(0.99, "canarygate_overhead_seconds", "route", ""), "p99 {{route}}")]),
     ("Upstream attempts in flight by arm", "none", [
         (f"sum by (arm) (canarygate_inflight_requests{{{SEL}}})", "{{arm}}")]),
+    # Traces (agent runs, conversations): each counted once it ends, by the arm that served it.
+    ("Traces: model calls per finished trace by arm (mean, p90)", "none", [
+        (ratio(by("arm", rate(STEPS + "_sum")), by("arm", rate(STEPS + "_count"))), "mean {{arm}}"),
+        (quantile(0.9, STEPS, "arm", ""), "p90 {{arm}}")]),
+    ("Traces: cost and output tokens per finished trace by arm", "none", [
+        (ratio(by("arm", rate(TRACE_COST + "_sum")), by("arm", rate(STEPS + "_count"))), "cost {{arm}}"),
+        (ratio(by("arm", rate(TRACE_TOKENS + "_sum", 'type="output"')), by("arm", rate(STEPS + "_count"))),
+         "output tokens {{arm}}")]),
+    ("Traces: failure rate by arm (any step fell back, failed validation, failed, or failed an evaluator)",
+     "percentunit", [
+        (ratio(by("arm", rate(TRACES, 'result="failed"')), by("arm", rate(TRACES))), "{{arm}}")]),
+    ("Traces: failed steps by their index in the trace", "reqps", [
+        (by("arm, step", rate("canarygate_trace_step_failures_total")), "{{arm}} step {{step}}")]),
     # Evaluation: what the evaluators and the judge say, by arm and cohort, and how the judge is doing.
     ("Evaluation: mean score by evaluator and arm (mirror: the candidate's shadow answers)", "percentunit", [
         (ratio(by("evaluator, arm, mode", rate(EVAL + "_sum")),

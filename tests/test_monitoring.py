@@ -118,6 +118,8 @@ def test_dashboard_has_grafanas_structure() -> None:
         "rollout weight",
         "circuit",
         "mirror",
+        "per finished trace",
+        "traces: failure rate",
     ):
         assert topic in titles
 
@@ -177,7 +179,13 @@ def test_every_panel_and_rule_against_a_real_prometheus(
         "    - {name: preference, kind: pairwise}\n"
     )
     (directory / "chat.yaml").write_text(
-        policy_yaml("chat", base.url, candidate.url, weight=50, extra=f"{breaker}\n{judged}")
+        policy_yaml(
+            "chat",
+            base.url,
+            candidate.url,
+            weight=50,
+            extra=f"{breaker}\n{judged}traces: {{idle_timeout_s: 1}}",
+        )
     )
     automatic = "rollout: {steps: [50, 100], interval_s: 600, min_samples: 10}"  # judged, never moved
     (directory / "auto.yaml").write_text(
@@ -199,18 +207,21 @@ def test_every_panel_and_rule_against_a_real_prometheus(
         server = prometheus(f"127.0.0.1:{gateway.port}")
         wait_for(lambda: _ready(server), timeout=30, message="prometheus to scrape the gateway")
 
-        def send(user: int, **extra: Any) -> None:
+        def send(user: int, headers: dict[str, str] | None = None, **extra: Any) -> None:
             body = {
                 "model": "chat",
                 "messages": [{"role": "user", "content": "hi"}],
                 "user": f"u{user}",
                 **extra,
             }
-            httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=10)
+            httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers, timeout=10)
 
-        for user in range(40):  # both arms answer, streams too
+        for user in range(40):  # both arms answer, streams too; every fourth user's two calls are a trace
             send(user, stream=user % 4 == 0, stream_options={"include_usage": True})
             send(user, model="auto")  # the controller's gates get values
+            if user % 4 == 1:
+                for _ in range(2):
+                    send(user, headers={"x-conversation-id": f"conversation-{user}"})
         time.sleep(2)
         candidate.set_knobs(invalid_json_rate=1)
         for user in range(40):  # the candidate's JSON breaks: validation failures and fallbacks
@@ -218,6 +229,8 @@ def test_every_panel_and_rule_against_a_real_prometheus(
         candidate.set_knobs(invalid_json_rate=0, error_rate=1)
         for user in range(40):  # then it fails outright, until its circuit opens
             send(user)
+            if user % 4 == 1:  # the candidate's traces get failed steps (fallbacks)
+                send(user, headers={"x-conversation-id": f"failing-{user}"})
         time.sleep(3)  # a few more scrapes and rule evaluations
 
         window = "1m"
