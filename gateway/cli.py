@@ -101,6 +101,15 @@ def _parser() -> argparse.ArgumentParser:
         "--latency-sigma", type=float, default=0.5, help="log-normal spread of latency (default 0.5)"
     )
     plan.add_argument(
+        "--steps-per-trace",
+        type=float,
+        default=4.0,
+        help="model calls per trace, for trace gates (default 4)",
+    )
+    plan.add_argument(
+        "--trace-failure-rate", type=float, default=0.02, help="the base's failed traces (default 0.02)"
+    )
+    plan.add_argument(
         "--worse",
         action="append",
         default=[],
@@ -342,6 +351,12 @@ def _plan(args: argparse.Namespace) -> int:
             f"canarygate plan: no route {args.route!r} in {args.policies} (routes: {known})", file=sys.stderr
         )
         return 2
+    if args.steps_per_trace < 1 or not 0 <= args.trace_failure_rate < 1:
+        print(
+            "canarygate plan: --steps-per-trace is at least 1, --trace-failure-rate in [0, 1)",
+            file=sys.stderr,
+        )
+        return 2
     rollout = route.automatic
     if rollout is None:
         print(
@@ -389,6 +404,8 @@ def _plan(args: argparse.Namespace) -> int:
         validation_failure_rate=args.validation_failure_rate,
         latency_p50_s=args.latency_p50,
         latency_sigma=args.latency_sigma,
+        steps_per_trace=args.steps_per_trace,
+        trace_failure_rate=args.trace_failure_rate,
         mirror_percent=route.mirror.percent if route.mirror is not None else 0.0,
     )
     identical = walk(rollout, traffic)

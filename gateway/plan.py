@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from gateway.analysis import BUCKETS, ArmWindow, Verdict, bucket_bound, decide, judge
-from gateway.policy import QUALITY_GATES, Gates, Rollout
+from gateway.policy import LIVE_ONLY_GATES, QUALITY_GATES, Gates, Rollout
 from gateway.rollout import controller_step
 from gateway.store.rollouts import RouteState
 
@@ -43,6 +43,9 @@ class Traffic:
     negative_feedback_rate: float = 0.1
     escalation_rate: float = 0.02
     fallback_rate: float = 0.0  # the candidate's own
+    steps_per_trace: float = 4.0  # model calls per trace (an agent run), when the route has traces
+    steps_cv: float = 0.5  # their coefficient of variation
+    trace_failure_rate: float = 0.02  # traces with a failed step
     mirror_percent: float = 0.0  # shadow calls per base request in a mirror-only phase (percent)
 
 
@@ -101,7 +104,10 @@ def walk(rollout: Rollout, traffic: Traffic, worse: Mapping[str, float] | None =
         else:
             strata.append((base, candidate))
             stratum = (state.phase, state.step)
-        verdicts = judge(gates, strata, confidence=rollout.confidence, min_samples=rollout.min_samples)
+        judged = gates  # a mirror-only phase is judged without what only users' traffic measures
+        if state.phase == "shadow":
+            judged = gates.model_copy(update=dict.fromkeys(LIVE_ONLY_GATES))
+        verdicts = judge(judged, strata, confidence=rollout.confidence, min_samples=rollout.min_samples)
         promotes = state.phase == "progressing" and controller_step(state, steps)[1]["phase"] == "promoted"
         decision = decide(verdicts, rollout.on_fail, rollout.on_no_data, final=promotes)
         if decision == "rollback":
@@ -151,6 +157,19 @@ def _expected(traffic: Traffic, n: float, worse: Mapping[str, float]) -> ArmWind
         negative=round(feedback * negative),
         escalated=round(feedback * escalated),
     )
+    # Traces end with their last step: as many per interval as start, at the expected steps each.
+    traces = round(requests / traffic.steps_per_trace)
+    if traces:
+        steps = traffic.steps_per_trace * worse.get("steps_per_trace_ratio", 1.0)
+        per_trace = cost * traffic.steps_per_trace * worse.get("cost_per_trace_ratio", 1.0)
+        spread = 1 + traffic.steps_cv**2
+        failed = min(1.0, traffic.trace_failure_rate + worse.get("trace_failure_rate", 0.0))
+        window.traces = traces
+        window.trace_failures = round(traces * failed)
+        window.trace_steps = round(traces * steps)
+        window.trace_steps_sq = traces * steps * steps * spread
+        window.trace_cost = traces * per_trace
+        window.trace_cost_sq = traces * per_trace * per_trace * spread
     # The p99 ratio scales the whole distribution: a factor on every latency.
     window.latency = _histogram(
         requests, traffic.latency_p50_s * worse.get("latency_p99_ratio", 1.0), traffic.latency_sigma

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,25 @@ def test_the_mirror_only_phase_and_a_hold_on_fail() -> None:
     course = walk(shadow, Traffic(10_000, mirror_percent=20), {"validation_failure_rate": 0.02})
     assert course.outcome == "held"  # a non-critical failure under on_fail: hold never rolls back
     assert walk(shadow, Traffic(10_000, mirror_percent=20)).outcome == "promoted"
+
+
+def test_trace_gates_are_planned_per_trace_and_left_to_users_traffic_in_the_mirror_only_phase() -> None:
+    gates = Gates(
+        steps_per_trace_ratio=RatioGate(max=1.1, min_samples=100),
+        trace_failure_rate=RateGate(max_increase=0.02),
+    )
+    rollout = Rollout(steps=STEPS, shadow_first=True, gates=gates)
+    traffic = Traffic(10_000, mirror_percent=20, steps_per_trace=4)
+    identical = walk(rollout, traffic)
+    assert identical.outcome == "promoted"  # the mirror-only phase did not wait for traces it cannot see
+    longer = walk(rollout, traffic, {"steps_per_trace_ratio": 1.3})
+    assert longer.outcome == "rolled_back" and "steps_per_trace_ratio" in longer.reason
+    failing = walk(rollout, traffic, {"trace_failure_rate": 0.1})
+    assert failing.outcome == "rolled_back" and "trace_failure_rate" in failing.reason
+    # Fewer steps per trace: more traces for the same requests, decided sooner.
+    assert walk(rollout, replace(traffic, steps_per_trace=2), {"steps_per_trace_ratio": 1.3}).intervals <= (
+        longer.intervals
+    )
 
 
 def test_default_regressions_are_twice_each_gate_s_margin() -> None:
