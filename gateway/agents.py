@@ -13,6 +13,8 @@ gateway's default trace keys read: the run is one trace. The simulator reads too
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,8 +71,10 @@ async def run_agent(
     user: str | None = None,
     max_steps: int = MAX_STEPS,
     headers: dict[str, str] | None = None,
+    on_call: Callable[[Mapping[str, str], float], object] | None = None,
 ) -> Run:
-    """One agent run through an openai.AsyncOpenAI client pointed at the gateway."""
+    """One agent run through an openai.AsyncOpenAI client pointed at the gateway. on_call: told each
+    answered call's response headers and seconds."""
     plan = PLANS[task]
     run = Run(conversation, task)
     messages: list[dict[str, Any]] = [
@@ -82,6 +86,7 @@ async def run_agent(
     sent = {TRACE_HEADER: conversation, **(headers or {})}
     while run.steps < max_steps:
         choice: Any = {"type": "function", "function": {"name": plan[0]}} if run.steps == 0 else "auto"
+        started = time.perf_counter()
         try:
             raw = await client.chat.completions.with_raw_response.create(
                 model=model, messages=messages, tools=TOOLS, tool_choice=choice, extra_headers=sent, **extra
@@ -92,6 +97,8 @@ async def run_agent(
             return run
         run.steps += 1
         run.arms.append(str(raw.headers.get("x-canarygate-arm", "?")))
+        if on_call is not None:
+            on_call(raw.headers, time.perf_counter() - started)
         message = completion.choices[0].message
         if not message.tool_calls:
             run.answer = message.content or ""

@@ -28,6 +28,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import heldout
+from gateway.agents import PLANS, run_agent
 from gateway.app import create_app
 from gateway.server import BackgroundServer
 from gateway.settings import Settings
@@ -75,6 +76,9 @@ rollout:
     validation_failure_rate: {{max_increase: 0.01, critical: true}}
     latency_p99_ratio: {{max: 1.6}}
     ttft_p50_ratio: {{max: 1.6}}
+    steps_per_trace_ratio: {{max: 1.25, min_samples: 20}}   # agent runs: model calls per run
+    trace_failure_rate: {{max_increase: 0.05, min_samples: 20}}
+traces: {{idle_timeout_s: 2}}  # an agent run (x-conversation-id) has ended 2 s after its last call
 {quality}"""
 # The judged scenario's evaluators (a third simulator is the judge) and the gates on what they find.
 QUALITY = """\
@@ -91,6 +95,7 @@ PREFLIGHT_QUALITY = """\
         adherence: {max_decrease: 0.05}
       pairwise_loss_rate: {preference: {max: 0.05}}
 """
+AGENT_SHARE = 5  # one user in five runs agents: tool calls until done, one conversation id a run
 PREFLIGHT_SAMPLES = 5  # answers per item and arm: 400 of the 80-item set, enough to tell 20 points
 JUDGE_MODEL = "judge-8b-instruct"
 
@@ -122,6 +127,12 @@ SCENARIOS = {
         {"quality": 0.8},
         "rolled_back",
         judged=True,
+    ),
+    "agent-loops": Scenario(
+        "answers like the base, but its agents call their last tool twice more before answering: about "
+        "60% more model calls per run",
+        {"extra_steps": 2},
+        "rolled_back",
     ),
     "misconfigured": Scenario(
         "is deployed with its model name misspelled in the policy (the server answers 404)",
@@ -221,12 +232,36 @@ async def _one_request(client: Any, user: str, rng: random.Random, traffic: Traf
     traffic.total[arm] += 1
 
 
+async def _agent_run(client: Any, user: str, run: int, rng: random.Random, traffic: Traffic) -> None:
+    """One agent run (a trace): its calls counted as any user's, its failure too."""
+
+    def seen(headers: Any, seconds: float) -> None:
+        arm = str(headers.get("x-canarygate-arm", "?"))
+        traffic.seen.append(Seen(time.monotonic(), arm, seconds, None, headers.get("x-canarygate-fallback")))
+        traffic.total[arm] += 1
+
+    task = rng.choice(list(PLANS))
+    done = await run_agent(client, ROUTE, f"{user}-run-{run}", task, user=user, on_call=seen)
+    if done.error is not None:
+        traffic.seen.append(Seen(time.monotonic(), "error", 0.0, None, None))
+        traffic.total["error"] += 1
+        if len(traffic.failures) < 20:
+            traffic.failures.append(f"agent run: {done.error}")
+
+
 async def _users(client: Any, count: int, stop: asyncio.Event, traffic: Traffic) -> None:
+    """count users; one in AGENT_SHARE runs agents (several calls a run, one conversation id each)."""
+
     async def user(index: int) -> None:
         rng = random.Random(index)
         name = f"user-{index:03d}"
+        runs = 0
         while not stop.is_set():
-            await _one_request(client, name, rng, traffic)
+            if index % AGENT_SHARE == 0:
+                runs += 1
+                await _agent_run(client, name, runs, rng, traffic)
+            else:
+                await _one_request(client, name, rng, traffic)
             await asyncio.sleep(rng.uniform(0.0, 0.2))
 
     await asyncio.gather(*(user(i) for i in range(count)))

@@ -44,6 +44,7 @@ def test_healthy_candidate_is_promoted_step_by_step() -> None:
         ("wrong-tools", "validation_failure_rate"),
         ("flaky", "error_rate"),
         ("slow", "_ratio"),
+        ("agent-loops", "steps_per_trace_ratio"),  # its agents' runs take more calls than the base's
         ("misconfigured", "error_rate"),  # its shadow calls all fail with a 404 the base does not give
     ],
 )
