@@ -198,7 +198,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--scenario",
-        choices=["healthy", "bad-json", "wrong-tools", "slow", "flaky", "agent-loops", "subtle", "misconfigured"],
+        choices=[
+            "healthy",
+            "bad-json",
+            "wrong-tools",
+            "slow",
+            "flaky",
+            "agent-loops",
+            "subtle",
+            "misconfigured",
+        ],
         default="healthy",
         help="how the candidate behaves (default healthy: it should be promoted; the others rolled back)",
     )
