@@ -75,9 +75,9 @@ rollout:
     error_rate: {{max_increase: 0.01, critical: true}}
     validation_failure_rate: {{max_increase: 0.01, critical: true}}
     latency_p99_ratio: {{max: 1.6}}
-    ttft_p50_ratio: {{max: 1.6}}
-    steps_per_trace_ratio: {{max: 1.25, min_samples: 20}}   # agent runs: model calls per run
-    trace_failure_rate: {{max_increase: 0.05, min_samples: 20}}
+    ttft_p50_ratio: {{max: 1.6, min_samples: 40}}   # streamed answers only: fewer
+    steps_per_trace_ratio: {{max: 1.25, min_samples: 10}}   # agent runs: model calls per run
+    trace_failure_rate: {{max_increase: 0.05, min_samples: 10}}
 traces: {{idle_timeout_s: 2}}  # an agent run (x-conversation-id) has ended 2 s after its last call
 {quality}"""
 # The judged scenario's evaluators (a third simulator is the judge) and the gates on what they find.
@@ -95,7 +95,7 @@ PREFLIGHT_QUALITY = """\
         adherence: {max_decrease: 0.05}
       pairwise_loss_rate: {preference: {max: 0.05}}
 """
-AGENT_SHARE = 5  # one user in five runs agents: tool calls until done, one conversation id a run
+AGENT_SHARE = 4  # one user in four runs agents: tool calls until done, one conversation id a run
 PREFLIGHT_SAMPLES = 5  # answers per item and arm: 400 of the 80-item set, enough to tell 20 points
 JUDGE_MODEL = "judge-8b-instruct"
 

@@ -16,12 +16,14 @@ from tests.conftest import REPO, GatewayFactory, Sim, closed_port, policy_yaml, 
 ADMIN = {"Authorization": "Bearer t"}
 
 
-def canarygate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def canarygate(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         cwd=REPO,
         env={**os.environ, **(env or {})},
     )

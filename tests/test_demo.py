@@ -14,7 +14,8 @@ SHORT = ["--interval", "2", "--duration", "90"]
 
 
 def demo(*args: str) -> tuple[int, str]:
-    result = canarygate("demo", "--port", str(closed_port()), *args, env={"COLUMNS": "200"})
+    """The demo's own --duration decides when it gives up; the timeout only catches a demo that hangs."""
+    result = canarygate("demo", "--port", str(closed_port()), *args, env={"COLUMNS": "200"}, timeout=240)
     return result.returncode, result.stdout + result.stderr
 
 
