@@ -406,3 +406,19 @@ def test_spans_reach_an_otlp_collector_in_the_genai_conventions(
     entries = dict(item.split("=", 1) for item in sent.split(","))
     assert entries["app.user"] == "alice" and entries["canarygate.arm"] == "candidate"
     assert entries["canarygate.route"] == "support" and len(entries["canarygate.rollout"]) == 16
+
+
+def test_the_simulated_agent_follows_tool_results_and_its_knobs_lengthen_runs(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    gw = make_gateway({"chat": policy_yaml("chat", sims[0].url)})
+    (plain,) = runs([gw.url], 1, "refund")
+    assert plain.tools == list(PLANS["refund"]) and plain.steps == 4 and plain.answer
+    sims[0].set_knobs(extra_steps=2)
+    (looping,) = runs([gw.url], 1, "refund")
+    assert looping.tools == [*PLANS["refund"], "issue_refund", "issue_refund"] and looping.steps == 6
+    sims[0].set_knobs(extra_steps=0, wrong_tool_at_step=2)
+    (wrong,) = runs([gw.url], 1, "refund")
+    # The second call picks another tool; its result names the right one, which the third call takes.
+    assert wrong.tools[0] == "lookup_order" and wrong.tools[1] != "check_policy"
+    assert wrong.tools[2:] == ["check_policy", "issue_refund"] and wrong.steps == 5
