@@ -422,3 +422,29 @@ def test_the_simulated_agent_follows_tool_results_and_its_knobs_lengthen_runs(
     # The second call picks another tool; its result names the right one, which the third call takes.
     assert wrong.tools[0] == "lookup_order" and wrong.tools[1] != "check_policy"
     assert wrong.tools[2:] == ["check_policy", "issue_refund"] and wrong.steps == 5
+
+
+def test_streamed_steps_count_the_usage_of_their_last_chunk(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    gw = make_gateway({"chat": policy_yaml("chat", sims[0].url, extra=TRACED)})
+    body = {
+        "model": "chat",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    for _ in range(2):
+        with httpx.stream(
+            "POST", f"{gw.url}/v1/chat/completions", json=body, headers={"x-conversation-id": "s1"}
+        ) as response:
+            response.read()
+    wait_for(
+        lambda: value(scrape(gw.url), "canarygate_trace_steps_count", route="chat", arm="base") == 1,
+        timeout=20,
+        message="the trace to end",
+    )
+    samples = scrape(gw.url)
+    assert value(samples, "canarygate_trace_steps_sum", route="chat", arm="base") == 2
+    assert value(samples, "canarygate_trace_tokens_sum", route="chat", arm="base", type="output") == 10
