@@ -185,29 +185,27 @@ async def routes(
 STEP_SUMS = {"input_tokens": 812, "output_tokens": 95, "cached_tokens": 512, "tool_calls": 1, "cost": 0.00041}
 
 
+def _trace(i: int) -> tuple[str, TraceMeta]:
+    """The i-th open trace of the measurement: its id and what its first step says of it."""
+    name = f"conversation-{i:08d}"
+    meta = TraceMeta("support-agent", name, "3f9a0c41d2b7e815", "candidate", "all", i % 64, 1, f"{i:016x}")
+    return trace_id("support-agent", name), meta
+
+
 async def traces(url: str, count: int, client: redis.Redis) -> tuple[float, float]:
     """Bytes per open trace: in Redis (its hash after four steps, and its place in the deadlines' set)
     through the gateway's store, and in this process's memory store (tracemalloc)."""
+    sums = {k: v * 4 for k, v in STEP_SUMS.items()}
     shared = Shared(url, "cg:")
     store = RedisTraceStore(shared)
     before = used(client)
     for start in range(0, count, 1000):
         batch = {}
         for i in range(start, min(start + 1000, count)):
-            tid = trace_id("support-agent", f"conversation-{i:08d}")
-            meta = TraceMeta(
-                "support-agent",
-                f"conversation-{i:08d}",
-                "3f9a0c41d2b7e815",
-                "candidate",
-                "all",
-                i % 64,
-                1,
-                f"{i:016x}",
-            )
+            tid, meta = _trace(i)
             for _ in range(4):
                 await store.step(tid, meta, 1000.0, 1300.0, count)
-            batch[tid] = (1300.0, {k: v * 4 for k, v in STEP_SUMS.items()})
+            batch[tid] = (1300.0, sums)
         await store.add(batch, 1000.0)
     in_redis = (used(client) - before) / count
     client.flushall()
@@ -215,20 +213,10 @@ async def traces(url: str, count: int, client: redis.Redis) -> tuple[float, floa
     memory = MemoryTraceStore()
     tracemalloc.start()
     for i in range(count):
-        tid = trace_id("support-agent", f"conversation-{i:08d}")
-        meta = TraceMeta(
-            "support-agent",
-            f"conversation-{i:08d}",
-            "3f9a0c41d2b7e815",
-            "candidate",
-            "all",
-            i % 64,
-            1,
-            f"{i:016x}",
-        )
+        tid, meta = _trace(i)
         for _ in range(4):
             memory.step_now(tid, meta, 1000.0, 1300.0, count)
-        await memory.add({tid: (1300.0, {k: v * 4 for k, v in STEP_SUMS.items()})}, 1000.0)
+        await memory.add({tid: (1300.0, sums)}, 1000.0)
     in_process = tracemalloc.get_traced_memory()[0] / count
     tracemalloc.stop()
     return in_redis, in_process

@@ -39,44 +39,39 @@ def unit_key(
 ) -> str | None:
     """The bare value of the first configured source that is present."""
     for kind, name in sources:
-        if kind == "header":
-            value = headers.get(name)
-        elif kind == "body":
-            value = body_value(body, name)
-        else:
-            value = api_key
+        value = _source(kind, name, headers, body, api_key)
         if value:
             return value
     return None
-
-
-def body_value(body: Mapping[str, Any], path: str) -> str | None:
-    """A string field of the body by a dotted path: "user", "metadata.conversation_id"."""
-    value: Any = body
-    for name in path.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(name)
-    return value if isinstance(value, str) else None
 
 
 def trace_key(
     sources: tuple[tuple[str, str], ...], headers: Mapping[str, str], body: Mapping[str, Any]
 ) -> str | None:
     """The request's trace (an agent run, a conversation): the first configured source present, as
-    sent, or its sha256 when longer than MAX_KEY_CHARS or not printable ASCII. traceparent: the W3C
-    trace id (not an all-zero one, which the specification makes invalid)."""
-    for kind, name in sources:
-        if kind == "header":
-            value = headers.get(name)
-        elif kind == "body":
-            value = body_value(body, name)
-        else:
-            found = TRACEPARENT.match(headers.get("traceparent", "").strip().lower())
-            value = found.group(1) if found and found.group(1).strip("0") else None
-        if value:
-            return bounded_key(value)
-    return None
+    sent, or its sha256 when longer than MAX_KEY_CHARS or not printable ASCII."""
+    value = unit_key(sources, headers, body, None)
+    return bounded_key(value) if value is not None else None
+
+
+def _source(
+    kind: str, name: str, headers: Mapping[str, str], body: Mapping[str, Any], api_key: str | None
+) -> str | None:
+    """header:NAME, body:FIELD.PATH (a string field), api_key, or traceparent (the W3C trace id; not an
+    all-zero one, which the specification makes invalid)."""
+    if kind == "header":
+        return headers.get(name)
+    if kind == "body":
+        value: Any = body
+        for field in name.split("."):
+            if not isinstance(value, dict):
+                return None
+            value = value.get(field)
+        return value if isinstance(value, str) else None
+    if kind == "traceparent":
+        found = TRACEPARENT.match(headers.get("traceparent", "").strip().lower())
+        return found.group(1) if found and found.group(1).strip("0") else None
+    return api_key
 
 
 def bounded_key(value: str) -> str:
