@@ -33,6 +33,7 @@ SEMCONV_VERSION = "1.44.0"
 PROVIDER = "openai"  # gen_ai.provider.name: every upstream speaks OpenAI's API
 # What the arm's upstream calls carry in W3C baggage, so spans downstream can be grouped by arm.
 BAGGAGE = ("canarygate.route", "canarygate.arm", "canarygate.rollout")
+MAX_CONTEXTS = 1024
 
 
 class Tracing:
@@ -42,6 +43,7 @@ class Tracing:
         self.tracer = provider.get_tracer("canarygate", schema_url=schema) if provider is not None else None
         self.record_content = record_content
         self._propagator = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
+        self._contexts: dict[tuple[str, str, str], Context] = {}
 
     @property
     def enabled(self) -> bool:
@@ -120,16 +122,29 @@ class Tracing:
             kind=SpanKind.CLIENT,
             attributes=attributes,
         )
-        context = trace.set_span_in_context(span, self._client_baggage(call.headers))
-        for name, value in zip(BAGGAGE, (route, call.arm.name, rollout), strict=True):
-            context = baggage.set_baggage(name, value, context)
+        context = trace.set_span_in_context(
+            span, self._baggage(call.headers, (route, call.arm.name, rollout))
+        )
         self._propagator.inject(call.headers, context=context)
         return span
 
-    def _client_baggage(self, headers: Mapping[str, str]) -> Context:
-        """The baggage the client sent (the call's headers carry it on, as upstream_headers copied it)."""
+    def _baggage(self, headers: Mapping[str, str], ours: tuple[str, str, str]) -> Context:
+        """The baggage an upstream call carries: the client's (the call's headers carry it on, as
+        upstream_headers copied it), then the route's, arm's and rollout's. Without the client's, the same
+        few contexts serve every call (kept per route, arm and rollout)."""
         sent = headers.get("baggage")
-        return self._propagator.extract({"baggage": sent}) if sent else Context()
+        if not sent:
+            cached = self._contexts.get(ours)
+            if cached is not None:
+                return cached
+        context = self._propagator.extract({"baggage": sent}) if sent else Context()
+        for name, value in zip(BAGGAGE, ours, strict=True):
+            context = baggage.set_baggage(name, value, context)
+        if not sent:
+            if len(self._contexts) >= MAX_CONTEXTS:
+                self._contexts.clear()  # rollouts come and go: start again rather than grow
+            self._contexts[ours] = context
+        return context
 
     def mirror_span(self, primary: Span | None, route: str, call: Call) -> Span | None:
         """A shadow call is a trace of its own, linked to the primary request's span: it never lengthens

@@ -97,10 +97,12 @@ def test_fallback_trace_structure_and_propagation(traced, sims: tuple[Sim, Sim])
     assert attrs["canarygate.mode"] == "primary"
     assert attrs["canarygate.validation.result"] == "skipped"
 
-    # Each upstream received the traceparent of its own attempt's span.
-    for sim, span in ((sims[1], failed), (sims[0], answered)):
-        received = sim.requests()[-1]["headers"]["traceparent"]
-        assert received == f"00-{TRACE_ID}-{format(span.context.span_id, '016x')}-01"
+    # Each upstream received the traceparent of its own attempt's span, and its arm as baggage.
+    for sim, span, arm in ((sims[1], failed, "candidate"), (sims[0], answered, "base")):
+        headers = sim.requests()[-1]["headers"]
+        assert headers["traceparent"] == f"00-{TRACE_ID}-{format(span.context.span_id, '016x')}-01"
+        entries = dict(item.split("=", 1) for item in headers["baggage"].split(","))
+        assert entries["canarygate.arm"] == arm and entries["canarygate.route"] == "chat"
 
     # Prompts and answers are not recorded unless the operator opts in.
     assert not any(key.startswith(("gen_ai.input", "gen_ai.output")) for s in spans for key in s.attributes)
