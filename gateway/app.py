@@ -519,9 +519,11 @@ def _api(services: Services) -> FastAPI:
 
     @api.post("/v1/feedback", dependencies=[Depends(authenticated)])
     @api.post("/feedback", dependencies=[Depends(authenticated)], include_in_schema=False)
-    async def feedback(given: FeedbackIn) -> dict[str, object]:
-        """Thumbs up/down (or a score in [0, 1]) on an earlier answer, by its x-request-id."""
-        return await services.feedback.record(given)
+    async def feedback(given: FeedbackIn, request: Request) -> dict[str, object]:
+        """Thumbs up/down (or a score in [0, 1]) on an earlier answer, by its x-request-id, or on a whole
+        trace (a conversation, an agent run) of the caller's, by its trace key."""
+        scope = bearer_token(request.headers.get("authorization")) if services.api_keys.enabled else None
+        return await services.feedback.record(given, scope)
 
     @api.get("/v1/models", dependencies=[Depends(authenticated)])
     async def models() -> dict[str, Any]:

@@ -125,9 +125,9 @@ def _record(values: tuple[str, ...]) -> dict[str, str]:
     return dict(zip(("route", "arm", "cohort", "rollout", "group"), values, strict=False))
 
 
-def trace_record(route: str, trace: str) -> str:
-    """The record key of a trace on a route."""
-    return TRACE_RECORD + trace_id(route, trace)
+def trace_record(route: str, trace: str, scope: str | None = None) -> str:
+    """The record key of a trace on a route, of the client with this API key (store.traces.trace_id)."""
+    return TRACE_RECORD + trace_id(route, trace, scope)
 
 
 class Feedback:
@@ -159,9 +159,10 @@ class Feedback:
             found = {key: r for key in keys if (r := await self._assignments.recall(key)) is not None}
         return found
 
-    async def record(self, given: FeedbackIn) -> dict[str, object]:
+    async def record(self, given: FeedbackIn, scope: str | None = None) -> dict[str, object]:
+        """scope: the caller's API key; a trace is looked for among that key's own."""
         if given.trace_id is not None:
-            return await self._trace(given, given.trace_id)
+            return await self._trace(given, given.trace_id, scope)
         assert given.request_id is not None
         try:
             found = (await self._recall([given.request_id])).get(given.request_id)
@@ -188,14 +189,14 @@ class Feedback:
             "recorded": first,  # False: feedback for this request id was already counted
         }
 
-    async def _trace(self, given: FeedbackIn, trace: str) -> dict[str, object]:
+    async def _trace(self, given: FeedbackIn, trace: str, scope: str | None) -> dict[str, object]:
         """Feedback on a whole trace: counted once per route it went through, for the arm that served it
         (its last step's), as one answer's feedback is."""
         routes = [r.name for r in self._every_route() if r.trace_sources]
         if given.route is not None:
             routes = [given.route] if given.route in routes else []
         key = bounded_key(trace)  # as the requests' trace key was kept (routing.trace_key)
-        keys = {trace_record(name, key): name for name in routes}
+        keys = {trace_record(name, key, scope): name for name in routes}
         try:
             found = await self._recall(list(keys))
             if not found:

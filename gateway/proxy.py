@@ -164,8 +164,9 @@ class Proxy:
                 reply.request_id,
             )
             if trace is not None and self._traces is not None:
+                owner = token if self._api_keys.enabled else None  # a client's traces are its own
                 request.trace = self._traces.begin(
-                    route, trace, assigned, cohort, unit.group, unit.sign, unit.id
+                    route, trace, assigned, cohort, unit.group, unit.sign, unit.id, owner
                 )
             if span is not None:
                 if route.cohorts is not None:
@@ -211,7 +212,7 @@ class Proxy:
                     )
                     if request.trace is not None:  # the trace is the arm's it was assigned to
                         self._assignments.remember(
-                            trace_record(route.name, request.trace.trace),
+                            trace_record(route.name, request.trace.trace, request.trace.scope),
                             route.name,
                             request.trace.arm,
                             request.cohort,

@@ -41,12 +41,17 @@ STEP_WAIT_S = 0.5  # how long a request's end waits for its step's index, for it
 class Step:
     """One request of a trace: what it adds to the trace's sums, and its index in the trace."""
 
-    __slots__ = ("_task", "_traces", "arm", "deadline", "failed", "index", "route", "sums", "tid", "trace")
+    __slots__ = (
+        "_task", "_traces", "arm", "deadline", "failed", "index", "route", "scope", "sums", "tid", "trace",
+    )  # fmt: skip
 
-    def __init__(self, traces: Traces, route: Route, trace: str, tid: str, arm: str, deadline: float) -> None:
+    def __init__(
+        self, traces: Traces, route: Route, trace: str, tid: str, arm: str, deadline: float, scope: str | None
+    ) -> None:
         self._traces = traces
         self.route = route
         self.trace = trace
+        self.scope = scope  # the client's API key, when keys are required
         self.tid = tid
         self.arm = arm
         self.deadline = deadline
@@ -93,12 +98,20 @@ class Traces:
         self.dropped = 0  # steps whose sums were dropped (the store unreachable, pending full)
 
     def begin(
-        self, route: Route, trace: str, arm: str, cohort: str, group: int, sign: int, unit: str | None
+        self,
+        route: Route,
+        trace: str,
+        arm: str,
+        cohort: str,
+        group: int,
+        sign: int,
+        unit: str | None,
+        scope: str | None = None,
     ) -> Step:
-        """A request with a trace key, assigned to arm."""
+        """A request with a trace key, assigned to arm; scope: the client's API key (store.trace_id)."""
         now = self._clock()
-        tid = trace_id(route.name, trace)
-        step = Step(self, route, trace, tid, arm, now + route.trace_idle_s)
+        tid = trace_id(route.name, trace, scope)
+        step = Step(self, route, trace, tid, arm, now + route.trace_idle_s, scope)
         meta = TraceMeta(route.name, trace, route.rollout_key, arm, cohort, group, sign, unit or "")
         if self._store.local:
             step.index = self._store.step_now(tid, meta, now, step.deadline, self.max_open)  # type: ignore[attr-defined]

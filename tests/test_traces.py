@@ -448,3 +448,39 @@ def test_streamed_steps_count_the_usage_of_their_last_chunk(
     samples = scrape(gw.url)
     assert value(samples, "canarygate_trace_steps_sum", route="chat", arm="base") == 2
     assert value(samples, "canarygate_trace_tokens_sum", route="chat", arm="base", type="output") == 10
+
+
+def test_two_clients_conversations_of_one_id_are_two_traces_each_taking_its_own_feedback(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    gw = make_gateway(
+        {"chat": policy_yaml("chat", sims[0].url, extra=TRACED)}, api_keys=frozenset({"sk-a", "sk-b"})
+    )
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    for key, steps in (("sk-a", 3), ("sk-b", 1)):
+        for _ in range(steps):
+            response = httpx.post(
+                f"{gw.url}/v1/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {key}", "x-conversation-id": "1"},
+                timeout=10,
+            )
+            assert response.status_code == 200, response.text
+    wait_for(
+        lambda: value(scrape(gw.url), "canarygate_trace_steps_count", route="chat", arm="base") == 2,
+        timeout=20,
+        message="both traces to end",
+    )
+    assert value(scrape(gw.url), "canarygate_trace_steps_sum", route="chat", arm="base") == 4  # 3 and 1
+
+    def feedback(key: str) -> httpx.Response:
+        return httpx.post(
+            f"{gw.url}/v1/feedback",
+            json={"trace_id": "1", "score": "down"},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        )
+
+    assert feedback("sk-a").json()["recorded"] is True
+    assert feedback("sk-b").json()["recorded"] is True  # its own conversation "1", not sk-a's again
+    assert feedback("sk-a").json()["recorded"] is False

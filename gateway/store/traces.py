@@ -33,9 +33,11 @@ TTL_MARGIN_S = 3600  # a trace's hash outlives its deadline by this much, for a 
 Ended = Literal["idle", "evicted"]
 
 
-def trace_id(route: str, trace: str) -> str:
-    """A trace's id in the store: bounded and printable, whatever the client's key."""
-    return hashlib.sha256(f"{route}\x1f{trace}".encode()).hexdigest()[:32]
+def trace_id(route: str, trace: str, scope: str | None = None) -> str:
+    """A trace's id in the store: bounded and printable, whatever the client's key. scope: the client's
+    API key, when keys are required: two clients' conversations "1" are two traces, and one client's
+    feedback never reaches another's."""
+    return hashlib.sha256(f"{route}\x1f{scope or ''}\x1f{trace}".encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)
