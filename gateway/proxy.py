@@ -48,7 +48,7 @@ from gateway.errors import (
 )
 from gateway.evaluation.evaluations import Evaluations, evaluated
 from gateway.fallback import CIRCUIT_OPEN, Guards
-from gateway.feedback import Assignments, trace_record
+from gateway.feedback import TRACE_RECORD, Assignments
 from gateway.ledger import Ledger
 from gateway.route import Route, RouteArm
 from gateway.routing import (
@@ -212,7 +212,7 @@ class Proxy:
                     )
                     if request.trace is not None:  # the trace is the arm's it was assigned to
                         self._assignments.remember(
-                            trace_record(route.name, request.trace.trace, request.trace.scope),
+                            TRACE_RECORD + request.trace.tid,  # as feedback.trace_record names it
                             route.name,
                             request.trace.arm,
                             request.cohort,

@@ -42,16 +42,13 @@ class Step:
     """One request of a trace: what it adds to the trace's sums, and its index in the trace."""
 
     __slots__ = (
-        "_task", "_traces", "arm", "deadline", "failed", "index", "route", "scope", "sums", "tid", "trace",
+        "_task", "_traces", "arm", "deadline", "failed", "index", "route", "sums", "tid", "trace",
     )  # fmt: skip
 
-    def __init__(
-        self, traces: Traces, route: Route, trace: str, tid: str, arm: str, deadline: float, scope: str | None
-    ) -> None:
+    def __init__(self, traces: Traces, route: Route, trace: str, tid: str, arm: str, deadline: float) -> None:
         self._traces = traces
         self.route = route
         self.trace = trace
-        self.scope = scope  # the client's API key, when keys are required
         self.tid = tid
         self.arm = arm
         self.deadline = deadline
@@ -111,7 +108,7 @@ class Traces:
         """A request with a trace key, assigned to arm; scope: the client's API key (store.trace_id)."""
         now = self._clock()
         tid = trace_id(route.name, trace, scope)
-        step = Step(self, route, trace, tid, arm, now + route.trace_idle_s, scope)
+        step = Step(self, route, trace, tid, arm, now + route.trace_idle_s)
         meta = TraceMeta(route.name, trace, route.rollout_key, arm, cohort, group, sign, unit or "")
         if self._store.local:
             step.index = self._store.step_now(tid, meta, now, step.deadline, self.max_open)  # type: ignore[attr-defined]
