@@ -195,7 +195,7 @@ def _trace(i: int) -> tuple[str, TraceMeta]:
 async def traces(url: str, count: int, client: redis.Redis) -> tuple[float, float]:
     """Bytes per open trace: in Redis (its hash after four steps, and its place in the deadlines' set)
     through the gateway's store, and in this process's memory store (tracemalloc)."""
-    sums = {k: v * 4 for k, v in STEP_SUMS.items()}
+    sums = {**{k: v * 4 for k, v in STEP_SUMS.items()}, "inflight": -4}  # four steps begun and ended
     shared = Shared(url, "cg:")
     store = RedisTraceStore(shared)
     before = used(client)

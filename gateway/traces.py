@@ -22,7 +22,7 @@ from gateway.errors import ERROR_OUTCOMES
 from gateway.route import Route
 from gateway.stats import Recorder
 from gateway.store import StateUnavailable
-from gateway.store.traces import Finished, TraceMeta, TraceStore, trace_id
+from gateway.store.traces import INFLIGHT, Finished, TraceMeta, TraceStore, trace_id
 from gateway.tasks import Spawner
 from gateway.telemetry import Metrics
 
@@ -42,17 +42,17 @@ class Step:
     """One request of a trace: what it adds to the trace's sums, and its index in the trace."""
 
     __slots__ = (
-        "_task", "_traces", "arm", "deadline", "failed", "index", "route", "sums", "tid", "trace",
+        "_task", "_traces", "arm", "failed", "index", "registered", "route", "sums", "tid", "trace",
     )  # fmt: skip
 
-    def __init__(self, traces: Traces, route: Route, trace: str, tid: str, arm: str, deadline: float) -> None:
+    def __init__(self, traces: Traces, route: Route, trace: str, tid: str, arm: str) -> None:
         self._traces = traces
         self.route = route
         self.trace = trace
         self.tid = tid
         self.arm = arm
-        self.deadline = deadline
         self.index: int | None = None  # 1 for a trace's first step; None until the store has said
+        self.registered: bool | None = None  # the store counted its beginning (None: not yet known)
         self.sums: dict[str, float] | None = {}  # None once ended: later counts go straight to pending
         self.failed = False
         self._task: asyncio.Task[Any] | None = None
@@ -63,7 +63,7 @@ class Step:
         if self.sums is not None:
             self.sums[name] = self.sums.get(name, 0) + amount
         else:  # an evaluator's result, after the request ended
-            self._traces.pending(self.tid, self.deadline, {name: amount})
+            self._traces.pending(self, {name: amount})
 
     async def known_index(self, timeout_s: float = STEP_WAIT_S) -> int | None:
         """The step's index, waiting for the store a little (its call runs beside the upstream's)."""
@@ -107,22 +107,25 @@ class Traces:
     ) -> Step:
         """A request with a trace key, assigned to arm; scope: the client's API key (store.trace_id)."""
         now = self._clock()
-        tid = trace_id(route.name, trace, scope)
-        step = Step(self, route, trace, tid, arm, now + route.trace_idle_s)
+        step = Step(self, route, trace, trace_id(route.name, trace, scope), arm)
         meta = TraceMeta(route.name, trace, route.rollout_key, arm, cohort, group, sign, unit or "")
+        deadline = now + route.trace_idle_s
         if self._store.local:
-            step.index = self._store.step_now(tid, meta, now, step.deadline, self.max_open)  # type: ignore[attr-defined]
+            step.index = self._store.step_now(step.tid, meta, now, deadline, self.max_open)  # type: ignore[attr-defined]
+            step.registered = True
         else:
-            step._task = self._spawner.spawn(self._step(step, meta, now), "trace step")
+            step._task = self._spawner.spawn(self._step(step, meta, now, deadline), "trace step")
         return step
 
-    async def _step(self, step: Step, meta: TraceMeta, now: float) -> None:
+    async def _step(self, step: Step, meta: TraceMeta, now: float, deadline: float) -> None:
         try:
-            step.index = await self._store.step(step.tid, meta, now, step.deadline, self.max_open)
+            step.index = await self._store.step(step.tid, meta, now, deadline, self.max_open)
+            step.registered = True
         except StateUnavailable:
             log.warning(
                 "state store unreachable: a step of trace %s on %s is not counted", step.trace, meta.route
             )
+            step.registered = False
             self.dropped += 1
 
     def attempt(self, step: Step, attempt: Attempt, outcome: str, stats_arm: str) -> None:
@@ -158,14 +161,22 @@ class Traces:
         step.failed = True
 
     def end(self, step: Step) -> None:
-        """The request is over: its sums join the trace's, sent at the next flush."""
+        """The request is over: its sums join the trace's, sent at the next flush, and it is no longer in
+        flight (the trace's idle time counts from now)."""
         sums, step.sums = step.sums, None
+        assert sums is not None
         if step.failed and step.index is not None:
             self._metrics.step_failed(step.route.name, step.arm, step.index)
+        if step.registered is not False:  # its beginning was counted (or will be, by the call under way)
+            sums[INFLIGHT] = -1
         if sums:
-            self.pending(step.tid, step.deadline, sums)
+            self.pending(step, sums)
 
-    def pending(self, tid: str, deadline: float, sums: dict[str, float]) -> None:
+    def pending(self, step: Step, sums: dict[str, float]) -> None:
+        """Sums for the step's trace, sent at the next flush; its deadline an idle timeout from now."""
+        self._hold(step.tid, self._clock() + step.route.trace_idle_s, sums)
+
+    def _hold(self, tid: str, deadline: float, sums: dict[str, float]) -> None:
         held = self._pending.get(tid)
         if held is None:
             if len(self._pending) >= MAX_PENDING:
@@ -186,7 +197,7 @@ class Traces:
             gone = await self._store.add(batch, self._clock())
         except StateUnavailable:
             for tid, (deadline, sums) in batch.items():  # kept for the next flush, within the bound
-                self.pending(tid, deadline, sums)
+                self._hold(tid, deadline, sums)
             log.warning("state store unreachable: sums of %d traces held for the next flush", len(batch))
             return
         if gone:

@@ -271,8 +271,9 @@ def test_a_trace_is_summed_across_replicas_and_handed_out_once(two_stores: Any) 
         tid = trace_id("chat", "t")
         assert await one.step(tid, meta(), 100.0, 110.0, 1000) == 1
         assert await other.step(tid, meta(), 101.0, 111.0, 1000) == 2
-        assert await one.add({tid: (112.0, {"output_tokens": 30, "cost": 0.25})}, 102.0) == 0
-        assert await other.add({tid: (112.0, {"output_tokens": 12, "invalid": 1})}, 102.0) == 0
+        ended = {"inflight": -1}  # each step's end says it is no longer in flight
+        assert await one.add({tid: (112.0, {"output_tokens": 30, "cost": 0.25, **ended})}, 102.0) == 0
+        assert await other.add({tid: (112.0, {"output_tokens": 12, "invalid": 1, **ended})}, 102.0) == 0
         assert await one.finished(111.5, 100, 1000) == []  # not idle long enough yet
         ended = await one.finished(112.0, 100, 1000) + await other.finished(112.0, 100, 1000)
         assert len(ended) == 1  # whichever replica asks, once
@@ -290,6 +291,7 @@ def test_a_trace_served_by_both_arms_is_mixed(two_stores: Any) -> None:
         tid = trace_id("chat", "w")
         await one.step(tid, meta("base", "w"), 0.0, 10.0, 1000)
         await other.step(tid, meta("candidate", "w"), 1.0, 11.0, 1000)
+        await one.add({tid: (11.0, {"inflight": -2})}, 2.0)
         (trace,) = await one.finished(11.0, 100, 1000)
         assert trace.meta.arm == MIXED
 
@@ -484,3 +486,18 @@ def test_two_clients_conversations_of_one_id_are_two_traces_each_taking_its_own_
     assert feedback("sk-a").json()["recorded"] is True
     assert feedback("sk-b").json()["recorded"] is True  # its own conversation "1", not sk-a's again
     assert feedback("sk-a").json()["recorded"] is False
+
+
+def test_a_step_longer_than_the_idle_timeout_does_not_end_its_trace(two_stores: Any) -> None:
+    async def go(one: Any, other: Any) -> None:
+        tid = trace_id("chat", "slow")
+        assert await one.step(tid, meta(trace="slow"), 0.0, 1.0, 1000) == 1  # idle timeout 1 s
+        assert await other.finished(5.0, 100, 1000) == []  # a long generation: still in flight at 5 s
+        await one.add({tid: (6.0, {"output_tokens": 900, "inflight": -1})}, 5.0)  # it ends at 5 s
+        assert await other.step(tid, meta(trace="slow"), 5.5, 6.5, 1000) == 2  # the run goes on
+        await other.add({tid: (7.0, {"inflight": -1})}, 6.0)
+        assert await one.finished(6.9, 100, 1000) == []
+        (trace,) = await one.finished(7.0, 100, 1000) + await other.finished(7.0, 100, 1000)
+        assert (trace["steps"], trace["output_tokens"]) == (2, 900)
+
+    two_stores(go)

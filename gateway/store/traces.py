@@ -10,7 +10,7 @@ dozen numbers."""
 from __future__ import annotations
 
 import hashlib
-import math
+import heapq
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -28,6 +28,7 @@ COUNTS = (
 )  # fmt: skip
 FLOATS = ("cost",)
 FAILURES = ("fallbacks", "invalid", "errors", "eval_failures")
+INFLIGHT = "inflight"  # steps begun and not yet ended: a trace is never ended under a step in flight
 MIXED = "mixed"  # the arm of a trace whose steps were served by both (its weight changed mid-run)
 TTL_MARGIN_S = 3600  # a trace's hash outlives its deadline by this much, for a sweep that comes late
 Ended = Literal["idle", "evicted"]
@@ -74,14 +75,16 @@ class TraceStore(Protocol):
 
     async def step(self, tid: str, meta: TraceMeta, now: float, deadline: float, max_open: int) -> int:
         """A step begins: the trace is opened (or its arm marked MIXED when this step's differs), its
-        step count goes up by one and its deadline moves to `deadline`. Returns the step's index (1..)."""
+        step count and its steps in flight go up by one and its deadline moves to `deadline` (now + the
+        idle timeout). Returns the step's index (1..)."""
 
     async def add(self, batch: Mapping[str, tuple[float, Mapping[str, float]]], now: float) -> int:
-        """Steps' sums, per trace id: (its new deadline, field -> amount). Returns how many traces had
-        ended already (their late sums are dropped)."""
+        """Steps' sums, per trace id: (its new deadline, field -> amount; INFLIGHT -1 per step ended).
+        Returns how many traces had ended already (their late sums are dropped)."""
 
     async def finished(self, now: float, limit: int, max_open: int) -> list[Finished]:
-        """Traces past their deadline, and the soonest-due ones beyond max_open: each returned (and
+        """Traces past their deadline with no step in flight (one with a step in flight is looked at
+        again an idle timeout later), and the soonest-due ones beyond max_open: each returned (and
         forgotten) once, whichever replica asks."""
 
     async def open_count(self) -> int: ...
@@ -91,9 +94,10 @@ class TraceStore(Protocol):
 class _Open:
     meta: TraceMeta
     started: float
-    touched: float  # its last step's start or end
     deadline: float
+    idle: float  # its idle timeout
     sums: dict[str, float]
+    inflight: int = 0
 
 
 class MemoryTraceStore:
@@ -101,28 +105,33 @@ class MemoryTraceStore:
 
     def __init__(self) -> None:
         self._open: OrderedDict[str, _Open] = OrderedDict()  # by last activity, the least recent first
+        self._deadlines: list[tuple[float, str]] = []  # a heap; an entry whose trace moved on is stale
         self._evicted: list[Finished] = []
-        self._shortest = math.inf  # the shortest idle timeout seen: where a sweep may stop looking
 
     def step_now(self, tid: str, meta: TraceMeta, now: float, deadline: float, max_open: int) -> int:
-        self._shortest = min(self._shortest, deadline - now)
         entry = self._open.get(tid)
         if entry is None:
-            entry = self._open[tid] = _Open(meta, now, now, deadline, {})
+            entry = self._open[tid] = _Open(meta, now, deadline, deadline - now, {})
+            heapq.heappush(self._deadlines, (deadline, tid))
             while len(self._open) > max_open:  # the least recently active ends early
                 old = self._open.popitem(last=False)[1]
                 self._evicted.append(Finished(old.meta, old.started, "evicted", old.sums))
         else:
-            self._touch(tid, entry, now, deadline)
+            self._touch(tid, entry, deadline)
             if entry.meta.arm != meta.arm:
                 entry.meta = replace(entry.meta, arm=MIXED)
+        entry.inflight += 1
         entry.sums["steps"] = entry.sums.get("steps", 0) + 1
         return int(entry.sums["steps"])
 
-    def _touch(self, tid: str, entry: _Open, now: float, deadline: float) -> None:
+    def _touch(self, tid: str, entry: _Open, deadline: float) -> None:
         self._open.move_to_end(tid)
-        entry.touched = max(entry.touched, now)
-        entry.deadline = max(entry.deadline, deadline)
+        if deadline > entry.deadline:
+            entry.deadline = deadline
+            heapq.heappush(self._deadlines, (deadline, tid))
+            if len(self._deadlines) > 4 * len(self._open) + 1024:  # mostly stale: keep it to the open
+                self._deadlines = [(e.deadline, t) for t, e in self._open.items()]
+                heapq.heapify(self._deadlines)
 
     async def step(self, tid: str, meta: TraceMeta, now: float, deadline: float, max_open: int) -> int:
         return self.step_now(tid, meta, now, deadline, max_open)
@@ -134,23 +143,25 @@ class MemoryTraceStore:
             if entry is None:
                 gone += 1
                 continue
-            self._touch(tid, entry, now, deadline)
+            self._touch(tid, entry, deadline)
             for name, amount in sums.items():
-                entry.sums[name] = entry.sums.get(name, 0) + amount
+                if name == INFLIGHT:
+                    entry.inflight += int(amount)
+                else:
+                    entry.sums[name] = entry.sums.get(name, 0) + amount
         return gone
 
     async def finished(self, now: float, limit: int, max_open: int) -> list[Finished]:
         out, self._evicted = self._evicted[:limit], self._evicted[limit:]
-        # Least recently active first; no trace touched within the shortest idle timeout can be due, so
-        # the look stops there: it costs the traces that may be due, not every open one.
-        due: list[str] = []
-        for tid, entry in self._open.items():
-            if len(out) + len(due) >= limit or entry.touched > now - self._shortest:
-                break
-            if entry.deadline <= now:
-                due.append(tid)
-        for tid in due:
-            entry = self._open.pop(tid)
+        while self._deadlines and self._deadlines[0][0] <= now and len(out) < limit:  # only what is due
+            deadline, tid = heapq.heappop(self._deadlines)
+            entry = self._open.get(tid)
+            if entry is None or entry.deadline != deadline:
+                continue  # ended or evicted already, or its deadline moved on
+            if entry.inflight > 0:  # a step still running (a long generation): looked at again later
+                self._touch(tid, entry, now + entry.idle)
+                continue
+            del self._open[tid]
             out.append(Finished(entry.meta, entry.started, "idle", entry.sums))
         return out
 
@@ -163,14 +174,17 @@ def _fields(meta: TraceMeta) -> dict[str, str | int]:
 
 
 # KEYS[1]: the trace's hash, KEYS[2]: the open traces' deadlines. ARGV: id, deadline, ttl, then the meta
-# fields (route, trace, rollout, arm, cohort, group, sign, unit) and now. Returns the step's index.
+# fields (route, trace, rollout, arm, cohort, group, sign, unit), now and the idle timeout. Returns the
+# step's index.
 _STEP = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'route', ARGV[4], 'trace', ARGV[5], 'rollout', ARGV[6], 'arm', ARGV[7],
-    'cohort', ARGV[8], 'group', ARGV[9], 'sign', ARGV[10], 'unit', ARGV[11], 'started', ARGV[12])
+    'cohort', ARGV[8], 'group', ARGV[9], 'sign', ARGV[10], 'unit', ARGV[11], 'started', ARGV[12],
+    'idle', ARGV[13])
 elseif redis.call('HGET', KEYS[1], 'arm') ~= ARGV[7] then
   redis.call('HSET', KEYS[1], 'arm', 'mixed')
 end
+redis.call('HINCRBY', KEYS[1], 'inflight', 1)
 local steps = redis.call('HINCRBY', KEYS[1], 'steps', 1)
 redis.call('ZADD', KEYS[2], 'GT', ARGV[2], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -199,7 +213,9 @@ end
 return gone
 """
 # KEYS[1]: the open traces' deadlines. ARGV: the hashes' prefix, now, limit, max_open. Pops the traces
-# due (and, beyond max_open, the soonest due) and returns, per trace, why it ended and its hash.
+# due with no step in flight (one with a step in flight is looked at again an idle timeout later; one
+# whose hash expired is let go) and, beyond max_open, the soonest due; returns, per trace, why it ended
+# and its hash.
 _FINISHED = """
 local out = {}
 local function pop(id, why)
@@ -214,7 +230,12 @@ local function pop(id, why)
 end
 local limit = tonumber(ARGV[3])
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, limit)) do
-  pop(id, 'idle')
+  local state = redis.call('HMGET', ARGV[1] .. id, 'inflight', 'idle')
+  if state[1] and tonumber(state[1]) > 0 then
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + tonumber(state[2] or 1), id)
+  else
+    pop(id, 'idle')
+  end
 end
 local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[4])
 if over > 0 then
@@ -244,7 +265,7 @@ class RedisTraceStore:
 
     async def step(self, tid: str, meta: TraceMeta, now: float, deadline: float, max_open: int) -> int:
         ttl = int(deadline - now) + TTL_MARGIN_S
-        args = (tid, repr(deadline), ttl, *(_fields(meta).values()), repr(now))
+        args = (tid, repr(deadline), ttl, *(_fields(meta).values()), repr(now), repr(deadline - now))
         try:
             return int(await self._step(keys=[self._hashes + tid, self._open], args=args))
         except RedisError as exc:
