@@ -23,7 +23,7 @@ from tests.conftest import REDIS_URL, GatewayFactory, Sim, policy_yaml, wait_for
 from tests.test_metrics import scrape, value
 
 TRACED = """
-traces: {idle_timeout_s: 1}
+traces: {idle_timeout_s: 2}  # a run whose client stalls longer is two traces
 """
 
 
@@ -179,7 +179,7 @@ def test_a_run_with_any_failed_step_is_a_failed_trace_and_says_which_step(
         sims[0].url,
         sims[1].url,
         weight=50,
-        extra="traces: {idle_timeout_s: 1}\nfallback: {on: [tool_args_parse], budget: {ratio: 1}}",
+        extra="traces: {idle_timeout_s: 2}\nfallback: {on: [tool_args_parse], budget: {ratio: 1}}",
     )
     gw = make_gateway({"chat": policy})
     done = runs([gw.url], 12, "status")
