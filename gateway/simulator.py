@@ -21,7 +21,7 @@ import random
 import struct
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import asdict, fields, replace
 from typing import Any
@@ -32,8 +32,10 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway import synth
+from gateway import simulated_apis, synth
 from gateway.synth import Generation, Knobs
+
+STORED = 10_000  # stored responses kept (the oldest go first)
 
 
 class Simulator:
@@ -58,6 +60,9 @@ class Simulator:
         self.active_streams = 0
         self.hangs = Counter({"started": 0, "released": 0})
         self.recent: deque[dict[str, Any]] = deque(maxlen=200)
+        # Stored responses (the Responses API's state): id -> the conversation it leaves, as chat messages.
+        self.stored: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self.conversations: dict[str, list[dict[str, Any]]] = {}
 
     def knobs(self, model: str, body: dict[str, Any] | None = None) -> Knobs:
         metadata = body.get("metadata") if body is not None else None
@@ -72,6 +77,8 @@ class Simulator:
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
                 Route("/v1/completions", self._completions, methods=["POST"]),
                 Route("/v1/embeddings", self._embeddings, methods=["POST"]),
+                Route("/v1/responses", self._responses, methods=["POST"]),
+                Route("/v1/messages", self._messages, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/health", self._health, methods=["GET"]),
                 Route("/sim/knobs", self._get_knobs, methods=["GET"]),
@@ -179,6 +186,78 @@ class Simulator:
             }
         )
 
+    async def _responses(self, request: Request) -> Response:
+        """OpenAI's Responses API, with its state: a stored response (store, by default) can be continued
+        by previous_response_id, a conversation by its id; an unknown previous response is a 404, as a
+        server that never made it answers."""
+        body, failure = await self._admit(request, "responses", "model")
+        if failure is not None:
+            return failure
+        model, knobs = body["model"], self.knobs(body["model"], body)
+        previous = body.get("previous_response_id")
+        conversation = body.get("conversation")
+        if isinstance(conversation, dict):
+            conversation = conversation.get("id")
+        history: list[dict[str, Any]] = []
+        if previous is not None:
+            if previous not in self.stored:
+                return _error(
+                    404,
+                    f"Previous response with id '{previous}' not found.",
+                    "invalid_request_error",
+                    param="previous_response_id",
+                    code="previous_response_not_found",
+                )
+            history = self.stored[previous]
+        elif isinstance(conversation, str):
+            history = self.conversations.get(conversation, [])
+        chat = simulated_apis.responses_to_chat(body, history)
+        prompt = synth.prompt_text(chat)
+        rng = synth.rng_for(chat, model, prompt)
+        g = synth.chat(chat, knobs, rng)
+        usage = _usage(prompt, [g], knobs)
+        answer = simulated_apis.response_object(
+            model, g, usage, body, conversation if isinstance(conversation, str) else None
+        )
+        turns = [m for m in chat["messages"] if m.get("role") != "system"] + [
+            simulated_apis.assistant_turn(g)
+        ]
+        if body.get("store", True) is not False:
+            self.stored[answer["id"]] = turns
+            while len(self.stored) > STORED:
+                self.stored.popitem(last=False)
+        if isinstance(conversation, str):
+            self.conversations[conversation] = turns
+        malformed = rng.random() < knobs.malformed_rate
+        if body.get("stream"):
+            events = simulated_apis.response_events(answer, g, malformed)
+            return self._stream(request, events, knobs, _stamped(body), done=False)
+        await asyncio.sleep(knobs.latency_s + knobs.time_per_token_s * usage["completion_tokens"])
+        if malformed:
+            answer["output"] = 5
+        return _json(answer)
+
+    async def _messages(self, request: Request) -> Response:
+        """Anthropic's Messages API (errors in its shape, x-api-key accepted as the key)."""
+        body, failure = await self._admit(request, "messages", "messages")
+        if failure is not None:
+            return failure
+        model, knobs = body["model"], self.knobs(body["model"], body)
+        chat = simulated_apis.messages_to_chat(body)
+        prompt = synth.prompt_text(chat)
+        rng = synth.rng_for(chat, model, prompt)
+        g = synth.chat(chat, knobs, rng)
+        usage = _usage(prompt, [g], knobs)
+        answer = simulated_apis.message_object(model, g, usage)
+        malformed = rng.random() < knobs.malformed_rate
+        if body.get("stream"):
+            events = simulated_apis.message_events(answer, g, malformed)
+            return self._stream(request, events, knobs, _stamped(body), done=False)
+        await asyncio.sleep(knobs.latency_s + knobs.time_per_token_s * usage["completion_tokens"])
+        if malformed:
+            answer["content"] = 5
+        return _json(answer)
+
     async def _models(self, request: Request) -> Response:
         self.requests["models"] += 1
         if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
@@ -202,6 +281,22 @@ class Simulator:
     async def _admit(
         self, request: Request, endpoint: str, field: str
     ) -> tuple[dict[str, Any], Response | None]:
+        body, failure = await self._admitted(request, endpoint, field)
+        if failure is not None and endpoint == "messages" and failure.status_code != 504:
+            # Anthropic's error shape: {"type": "error", "error": {"type", "message"}}
+            message = orjson.loads(failure.body)["error"]["message"]
+            error = simulated_apis.anthropic_error(failure.status_code, message)
+            failure = Response(
+                orjson.dumps(error),
+                status_code=failure.status_code,
+                media_type="application/json",
+                headers={k: v for k, v in failure.headers.items() if k == "retry-after"},
+            )
+        return body, failure
+
+    async def _admitted(
+        self, request: Request, endpoint: str, field: str
+    ) -> tuple[dict[str, Any], Response | None]:
         try:
             body = orjson.loads(await request.body())
         except orjson.JSONDecodeError:
@@ -216,7 +311,10 @@ class Simulator:
         self.recent.append({"endpoint": endpoint, "headers": dict(request.headers), "body": body})
         knobs = self.knobs(body["model"], body)
         rng = random.Random()
-        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+        key = request.headers.get("authorization")
+        if endpoint == "messages" and key is None and "x-api-key" in request.headers:
+            key = f"Bearer {request.headers['x-api-key']}"
+        if self.api_key is not None and key != f"Bearer {self.api_key}":
             return body, _error(401, "Incorrect API key provided", "authentication_error")
         given_id = request.headers.get("x-request-id")
         if self.uuid_request_ids and given_id is not None and not _is_uuid(given_id):
@@ -238,15 +336,18 @@ class Simulator:
         return body, None
 
     def _stream(
-        self, request: Request, chunks: list[bytes], knobs: Knobs, stamp: bool = False
+        self, request: Request, chunks: list[bytes], knobs: Knobs, stamp: bool = False, done: bool = True
     ) -> StreamingResponse:
+        """done: end with `data: [DONE]` (chat and completions; the Responses and Messages APIs end with
+        their own last event)."""
+        marker = b"data: [DONE]\n\n" if done else b""
         arrival = self.arrivals
         rng = random.Random()
 
         async def events() -> AsyncIterator[bytes]:
             self.streams["started"] += 1
             self.active_streams += 1
-            done = False
+            ended = False
             try:
                 if knobs.keepalive_first:
                     yield b": keepalive\n\n"
@@ -258,15 +359,16 @@ class Simulator:
                         self.streams["interrupted"] += 1
                         break  # another request came: this generation stops where it is, no finish_reason
                     yield b": sent %.6f\n%b" % (time.time(), chunk) if stamp else chunk
-                yield b"data: [DONE]\n\n"
+                if marker:
+                    yield marker
                 if rng.random() < knobs.break_after_done_rate:
                     raise ConnectionAbortedError("simulated: the connection drops before the stream's end")
                 if knobs.done_delay_s:
                     await asyncio.sleep(knobs.done_delay_s)
-                done = True
+                ended = True
             finally:
                 self.active_streams -= 1
-                self.streams["completed" if done else "cancelled"] += 1
+                self.streams["completed" if ended else "cancelled"] += 1
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -519,6 +621,17 @@ def _shape_problem(endpoint: str, body: dict[str, Any]) -> str | None:
     """What a served model's request schema (vLLM's pydantic models) would refuse, or None."""
     if endpoint == "embeddings":
         return None if _embeddable(body["input"]) else "'input' must be text, texts, tokens or token arrays"
+    if endpoint in ("responses", "messages"):  # their own shapes (tools without "function", ...)
+        tools = body.get("tools")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            return "'tools' must be an array of objects"
+        if endpoint == "messages" and not (
+            isinstance(body["messages"], list) and all(isinstance(m, dict) for m in body["messages"])
+        ):
+            return "messages: Input should be a valid list of objects"
+        if endpoint == "responses" and not isinstance(body.get("input", ""), str | list):
+            return "'input' must be text or an array of items"
+        return None
     if endpoint == "chat" and not (
         isinstance(body["messages"], list)
         and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in body["messages"])
@@ -578,8 +691,15 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
-def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> Response:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+def _error(
+    status: int,
+    message: str,
+    kind: str,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+    code: str | None = None,
+) -> Response:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code or status}}
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 

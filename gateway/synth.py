@@ -384,12 +384,28 @@ def judge_answer(request: dict[str, Any], knobs: Knobs, rng: random.Random) -> s
     return json.dumps({k: verdict[k] for k in keys})
 
 
+def _as_chat(conversation: dict[str, Any]) -> dict[str, Any]:
+    """A Responses or Messages request (as the judge prompt shows it) read as the chat request it means:
+    what the simulator answered it from."""
+    from gateway import simulated_apis  # it builds on this module
+
+    tools = conversation.get("tools")
+    if "input" in conversation or "instructions" in conversation:
+        return simulated_apis.responses_to_chat(conversation, [])
+    if "system" in conversation or (
+        isinstance(tools, list) and any(isinstance(t, dict) and "input_schema" in t for t in tools)
+    ):
+        return simulated_apis.messages_to_chat(conversation)
+    return conversation
+
+
 def _tagged(text: str, tag: str) -> str | None:
     start, end = text.find(f"<{tag}>\n"), text.find(f"\n</{tag}>")
     return text[start + len(tag) + 3 : end] if start >= 0 and end > start else None
 
 
 def _does_task(conversation: dict[str, Any], answer: str) -> bool:
+    conversation = _as_chat(conversation)
     prompt = prompt_text(conversation)
     tools = [
         t["function"] for t in conversation.get("tools") or [] if isinstance(t, dict) and "function" in t
