@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from gateway.analysis import ArmWindow, per_interval
+from gateway.apis import CLIENT_PATHS
 from gateway.asgi import (
     ASGIApp,
     Message,
@@ -51,6 +52,7 @@ from gateway.errors import (
 )
 from gateway.evaluation.evaluations import Evaluations
 from gateway.feedback import Assignments, Feedback, FeedbackIn
+from gateway.pins import Pins
 from gateway.proxy import Proxy
 from gateway.readiness import Readiness
 from gateway.rollout import Analysis, Controller, Rollouts, analyse, effective
@@ -68,14 +70,8 @@ from gateway.upstream import Upstream
 
 log = logging.getLogger("gateway")
 
-PROXY_PATHS = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
-    "/chat/completions": "chat",
-    "/completions": "completions",
-    "/embeddings": "embeddings",
-}
+# Each API under /v1, and without it (a client whose base_url left it out).
+PROXY_PATHS = {**CLIENT_PATHS, **{path.removeprefix("/v1"): api for path, api in CLIENT_PATHS.items()}}
 
 
 class Services:
@@ -119,6 +115,12 @@ class Services:
             max_open=settings.max_open_traces,
         )
         self.assignments = Assignments(self.store.records, on_dropped=self.metrics.records_dropped.inc)
+        self.pins = Pins(
+            self.store.records,
+            self.spawner,
+            shared=self.store.backend != "memory",
+            on_dropped=self.metrics.records_dropped.inc,
+        )
         self.feedback = Feedback(
             self.assignments,
             self.store.backend,
@@ -165,6 +167,7 @@ class Services:
             self.evaluations,
             self.capacity,
             self.traces,
+            self.pins,
         )
 
     async def _preflight(self, route: Route) -> dict[str, Any]:
@@ -329,6 +332,7 @@ def create_app(
             return
         reply = Reply(send, new_request_id(), client_request_id(header_map(scope).get("x-request-id")))
         if endpoint is not None:
+            reply.api = endpoint  # told in its API's words
             error = MethodNotAllowed(f"use POST for {scope['path']}, not {scope['method']}")
             log_error(error, reply.context()[0])
             await reply.error(error)

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
 from typing import Any
 
+from gateway.apis import error_body, error_event
 from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout
 
 Scope = MutableMapping[str, Any]
@@ -89,8 +90,8 @@ class Reply:
     """Writes one response; remembers whether it started so a late error becomes an SSE error event."""
 
     __slots__ = (
-        "arm", "client_request_id", "fallback", "fallback_denied", "finished", "request_id", "route", "send",
-        "started", "status",
+        "api", "arm", "client_request_id", "fallback", "fallback_denied", "finished", "request_id", "route",
+        "send", "started", "status",
     )  # fmt: skip
 
     def __init__(self, send: Send, request_id: str, client_request_id: str | None = None) -> None:
@@ -104,6 +105,7 @@ class Reply:
         self.started = False
         self.finished = False
         self.status = 499  # until a response starts: the client closed the request (nginx's convention)
+        self.api: str | None = None  # the API the client speaks, which its errors are told in
 
     def context(self) -> tuple[str, str | None, str | None]:
         """(request id, route, arm): what every log line about this request carries (the request id with
@@ -161,10 +163,10 @@ class Reply:
         if self.finished:
             return  # the answer is out; the error is in the log only
         if not self.started:
-            await self.complete(exc.status_code(), exc.body(), JSON, exc.headers())
+            await self.complete(exc.status_code(), error_body(self.api, exc), JSON, exc.headers())
             return
-        # Headers are gone: tell a streaming client the way OpenAI does, with an error event.
-        await self.chunk(b"data: " + exc.body() + b"\n\n")
+        # Headers are gone: tell a streaming client the way its API does, with an error event.
+        await self.chunk(error_event(self.api, exc))
         await self.end_stream()
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from aiohttp import ClientTimeout
 from opentelemetry.trace import Span
 
+from gateway.apis import ANTHROPIC_HEADERS, as_chat
 from gateway.asgi import Reply
 from gateway.body import Body
 from gateway.checks import SchemaChecks
@@ -21,7 +22,7 @@ from gateway.routing import ANONYMOUS, Unit
 from gateway.streaming import MAX_PENDING, first_data_end
 from gateway.telemetry import ArmMetrics, RouteMetrics
 from gateway.upstream import Call, Response, Upstream
-from gateway.validation import SHAPE_ONLY, Deferred, Failure, Rules, check_chat, check_completion
+from gateway.validation import SHAPE_ONLY, Deferred, Failure, Rules, check_for
 
 if TYPE_CHECKING:
     from gateway.traces import Step
@@ -32,15 +33,22 @@ log = logging.getLogger("gateway.proxy")
 TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 
 
-def upstream_headers(arm: RouteArm, client: Mapping[str, str], rid: str) -> dict[str, str]:
+def upstream_headers(arm: RouteArm, client: Mapping[str, str], rid: str, api: str = "chat") -> dict[str, str]:
     """What every call to an arm carries: its own headers and credentials (the client's only when the
-    policy forwards them), JSON, no compression on the hop, the request id."""
+    policy forwards them), JSON, no compression on the hop, the request id; on the Messages API, the
+    client's anthropic-version and anthropic-beta (what the server is to speak)."""
     headers = dict(arm.headers)
     headers["Content-Type"] = "application/json"
     headers["Accept-Encoding"] = "identity"
     headers["X-Request-Id"] = rid
     if arm.forward_client_auth and "authorization" in client:
         headers["Authorization"] = client["authorization"]
+    if api == "messages":
+        if arm.forward_client_auth and "x-api-key" in client and "authorization" not in client:
+            headers["x-api-key"] = client["x-api-key"]
+        for name in ANTHROPIC_HEADERS:
+            if name in client:
+                headers[name] = client[name]
     return headers
 
 
@@ -51,14 +59,17 @@ class Request:
         "body",
         "checks",
         "cohort",
+        "conversation",
         "endpoint",
         "headers",
         "metrics",
         "pairs",
         "payload",
+        "pinned",
         "request_id",
         "route",
         "rules",
+        "scope",
         "share",
         "span",
         "stream",
@@ -66,6 +77,7 @@ class Request:
         "trace",
         "unit",
         "upstream_s",
+        "weighed",
     )
 
     def __init__(
@@ -102,6 +114,10 @@ class Request:
         self.upstream_s = 0.0  # time spent waiting on upstreams, summed over attempts
         self.pairs: list[Pair] = []  # shadow calls that will be compared with this request's answer
         self.trace: Step | None = None  # its step in a trace (assignment.trace_keys), when it has one
+        self.pinned: RouteArm | None = None  # the arm holding the state it continues (gateway.pins)
+        self.scope: str | None = None  # the client's key, when keys are required: its records are its own
+        self.conversation: str | None = None  # the Responses API conversation it continues
+        self.weighed = "base"  # the arm the route's weights (and overrides) chose, pinned or not
 
     def call(self, arm: RouteArm, rid: str, deadline: float) -> Call:
         remaining = deadline - time.monotonic()
@@ -113,7 +129,7 @@ class Request:
         timeout = arm.client_timeout
         if remaining < arm.timeouts.total_s:
             timeout = ClientTimeout(total=remaining, connect=min(arm.timeouts.connect_s, remaining))
-        headers = upstream_headers(arm, self.headers, rid)
+        headers = upstream_headers(arm, self.headers, rid, self.endpoint)
         if self.span is None:
             for name in TRACE_HEADERS:
                 if name in self.headers:
@@ -132,8 +148,7 @@ class Request:
             return Failure("malformed", malformed)
         rules = self.rules or SHAPE_ONLY
         later: list[Deferred] = []
-        check = check_chat if self.endpoint == "chat" else check_completion
-        failure = check(answer, rules, later)
+        failure = check_for(self.endpoint)(answer, rules, later)
         if failure is None and later:
             failure = await self.checks.first_failure(later)
         return failure
@@ -217,7 +232,10 @@ class Attempt:
         return self.validation not in ("ok", "skipped")
 
     def answered(self, answer: Any) -> None:
-        """Count the tokens the upstream reports for this answer (or that it reported none)."""
+        """Count the tokens the upstream reports for this answer (or that it reported none). A Responses or
+        Messages answer is kept as a chat completion reads (apis.as_chat)."""
+        if self.call is not None:
+            answer = as_chat(self.call.endpoint, answer)
         self.answer = answer if isinstance(answer, dict) else None
         usage = self.answer.get("usage") if self.answer is not None else None
         if not isinstance(usage, dict):

@@ -179,6 +179,7 @@ class UpstreamHTTPError(GatewayError):
         super().__init__(message, code=f"upstream_http_{status}")
         self.upstream_status = status
         self.upstream_body = body
+        self.wrapped = False  # its body is the gateway's own words (the upstream's was not an API error)
         self.retry_after = retry_after
         server = status == 429 or status >= 500
         self.retryable = server  # type: ignore[misc]

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gateway.apis import DEFAULT_APIS, Api
 from gateway.errors import REASONS, Reason
 from gateway.tls import client_context
 from gateway.validation import SchemaError, compile_schema
@@ -145,6 +146,16 @@ class Arm(Strict):
         description="Largest non-streamed answer or error body read from the arm",
     )
     tls: Tls | None = Field(default=None, description="TLS settings for an https:// url")
+    apis: list[Api] = Field(
+        default_factory=lambda: list(DEFAULT_APIS),
+        min_length=1,
+        description="The APIs its server speaks, forwarded as they are: chat, completions, embeddings, "
+        "responses (OpenAI's Responses API), messages (Anthropic's Messages API)",
+    )
+    api_key_header: Literal["authorization", "x-api-key"] = Field(
+        default="authorization",
+        description="How api_key_env's key is sent: 'Authorization: Bearer' or x-api-key (Anthropic's API)",
+    )
 
     _url = field_validator("url")(lambda value: check_url(value))
     _env_name = field_validator("api_key_env")(lambda value: check_env_name(value))

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from opentelemetry.trace import Span
 
+from gateway.apis import FINISHED, TITLES, TRANSLATED, as_chat
 from gateway.asgi import (
     EVENT_STREAM,
     JSON,
@@ -41,6 +42,7 @@ from gateway.errors import (
     InternalError,
     InvalidRequest,
     ModelNotFound,
+    NotFound,
     UnsupportedMediaType,
     UpstreamError,
     log_error,
@@ -50,6 +52,7 @@ from gateway.evaluation.evaluations import Evaluations, evaluated
 from gateway.fallback import CIRCUIT_OPEN, Guards
 from gateway.feedback import TRACE_RECORD, Assignments
 from gateway.ledger import Ledger
+from gateway.pins import Pins, PreviousResponseUnknown, pinned_arm, references
 from gateway.route import Route, RouteArm
 from gateway.routing import (
     OVERRIDE_HEADER,
@@ -63,7 +66,7 @@ from gateway.routing import (
 from gateway.shadow import Shadows
 from gateway.stats import Recorder
 from gateway.store.pairs import PairStore
-from gateway.streaming import Accumulator, Tail, collect, last_event, observer, relay
+from gateway.streaming import Tail, accumulate, accumulator_for, collect, last_event, observer, relay
 from gateway.tasks import Spawner
 from gateway.telemetry import Metrics
 from gateway.traces import Step, Traces
@@ -76,8 +79,9 @@ log = logging.getLogger("gateway.proxy")
 # circuit open): a stratum of its own, so that the candidate's users never count as the base's.
 FALLBACK_ARM = "fallback"
 
-# Fields each endpoint cannot do without; checked here so the client hears it from us, clearly.
-REQUIRED_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+# Fields each API cannot do without; checked here so the client hears it from us, clearly. (A Responses
+# request may continue a response or a conversation without new input.)
+REQUIRED_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input", "messages": "messages"}
 
 
 class Proxy:
@@ -98,8 +102,10 @@ class Proxy:
         evaluations: Evaluations | None = None,
         capacity: Capacity | None = None,
         traces: Traces | None = None,
+        pins: Pins | None = None,
     ) -> None:
         self._routes = routes
+        self._pins = pins
         self._stats = stats
         self._assignments = assignments
         self._upstream = upstream
@@ -120,6 +126,7 @@ class Proxy:
         started = time.perf_counter()
         headers = header_map(scope)
         reply = Reply(send, new_request_id(), client_request_id(headers.get("x-request-id")))
+        reply.api = endpoint
         span = self._tracing.server_span(headers, endpoint) if self._tracing.enabled else None
         if span is not None and reply.client_request_id is not None:
             span.set_attribute("canarygate.client_request_id", reply.client_request_id)
@@ -127,6 +134,8 @@ class Proxy:
         failure: BaseException | None = None
         try:
             token = bearer_token(headers.get("authorization"))
+            if token is None and endpoint == "messages":  # Anthropic's SDK sends its key as x-api-key
+                token = headers.get("x-api-key") or None
             key_group = self._api_keys.authenticate(token)
             _check_content_type(headers.get("content-type"))
             length = headers.get("content-length")
@@ -137,7 +146,20 @@ class Proxy:
             reply.route = route.name
             if span is not None:
                 self._tracing.name_route(span, endpoint, route.name, payload)
+            lacking = route.lacking(endpoint)
+            if lacking is not None:
+                raise NotFound(
+                    f"route {route.name!r} does not serve {TITLES[endpoint]}: its {lacking.name} arm's "
+                    f"server is declared to speak {', '.join(sorted(lacking.apis))} (arms.{lacking.name}"
+                    f".apis in {route.source.name}); add {endpoint!r} there if it speaks it",
+                    code="api_not_served",
+                    param="model",
+                )
             _check_fields(payload, endpoint)
+            owner = token if self._api_keys.enabled else None  # a client's records are its own
+            pinned, conversation = (
+                await self._pinned(payload, route, owner) if endpoint == "responses" else (None, None)
+            )
             trace = trace_key(route.trace_sources, headers, payload) if route.trace_sources else None
             key = unit_key(route.sticky_sources, headers, payload, token)
             if trace is not None and route.by_trace:
@@ -145,7 +167,7 @@ class Proxy:
             cohort = cohort_of(route, headers, payload, key_group)
             override = headers.get(OVERRIDE_HEADER) if route.allow_override else None
             assignment = choose_arm(route, key, override, cohort=cohort)
-            assigned = assignment.arm
+            assigned = assignment.arm if pinned is None else pinned.name
             rules = await self._rules(payload, route, endpoint)
             unit = unit_of(route.name, key)
             request = Request(
@@ -163,8 +185,11 @@ class Proxy:
                 assignment.share,
                 reply.request_id,
             )
+            request.scope = owner
+            request.pinned = pinned
+            request.conversation = conversation
+            request.weighed = assignment.arm
             if trace is not None and self._traces is not None:
-                owner = token if self._api_keys.enabled else None  # a client's traces are its own
                 request.trace = self._traces.begin(
                     route, trace, assigned, cohort, unit.group, unit.sign, unit.id, owner
                 )
@@ -174,7 +199,8 @@ class Proxy:
                 if trace is not None:
                     span.set_attribute("gen_ai.conversation.id", trace)
             shadows: tuple[str, ...] = ()
-            if assigned == "base" and route.mirror is not None:
+            stateful = pinned is not None or conversation is not None  # never sent to the other arm
+            if assigned == "base" and route.mirror is not None and not stateful:
                 shadows = tuple(
                     kind
                     for kind, noise in (("candidate", False), ("noise", True))
@@ -185,7 +211,7 @@ class Proxy:
         except GatewayError as exc:
             failure = exc
             if request is None:
-                self._metrics.rejected(reply.route or "unknown")
+                self._metrics.rejected(reply.route or "unknown", endpoint)
             _log_error(reply, exc)
             await reply.error(exc)
         except ClientGone as exc:
@@ -240,6 +266,9 @@ class Proxy:
         self.guards.budget(route).record_request()
         deadline = time.monotonic() + route.deadline_s
         stats_arm = "base"
+        if request.pinned is not None:
+            await self._pinned_attempt(request, request.pinned, deadline, reply, watch)
+            return
         if assigned == "candidate" and route.candidate is not None:
             breaker = self.guards.breaker(route)
             if breaker is None or breaker.allow():
@@ -313,6 +342,54 @@ class Proxy:
         if base.error is not None and not reply.started:
             raise base.error
 
+    async def _pinned_attempt(
+        self, request: Request, arm: RouteArm, deadline: float, reply: Reply, watch: DisconnectWatch
+    ) -> None:
+        """A request continuing state its arm's server holds: that arm only, no fallback (no other server has
+        the state), its circuit breaker not asked. It counts in the rollout's statistics when the weight
+        would have sent it there anyway (otherwise it was not assigned at random: metrics only)."""
+        route = request.route
+        enforce = route.enforce_on_candidate if arm.name == "candidate" else route.enforce_on_base
+        attempt = await self._attempt(request, arm, enforce, deadline, reply, watch)
+        self._ledger.book(request, attempt, stats_arm=arm.name if arm.name == request.weighed else None)
+        if attempt.error is not None and not reply.started:
+            raise attempt.error
+
+    async def _pinned(
+        self, payload: dict[str, Any], route: Route, scope: str | None
+    ) -> tuple[RouteArm | None, str | None]:
+        """(the arm holding the response or conversation this request continues, its conversation id)."""
+        previous, conversation = references(payload)
+        if self._pins is None or (previous is None and conversation is None):
+            return None, conversation
+        if previous is not None:
+            pin = await self._pins.recall("response", previous, scope)
+            if pin is None:
+                raise PreviousResponseUnknown(
+                    f"previous_response_id {previous[:100]!r} is not a response this gateway passed on (or "
+                    "it is older than CANARYGATE_FEEDBACK_TTL_S): it cannot tell which server holds it; send "
+                    "the conversation's input without previous_response_id",
+                    param="previous_response_id",
+                )
+            return pinned_arm(pin, route, previous, "previous_response_id"), conversation
+        assert conversation is not None
+        pin = await self._pins.recall("conversation", conversation, scope)
+        if pin is None:
+            return None, conversation  # its first turn through the gateway: assigned as any request is
+        return pinned_arm(pin, route, conversation, "conversation"), conversation
+
+    def _pin(self, request: Request, attempt: Attempt) -> None:
+        """A Responses answer is leaving: remember which arm's server holds it (and the conversation)."""
+        if request.endpoint != "responses" or self._pins is None or attempt.answer is None:
+            return
+        made = attempt.answer.get("id")
+        if isinstance(made, str) and made:
+            self._pins.remember("response", made, request.scope, request.route, attempt.arm)
+        if request.conversation is not None:
+            self._pins.remember(
+                "conversation", request.conversation, request.scope, request.route, attempt.arm
+            )
+
     def _no_fallback(
         self,
         request: Request,
@@ -349,7 +426,12 @@ class Proxy:
         the caller to book once its meaning is known. When the client leaves (or the gateway fails), it is
         booked here, without a verdict on the arm, and the exception goes on."""
         reply.arm = arm.name
-        attempt = Attempt(arm, "primary", request.metrics.arm(arm.name, "primary", request.cohort), enforce)
+        attempt = Attempt(
+            arm,
+            "primary",
+            request.metrics.arm(arm.name, "primary", request.cohort, request.endpoint),
+            enforce,
+        )
         slots = self._capacity.slots(arm)
         if slots is not None:
             slots.primary_started()  # a shadow call in the user's way is cancelled
@@ -394,6 +476,7 @@ class Proxy:
                 invalid = attempt.judge(failure, reply)
                 if invalid is not None:
                     raise invalid
+        self._pin(request, attempt)
         watch.finishing()
         await reply.complete(resp.status, data, _content_type(resp, JSON))
 
@@ -404,26 +487,33 @@ class Proxy:
         resp, first = await first_chunk(self._upstream, attempt)
         call = attempt.call
         assert call is not None
+        api = request.endpoint
         try:
             tail = Tail()
-            kept = (
-                request.rules is not None or request.pairs or evaluated(request)
-            )  # the whole answer is needed
-            accumulator = Accumulator() if kept else None
+            kept = (  # the whole answer is needed (a Responses or Messages stream's usage is spread over it)
+                request.rules is not None or request.pairs or evaluated(request) or api in TRANSLATED
+            )
+            accumulator = accumulator_for(api) if kept else None
             await reply.start_stream(resp.status, _content_type(resp, EVENT_STREAM))
             error = await relay(
-                resp, reply, first, call.failure, observer(tail, accumulator), watch.finishing
+                resp, reply, first, call.failure, observer(tail, accumulator), watch.finishing, FINISHED[api]
             )
             attempt.closed()
             if error is not None:
                 _log_error(reply, error)
                 return error
-            await reply.end_stream()
-            attempt.answered(tail.last_event())
+            if accumulator is not None and api in TRANSLATED:
+                attempt.answered(accumulator.body())
+                self._pin(request, attempt)
+                await reply.end_stream()
+            else:
+                await reply.end_stream()
+                attempt.answered(tail.last_event())
             if accumulator is not None:
-                attempt.accumulated = accumulator.body(request.endpoint)
+                answer = accumulator.body()
+                attempt.accumulated = as_chat(api, answer)
                 if request.rules is not None:
-                    failure = await request.check(attempt.accumulated, accumulator.malformed)
+                    failure = await request.check(answer, accumulator.malformed)
                     return attempt.judge(failure, reply, released=True)
             return None
         finally:
@@ -450,11 +540,18 @@ class Proxy:
                     *reply.context(),
                 )
                 await reply.start_stream(resp.status, _content_type(resp, EVENT_STREAM))
-                error = await relay(resp, reply, data, call.failure, finishing=watch.finishing)
+                error = await relay(
+                    resp,
+                    reply,
+                    data,
+                    call.failure,
+                    finishing=watch.finishing,
+                    finished=FINISHED[request.endpoint],
+                )
                 if error is None:
                     await reply.end_stream()
                 return error
-            accumulator = Accumulator.of(data)
+            accumulator = accumulate(request.endpoint, data)
             if accumulator.error is not None:
                 raise UpstreamError(
                     f"the {call.arm.name} upstream's stream ended with an error event",
@@ -462,12 +559,14 @@ class Proxy:
                 )
             if not accumulator.finished:
                 raise call.failure(CutShort())
-            attempt.answered(last_event(data))
-            attempt.accumulated = accumulator.body(request.endpoint)
-            failure = await request.check(attempt.accumulated, accumulator.malformed)
+            answer = accumulator.body()
+            attempt.answered(answer if request.endpoint in TRANSLATED else last_event(data))
+            attempt.accumulated = as_chat(request.endpoint, answer)
+            failure = await request.check(answer, accumulator.malformed)
             invalid = attempt.judge(failure, reply)
             if invalid is not None:
                 raise invalid
+            self._pin(request, attempt)
             await reply.start_stream(resp.status, _content_type(resp, EVENT_STREAM))
             await reply.chunk(data)
             watch.finishing()
@@ -497,7 +596,7 @@ class Proxy:
             return None
         compiling = Compiling()
         try:
-            rules = rules_for(payload, route.validation, self._schemas, compiling)
+            rules = rules_for(payload, route.validation, self._schemas, compiling, endpoint)
             for schema, where in compiling.pending:  # past the request's share of the loop
                 await self.checks.compile(schema, where)
                 self._schemas.add(schema)
@@ -514,11 +613,21 @@ def _check_fields(payload: dict[str, Any], endpoint: str) -> None:
         raise InvalidRequest("'stream' must be true or false", param="stream")
     if stream and endpoint == "embeddings":
         raise InvalidRequest("embeddings cannot be streamed; remove 'stream'", param="stream")
-    field = REQUIRED_FIELD[endpoint]
-    if payload.get(field) in (None, "", []):
+    field = REQUIRED_FIELD.get(endpoint)
+    if field is not None and payload.get(field) in (None, "", []):
         raise InvalidRequest(f"'{field}' is required for this endpoint", code="missing_field", param=field)
-    if endpoint == "chat" and not isinstance(payload["messages"], list):
+    if endpoint in ("chat", "messages") and not isinstance(payload["messages"], list):
         raise InvalidRequest("'messages' must be an array of message objects", param="messages")
+    if endpoint == "messages":
+        limit = payload.get("max_tokens")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise InvalidRequest(
+                "'max_tokens' is required by the Messages API: a positive integer", param="max_tokens"
+            )
+    if endpoint == "responses":
+        given = payload.get("input")
+        if given is not None and not isinstance(given, str | list):
+            raise InvalidRequest("'input' must be text or an array of input items", param="input")
 
 
 def _check_content_type(content_type: str | None) -> None:

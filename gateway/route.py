@@ -11,6 +11,7 @@ from typing import Generic, Literal, TypeVar
 from aiohttp import ClientTimeout
 from yarl import URL
 
+from gateway.apis import UPSTREAM_PATHS
 from gateway.breaker import BreakerSettings
 from gateway.budget import BudgetSettings
 from gateway.errors import KINDS
@@ -21,12 +22,7 @@ from gateway.validation import RoutePolicy, compile_schema
 T = TypeVar("T")
 UpstreamName = Literal["base", "candidate", "judge"]  # who an upstream is, in its errors and pools
 
-ENDPOINT_PATHS: Mapping[str, str] = {
-    "chat": "/chat/completions",
-    "completions": "/completions",
-    "embeddings": "/embeddings",
-    "models": "/models",
-}
+ENDPOINT_PATHS = UPSTREAM_PATHS
 
 
 @dataclass(frozen=True)
@@ -78,6 +74,8 @@ class RouteArm:
     bulkhead: Bulkhead
     max_response_bytes: int
     max_concurrency: int | None  # what its server runs at once, when declared (shadow calls yield)
+    apis: frozenset[str] = frozenset()  # the APIs its server speaks (arms.*.apis)
+    server: str = ""  # which server it is (a digest of its url): where state a response left lives
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +114,10 @@ class Route:
 
     def arms(self) -> tuple[RouteArm, ...]:
         return (self.base,) if self.candidate is None else (self.base, self.candidate)
+
+    def lacking(self, api: str) -> RouteArm | None:
+        """The first of its arms that does not serve this API (None: the route serves it)."""
+        return next((arm for arm in self.arms() if api not in arm.apis), None)
 
 
 def compile_policy(
@@ -251,7 +253,10 @@ def _compile_arm(
         if secret is None:
             missing.append((f"arms.{name}.api_key_env", f"environment variable {arm.api_key_env} is not set"))
         else:
-            headers["Authorization"] = f"Bearer {secret}"
+            if arm.api_key_header == "x-api-key":  # Anthropic's own API
+                headers["x-api-key"] = secret
+            else:
+                headers["Authorization"] = f"Bearer {secret}"
     timeouts = merge_timeouts(route_timeouts, arm.timeouts)
     url = URL(arm.url)
     return RouteArm(
@@ -268,6 +273,8 @@ def _compile_arm(
         bulkhead=Bulkhead(route, name, str(url.origin()), arm.max_connections, arm.keepalive_s, arm.tls),
         max_response_bytes=arm.max_response_bytes,
         max_concurrency=arm.max_concurrency,
+        apis=frozenset(arm.apis),
+        server=hashlib.sha256(arm.url.encode()).hexdigest()[:16],
     )
 
 

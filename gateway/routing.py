@@ -90,10 +90,10 @@ def cohort_of(
     kind = cohorts.kind
     if kind == "tools":
         return "true" if body.get("tools") or body.get("functions") else "false"
-    if kind == "json_mode":
-        response_format = body.get("response_format")
-        json_mode = isinstance(response_format, dict) and response_format.get("type") in JSON_FORMATS
-        return "true" if json_mode else "false"
+    if (
+        kind == "json_mode"
+    ):  # chat's response_format, the Responses API's text.format, Messages' output_config
+        return "true" if _json_mode(body) else "false"
     if kind == "stream":
         return "true" if body.get("stream") is True else "false"
     if kind == "header":
@@ -104,6 +104,16 @@ def cohort_of(
     else:
         value = key_group
     return value if isinstance(value, str) and value in cohorts.values else "other"
+
+
+def _json_mode(body: Mapping[str, Any]) -> bool:
+    for outer, inner in (("response_format", None), ("text", "format"), ("output_config", "format")):
+        fmt = body.get(outer)
+        if inner is not None and isinstance(fmt, dict):
+            fmt = fmt.get(inner)
+        if isinstance(fmt, dict) and fmt.get("type") in JSON_FORMATS:
+            return True
+    return False
 
 
 def bucket(route: str, salt: str, key: str) -> float:

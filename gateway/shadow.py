@@ -9,6 +9,7 @@ import os
 import time
 from typing import Any
 
+from gateway.apis import TRANSLATED, as_chat
 from gateway.attempt import Attempt, Request, fetch, first_chunk, upstream_headers
 from gateway.capacity import Capacity, Preempted
 from gateway.errors import GatewayError, same_way
@@ -17,7 +18,7 @@ from gateway.ledger import Ledger
 from gateway.mirror import Mirror, Mirrors, Observation, Pair, compare, pair_record
 from gateway.route import RouteArm
 from gateway.store.pairs import PairStore
-from gateway.streaming import Accumulator, collect, last_event
+from gateway.streaming import accumulate, collect, last_event
 from gateway.tasks import Spawner
 from gateway.tracing import Tracing
 from gateway.upstream import Call, CutShort, Upstream
@@ -155,7 +156,9 @@ class Shadows:
     ) -> None:
         """One shadow call: consumed here (a stream as a stream), validated, never sent to the client, never
         raised; booked and compared once the primary has answered too. Cancelled at shutdown."""
-        attempt = Attempt(arm, "mirror", request.metrics.arm(arm.name, "mirror", request.cohort), ())
+        attempt = Attempt(
+            arm, "mirror", request.metrics.arm(arm.name, "mirror", request.cohort, request.endpoint), ()
+        )
         made.append(attempt)
         slots = self.capacity.slots(arm)
         try:
@@ -163,7 +166,7 @@ class Shadows:
                 request.metrics.mirror["deferred"].inc()  # users first: it waits for a spare slot
                 await slots.wait_for_spare()
             attempt.started = time.perf_counter()  # measured from here, as the primary is: like with like
-            headers = upstream_headers(arm, request.headers, rid)
+            headers = upstream_headers(arm, request.headers, rid, request.endpoint)
             headers[MIRROR_HEADER] = "1"
             call = Call(
                 arm,
@@ -232,18 +235,24 @@ class Shadows:
                 attempt.closed()
         finally:
             resp.close()
-        attempt.answered(last_event(data))
+        api = request.endpoint
         if not complete:
+            attempt.answered(last_event(data))
             return None, None
-        accumulator = Accumulator.of(data)
+        accumulator = accumulate(api, data)
+        answer = accumulator.body()
+        attempt.answered(answer if api in TRANSLATED else last_event(data))
         if not accumulator.finished:
             raise call.failure(CutShort())
-        attempt.accumulated = accumulator.body(request.endpoint)  # what the pair compares
-        return attempt.accumulated, accumulator.malformed
+        attempt.accumulated = as_chat(api, answer)  # what the pair compares
+        return answer, accumulator.malformed
 
 
 def _prompt(payload: dict[str, Any]) -> Any:
-    return payload.get("messages", payload.get("prompt"))
+    for field in ("messages", "input", "prompt"):
+        if field in payload:
+            return payload[field]
+    return None
 
 
 def _input_tokens(answer: dict[str, Any] | None) -> int:

@@ -68,9 +68,11 @@ async def relay(
     on_failure: Callable[[BaseException], GatewayError],
     observe: Callable[[bytes], object] | None = None,
     finishing: Callable[[], object] | None = None,
+    finished: re.Pattern[bytes] = FINISHED,
 ) -> GatewayError | None:
     """Send first and every later chunk, cut at event boundaries so an error event never splits one.
-    observe, when given, sees every chunk too (to validate what passes through).
+    observe, when given, sees every chunk too (to validate what passes through). finished: how the API's
+    stream says its answer is complete (apis.FINISHED; chat's finish_reason by default).
 
     The stream's `data: [DONE]` is held back until the upstream's body has ended cleanly and some choice
     said how it finished: only then is it sent (after finishing(), so a client that hangs up on reading
@@ -79,7 +81,7 @@ async def relay(
     """
     pending = b""
     done = b""  # the [DONE] event, held
-    finished = False
+    complete = False
     data = first
     try:
         while data:
@@ -97,14 +99,14 @@ async def relay(
                 at = done_at(ready)
                 if at >= 0:
                     ready, done = ready[:at], ready[at:]
-                finished = finished or FINISHED.search(ready) is not None
+                complete = complete or finished.search(ready) is not None
                 if ready:
                     await reply.chunk(ready)
             data = await resp.readany()
         if pending:
-            finished = finished or FINISHED.search(pending) is not None
+            complete = complete or finished.search(pending) is not None
             await reply.chunk(pending)
-        if not finished:
+        if not complete:
             raise CutShort
     except (GatewayError, CutShort) as exc:  # the upstream failed mid-stream (Response maps transport errors)
         error = on_failure(exc)
@@ -154,13 +156,14 @@ class Accumulator:
     not shaped like a chunk is kept in `malformed` (what was wrong, and where) and the rest still count."""
 
     @classmethod
-    def of(cls, stream: bytes) -> Accumulator:
+    def of(cls, stream: bytes, api: str = "chat") -> Accumulator:
         """A whole buffered stream, rebuilt."""
-        accumulator = cls()
+        accumulator = cls(api)
         observer(None, accumulator)(stream)
         return accumulator
 
-    def __init__(self) -> None:
+    def __init__(self, api: str = "chat") -> None:
+        self._api = api
         self._choices: dict[int, dict[str, Any]] = {}
         self._calls: dict[int, dict[int, dict[str, Any]]] = {}
         self._events = 0
@@ -263,8 +266,8 @@ class Accumulator:
             choices.append({"index": index, "message": message, "finish_reason": entry.get("finish_reason")})
         return {"choices": choices}
 
-    def body(self, endpoint: str) -> dict[str, Any]:
-        return self.chat_body() if endpoint == "chat" else self.completion_body()
+    def body(self) -> dict[str, Any]:
+        return self.chat_body() if self._api == "chat" else self.completion_body()
 
     def completion_body(self) -> dict[str, Any]:
         return {
@@ -273,6 +276,189 @@ class Accumulator:
                 for i, e in sorted(self._choices.items())
             ]
         }
+
+
+class ResponsesAccumulator(Accumulator):
+    """A Responses API stream, rebuilt as its client's SDK does: output items as they are added, their text
+    and arguments deltas appended, each item replaced by its `done` form; the answer is the response
+    that response.completed (or .incomplete) carries, with the items rebuilt here when it lists none."""
+
+    def __init__(self, api: str = "responses") -> None:
+        super().__init__(api)
+        self._items: dict[int, dict[str, Any]] = {}
+        self._response: dict[str, Any] = {}
+        self._final: dict[str, Any] | None = None
+
+    @property
+    def response_id(self) -> str | None:
+        found = (self._final or self._response).get("id")
+        return found if isinstance(found, str) else None
+
+    def add(self, event: Any) -> None:
+        self._events += 1
+        if not isinstance(event, dict):
+            self._problem("data", "a JSON object", event)
+            return
+        kind = event.get("type")
+        if kind in ("error", "response.failed"):
+            response = event.get("response")
+            self.error = (response.get("error") if isinstance(response, dict) else None) or event
+            return
+        if kind in ("response.created", "response.in_progress", "response.completed", "response.incomplete"):
+            response = event.get("response")
+            if not isinstance(response, dict):
+                self._problem(f"{kind}.response", "an object", response)
+            elif kind in ("response.completed", "response.incomplete"):
+                self._final = response
+            else:
+                self._response = response
+            return
+        index = event.get("output_index")
+        if kind is None or not kind.startswith("response.") or index is None:
+            return  # reasoning summaries, hosted tools' progress, ...: nothing validated
+        if not isinstance(index, int) or isinstance(index, bool):
+            self._problem(f"{kind}.output_index", "an integer", index)
+            return
+        if kind in ("response.output_item.added", "response.output_item.done"):
+            item = event.get("item")
+            if isinstance(item, dict):
+                self._items[index] = dict(item)
+            else:
+                self._problem(f"{kind}.item", "an object", item)
+            return
+        item = self._items.setdefault(index, {})
+        delta = event.get("delta")
+        if kind == "response.function_call_arguments.delta":
+            item.setdefault("arguments", None)
+            self._append(item, "arguments", delta, f"{kind}.delta")
+        elif kind == "response.output_text.delta":
+            part = event.get("content_index", 0)
+            content = item.setdefault("content", [])
+            if not isinstance(content, list) or not isinstance(part, int):
+                self._problem(f"{kind}.content_index", "an integer", part)
+                return
+            while len(content) <= part:
+                content.append({"type": "output_text", "text": ""})
+            if isinstance(content[part], dict):
+                content[part]["text"] = content[part].get("text") or ""
+                self._append(content[part], "text", delta, f"{kind}.delta")
+
+    @property
+    def finished(self) -> bool:
+        return self._final is not None
+
+    def body(self) -> dict[str, Any]:
+        answer = dict(self._final or self._response)
+        if not answer.get("output") and self._items:
+            answer["output"] = [item for _, item in sorted(self._items.items())]
+        answer.setdefault("output", [])
+        return answer
+
+
+class MessagesAccumulator(Accumulator):
+    """A Messages API stream, rebuilt as Anthropic's SDK does: message_start's message, each content block
+    from content_block_start with its text_delta and input_json_delta pieces appended (a tool's input
+    parsed at content_block_stop; pieces that do not parse are kept as text, for validation to say so),
+    message_delta's stop_reason and usage, finished at message_stop."""
+
+    def __init__(self, api: str = "messages") -> None:
+        super().__init__(api)
+        self._message: dict[str, Any] = {}
+        self._blocks: dict[int, dict[str, Any]] = {}
+        self._json: dict[int, str] = {}
+        self._usage: dict[str, Any] = {}
+        self._stopped = False
+
+    def add(self, event: Any) -> None:
+        self._events += 1
+        if not isinstance(event, dict):
+            self._problem("data", "a JSON object", event)
+            return
+        kind = event.get("type")
+        if kind == "error":
+            self.error = event.get("error") or event
+        elif kind == "message_start":
+            message = event.get("message")
+            if not isinstance(message, dict):
+                self._problem("message_start.message", "an object", message)
+                return
+            self._message = message
+            if isinstance(message.get("usage"), dict):
+                self._usage.update(message["usage"])
+        elif kind == "message_delta":
+            delta = event.get("delta")
+            if isinstance(delta, dict) and "stop_reason" in delta:
+                self._message["stop_reason"] = delta["stop_reason"]
+            if isinstance(event.get("usage"), dict):
+                self._usage.update({k: v for k, v in event["usage"].items() if v is not None})
+        elif kind == "message_stop":
+            self._stopped = True
+        elif kind in ("content_block_start", "content_block_delta", "content_block_stop"):
+            self._block(kind, event)
+
+    def _block(self, kind: str, event: dict[str, Any]) -> None:
+        index = event.get("index")
+        if not isinstance(index, int) or isinstance(index, bool):
+            self._problem(f"{kind}.index", "an integer", index)
+            return
+        if kind == "content_block_start":
+            block = event.get("content_block")
+            if not isinstance(block, dict):
+                self._problem(f"{kind}.content_block", "an object", block)
+                return
+            self._blocks[index] = dict(block)
+            return
+        block = self._blocks.setdefault(index, {})
+        if kind == "content_block_stop":
+            if block.get("type") == "tool_use" and index in self._json:
+                text = self._json.pop(index)
+                try:
+                    block["input"] = orjson.loads(text) if text.strip() else {}
+                except orjson.JSONDecodeError:
+                    block["input"] = text
+            return
+        delta = event.get("delta")
+        if not isinstance(delta, dict):
+            self._problem(f"{kind}.delta", "an object", delta)
+            return
+        if delta.get("type") == "text_delta":
+            block["text"] = block.get("text") or ""
+            self._append(block, "text", delta.get("text"), f"{kind}.delta.text")
+        elif delta.get("type") == "input_json_delta":
+            piece = delta.get("partial_json")
+            if isinstance(piece, str):
+                self._json[index] = self._json.get(index, "") + piece
+            else:
+                self._problem(f"{kind}.delta.partial_json", "a string", piece)
+
+    @property
+    def finished(self) -> bool:
+        return self._stopped
+
+    def body(self) -> dict[str, Any]:
+        for index, text in self._json.items():  # a tool block never stopped: its pieces as they are
+            self._blocks.get(index, {})["input"] = text
+        answer = dict(self._message)
+        answer["content"] = [block for _, block in sorted(self._blocks.items())]
+        if self._usage:
+            answer["usage"] = self._usage
+        return answer
+
+
+def accumulator_for(api: str) -> Accumulator:
+    """The accumulator of an API's streams."""
+    if api == "responses":
+        return ResponsesAccumulator()
+    if api == "messages":
+        return MessagesAccumulator()
+    return Accumulator(api)
+
+
+def accumulate(api: str, stream: bytes) -> Accumulator:
+    """A whole buffered stream of an API, rebuilt."""
+    accumulator = accumulator_for(api)
+    observer(None, accumulator)(stream)
+    return accumulator
 
 
 def _kind(value: Any) -> str:

@@ -60,8 +60,8 @@ class Metrics:
         per_arm = ["route", "arm", "mode"]
         self.requests = Counter(
             "canarygate_requests",
-            "Upstream attempts and rejected requests, by outcome",
-            [*per_arm, "outcome", "cohort"],
+            "Upstream attempts and rejected requests, by outcome and by the API the client spoke",
+            [*per_arm, "outcome", "cohort", "api"],
             registry=r,
         )
         self.duration = Histogram(
@@ -103,7 +103,7 @@ class Metrics:
         self.validation_failures = Counter(
             "canarygate_validation_failures",
             "Answers that failed validation",
-            [*per_arm, "kind", "cohort"],
+            [*per_arm, "kind", "cohort", "api"],
             registry=r,
         )
         self.fallbacks = Counter(
@@ -477,9 +477,9 @@ class Metrics:
         if self.enabled:
             self.trace_step_failures.labels(route, arm, str(step) if step <= 10 else "10+").inc()
 
-    def rejected(self, route: str) -> None:
+    def rejected(self, route: str, api: str) -> None:
         if self.enabled:
-            self.requests.labels(route, "none", "primary", "rejected", "all").inc()
+            self.requests.labels(route, "none", "primary", "rejected", "all", api).inc()
 
     def exposition(self) -> tuple[bytes, str]:
         if self.multiprocess:
@@ -509,15 +509,15 @@ class ArmMetrics:
         "validation",
     )
 
-    def __init__(self, m: Metrics, route: str, arm: str, mode: str, cohort: str) -> None:
-        self.outcomes = {o: m.requests.labels(route, arm, mode, o, cohort) for o in OUTCOMES}
+    def __init__(self, m: Metrics, route: str, arm: str, mode: str, cohort: str, api: str = "chat") -> None:
+        self.outcomes = {o: m.requests.labels(route, arm, mode, o, cohort, api) for o in OUTCOMES}
         self.duration = m.duration.labels(route, arm, mode, cohort)
         self.ttft = m.ttft.labels(route, arm, mode)
         self.tokens_in = m.tokens.labels(route, arm, mode, "input")
         self.tokens_out = m.tokens.labels(route, arm, mode, "output")
         self.cost = m.cost.labels(route, arm, mode)
         self.usage_missing = m.usage_missing.labels(route, arm, mode)
-        self.validation = {k: m.validation_failures.labels(route, arm, mode, k, cohort) for k in KINDS}
+        self.validation = {k: m.validation_failures.labels(route, arm, mode, k, cohort, api) for k in KINDS}
         self.inflight = m.inflight.labels(route, arm)
 
 
@@ -537,11 +537,14 @@ class RouteMetrics:
     def __init__(self, m: Metrics, route: Route) -> None:
         name = route.name
         cohorts = route.cohorts.names if route.cohorts is not None else ("all",)
+        # Every API the route serves (all its arms' apis): its series exist from the start, at zero.
+        apis = sorted(frozenset.intersection(*(arm.apis for arm in route.arms())))
         self.arms = {
-            (arm, mode, cohort): ArmMetrics(m, name, arm, mode, cohort)
+            (arm, mode, cohort, api): ArmMetrics(m, name, arm, mode, cohort, api)
             for arm in ARMS
             for mode in MODES
             for cohort in cohorts
+            for api in apis
         }
         self.fallbacks = {
             (reason, cohort): m.fallbacks.labels(name, reason, cohort)
@@ -562,7 +565,8 @@ class RouteMetrics:
                         m.trace_tokens.labels(name, arm, cohort, kind)
         self.circuit = m.circuit_open.labels(name, "candidate")
         m.circuit_open.labels(name, "base").set(0)
-        m.requests.labels(name, "none", "primary", "rejected", "all")
+        for api in apis:
+            m.requests.labels(name, "none", "primary", "rejected", "all", api)
         self.mirror = {outcome: m.mirror.labels(name, outcome) for outcome in MIRROR_OUTCOMES}
         self.agreement = {
             (check, result): m.mirror_agreement.labels(name, check, result)
@@ -587,8 +591,8 @@ class RouteMetrics:
                 m.judge_calls.labels(name, outcome)
             m.judge_circuit.labels(name).set(0)
 
-    def arm(self, arm: str, mode: str = "primary", cohort: str = "all") -> ArmMetrics:
-        return self.arms[(arm, mode, cohort)]
+    def arm(self, arm: str, mode: str = "primary", cohort: str = "all", api: str = "chat") -> ArmMetrics:
+        return self.arms[(arm, mode, cohort, api)]
 
 
 class _Null:
@@ -626,7 +630,7 @@ class _NullRoute:
         self.noise = dict(self.agreement)
         self.overhead = self.circuit = self.latency_ratio = self.tokens_ratio = null
 
-    def arm(self, arm: str, mode: str = "primary", cohort: str = "all") -> Any:
+    def arm(self, arm: str, mode: str = "primary", cohort: str = "all", api: str = "chat") -> Any:
         return self.arms[(arm, mode)]
 
 

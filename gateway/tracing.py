@@ -25,12 +25,20 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from gateway.upstream import Call
 
-OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+OPERATIONS = {
+    "chat": "chat",
+    "completions": "text_completion",
+    "embeddings": "embeddings",
+    "responses": "chat",
+    "messages": "chat",
+}
 CONTENT_LIMIT = 16 * 1024
 # The OpenTelemetry semantic conventions the spans follow (GenAI: span names "{gen_ai.operation.name}
 # {gen_ai.request.model}", gen_ai.* attributes); the tracer says so in its schema URL.
 SEMCONV_VERSION = "1.44.0"
-PROVIDER = "openai"  # gen_ai.provider.name: every upstream speaks OpenAI's API
+# gen_ai.provider.name: the API the upstream speaks (the server behind it may be vLLM, llama.cpp, ...).
+PROVIDERS = {"messages": "anthropic"}
+PROVIDER = "openai"
 # What the arm's upstream calls carry in W3C baggage, so spans downstream can be grouped by arm.
 BAGGAGE = ("canarygate.route", "canarygate.arm", "canarygate.rollout")
 MAX_CONTEXTS = 1024
@@ -73,7 +81,7 @@ class Tracing:
             kind=SpanKind.SERVER,
             attributes={
                 "gen_ai.operation.name": operation,
-                "gen_ai.provider.name": PROVIDER,
+                "gen_ai.provider.name": PROVIDERS.get(endpoint, PROVIDER),
                 "canarygate.mode": "primary",
             },
         )
@@ -103,8 +111,10 @@ class Tracing:
         span.set_attributes(
             {"gen_ai.request.model": route, "canarygate.route": route, **_request_attributes(payload)}
         )
-        if self.record_content and isinstance(payload, dict) and "messages" in payload:
-            span.set_attribute("gen_ai.input.messages", _truncate(payload["messages"]))
+        if self.record_content and isinstance(payload, dict):
+            given = payload.get("messages", payload.get("input"))  # chat and Messages; Responses
+            if given is not None:
+                span.set_attribute("gen_ai.input.messages", _truncate(given))
 
     def client_span(
         self, server: Span, route: str, call: Call, *, conversation: str | None = None, rollout: str = ""
@@ -260,7 +270,7 @@ def _attempt_attributes(route: str, call: Call, mode: str) -> dict[str, Any]:
     url = call.arm.urls[call.endpoint]
     return {
         "gen_ai.operation.name": OPERATIONS[call.endpoint],
-        "gen_ai.provider.name": PROVIDER,
+        "gen_ai.provider.name": PROVIDERS.get(call.endpoint, PROVIDER),
         "gen_ai.request.model": call.arm.model,
         "server.address": url.host or "",
         "server.port": url.port or 0,
@@ -276,6 +286,7 @@ def _request_attributes(payload: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field, attribute in (
         ("max_tokens", "gen_ai.request.max_tokens"),
+        ("max_output_tokens", "gen_ai.request.max_tokens"),
         ("temperature", "gen_ai.request.temperature"),
         ("top_p", "gen_ai.request.top_p"),
         ("seed", "gen_ai.request.seed"),

@@ -439,10 +439,12 @@ def http_error(
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
         return UpstreamHTTPError(status, clean, message, retry_after)
     detail = _detail(parsed, clean)
-    wrapped = error_body(
-        f"{message}: {detail}" if detail else message, "upstream_error", f"upstream_http_{status}"
+    said = f"{message}: {detail}" if detail else message
+    wrapped = UpstreamHTTPError(
+        status, error_body(said, "upstream_error", f"upstream_http_{status}"), said, retry_after
     )
-    return UpstreamHTTPError(status, wrapped, message, retry_after)
+    wrapped.wrapped = True
+    return wrapped
 
 
 def _detail(parsed: object, raw: bytes) -> str:

@@ -10,7 +10,7 @@ OpenAI answer is "malformed"), never an exception.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -192,6 +192,7 @@ class Rules:
     tool_choice: Literal["auto", "none", "required"] | None
     named_tool: str | None
     legacy: bool  # functions / function_call rather than tools / tool_calls
+    arguments: str = "arguments"  # what the API calls a tool call's arguments (Messages: input)
 
 
 # An answer with nothing asked of it is still held to the shape of an OpenAI answer.
@@ -199,42 +200,94 @@ SHAPE_ONLY = Rules(False, (), None, None, None, False)
 
 
 def rules_for(
-    request: Mapping[str, Any], policy: RoutePolicy, cache: SchemaCache, compiling: Compiling | None = None
+    request: Mapping[str, Any],
+    policy: RoutePolicy,
+    cache: SchemaCache,
+    compiling: Compiling | None = None,
+    api: str = "chat",
 ) -> Rules | None:
     """Raises SchemaError when the request carries a schema that does not compile (the client's fault).
-    Schemas past the request's on-loop budget are left in compiling.pending, for the workers to compile."""
+    Schemas past the request's on-loop budget are left in compiling.pending, for the workers to compile.
+    api: whose fields name the output format and the tools (chat and completions, responses, messages)."""
     compiling = compiling or Compiling()
     json_object = policy.json == "always"
     schemas: list[tuple[Schema, str]] = []
-    fmt = request.get("response_format")
-    if policy.json != "off" and isinstance(fmt, dict):
-        kind = fmt.get("type")
-        if kind in ("json_object", "json_schema"):
-            json_object = True
-        if kind == "json_schema":
-            spec = fmt.get("json_schema")
-            if not isinstance(spec, dict) or "schema" not in spec:
-                raise SchemaError("response_format.json_schema.schema is required for type json_schema")
-            schemas.append(
-                (
-                    cache.get(spec["schema"], "response_format.json_schema.schema", compiling),
-                    "response_format",
-                )
-            )
+    asked = _FORMATS.get(api, _chat_format)(request) if policy.json != "off" else None
+    if asked is not None:
+        json_object = True
+        schema, where, source = asked
+        if schema is not _NO_SCHEMA:
+            schemas.append((cache.get(schema, where, compiling), source))
     if policy.schema is not None:
         json_object = True
         schemas.append((policy.schema, "the route's validation.schema"))
     tools, choice, named, legacy = (
-        _tool_rules(request, cache, compiling) if policy.tool_calls else (None, None, None, False)
+        _TOOLS.get(api, _tool_rules)(request, cache, compiling)
+        if policy.tool_calls
+        else (None, None, None, False)
     )
     if not json_object and tools is None:
         return None
-    return Rules(json_object, tuple(schemas), tools, choice, named, legacy)
+    return Rules(
+        json_object,
+        tuple(schemas),
+        tools,
+        choice,
+        named,
+        legacy,
+        "input" if api == "messages" else "arguments",
+    )
 
 
-def _tool_rules(
-    request: Mapping[str, Any], cache: SchemaCache, compiling: Compiling
-) -> tuple[dict[str, Schema | None] | None, Any, str | None, bool]:
+_NO_SCHEMA = object()  # JSON asked for, any object
+
+
+def _chat_format(request: Mapping[str, Any]) -> tuple[Any, str, str] | None:
+    fmt = request.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return _NO_SCHEMA, "", ""
+    if kind != "json_schema":
+        return None
+    assert isinstance(fmt, dict)
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or "schema" not in spec:
+        raise SchemaError("response_format.json_schema.schema is required for type json_schema")
+    return spec["schema"], "response_format.json_schema.schema", "response_format"
+
+
+def _responses_format(request: Mapping[str, Any]) -> tuple[Any, str, str] | None:
+    """The Responses API's text.format: {"type": "json_schema", "name", "schema"} or json_object."""
+    text = request.get("text")
+    fmt = text.get("format") if isinstance(text, dict) else None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return _NO_SCHEMA, "", ""
+    if kind != "json_schema":
+        return None
+    assert isinstance(fmt, dict)
+    if "schema" not in fmt:
+        raise SchemaError("text.format.schema is required for type json_schema")
+    return fmt["schema"], "text.format.schema", "text.format"
+
+
+def _messages_format(request: Mapping[str, Any]) -> tuple[Any, str, str] | None:
+    """The Messages API's structured output: output_config.format {"type": "json_schema", "schema"}."""
+    config = request.get("output_config")
+    fmt = config.get("format") if isinstance(config, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return None
+    if "schema" not in fmt:
+        raise SchemaError("output_config.format.schema is required for type json_schema")
+    return fmt["schema"], "output_config.format.schema", "output_config.format"
+
+
+_FORMATS = {"responses": _responses_format, "messages": _messages_format}
+
+ToolRules = tuple[dict[str, "Schema | None"] | None, Any, str | None, bool]
+
+
+def _tool_rules(request: Mapping[str, Any], cache: SchemaCache, compiling: Compiling) -> ToolRules:
     declared = request.get("tools")
     legacy = False
     field = "tools"
@@ -267,6 +320,84 @@ def _tool_rules(
     return tools, choice, named, legacy
 
 
+def _responses_tools(request: Mapping[str, Any], cache: SchemaCache, compiling: Compiling) -> ToolRules:
+    """The Responses API's function tools ({"type": "function", "name", "parameters"}; hosted tools are
+    not checked) and its tool_choice: a mode, {"type": "function", "name"}, or {"type": "allowed_tools",
+    "mode", "tools"} (calls limited to those tools)."""
+    declared = request.get("tools")
+    if not declared:
+        return None, None, None, False
+    if not isinstance(declared, list):
+        raise SchemaError("tools must be an array")
+    tools: dict[str, Schema | None] = {}
+    for index, tool in enumerate(declared):
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type") != "function"
+            or not isinstance(tool.get("name"), str)
+        ):
+            continue
+        parameters = tool.get("parameters")
+        where = f"tools[{index}].parameters"
+        tools[tool["name"]] = cache.get(parameters, where, compiling) if parameters is not None else None
+    raw = request.get("tool_choice")
+    choice: Any = None
+    named = None
+    if raw in ("auto", "none", "required"):
+        choice = raw
+    elif isinstance(raw, dict) and raw.get("type") == "function":
+        if not isinstance(raw.get("name"), str):
+            raise FieldError('tool_choice: expected {"type": "function", "name": <a string>}', "tool_choice")
+        named = raw["name"]
+    elif isinstance(raw, dict) and raw.get("type") == "allowed_tools":
+        allowed = raw.get("tools")
+        if raw.get("mode") not in ("auto", "required") or not isinstance(allowed, list):
+            raise FieldError(
+                'tool_choice: allowed_tools needs "mode" (auto or required) and "tools" (an array)',
+                "tool_choice",
+            )
+        choice = raw["mode"]
+        names = {t.get("name") for t in allowed if isinstance(t, dict) and t.get("type") == "function"}
+        tools = {name: schema for name, schema in tools.items() if name in names}
+    return tools, choice, named, False
+
+
+def _messages_tools(request: Mapping[str, Any], cache: SchemaCache, compiling: Compiling) -> ToolRules:
+    """The Messages API's client tools ({"name", "input_schema"}; server tools, which carry a versioned
+    "type" and no input_schema, are not checked) and its tool_choice {"type": "auto" | "any" | "tool" |
+    "none", "name"}."""
+    declared = request.get("tools")
+    if not declared:
+        return None, None, None, False
+    if not isinstance(declared, list):
+        raise SchemaError("tools must be an array")
+    tools: dict[str, Schema | None] = {}
+    for index, tool in enumerate(declared):
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or "input_schema" not in tool:
+            continue
+        tools[tool["name"]] = cache.get(tool["input_schema"], f"tools[{index}].input_schema", compiling)
+    raw = request.get("tool_choice")
+    choice: Any = None
+    named = None
+    if raw is not None:
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        if kind not in ("auto", "any", "tool", "none"):
+            raise FieldError(
+                'tool_choice: expected {"type": "auto" | "any" | "tool" | "none"}', "tool_choice"
+            )
+        assert isinstance(raw, dict)
+        if kind == "tool":
+            if not isinstance(raw.get("name"), str):
+                raise FieldError('tool_choice: type "tool" needs "name" (a string)', "tool_choice")
+            named = raw["name"]
+        else:
+            choice = {"auto": "auto", "any": "required", "none": "none"}[kind]
+    return tools, choice, named, False
+
+
+_TOOLS = {"responses": _responses_tools, "messages": _messages_tools}
+
+
 def check_chat(body: Any, rules: Rules, later: list[Deferred] | None = None) -> Failure | None:
     """The answer's first failure. With later, schema checks too costly for the loop are not run but
     appended to it (the answer passes only if they pass too); without, every check runs here."""
@@ -296,6 +427,103 @@ def check_completion(body: Any, rules: Rules, later: list[Deferred] | None = Non
         if failure is not None:
             return failure
     return None
+
+
+def check_responses(body: Any, rules: Rules, later: list[Deferred] | None = None) -> Failure | None:
+    """A Responses API answer: its function_call output items against the declared tools and tool_choice,
+    and (when no tool was called) its output text against the JSON format."""
+    output = body.get("output") if isinstance(body, dict) else None
+    if not isinstance(output, list):
+        return _malformed("output", "an array", output)
+    calls: list[tuple[str, str, str]] = []
+    texts: list[str] = []
+    text_at = "output"
+    for index, item in enumerate(output):
+        where = f"output[{index}]"
+        if not isinstance(item, dict):
+            return _malformed(where, "an object", item)
+        kind = item.get("type")
+        if kind == "function_call":
+            name, arguments = item.get("name"), item.get("arguments")
+            if not isinstance(name, str):
+                return _malformed(f"{where}.name", "a string", name)
+            if not isinstance(arguments, str):
+                return _malformed(f"{where}.arguments", "a string of JSON", arguments)
+            calls.append((where, name, arguments))
+        elif kind == "message":
+            content = item.get("content")
+            if not isinstance(content, list):
+                return _malformed(f"{where}.content", "an array", content)
+            for number, part in enumerate(content):
+                if not isinstance(part, dict):
+                    return _malformed(f"{where}.content[{number}]", "an object", part)
+                if part.get("type") == "output_text":
+                    if not isinstance(part.get("text"), str):
+                        return _malformed(f"{where}.content[{number}].text", "a string", part.get("text"))
+                    if not texts:
+                        text_at = f"{where}.content[{number}].text"
+                    texts.append(part["text"])
+    return _check_answer(calls, "".join(texts) if texts else None, text_at, rules, later)
+
+
+def check_messages(body: Any, rules: Rules, later: list[Deferred] | None = None) -> Failure | None:
+    """A Messages API answer: its tool_use blocks (their input) against tools[].input_schema and
+    tool_choice, and (when no tool was used) its text against the JSON format."""
+    content = body.get("content") if isinstance(body, dict) else None
+    if not isinstance(content, list):
+        return _malformed("content", "an array", content)
+    calls: list[tuple[str, str, str]] = []
+    texts: list[str] = []
+    text_at = "content"
+    for index, block in enumerate(content):
+        where = f"content[{index}]"
+        if not isinstance(block, dict):
+            return _malformed(where, "an object", block)
+        kind = block.get("type")
+        if kind == "tool_use":
+            name, given = block.get("name"), block.get("input")
+            if not isinstance(name, str):
+                return _malformed(f"{where}.name", "a string", name)
+            if isinstance(given, dict):
+                arguments = orjson.dumps(given).decode()
+            elif isinstance(given, str):  # a stream's input_json_delta pieces that did not parse
+                arguments = given
+            else:
+                return Failure("tool_args_parse", f"{where}.input of {name!r} must be a JSON object")
+            calls.append((where, name, arguments))
+        elif kind == "text":
+            if not isinstance(block.get("text"), str):
+                return _malformed(f"{where}.text", "a string", block.get("text"))
+            if not texts:
+                text_at = f"{where}.text"
+            texts.append(block["text"])
+    return _check_answer(calls, "".join(texts) if texts else None, text_at, rules, later)
+
+
+def _check_answer(
+    calls: list[tuple[str, str, str]],
+    text: str | None,
+    text_at: str,
+    rules: Rules,
+    later: list[Deferred] | None,
+) -> Failure | None:
+    if rules.tools is not None:
+        failure = _check_calls(calls, rules, "the answer", later)
+        if failure is not None:
+            return failure
+    if calls or not rules.json_object:
+        return None  # a tool call: there is no text to hold to JSON
+    return _check_content(text, rules, text_at, later)
+
+
+Check = Callable[[Any, Rules, "list[Deferred] | None"], Failure | None]
+
+
+def check_for(api: str) -> Check:
+    """The answer check of an API (chat completions' for chat, completions' for completions, ...)."""
+    return {"chat": check_chat, "responses": check_responses, "messages": check_messages}.get(
+        api, check_completion
+    )
 
 
 def _choices(body: Any) -> tuple[list[dict[str, Any]], Failure | None]:
@@ -345,12 +573,12 @@ def check_message(
 def _calls(
     message: Mapping[str, Any], legacy: bool, where: str
 ) -> tuple[list[tuple[str, str, str]], Failure | None]:
-    """(field path, name, arguments) of every call in the message, each checked to be strings."""
+    """(path of the call, name, arguments) of every call in the message, each checked to be strings."""
     raw: list[tuple[str, Any]] = []
     if legacy:
         call = message.get("function_call")
         if call is not None:
-            raw.append(("function_call", call))
+            raw.append((f"{where}.function_call", call))
     else:
         calls = message.get("tool_calls")
         if calls is not None and not isinstance(calls, list):
@@ -358,16 +586,16 @@ def _calls(
         for index, call in enumerate(calls or ()):
             if not isinstance(call, dict):
                 return [], _malformed(f"{where}.tool_calls[{index}]", "an object", call)
-            raw.append((f"tool_calls[{index}].function", call.get("function")))
+            raw.append((f"{where}.tool_calls[{index}].function", call.get("function")))
     out = []
     for path, function in raw:
         if not isinstance(function, dict):
-            return [], _malformed(f"{where}.{path}", "an object", function)
+            return [], _malformed(path, "an object", function)
         name, arguments = function.get("name"), function.get("arguments")
         if not isinstance(name, str):
-            return [], _malformed(f"{where}.{path}.name", "a string", name)
+            return [], _malformed(f"{path}.name", "a string", name)
         if not isinstance(arguments, str):
-            return [], _malformed(f"{where}.{path}.arguments", "a string of JSON", arguments)
+            return [], _malformed(f"{path}.arguments", "a string of JSON", arguments)
         out.append((path, name, arguments))
     return out, None
 
@@ -395,21 +623,18 @@ def _check_calls(
             declared = ", ".join(sorted(tools)) or "none"
             return Failure(
                 "tool_unknown",
-                f"{where}.{path}.name: {name[:100]!r} is not a declared tool (declared: {declared[:300]})",
+                f"{path}.name: {name[:100]!r} is not a declared tool (declared: {declared[:300]})",
             )
+        field = f"{path}.{rules.arguments}"
         try:
             parsed = orjson.loads(arguments)
         except orjson.JSONDecodeError as exc:
-            return Failure(
-                "tool_args_parse", f"{where}.{path}.arguments of {name!r} are not valid JSON: {exc}"
-            )
+            return Failure("tool_args_parse", f"{field} of {name!r} are not valid JSON: {exc}")
         if not isinstance(parsed, dict):
-            return Failure("tool_args_parse", f"{where}.{path}.arguments of {name!r} must be a JSON object")
+            return Failure("tool_args_parse", f"{field} of {name!r} must be a JSON object")
         schema = tools[name]
         if schema is not None:
-            check = Deferred(
-                schema, arguments, "tool_args_schema", f"{where}.{path}.arguments", f" (tool {name!r})"
-            )
+            check = Deferred(schema, arguments, "tool_args_schema", field, f" (tool {name!r})")
             failure = check.run(parsed, later)
             if failure is not None:
                 return failure

@@ -87,6 +87,7 @@ def compile_judge(route: str, policy: JudgePolicy, environ: Mapping[str, str]) -
         bulkhead=Bulkhead(route, "judge", str(url.origin()), policy.max_concurrency, 4.0, policy.tls),
         max_response_bytes=1024 * 1024,
         max_concurrency=policy.max_concurrency,
+        apis=frozenset({"chat"}),
     )
     return arm, missing
 

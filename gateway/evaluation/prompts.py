@@ -139,10 +139,18 @@ def _chat(user: str, name: str, schema: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# What a request of each API says to the model: chat's and Messages' messages (and system), the Responses
+# API's input (and instructions), completions' prompt; the tools and formats each declares.
+REQUEST_FIELDS = (
+    *("system", "instructions", "messages", "input", "prompt"),
+    *("tools", "functions", "response_format", "text", "output_config"),
+)
+
+
 def _request(payload: dict[str, Any], limit: int) -> str:
     """The conversation (and the tools it declares) as the judge sees it."""
     shown: dict[str, Any] = {}
-    for key in ("messages", "prompt", "tools", "functions", "response_format"):
+    for key in REQUEST_FIELDS:
         if key in payload:
             shown[key] = payload[key]
     return _cut(orjson.dumps(shown).decode(), limit)
