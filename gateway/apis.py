@@ -166,7 +166,8 @@ def _messages_message(answer: dict[str, Any]) -> tuple[str | None, list[dict[str
             texts.append(block["text"])
     reason = answer.get("stop_reason")
     finish = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
-    return ("".join(texts) if texts else None), calls, finish.get(reason, reason) if reason else None
+    said = finish.get(reason, reason) if isinstance(reason, str) else None
+    return ("".join(texts) if texts else None), calls, said
 
 
 def _call(call_id: Any, name: Any, arguments: Any) -> dict[str, Any]:

@@ -314,7 +314,7 @@ class ResponsesAccumulator(Accumulator):
                 self._response = response
             return
         index = event.get("output_index")
-        if kind is None or not kind.startswith("response.") or index is None:
+        if not isinstance(kind, str) or not kind.startswith("response.") or index is None:
             return  # reasoning summaries, hosted tools' progress, ...: nothing validated
         if not isinstance(index, int) or isinstance(index, bool):
             self._problem(f"{kind}.output_index", "an integer", index)

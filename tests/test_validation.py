@@ -10,8 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.apis import as_chat
 from gateway.errors import KINDS
-from gateway.streaming import Accumulator
+from gateway.streaming import Accumulator, accumulate
 from gateway.validation import (
     ON_LOOP_SCHEMA_BYTES,
     SHAPE_ONLY,
@@ -21,6 +22,7 @@ from gateway.validation import (
     SchemaError,
     check_chat,
     check_completion,
+    check_for,
     compile_schema,
     compiled_size,
     rules_for,
@@ -318,10 +320,10 @@ def test_answers_of_any_shape_get_a_verdict_never_an_exception(answer: Any, even
             assert failure is None or failure.kind in KINDS
     # the same shapes as a stream: each event a chunk, rebuilt and checked like a whole answer
     stream = b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in events)
-    accumulator = Accumulator.of(stream + b"data: {not json\n\ndata: [DONE]\n\n")
-    assert accumulator.malformed is not None  # the event that is not JSON, at least
     for endpoint in ("chat", "completions"):
-        body = accumulator.body(endpoint)
+        accumulator = Accumulator.of(stream + b"data: {not json\n\ndata: [DONE]\n\n", endpoint)
+        assert accumulator.malformed is not None  # the event that is not JSON, at least
+        body = accumulator.body()
         for rules in EVERY_RULE:
             assert rules is not None
             check = check_chat if endpoint == "chat" else check_completion
@@ -366,3 +368,221 @@ def test_a_malformed_stream_event_is_named_and_the_rest_still_counts() -> None:
         == "stream event 2: choices[0].delta.tool_calls: expected an array, got a number"
     )
     assert accumulator.chat_body()["choices"][0]["message"]["content"] == '{"a": 1}'
+
+
+# The Responses and Messages APIs: answers and stream events of any shape near theirs.
+TEXTS = st.text(max_size=12) | st.just('{"query": "x"}') | st.just("{")
+ITEM = _shaped(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "type": st.sampled_from(["message", "function_call", "reasoning"]) | JSON_VALUES,
+            "name": st.just("search") | JSON_VALUES,
+            "arguments": TEXTS | JSON_VALUES,
+            "call_id": JSON_VALUES,
+            "content": _shaped(
+                st.lists(
+                    _shaped(
+                        st.fixed_dictionaries(
+                            {},
+                            optional={
+                                "type": st.sampled_from(["output_text", "refusal"]) | JSON_VALUES,
+                                "text": TEXTS | JSON_VALUES,
+                            },
+                        )
+                    ),
+                    max_size=2,
+                )
+            ),
+        },
+    )
+)
+USAGE = _shaped(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "input_tokens": st.integers(0, 9) | JSON_VALUES,
+            "output_tokens": st.integers(0, 9) | JSON_VALUES,
+            "cache_read_input_tokens": st.integers(0, 9) | JSON_VALUES,
+            "input_tokens_details": JSON_VALUES,
+        },
+    )
+)
+RESPONSE = _shaped(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "id": JSON_VALUES,
+            "status": st.sampled_from(["completed", "incomplete"]) | JSON_VALUES,
+            "output": _shaped(st.lists(ITEM, max_size=3)),
+            "usage": USAGE,
+        },
+    )
+)
+RESPONSE_EVENT = _shaped(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "type": st.sampled_from(
+                [
+                    "response.created",
+                    "response.output_item.added",
+                    "response.output_item.done",
+                    "response.output_text.delta",
+                    "response.function_call_arguments.delta",
+                    "response.completed",
+                    "response.failed",
+                    "error",
+                ]
+            )
+            | JSON_VALUES,
+            "output_index": st.integers(0, 2) | JSON_VALUES,
+            "content_index": st.integers(0, 2) | JSON_VALUES,
+            "delta": TEXTS | JSON_VALUES,
+            "item": ITEM,
+            "response": RESPONSE,
+        },
+    )
+)
+BLOCK = _shaped(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "type": st.sampled_from(["text", "tool_use", "thinking"]) | JSON_VALUES,
+            "name": st.just("search") | JSON_VALUES,
+            "input": _shaped(st.just({"query": "x"})) | TEXTS,
+            "text": TEXTS | JSON_VALUES,
+        },
+    )
+)
+MESSAGE_ANSWER = _shaped(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "content": _shaped(st.lists(BLOCK, max_size=3)),
+            "stop_reason": st.sampled_from(["end_turn", "tool_use", "max_tokens"]) | JSON_VALUES,
+            "usage": USAGE,
+        },
+    )
+)
+MESSAGE_EVENT = _shaped(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "type": st.sampled_from(
+                [
+                    "message_start",
+                    "content_block_start",
+                    "content_block_delta",
+                    "content_block_stop",
+                    "message_delta",
+                    "message_stop",
+                    "error",
+                ]
+            )
+            | JSON_VALUES,
+            "index": st.integers(0, 2) | JSON_VALUES,
+            "message": MESSAGE_ANSWER,
+            "content_block": BLOCK,
+            "delta": _shaped(
+                st.fixed_dictionaries(
+                    {},
+                    optional={
+                        "type": st.sampled_from(["text_delta", "input_json_delta"]) | JSON_VALUES,
+                        "text": TEXTS | JSON_VALUES,
+                        "partial_json": TEXTS | JSON_VALUES,
+                        "stop_reason": JSON_VALUES,
+                    },
+                )
+            ),
+            "usage": USAGE,
+        },
+    )
+)
+API_RULES = {
+    "responses": [
+        rules_for(
+            {
+                "tools": [{"type": "function", "name": "search", "parameters": SCHEMA}],
+                "tool_choice": "required",
+                "text": {"format": {"type": "json_schema", "name": "x", "schema": SCHEMA}},
+            },
+            RoutePolicy(),
+            SchemaCache(),
+            api="responses",
+        ),
+        rules_for(
+            {"text": {"format": {"type": "json_object"}}}, RoutePolicy(), SchemaCache(), api="responses"
+        ),
+        SHAPE_ONLY,
+    ],
+    "messages": [
+        rules_for(
+            {
+                "tools": [{"name": "search", "input_schema": SCHEMA}],
+                "tool_choice": {"type": "tool", "name": "search"},
+                "output_config": {"format": {"type": "json_schema", "schema": SCHEMA}},
+            },
+            RoutePolicy(),
+            SchemaCache(),
+            api="messages",
+        ),
+        SHAPE_ONLY,
+    ],
+}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    response=RESPONSE,
+    response_events=st.lists(RESPONSE_EVENT, max_size=5),
+    message=MESSAGE_ANSWER,
+    message_events=st.lists(MESSAGE_EVENT, max_size=6),
+)
+def test_responses_and_messages_of_any_shape_get_a_verdict_never_an_exception(
+    response: Any, response_events: list[Any], message: Any, message_events: list[Any]
+) -> None:
+    for api, answer, events in (
+        ("responses", response, response_events),
+        ("messages", message, message_events),
+    ):
+        stream = b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in events)
+        rebuilt = accumulate(api, stream + b"data: {not json\n\n")
+        assert rebuilt.malformed is not None
+        for body in (answer, rebuilt.body()):
+            for rules in API_RULES[api]:
+                assert rules is not None
+                failure = check_for(api)(body, rules)
+                assert failure is None or failure.kind in KINDS
+            view = as_chat(api, body)  # what pairs, evaluators, traces and spans read
+            assert not isinstance(body, dict) or isinstance(view["choices"][0]["message"], dict)
+
+
+@pytest.mark.parametrize(
+    ("api", "answer", "message"),
+    [
+        ("responses", {"output": 5}, "output: expected an array, got a number"),
+        ("responses", {"output": [{"type": "function_call", "name": 5, "arguments": "{}"}]},
+         "output[0].name: expected a string, got a number"),
+        ("responses", {"output": [{"type": "function_call", "name": "search", "arguments": "{"}]},
+         "output[0].arguments of 'search' are not valid JSON"),
+        ("responses", {"output": [{"type": "function_call", "name": "lookup", "arguments": "{}"}]},
+         "output[0].name: 'lookup' is not a declared tool (declared: search)"),
+        ("responses", {"output": [{"type": "message", "content": [{"type": "output_text", "text": "hi"}]}]},
+         "the answer: tool_choice is 'required' but the model called no tool"),
+        ("messages", {"content": [{"type": "tool_use", "name": "search", "input": {"total": "5"}}]},
+         "content[0].input.total: \"5\" is not of type \"number\" (tool 'search')"),
+        ("messages", {"content": [{"type": "tool_use", "name": "search", "input": "{"}]},
+         "content[0].input of 'search' are not valid JSON"),
+        ("messages", {"content": [{"type": "tool_use", "name": "search", "input": 3}]},
+         "content[0].input of 'search' must be a JSON object"),
+        ("messages", {"content": "hi"}, "content: expected an array, got a string"),
+    ],
+)  # fmt: skip
+def test_each_apis_failures_name_its_own_fields(api: str, answer: Any, message: str) -> None:
+    rules = API_RULES[api][0]
+    assert rules is not None
+    failure = check_for(api)(
+        answer, rules if "tool_choice" in message or api == "messages" else API_RULES[api][0]
+    )
+    assert failure is not None and failure.message.startswith(message), failure
