@@ -31,7 +31,7 @@ log = logging.getLogger("gateway.pins")
 
 PIN_RECORD = "p\x1e"  # a pin's record key: this, then its digest (request ids hold no control bytes)
 SEPARATOR = "\x1f"
-LOCAL = 100_000  # pins this process keeps at hand (the store keeps them all)
+LOCAL = 100_000  # pins this process keeps at hand: without Redis, the newest this many are all there is
 WAIT_S = 1.0  # how long a lookup that finds nothing asks again (a write from another replica in flight)
 POLL_S = 0.05
 WARN_EVERY_S = 60.0
@@ -72,7 +72,8 @@ class Pins:
         if self._local.get(key) == pin:
             return
         self._local.put(key, pin)
-        self._spawner.spawn(self._write(key, pin), "pin")
+        if self._shared:  # alone, this process's own copy is the only one needed
+            self._spawner.spawn(self._write(key, pin), "pin")
 
     async def _write(self, key: str, pin: Pin) -> None:
         try:
