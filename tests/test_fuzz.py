@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import GatewayFactory, Sim, policy_yaml
 
-ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+APIS = "apis: [chat, completions, embeddings, responses, messages]"
+ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"]
 EXAMPLES = settings(
     max_examples=300,
     deadline=None,
@@ -45,11 +46,15 @@ message = st.fixed_dictionaries(
 tool = st.fixed_dictionaries(
     {"type": st.just("function") | json_values},
     optional={
+        # the Responses API's flat function tools, the Messages API's tools
+        "name": st.text(max_size=10) | json_values,
+        "parameters": json_values | st.just({"type": "object", "properties": {}}),
+        "input_schema": json_values | st.just({"type": "object"}),
         "function": st.fixed_dictionaries(
             {"name": st.text(max_size=10) | json_values},
             optional={"parameters": json_values | st.just({"type": "object", "properties": {}})},
         )
-        | json_values
+        | json_values,
     },
 )
 bodies = st.fixed_dictionaries(
@@ -64,7 +69,16 @@ bodies = st.fixed_dictionaries(
         "max_tokens": st.integers(-5, 50) | json_values,
         "temperature": st.floats(-1, 3, allow_nan=False) | json_values,
         "tools": st.lists(tool, max_size=2) | json_values,
-        "tool_choice": st.sampled_from(["auto", "none", "required"]) | json_values,
+        "tool_choice": st.sampled_from(
+            ["auto", "none", "required", {"type": "any"}, {"type": "tool", "name": "f"}, {"type": "function"}]
+        )
+        | json_values,
+        "text": st.just({"format": {"type": "json_schema", "name": "x", "schema": {}}}) | json_values,
+        "output_config": st.just({"format": {"type": "json_schema", "schema": {}}}) | json_values,
+        "previous_response_id": st.text(max_size=12) | json_values,
+        "conversation": st.text(max_size=12) | json_values,
+        "instructions": json_values,
+        "system": json_values,
         "response_format": st.sampled_from(
             [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}]
         )
@@ -100,14 +114,27 @@ def assert_answer(response: httpx.Response) -> None:
     assert 400 <= response.status_code < 500, (response.status_code, response.text)
     error = response.json()["error"]
     assert isinstance(error["message"], str) and error["message"]
-    assert {"type", "code", "param"} <= error.keys()
+    if response.json().get("type") == "error":  # Anthropic's shape, on /v1/messages (an upstream's own, too)
+        assert isinstance(error["type"], str)
+    else:
+        assert {"type", "code", "param"} <= error.keys()
 
 
 @pytest.fixture
 def gateway(sims: tuple[Sim, Sim], make_gateway: GatewayFactory) -> str:
     extra = "assignment: {allow_override_header: true}\nvalidation: {json: auto, tool_calls: true}"
     return make_gateway(
-        {"chat": policy_yaml("chat", sims[0].url, sims[1].url, weight=50, extra=extra)},
+        {
+            "chat": policy_yaml(
+                "chat",
+                sims[0].url,
+                sims[1].url,
+                weight=50,
+                extra=extra,
+                base_extra=APIS,
+                candidate_extra=APIS,
+            )
+        },
         max_body_bytes=64 * 1024,
     ).url
 
