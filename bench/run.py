@@ -24,10 +24,15 @@ throughput, and so does evaluating every answer; metrics add <= 0.1 ms p50; trac
 client suite: the upstream client alone, in-process against the same nginx: CPU time per call for
 gateway.upstream (aiohttp behind the gateway's bulkhead, classification and bounds) and bare aiohttp.
 
+apis suite: the same exchange in each API through the gateway, non-streamed and streamed, against fixed
+answers in each API's shape (nginx): chat completions, the Responses API, the Messages API; each
+against its direct call, so the gateway's added p50 per API is measured in one run; targets: each API
+within 0.15 ms of chat's added p50 and at 75% of its req/s.
+
 traces suite: the same requests with and without a trace key (body:user, 1000 traces open at once), each
 a step of its trace in the first: the step's index, its sums, and the traces ending once a second.
 
-Usage: python bench/run.py [--suite all|client|proxy|validation|mirror|evaluation|telemetry|traces]
+Usage: python bench/run.py [--suite all|client|proxy|validation|mirror|evaluation|telemetry|traces|apis]
        [--duration 6]
 """
 
@@ -107,6 +112,55 @@ ANSWERS = {
         "function": {"name": "lookup_order",
                      "arguments": json.dumps({"order_id": "UK-12345", "include_items": True})},
     }]}, "tool_calls")),
+}  # fmt: skip
+
+
+def _sse(kind: str, data: dict[str, Any]) -> str:
+    return f"event: {kind}\ndata: " + json.dumps({"type": kind, **data}) + "\n\n"
+
+
+RESPONSE = {
+    "id": "resp_bench",
+    "object": "response",
+    "created_at": 0,
+    "status": "completed",
+    "model": "fixed",
+    "output": [
+        {
+            "type": "message",
+            "id": "msg_1",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": " ".join(WORDS), "annotations": []}],
+        }
+    ],
+    "usage": {"input_tokens": 12, "output_tokens": 40, "total_tokens": 52},
+}
+MESSAGE = {
+    "id": "msg_bench",
+    "type": "message",
+    "role": "assistant",
+    "model": "fixed",
+    "stop_reason": "end_turn",
+    "content": [{"type": "text", "text": " ".join(WORDS)}],
+    "usage": {"input_tokens": 12, "output_tokens": 40},
+}
+# Fixed answers of the other APIs: (upstream path, content type, body), by the bench kind naming them.
+API_ANSWERS = {
+    "respjson": ("responses", "application/json", json.dumps(RESPONSE)),
+    "respsse": ("responses", "text/event-stream",
+        _sse("response.created", {"response": {**RESPONSE, "output": []}})
+        + "".join(_sse("response.output_text.delta", {"output_index": 0, "content_index": 0,
+                                                     "delta": w + " "}) for w in WORDS)
+        + _sse("response.completed", {"response": RESPONSE})),
+    "msgjson": ("messages", "application/json", json.dumps(MESSAGE)),
+    "msgsse": ("messages", "text/event-stream", _sse("message_start", {"message": {**MESSAGE, "content": []}})
+        + _sse("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+        + "".join(_sse("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": w + " "}})
+                  for w in WORDS)
+        + _sse("content_block_stop", {"index": 0})
+        + _sse("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 40}})
+        + _sse("message_stop", {})),
 }  # fmt: skip
 
 NGINX_CONF = """
@@ -213,7 +267,11 @@ def check_answer(target: Target, arm: str | None = None) -> None:
     response = httpx.post(target.url, json={**target.body, "user": "check"}, timeout=10)
     response.raise_for_status()
     if target.body.get("stream"):
-        assert response.text.rstrip().endswith("data: [DONE]"), f"{target.name}: broken stream"
+        text = (
+            response.text.rstrip()
+        )  # each API's last event: chat's [DONE], response.completed, message_stop
+        done = text.endswith(("data: [DONE]", '{"type": "message_stop"}')) or '"response.completed"' in text
+        assert done, f"{target.name}: broken stream"
     else:
         json.loads(response.text)
     if arm is not None:
@@ -301,6 +359,54 @@ def validation_suite(ports: dict[str, int], duration: float, work: Path) -> tupl
                 f"{'—' if mode == 'off' else f'{added:.3f} ms'} | {r['rps_32']:.0f} | {int(r['errors'])} |"
             )
         ok &= added <= 0.2 and results["on"]["errors"] == 0 and results["off"]["errors"] == 0
+    return rows, ok
+
+
+def apis_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[list[str], bool]:
+    rows = [
+        "| response | API | p50 @1 conn | p99 @1 conn | overhead p50 vs direct | req/s @32 conns | "
+        "% of chat's req/s | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ok = True
+    apis = (
+        ("chat", "", "chat/completions", {"messages": PROMPT}),
+        ("responses", "resp", "responses", {"input": PROMPT[0]["content"]}),
+        ("messages", "msg", "messages", {"messages": PROMPT, "max_tokens": 64}),
+    )
+    for shape in ("json", "sse"):
+        direct, gateway = {}, {}
+        for api, prefix, path, fields in apis:
+            kind = f"{prefix}{shape}"
+            body = {"model": f"bench-{kind}", "stream": shape == "sse", **fields}
+            direct[api] = Target(
+                f"{api}-{shape}-direct", f"http://127.0.0.1:{ports['nginx']}/{kind}/v1/{path}", body
+            )
+            gateway[api] = Target(
+                f"{api}-{shape}-gateway", f"http://127.0.0.1:{ports['gateway']}/v1/{path}", body
+            )
+            check_answer(direct[api])
+            check_answer(gateway[api])
+        print(f"apis, {shape}:")
+        base = {api: measure(target, duration, work) for api, target in direct.items()}
+        # The APIs alternate, twice each, and each keeps its better round (as on_off does).
+        rounds = [{api: measure(target, duration, work) for api, target in gateway.items()} for _ in range(2)]
+        best = {
+            api: max((r[api] for r in rounds), key=lambda r: r["rps_32"])
+            | {"errors": sum(r[api]["errors"] for r in rounds)}
+            for api in gateway
+        }
+        chat = best["chat"]
+        chat_added = chat["p50_ms"] - base["chat"]["p50_ms"]
+        for api, r in best.items():
+            added = r["p50_ms"] - base[api]["p50_ms"]
+            share = r["rps_32"] / chat["rps_32"]
+            kept = "—" if api == "chat" else f"{100 * share:.0f}%"
+            rows.append(
+                f"| {shape} | {api} | {r['p50_ms']:.3f} ms | {r['p99_ms']:.3f} ms | {added:.3f} ms | "
+                f"{r['rps_32']:.0f} | {kept} | {int(r['errors'])} |"
+            )
+            ok &= r["errors"] == 0 and (api == "chat" or (added - chat_added <= 0.15 and share >= 0.75))
     return rows, ok
 
 
@@ -499,6 +605,7 @@ SUITES = {
     "evaluation": evaluation_suite,
     "telemetry": telemetry_suite,
     "traces": traces_suite,
+    "apis": apis_suite,
 }
 
 
@@ -531,10 +638,18 @@ def main() -> int:
             )
         }
         # nginx reads backslashes in quoted strings as escapes: double them, or the JSON breaks.
-        locations = "\n".join(
-            f"        location = /{kind}/v1/chat/completions {{ default_type {ctype}; "
-            f"return 200 '{body.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}'; }}"
-            for kind, (ctype, body) in ANSWERS.items()
+        locations = (
+            "\n".join(
+                f"        location = /{kind}/v1/chat/completions {{ default_type {ctype}; "
+                f"return 200 '{body.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}'; }}"
+                for kind, (ctype, body) in ANSWERS.items()
+            )
+            + "\n"
+            + "\n".join(
+                f"        location = /{kind}/v1/{path} {{ default_type {ctype}; "
+                f"return 200 '{body.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}'; }}"
+                for kind, (path, ctype, body) in API_ANSWERS.items()
+            )
         )
         (work / "nginx.conf").write_text(
             NGINX_CONF.format(dir=work, port=ports["nginx"], locations=locations)
@@ -544,6 +659,12 @@ def main() -> int:
         for kind in ("json", "sse"):
             (policies / f"{kind}.yaml").write_text(
                 POLICY.format(route=f"bench-{kind}", port=ports["nginx"], kind=kind, weight=50, extra="")
+            )
+        for kind in API_ANSWERS:
+            (policies / f"{kind}.yaml").write_text(
+                POLICY.format(route=f"bench-{kind}", port=ports["nginx"], kind=kind, weight=50, extra="")
+                .replace("model: fixed-base}", "model: fixed-base, apis: [responses, messages]}")
+                .replace("model: fixed-candidate}", "model: fixed-candidate, apis: [responses, messages]}")
             )
         (policies / "plain.yaml").write_text(
             POLICY.format(route="bench-plain", port=ports["nginx"], kind="json", weight=0, extra="")

@@ -72,8 +72,8 @@ def by(labels: str, expr: str) -> str:
 
 # (title, unit, [(expression, legend)]); two panels per row.
 PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
-    ("Requests by arm and mode", "reqps", [
-        (by("arm, mode", rate(REQUESTS, 'arm!="none"')), "{{arm}} {{mode}}")]),
+    ("Requests by arm, mode and API", "reqps", [
+        (by("arm, mode, api", rate(REQUESTS, 'arm!="none"')), "{{arm}} {{mode}} {{api}}")]),
     ("Error rate by arm (upstream errors, timeouts, invalid output)", "percentunit", [
         (ratio(by("arm", rate(REQUESTS, f"{PRIMARY}, {ERRORS}")), by("arm", rate(REQUESTS, SERVED))),
          "{{arm}}")]),
