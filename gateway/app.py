@@ -62,6 +62,8 @@ from gateway.settings import Settings
 from gateway.stats import Recorder
 from gateway.store import StateUnavailable, Store
 from gateway.store.rollouts import RouteState, order, skewed
+from gateway.stored import PREFIXES as STORED_PREFIXES
+from gateway.stored import StoredResponses
 from gateway.tasks import LoopLag, Spawner
 from gateway.telemetry import Metrics
 from gateway.traces import Traces
@@ -150,6 +152,14 @@ class Services:
             KeysFile(settings.api_keys_file, self.api_keys, settings.env_api_keys)
             if settings.api_keys_file is not None
             else None
+        )
+        self.stored = StoredResponses(
+            self.routes.get,
+            self.upstream,
+            self.api_keys,
+            self.pins,
+            settings.max_body_bytes,
+            settings.client_timeout_s,
         )
         self.proxy = Proxy(
             self.routes.get,
@@ -325,6 +335,9 @@ def create_app(
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await api(scope, receive, send)
+            return
+        if scope["path"].startswith(STORED_PREFIXES):  # /v1/responses/{id}: from the server that holds it
+            await services.stored.handle(scope, receive, send)
             return
         endpoint = PROXY_PATHS.get(scope["path"])
         if endpoint is not None and scope["method"] == "POST":

@@ -62,6 +62,7 @@ class Simulator:
         self.recent: deque[dict[str, Any]] = deque(maxlen=200)
         # Stored responses (the Responses API's state): id -> the conversation it leaves, as chat messages.
         self.stored: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self.answers: dict[str, dict[str, Any]] = {}  # stored responses as GET /v1/responses/{id} reads them
         self.conversations: dict[str, list[dict[str, Any]]] = {}
 
     def knobs(self, model: str, body: dict[str, Any] | None = None) -> Knobs:
@@ -78,6 +79,9 @@ class Simulator:
                 Route("/v1/completions", self._completions, methods=["POST"]),
                 Route("/v1/embeddings", self._embeddings, methods=["POST"]),
                 Route("/v1/responses", self._responses, methods=["POST"]),
+                Route("/v1/responses/{rid}", self._stored, methods=["GET", "DELETE"]),
+                Route("/v1/responses/{rid}/cancel", self._stored, methods=["POST"]),
+                Route("/v1/responses/{rid}/input_items", self._stored, methods=["GET"]),
                 Route("/v1/messages", self._messages, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/health", self._health, methods=["GET"]),
@@ -224,17 +228,50 @@ class Simulator:
         ]
         if body.get("store", True) is not False:
             self.stored[answer["id"]] = turns
+            self.answers[answer["id"]] = answer
             while len(self.stored) > STORED:
-                self.stored.popitem(last=False)
+                self.answers.pop(self.stored.popitem(last=False)[0], None)
         if isinstance(conversation, str):
             self.conversations[conversation] = turns
         malformed = rng.random() < knobs.malformed_rate
+        if body.get("background") is True and not body.get("stream"):  # made later: read it by its id
+            return _json({**answer, "status": "queued", "output": [], "usage": None})
         if body.get("stream"):
             events = simulated_apis.response_events(answer, g, malformed)
             return self._stream(request, events, knobs, _stamped(body), done=False)
         await asyncio.sleep(knobs.latency_s + knobs.time_per_token_s * usage["completion_tokens"])
         if malformed:
             answer["output"] = 5
+        return _json(answer)
+
+    async def _stored(self, request: Request) -> Response:
+        """GET or DELETE a stored response, cancel it, or list its input items: only on the server that
+        made it (404 elsewhere)."""
+        rid = request.path_params["rid"]
+        self.recent.append({"endpoint": "stored", "method": request.method, "path": request.url.path,
+                            "headers": dict(request.headers), "body": {}})  # fmt: skip
+        answer = self.answers.get(rid)
+        if answer is None:
+            return _error(
+                404, f"Response with id '{rid}' not found.", "invalid_request_error", code="not_found"
+            )
+        if request.url.path.endswith("/cancel"):
+            return _json({**answer, "status": "cancelled"})
+        if request.url.path.endswith("/input_items"):
+            items = [
+                {
+                    "type": "message",
+                    "role": m["role"],
+                    "content": [{"type": "input_text", "text": m["content"]}],
+                }
+                for m in self.stored.get(rid, [])
+                if isinstance(m.get("content"), str) and m["role"] != "assistant"
+            ]
+            return _json({"object": "list", "data": items, "has_more": False})
+        if request.method == "DELETE":
+            self.answers.pop(rid, None)
+            self.stored.pop(rid, None)
+            return _json({"id": rid, "object": "response", "deleted": True})
         return _json(answer)
 
     async def _messages(self, request: Request) -> Response:

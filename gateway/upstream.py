@@ -241,6 +241,19 @@ class Upstream:
             )
         return resp, data, answer
 
+    async def send(
+        self,
+        arm: RouteArm,
+        method: str,
+        url: URL,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        timeout: ClientTimeout,  # noqa: ASYNC109 - aiohttp's
+    ) -> Response:
+        """Any other exchange with an arm's server (a stored response's GET, DELETE or cancel), at a url the
+        caller built on the arm's own."""
+        return await self._send(arm, method, url, headers, body, timeout)
+
     async def probe(self, arm: RouteArm, timeout_s: float) -> tuple[int, bytes]:
         """GET {url}/models with the arm's credentials; returns the HTTP status and the body (bounded by the
         arm's max_response_bytes). Raises GatewayError when the upstream cannot be reached."""

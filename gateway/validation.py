@@ -432,6 +432,8 @@ def check_completion(body: Any, rules: Rules, later: list[Deferred] | None = Non
 def check_responses(body: Any, rules: Rules, later: list[Deferred] | None = None) -> Failure | None:
     """A Responses API answer: its function_call output items against the declared tools and tool_choice,
     and (when no tool was called) its output text against the JSON format."""
+    if isinstance(body, dict) and body.get("status") in ("queued", "in_progress"):
+        return None  # a background response, not made yet: its client reads it later, by its id
     output = body.get("output") if isinstance(body, dict) else None
     if not isinstance(output, list):
         return _malformed("output", "an array", output)

@@ -746,3 +746,41 @@ def test_the_judge_reads_both_apis_and_catches_a_candidate_that_ignores_the_task
         scored("greets", "base", "primary", "sum") == 8
         and scored("greets", "candidate", "mirror", "sum") == 0
     )
+
+
+def test_a_stored_response_is_read_from_the_server_that_holds_it(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    """Background responses are only ever read by their id: retrieve, input items, cancel and delete go
+    to the arm that made the response, whatever the weight."""
+    base, candidate = sims
+    gw = make_gateway({"agent": route(base, candidate, weight=50)}, api_keys=frozenset({"sk-a", "sk-b"}))
+    client = gw.client(api_key="sk-a")
+    made = {}
+    for user in range(40):
+        response = client.responses.create(
+            model="agent", input="Hello", background=True, extra_headers={"x-user-id": f"u{user}"}
+        )
+        assert response.status == "queued"  # not made yet: not validated, not a failure
+        made.setdefault(response.model, response.id)
+    assert set(made) == {BASE_MODEL, CANDIDATE_MODEL}
+    for model, rid in made.items():
+        done = client.responses.retrieve(rid)
+        assert done.id == rid and done.model == model and done.status == "completed" and done.output_text
+        items = client.responses.input_items.list(rid)
+        assert [item.content[0].text for item in items.data] == ["Hello"]  # type: ignore[union-attr]
+        assert client.responses.cancel(rid).status == "cancelled"
+    with pytest.raises(openai.NotFoundError) as caught:
+        gw.client(api_key="sk-b").responses.retrieve(made[BASE_MODEL])  # another client's: not known to it
+    assert caught.value.body["code"] == "response_not_found"  # type: ignore[index]
+    assert client.responses.delete(made[BASE_MODEL]) is None
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(made[BASE_MODEL])  # the server's own 404, passed on
+    for path, method in (("/v1/responses/x/other", "GET"), ("/v1/responses/x/cancel", "GET")):
+        answer = httpx.request(method, f"{gw.url}{path}", headers={"authorization": "Bearer sk-a"})
+        assert answer.status_code in (404, 405) and answer.json()["error"]["message"]
+    unauthenticated = httpx.get(f"{gw.url}/v1/responses/{made[CANDIDATE_MODEL]}")
+    assert unauthenticated.status_code == 401
+    reads = [r for r in candidate.requests() if r["endpoint"] == "stored"]
+    assert {r["method"] for r in reads} == {"GET", "POST"}
+    assert all(r["headers"].get("authorization") is None for r in reads)  # the client's key stays here
