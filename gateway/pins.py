@@ -89,13 +89,15 @@ class Pins:
         if dropped and self._on_dropped is not None:
             self._on_dropped(dropped)
 
-    async def recall(self, kind: str, ref: str, scope: str | None) -> Pin | None:
+    async def recall(self, kind: str, ref: str, scope: str | None, wait: bool = True) -> Pin | None:
+        """wait: on a miss, ask again for a moment (a response just made on another replica); not for a
+        conversation, whose first turn is a miss by nature."""
         key = _key(kind, ref, scope)
         found = self._local.get(key)
         if found is not None:
             return found
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (WAIT_S if self._shared else 0.0)
+        deadline = loop.time() + (WAIT_S if self._shared and wait else 0.0)
         while True:
             try:
                 raw = await self._store.recall(key)

@@ -373,7 +373,7 @@ class Proxy:
                 )
             return pinned_arm(pin, route, previous, "previous_response_id"), conversation
         assert conversation is not None
-        pin = await self._pins.recall("conversation", conversation, scope)
+        pin = await self._pins.recall("conversation", conversation, scope, wait=False)
         if pin is None:
             return None, conversation  # its first turn through the gateway: assigned as any request is
         return pinned_arm(pin, route, conversation, "conversation"), conversation
