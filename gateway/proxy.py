@@ -495,21 +495,27 @@ class Proxy:
             )
             accumulator = accumulator_for(api) if kept else None
             await reply.start_stream(resp.status, _content_type(resp, EVENT_STREAM))
-            error = await relay(
-                resp, reply, first, call.failure, observer(tail, accumulator), watch.finishing, FINISHED[api]
-            )
+            observe = observer(tail, accumulator, request.route.max_buffer_bytes)
+            error = await relay(resp, reply, first, call.failure, observe, watch.finishing, FINISHED[api])
             attempt.closed()
             if error is not None:
                 _log_error(reply, error)
                 return error
+            overflowed = accumulator is not None and accumulator.overflowed
+            if overflowed:
+                log.warning(
+                    "request_id=%s route=%s arm=%s stream passed validation.max_buffer_bytes; not validated",
+                    *reply.context(),
+                )
             if accumulator is not None and api in TRANSLATED:
-                attempt.answered(accumulator.body())
+                answer = accumulator.body()  # past the bound only its id is known (no usage: none counted)
+                attempt.answered({"id": answer.get("id")} if overflowed else answer)
                 self._pin(request, attempt)
                 await reply.end_stream()
             else:
                 await reply.end_stream()
                 attempt.answered(tail.last_event())
-            if accumulator is not None:
+            if accumulator is not None and not overflowed:
                 answer = accumulator.body()
                 attempt.accumulated = as_chat(api, answer)
                 if request.rules is not None:

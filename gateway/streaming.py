@@ -169,6 +169,7 @@ class Accumulator:
         self._events = 0
         self.error: Any = None
         self.malformed: str | None = None
+        self.overflowed = False  # a relayed stream longer than the route's max_buffer_bytes: not rebuilt
 
     def _problem(self, where: str, expected: str, got: Any) -> None:
         if self.malformed is None:
@@ -514,15 +515,24 @@ def last_event(data: bytes) -> dict[str, Any] | None:
         return event if isinstance(event, dict) else None
 
 
-def observer(tail: Tail | None, accumulator: Accumulator | None) -> Callable[[bytes], None]:
-    """What a relayed stream's chunks are shown to: the tail (for usage) and, with rules, the accumulator."""
+def observer(
+    tail: Tail | None, accumulator: Accumulator | None, limit: int | None = None
+) -> Callable[[bytes], None]:
+    """What a relayed stream's chunks are shown to: the tail (for usage) and, when the whole answer is
+    needed, the accumulator; past limit bytes the accumulator stops (overflowed), so a stream that does not
+    end is not kept in memory without bound (its first events, a response's id among them, are in)."""
     parser = EventParser()
+    seen = 0
 
     def observe(data: bytes) -> None:
+        nonlocal seen
         if tail is not None:
             tail.feed(data)
-        if accumulator is not None:
+        if accumulator is not None and not accumulator.overflowed:
             for event in parser.feed(data):
                 accumulator.add(event)
+            seen += len(data)
+            if limit is not None and seen > limit:  # kept: the limit and one chunk at most
+                accumulator.overflowed = True
 
     return observe

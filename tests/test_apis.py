@@ -784,3 +784,20 @@ def test_a_stored_response_is_read_from_the_server_that_holds_it(
     reads = [r for r in candidate.requests() if r["endpoint"] == "stored"]
     assert {r["method"] for r in reads} == {"GET", "POST"}
     assert all(r["headers"].get("authorization") is None for r in reads)  # the client's key stays here
+
+
+def test_a_relayed_stream_past_the_buffer_bound_is_not_kept_but_its_response_is_still_followed(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    base, _ = sims
+    base.set_knobs(output_tokens=400)
+    # json: always: an answer that is not JSON fails, when it is validated
+    extra = "validation: {max_buffer_bytes: 4096, stream: passthrough, json: always}"
+    gw = make_gateway({"agent": route(base, extra=extra)})
+    with gw.client().responses.stream(model="agent", input="Tell me") as s:
+        final = s.get_final_response()
+    assert final.status == "completed" and len(final.output_text.split()) == 400  # the client got all of it
+    samples = scrape(gw.url)
+    assert value(samples, "canarygate_validation_failures_total", route="agent", api="responses") == 0
+    assert value(samples, "canarygate_usage_missing_total", route="agent", arm="base") == 1  # not rebuilt
+    assert follow_up(gw.client(), final.id).previous_response_id == final.id
