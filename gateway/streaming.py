@@ -335,10 +335,11 @@ class ResponsesAccumulator(Accumulator):
         elif kind == "response.output_text.delta":
             part = event.get("content_index", 0)
             content = item.setdefault("content", [])
-            if not isinstance(content, list) or not isinstance(part, int):
-                self._problem(f"{kind}.content_index", "an integer", part)
+            if not isinstance(content, list) or not isinstance(part, int) or not 0 <= part <= len(content):
+                # parts are added in order: an index past the next one is no part this stream has
+                self._problem(f"{kind}.content_index", "the index of a part so far or the next", part)
                 return
-            while len(content) <= part:
+            if part == len(content):
                 content.append({"type": "output_text", "text": ""})
             if isinstance(content[part], dict):
                 content[part]["text"] = content[part].get("text") or ""
