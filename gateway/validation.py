@@ -434,16 +434,12 @@ def check_responses(body: Any, rules: Rules, later: list[Deferred] | None = None
     and (when no tool was called) its output text against the JSON format."""
     if isinstance(body, dict) and body.get("status") in ("queued", "in_progress"):
         return None  # a background response, not made yet: its client reads it later, by its id
-    output = body.get("output") if isinstance(body, dict) else None
-    if not isinstance(output, list):
-        return _malformed("output", "an array", output)
+    output, failure = _objects(body.get("output") if isinstance(body, dict) else None, "output")
+    if failure is not None:
+        return failure
     calls: list[tuple[str, str, str]] = []
-    texts: list[str] = []
-    text_at = "output"
-    for index, item in enumerate(output):
-        where = f"output[{index}]"
-        if not isinstance(item, dict):
-            return _malformed(where, "an object", item)
+    texts: list[tuple[str, str]] = []
+    for where, item in output:
         kind = item.get("type")
         if kind == "function_call":
             name, arguments = item.get("name"), item.get("arguments")
@@ -453,69 +449,78 @@ def check_responses(body: Any, rules: Rules, later: list[Deferred] | None = None
                 return _malformed(f"{where}.arguments", "a string of JSON", arguments)
             calls.append((where, name, arguments))
         elif kind == "message":
-            content = item.get("content")
-            if not isinstance(content, list):
-                return _malformed(f"{where}.content", "an array", content)
-            for number, part in enumerate(content):
-                if not isinstance(part, dict):
-                    return _malformed(f"{where}.content[{number}]", "an object", part)
-                if part.get("type") == "output_text":
-                    if not isinstance(part.get("text"), str):
-                        return _malformed(f"{where}.content[{number}].text", "a string", part.get("text"))
-                    if not texts:
-                        text_at = f"{where}.content[{number}].text"
-                    texts.append(part["text"])
-    return _check_answer(calls, "".join(texts) if texts else None, text_at, rules, later)
+            parts, failure = _objects(item.get("content"), f"{where}.content")
+            failure = failure or _texts(parts, "output_text", texts)
+            if failure is not None:
+                return failure
+    return _check_answer(calls, texts, "output", rules, later)
 
 
 def check_messages(body: Any, rules: Rules, later: list[Deferred] | None = None) -> Failure | None:
     """A Messages API answer: its tool_use blocks (their input) against tools[].input_schema and
     tool_choice, and (when no tool was used) its text against the JSON format."""
-    content = body.get("content") if isinstance(body, dict) else None
-    if not isinstance(content, list):
-        return _malformed("content", "an array", content)
+    blocks, failure = _objects(body.get("content") if isinstance(body, dict) else None, "content")
+    texts: list[tuple[str, str]] = []
+    failure = failure or _texts(blocks, "text", texts)
+    if failure is not None:
+        return failure
     calls: list[tuple[str, str, str]] = []
-    texts: list[str] = []
-    text_at = "content"
-    for index, block in enumerate(content):
-        where = f"content[{index}]"
-        if not isinstance(block, dict):
-            return _malformed(where, "an object", block)
-        kind = block.get("type")
-        if kind == "tool_use":
-            name, given = block.get("name"), block.get("input")
-            if not isinstance(name, str):
-                return _malformed(f"{where}.name", "a string", name)
-            if isinstance(given, dict):
-                arguments = orjson.dumps(given).decode()
-            elif isinstance(given, str):  # a stream's input_json_delta pieces that did not parse
-                arguments = given
-            else:
-                return Failure("tool_args_parse", f"{where}.input of {name!r} must be a JSON object")
-            calls.append((where, name, arguments))
-        elif kind == "text":
-            if not isinstance(block.get("text"), str):
-                return _malformed(f"{where}.text", "a string", block.get("text"))
-            if not texts:
-                text_at = f"{where}.text"
-            texts.append(block["text"])
-    return _check_answer(calls, "".join(texts) if texts else None, text_at, rules, later)
+    for where, block in blocks:
+        if block.get("type") != "tool_use":
+            continue
+        name, given = block.get("name"), block.get("input")
+        if not isinstance(name, str):
+            return _malformed(f"{where}.name", "a string", name)
+        if isinstance(given, dict):
+            arguments = orjson.dumps(given).decode()
+        elif isinstance(given, str):  # a stream's input_json_delta pieces that did not parse
+            arguments = given
+        else:
+            return Failure("tool_args_parse", f"{where}.input of {name!r} must be a JSON object")
+        calls.append((where, name, arguments))
+    return _check_answer(calls, texts, "content", rules, later)
+
+
+def _objects(value: Any, where: str) -> tuple[list[tuple[str, dict[str, Any]]], Failure | None]:
+    """(path, object) of each element of an array of objects (output items, content parts or blocks)."""
+    if not isinstance(value, list):
+        return [], _malformed(where, "an array", value)
+    out = []
+    for index, element in enumerate(value):
+        if not isinstance(element, dict):
+            return [], _malformed(f"{where}[{index}]", "an object", element)
+        out.append((f"{where}[{index}]", element))
+    return out, None
+
+
+def _texts(parts: list[tuple[str, dict[str, Any]]], kind: str, into: list[tuple[str, str]]) -> Failure | None:
+    """Adds (path, text) of each part of this type (output_text, text), each checked to be a string."""
+    for where, part in parts:
+        if part.get("type") == kind:
+            text = part.get("text")
+            if not isinstance(text, str):
+                return _malformed(f"{where}.text", "a string", text)
+            into.append((f"{where}.text", text))
+    return None
 
 
 def _check_answer(
     calls: list[tuple[str, str, str]],
-    text: str | None,
-    text_at: str,
+    texts: list[tuple[str, str]],
+    where: str,
     rules: Rules,
     later: list[Deferred] | None,
 ) -> Failure | None:
+    """An answer's calls, and (when it called none) its texts, joined, held to JSON: checked as chat's are.
+    where: what the failures name when no text is there (otherwise the first text's path)."""
     if rules.tools is not None:
         failure = _check_calls(calls, rules, "the answer", later)
         if failure is not None:
             return failure
     if calls or not rules.json_object:
         return None  # a tool call: there is no text to hold to JSON
-    return _check_content(text, rules, text_at, later)
+    text = "".join(t for _, t in texts) if texts else None
+    return _check_content(text, rules, texts[0][0] if texts else where, later)
 
 
 Check = Callable[[Any, Rules, "list[Deferred] | None"], Failure | None]
