@@ -176,10 +176,15 @@ class Accumulator:
             self.malformed = f"stream event {self._events}: {where}: expected {expected}, got {_kind(got)}"
 
     def add(self, event: Any) -> None:
+        """One data event of the stream (any JSON, or UNPARSEABLE): an object goes to _event."""
         self._events += 1
         if not isinstance(event, dict):
             self._problem("data", "a JSON object", event)
             return
+        self._event(event)
+
+    def _event(self, event: dict[str, Any]) -> None:
+        """A chat or completion chunk."""
         if "error" in event:
             self.error = event["error"]
         choices = event.get("choices")
@@ -295,11 +300,7 @@ class ResponsesAccumulator(Accumulator):
         found = (self._final or self._response).get("id")
         return found if isinstance(found, str) else None
 
-    def add(self, event: Any) -> None:
-        self._events += 1
-        if not isinstance(event, dict):
-            self._problem("data", "a JSON object", event)
-            return
+    def _event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind in ("error", "response.failed"):
             response = event.get("response")
@@ -371,11 +372,7 @@ class MessagesAccumulator(Accumulator):
         self._usage: dict[str, Any] = {}
         self._stopped = False
 
-    def add(self, event: Any) -> None:
-        self._events += 1
-        if not isinstance(event, dict):
-            self._problem("data", "a JSON object", event)
-            return
+    def _event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind == "error":
             self.error = event.get("error") or event
