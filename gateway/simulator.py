@@ -22,8 +22,9 @@ import struct
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, fields, replace
+from functools import partial
 from typing import Any
 
 import orjson
@@ -216,10 +217,7 @@ class Simulator:
         elif isinstance(conversation, str):
             history = self.conversations.get(conversation, [])
         chat = simulated_apis.responses_to_chat(body, history)
-        prompt = synth.prompt_text(chat)
-        rng = synth.rng_for(chat, model, prompt)
-        g = synth.chat(chat, knobs, rng)
-        usage = _usage(prompt, [g], knobs)
+        g, usage, malformed = _generate(chat, model, knobs)
         answer = simulated_apis.response_object(
             model, g, usage, body, conversation if isinstance(conversation, str) else None
         )
@@ -233,16 +231,10 @@ class Simulator:
                 self.answers.pop(self.stored.popitem(last=False)[0], None)
         if isinstance(conversation, str):
             self.conversations[conversation] = turns
-        malformed = rng.random() < knobs.malformed_rate
         if body.get("background") is True and not body.get("stream"):  # made later: read it by its id
             return _json({**answer, "status": "queued", "output": [], "usage": None})
-        if body.get("stream"):
-            events = simulated_apis.response_events(answer, g, malformed)
-            return self._stream(request, events, knobs, _stamped(body), done=False)
-        await asyncio.sleep(knobs.latency_s + knobs.time_per_token_s * usage["completion_tokens"])
-        if malformed:
-            answer["output"] = 5
-        return _json(answer)
+        events = partial(simulated_apis.response_events, answer, g, malformed)
+        return await self._answer(request, body, knobs, usage, answer, events, malformed, "output")
 
     async def _stored(self, request: Request) -> Response:
         """GET or DELETE a stored response, cancel it, or list its input items: only on the server that
@@ -281,18 +273,29 @@ class Simulator:
             return failure
         model, knobs = body["model"], self.knobs(body["model"], body)
         chat = simulated_apis.messages_to_chat(body)
-        prompt = synth.prompt_text(chat)
-        rng = synth.rng_for(chat, model, prompt)
-        g = synth.chat(chat, knobs, rng)
-        usage = _usage(prompt, [g], knobs)
+        g, usage, malformed = _generate(chat, model, knobs)
         answer = simulated_apis.message_object(model, g, usage)
-        malformed = rng.random() < knobs.malformed_rate
+        events = partial(simulated_apis.message_events, answer, g, malformed)
+        return await self._answer(request, body, knobs, usage, answer, events, malformed, "content")
+
+    async def _answer(
+        self,
+        request: Request,
+        body: dict[str, Any],
+        knobs: Knobs,
+        usage: dict[str, Any],
+        answer: dict[str, Any],
+        events: Callable[[], list[bytes]],
+        malformed: bool,
+        field: str,
+    ) -> Response:
+        """A Responses or Messages answer, streamed (its API's events, no [DONE]) or whole; malformed: its
+        field of items or blocks is a number."""
         if body.get("stream"):
-            events = simulated_apis.message_events(answer, g, malformed)
-            return self._stream(request, events, knobs, _stamped(body), done=False)
+            return self._stream(request, events(), knobs, _stamped(body), done=False)
         await asyncio.sleep(knobs.latency_s + knobs.time_per_token_s * usage["completion_tokens"])
         if malformed:
-            answer["content"] = 5
+            answer[field] = 5
         return _json(answer)
 
     async def _models(self, request: Request) -> Response:
@@ -490,6 +493,15 @@ def _chat_choice(index: int, g: Generation) -> dict[str, Any]:
             ],
         }
     return {"index": index, "message": message, "logprobs": None, "finish_reason": g.finish_reason}
+
+
+def _generate(chat: dict[str, Any], model: str, knobs: Knobs) -> tuple[Generation, dict[str, Any], bool]:
+    """What the model says to a chat request (as a Responses or Messages request means it), its usage, and
+    whether it is to be malformed."""
+    prompt = synth.prompt_text(chat)
+    rng = synth.rng_for(chat, model, prompt)
+    g = synth.chat(chat, knobs, rng)
+    return g, _usage(prompt, [g], knobs), rng.random() < knobs.malformed_rate
 
 
 def _malform(answer: dict[str, Any], rng: random.Random) -> dict[str, Any]:
