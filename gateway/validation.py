@@ -287,6 +287,30 @@ _FORMATS = {"responses": _responses_format, "messages": _messages_format}
 ToolRules = tuple[dict[str, "Schema | None"] | None, Any, str | None, bool]
 
 
+def _declared(
+    declared: Any,
+    field: str,
+    cache: SchemaCache,
+    compiling: Compiling,
+    schema_of: Callable[[Any], tuple[Any, Any, str] | None],
+    optional: bool = True,
+) -> dict[str, Schema | None]:
+    """A request's tools by name, each with its compiled schema (None: it has none, when optional). schema_of:
+    a tool's (name, schema, where the schema is under the tool), or None for tools that are not checked
+    (hosted or server tools: nothing to check them against)."""
+    if not isinstance(declared, list):
+        raise SchemaError(f"{field} must be an array")
+    tools: dict[str, Schema | None] = {}
+    for index, tool in enumerate(declared):
+        found = schema_of(tool) if isinstance(tool, dict) else None
+        if found is None or not isinstance(found[0], str):
+            continue
+        name, schema, where = found
+        checked = schema is not None or not optional
+        tools[name] = cache.get(schema, f"{field}[{index}].{where}", compiling) if checked else None
+    return tools
+
+
 def _tool_rules(request: Mapping[str, Any], cache: SchemaCache, compiling: Compiling) -> ToolRules:
     declared = request.get("tools")
     legacy = False
@@ -295,16 +319,18 @@ def _tool_rules(request: Mapping[str, Any], cache: SchemaCache, compiling: Compi
         declared, legacy, field = request["functions"], True, "functions"
     if not declared:
         return None, None, None, False
-    if not isinstance(declared, list):
-        raise SchemaError(f"{field} must be an array")
-    tools: dict[str, Schema | None] = {}
-    for index, tool in enumerate(declared):
-        function = tool if legacy else (tool.get("function") if isinstance(tool, dict) else None)
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            continue  # not a function tool (hosted tools): nothing to check it against
-        parameters = function.get("parameters")
-        where = f"{field}[{index}].{'' if legacy else 'function.'}parameters"
-        tools[function["name"]] = cache.get(parameters, where, compiling) if parameters is not None else None
+
+    def schema_of(tool: dict[str, Any]) -> tuple[Any, Any, str] | None:
+        function = tool if legacy else tool.get("function")
+        if not isinstance(function, dict):
+            return None
+        return (
+            function.get("name"),
+            function.get("parameters"),
+            "parameters" if legacy else "function.parameters",
+        )
+
+    tools = _declared(declared, field, cache, compiling, schema_of)
     field = "function_call" if legacy else "tool_choice"
     raw_choice = request.get(field)
     named = None
@@ -327,19 +353,17 @@ def _responses_tools(request: Mapping[str, Any], cache: SchemaCache, compiling: 
     declared = request.get("tools")
     if not declared:
         return None, None, None, False
-    if not isinstance(declared, list):
-        raise SchemaError("tools must be an array")
-    tools: dict[str, Schema | None] = {}
-    for index, tool in enumerate(declared):
-        if (
-            not isinstance(tool, dict)
-            or tool.get("type") != "function"
-            or not isinstance(tool.get("name"), str)
-        ):
-            continue
-        parameters = tool.get("parameters")
-        where = f"tools[{index}].parameters"
-        tools[tool["name"]] = cache.get(parameters, where, compiling) if parameters is not None else None
+    tools = _declared(
+        declared,
+        "tools",
+        cache,
+        compiling,
+        lambda tool: (
+            (tool.get("name"), tool.get("parameters"), "parameters")
+            if tool.get("type") == "function"
+            else None
+        ),
+    )
     raw = request.get("tool_choice")
     choice: Any = None
     named = None
@@ -369,13 +393,16 @@ def _messages_tools(request: Mapping[str, Any], cache: SchemaCache, compiling: C
     declared = request.get("tools")
     if not declared:
         return None, None, None, False
-    if not isinstance(declared, list):
-        raise SchemaError("tools must be an array")
-    tools: dict[str, Schema | None] = {}
-    for index, tool in enumerate(declared):
-        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or "input_schema" not in tool:
-            continue
-        tools[tool["name"]] = cache.get(tool["input_schema"], f"tools[{index}].input_schema", compiling)
+    tools = _declared(
+        declared,
+        "tools",
+        cache,
+        compiling,
+        lambda tool: (
+            (tool.get("name"), tool["input_schema"], "input_schema") if "input_schema" in tool else None
+        ),
+        optional=False,  # the API requires it: null is no schema
+    )
     raw = request.get("tool_choice")
     choice: Any = None
     named = None
