@@ -205,7 +205,7 @@ class Upstream:
         """POST and return once the response head is in; the caller reads or closes the body. Returns 2xx
         answers of the expected type and 4xx/5xx errors; anything else is an UpstreamError."""
         arm = call.arm
-        resp = await self._send(arm, "POST", arm.urls[call.endpoint], call.headers, call.body, call.timeout)
+        resp = await self.send(arm, "POST", arm.urls[call.endpoint], call.headers, call.body, call.timeout)
         problem = classify(resp.status, resp.headers.get("content-type"), call.stream)
         if problem is not None:
             resp.close()
@@ -241,31 +241,18 @@ class Upstream:
             )
         return resp, data, answer
 
-    async def send(
-        self,
-        arm: RouteArm,
-        method: str,
-        url: URL,
-        headers: Mapping[str, str],
-        body: bytes | None,
-        timeout: ClientTimeout,  # noqa: ASYNC109 - aiohttp's
-    ) -> Response:
-        """Any other exchange with an arm's server (a stored response's GET, DELETE or cancel), at a url the
-        caller built on the arm's own."""
-        return await self._send(arm, method, url, headers, body, timeout)
-
     async def probe(self, arm: RouteArm, timeout_s: float) -> tuple[int, bytes]:
         """GET {url}/models with the arm's credentials; returns the HTTP status and the body (bounded by the
         arm's max_response_bytes). Raises GatewayError when the upstream cannot be reached."""
         timeout = ClientTimeout(total=timeout_s, connect=min(timeout_s, arm.timeouts.connect_s))
-        resp = await self._send(arm, "GET", arm.urls["models"], arm.headers, None, timeout)
+        resp = await self.send(arm, "GET", arm.urls["models"], arm.headers, None, timeout)
         try:
             body = await resp.read()
         finally:
             resp.close()
         return resp.status, body
 
-    async def _send(
+    async def send(
         self,
         arm: RouteArm,
         method: str,
@@ -274,6 +261,8 @@ class Upstream:
         body: bytes | None,
         timeout: ClientTimeout,  # noqa: ASYNC109 - aiohttp's: connect (pool wait included) and total
     ) -> Response:
+        """One exchange with an arm's server, at a url built on the arm's own (the proxy's calls, the
+        readiness probe, a stored response's GET, DELETE or cancel); returns once the head is in."""
         pool = self.pool(arm)
         saturated = pool.in_flight >= pool.settings.max_connections
         pool.in_flight += 1
