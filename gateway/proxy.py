@@ -507,16 +507,16 @@ class Proxy:
                     "request_id=%s route=%s arm=%s stream passed validation.max_buffer_bytes; not validated",
                     *reply.context(),
                 )
-            if accumulator is not None and api in TRANSLATED:
-                answer = accumulator.body()  # past the bound only its id is known (no usage: none counted)
+            answer = accumulator.body() if accumulator is not None else None
+            if answer is not None and api in TRANSLATED:
+                # past the bound only its id is known (no usage: none counted)
                 attempt.answered({"id": answer.get("id")} if overflowed else answer)
                 self._pin(request, attempt)
                 await reply.end_stream()
             else:
                 await reply.end_stream()
                 attempt.answered(tail.last_event())
-            if accumulator is not None and not overflowed:
-                answer = accumulator.body()
+            if answer is not None and accumulator is not None and not overflowed:
                 attempt.accumulated = as_chat(api, answer)
                 if request.rules is not None:
                     failure = await request.check(answer, accumulator.malformed)
