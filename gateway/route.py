@@ -22,8 +22,6 @@ from gateway.validation import RoutePolicy, compile_schema
 T = TypeVar("T")
 UpstreamName = Literal["base", "candidate", "judge"]  # who an upstream is, in its errors and pools
 
-ENDPOINT_PATHS = UPSTREAM_PATHS
-
 
 @dataclass(frozen=True)
 class MirrorSettings:
@@ -263,7 +261,7 @@ def _compile_arm(
         name=name,
         model=arm.model,
         url=arm.url,
-        urls={key: URL(arm.url + path) for key, path in ENDPOINT_PATHS.items()},
+        urls={key: URL(arm.url + path) for key, path in UPSTREAM_PATHS.items()},
         headers=headers,
         forward_client_auth=arm.forward_client_auth,
         secret=secret,

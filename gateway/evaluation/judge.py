@@ -15,6 +15,7 @@ import orjson
 from aiohttp import ClientTimeout
 from yarl import URL
 
+from gateway.apis import UPSTREAM_PATHS
 from gateway.breaker import BreakerSettings, CircuitBreaker
 from gateway.capacity import Capacity, Preempted, Slots
 from gateway.errors import GatewayError, UpstreamTimeout
@@ -22,7 +23,7 @@ from gateway.evaluation.prompts import BadVerdict, Verdict, read
 from gateway.lane import Lane, Limits, Work
 from gateway.policy import Judge as JudgePolicy
 from gateway.policy import Timeouts
-from gateway.route import ENDPOINT_PATHS, Bulkhead, RouteArm
+from gateway.route import Bulkhead, RouteArm
 from gateway.tasks import Spawner
 from gateway.upstream import Call, Upstream
 
@@ -77,7 +78,7 @@ def compile_judge(route: str, policy: JudgePolicy, environ: Mapping[str, str]) -
         name="judge",
         model=policy.model,
         url=policy.url,
-        urls={key: URL(policy.url + path) for key, path in ENDPOINT_PATHS.items()},
+        urls={key: URL(policy.url + path) for key, path in UPSTREAM_PATHS.items()},
         headers=headers,
         forward_client_auth=False,
         secret=secret,
