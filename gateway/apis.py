@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import orjson
 
 from gateway.errors import GatewayError, UpstreamHTTPError
 
 Api = Literal["chat", "completions", "embeddings", "responses", "messages"]
-APIS: tuple[Api, ...] = get_args(Api)
 DEFAULT_APIS: tuple[Api, ...] = ("chat", "completions", "embeddings")
 # The client's path -> the API; the upstream's path is the same below the arm's url (which ends in /v1).
 CLIENT_PATHS: Mapping[str, Api] = {
@@ -55,9 +54,10 @@ ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
 # How a stream says that its answer is complete: a chat or completion choice's finish_reason, the
 # Responses API's response.completed (or .incomplete: finished, at a limit), the Messages API's
 # message_stop. A stream that ends without it was cut short.
+_FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"')
 FINISHED: Mapping[str, re.Pattern[bytes]] = {
-    "chat": re.compile(rb'"finish_reason"\s*:\s*"'),
-    "completions": re.compile(rb'"finish_reason"\s*:\s*"'),
+    "chat": _FINISH_REASON,
+    "completions": _FINISH_REASON,
     "responses": re.compile(rb'"type"\s*:\s*"response\.(?:completed|incomplete)"'),
     "messages": re.compile(rb'"type"\s*:\s*"message_stop"'),
 }

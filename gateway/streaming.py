@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway.apis import FINISHED as FINISHED_BY_API
 from gateway.asgi import Reply
 from gateway.errors import GatewayError
 from gateway.upstream import CutShort
@@ -28,10 +29,11 @@ def event_end(data: bytes) -> int:
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
-# The stream's end marker, as the last event of what is about to be sent; and a finish_reason that says how
-# a choice ended (an upstream that was cut short, e.g. llama.cpp interrupting a generation, gives none).
+# The stream's end marker, as the last event of what is about to be sent; and (apis.FINISHED) a finish_reason
+# that says how a choice ended (an upstream that was cut short, e.g. llama.cpp interrupting a generation,
+# gives none).
 DONE_EVENTS = (b"data: [DONE]\n\n", b"data:[DONE]\n\n", b"data: [DONE]\r\n\r\n", b"data:[DONE]\r\n\r\n")
-FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
+FINISHED = FINISHED_BY_API["chat"]
 
 
 def done_at(ready: bytes) -> int:
