@@ -32,8 +32,9 @@ log = logging.getLogger("gateway.pins")
 PIN_RECORD = "p\x1e"  # a pin's record key: this, then its digest (request ids hold no control bytes)
 SEPARATOR = "\x1f"
 LOCAL = 100_000  # pins this process keeps at hand: without Redis, the newest this many are all there is
-WAIT_S = 1.0  # how long a lookup that finds nothing asks again (a write from another replica in flight)
-POLL_S = 0.05
+# A lookup that finds nothing asks again after these pauses (about a second in all: a write from another
+# replica may be in flight), five lookups at most: an unknown id costs the store little.
+AGAIN_S = (0.05, 0.15, 0.3, 0.5)
 WARN_EVERY_S = 60.0
 
 
@@ -94,10 +95,9 @@ class Pins:
         conversation, whose first turn is a miss by nature."""
         key = _key(kind, ref, scope)
         found = self._local.get(key)
-        if found is not None:
-            return found
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (WAIT_S if self._shared and wait else 0.0)
+        if found is not None or not self._shared:
+            return found  # alone, every pin is here
+        pauses = list(AGAIN_S) if wait else []
         while True:
             try:
                 raw = await self._store.recall(key)
@@ -111,9 +111,9 @@ class Pins:
                 found = Pin(route, arm, server)
                 self._local.put(key, found)
                 return found
-            if loop.time() >= deadline:
+            if not pauses:
                 return None
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(pauses.pop(0))
 
 
 def _key(kind: str, ref: str, scope: str | None) -> str:

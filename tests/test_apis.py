@@ -488,6 +488,11 @@ def test_previous_response_id_is_followed_across_replicas_sharing_redis(
             answer = follow_up(gw.client(), rid)
             assert answer.model == model
             chains[model] = answer.id
+    unknown = two.post(
+        "/v1/responses", json={"model": "agent", "input": "x", "previous_response_id": "resp_x"}
+    )
+    assert unknown.status_code == 404  # asked again for a moment, then refused
+    assert unknown.json()["error"]["code"] == "previous_response_not_found"
 
 
 def test_pins_are_a_clients_own_when_keys_are_required(
