@@ -14,7 +14,16 @@ import openai
 import pytest
 
 from gateway.synth import Knobs
-from tests.conftest import BASE_MODEL, CANDIDATE_MODEL, REDIS_URL, GatewayFactory, Sim, policy_yaml, wait_for
+from tests.conftest import (
+    BASE_MODEL,
+    CANDIDATE_MODEL,
+    REDIS_URL,
+    GatewayFactory,
+    RedisServer,
+    Sim,
+    policy_yaml,
+    wait_for,
+)
 from tests.test_metrics import scrape, value
 
 APIS = "apis: [chat, responses, messages]"
@@ -806,3 +815,22 @@ def test_a_relayed_stream_past_the_buffer_bound_is_not_kept_but_its_response_is_
     assert value(samples, "canarygate_validation_failures_total", route="agent", api="responses") == 0
     assert value(samples, "canarygate_usage_missing_total", route="agent", arm="base") == 1  # not rebuilt
     assert follow_up(gw.client(), final.id).previous_response_id == final.id
+
+
+def test_with_redis_down_a_response_known_here_is_followed_and_one_that_is_not_is_a_503(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory, own_redis: RedisServer
+) -> None:
+    base, candidate = sims
+    policies = {"agent": route(base, candidate, weight=50)}
+    one = make_gateway(policies, redis_url=own_redis.url)
+    two = make_gateway(policies, redis_url=own_redis.url)
+    made = one.client().responses.create(model="agent", input="Hi")
+    assert follow_up(two.client(), made.id).model == made.model  # through Redis: the record is there
+    own_redis.stop()
+    assert follow_up(one.client(), made.id).model == made.model  # this replica's own record
+    elsewhere = one.client().responses.create(model="agent", input="Hi")  # its record stays on `one`
+    refused = two.post(
+        "/v1/responses", json={"model": "agent", "input": "x", "previous_response_id": elsewhere.id}
+    )
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "state_unavailable"
+    assert "retry" in refused.json()["error"]["message"]
