@@ -75,7 +75,7 @@ rollout:
   gates:
     error_rate: {{max_increase: 0.01, critical: true}}
     validation_failure_rate: {{max_increase: 0.01, critical: true}}
-    latency_p99_ratio: {{max: 1.6}}
+    latency_p99_ratio: {{max: 2.0}}   # a p99's interval narrows slowly on a busy machine; slow is x3
     ttft_p50_ratio: {{max: 1.6, min_samples: 40}}   # streamed answers only: fewer
     steps_per_trace_ratio: {{max: 1.3, min_samples: 10}}   # agent runs: model calls per run
     trace_failure_rate: {{max_increase: 0.1, min_samples: 10}}

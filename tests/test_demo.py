@@ -11,6 +11,9 @@ from tests.conftest import closed_port
 from tests.test_cli import canarygate
 
 SHORT = ["--interval", "2", "--duration", "150"]  # a busy machine decides later, not otherwise
+# The demo may take its whole --duration and its start: pytest's own limit (120 s) must not cut it short
+# first, or a busy machine fails a demo that would have passed (seen in a clean-clone run).
+pytestmark = pytest.mark.timeout(300)
 
 
 def demo(*args: str) -> tuple[int, str]:
