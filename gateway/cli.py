@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from gateway import logs
+from gateway.logs import FORMATS, LEVELS
 from gateway.server import PortUnavailable
 from gateway.settings import Settings, SettingsError
 from gateway.synth import Knobs
@@ -62,8 +64,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--log-level",
-        default=os.environ.get("CANARYGATE_LOG_LEVEL", "info"),
-        choices=["critical", "error", "warning", "info", "debug"],
+        default=os.environ.get("CANARYGATE_LOG_LEVEL", "info").lower(),
+        choices=LEVELS,
+        help="(env CANARYGATE_LOG_LEVEL; default info: one line per rollout move, circuit change, reload, "
+        "and per route at most one every 10 s for fallbacks and failed shadow calls)",
+    )
+    serve.add_argument(
+        "--log-format",
+        default=os.environ.get("CANARYGATE_LOG_FORMAT", "text").lower(),
+        choices=FORMATS,
+        help="text, or json: one JSON object a line, for log pipelines (env CANARYGATE_LOG_FORMAT)",
     )
     serve.set_defaults(func=_serve)
 
@@ -246,7 +256,9 @@ def _serve(args: argparse.Namespace) -> int:
     policy_dir = args.policies.resolve()
     os.environ["CANARYGATE_POLICY_DIR"] = str(policy_dir)
     os.environ["CANARYGATE_LOG_LEVEL"] = args.log_level
+    os.environ["CANARYGATE_LOG_FORMAT"] = args.log_format
     settings = Settings.from_env()  # fail on bad settings here, once, rather than in every worker
+    logs.configure(settings.log_level, settings.log_format)
     from gateway.loader import load_dir
 
     routes, problems = load_dir(policy_dir)
@@ -281,6 +293,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         log_level=args.log_level,
+        log_config=None,  # uvicorn's lines go through the gateway's handler, in its format
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
         **server.SERVER_OPTIONS,
     )
@@ -495,6 +508,7 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"canarygate simulate: environment variable {args.api_key_env} is not set", file=sys.stderr)
         return 2
     sim = Simulator(default, models, served, api_key)
+    logs.configure("info", "text")
     with BackgroundServer(sim.app(), args.host, args.port, log_level="info") as running:
         print(f"simulated model server on {running.url}/v1 (knobs: {running.url}/sim/knobs)", flush=True)
         _wait_forever()

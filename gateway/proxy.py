@@ -52,6 +52,7 @@ from gateway.evaluation.evaluations import Evaluations, evaluated
 from gateway.fallback import CIRCUIT_OPEN, Guards
 from gateway.feedback import TRACE_RECORD, Assignments
 from gateway.ledger import Ledger
+from gateway.logs import LOG_EVERY_S, Every
 from gateway.pins import Pins, PreviousResponseUnknown, pinned_arm, references
 from gateway.route import Route, RouteArm
 from gateway.routing import (
@@ -106,6 +107,7 @@ class Proxy:
     ) -> None:
         self._routes = routes
         self._pins = pins
+        self._logged = Every(LOG_EVERY_S)  # fallbacks: by route and reason
         self._stats = stats
         self._assignments = assignments
         self._upstream = upstream
@@ -313,12 +315,16 @@ class Proxy:
         budget = self.guards.budget(route)
         spent = budget.try_spend()
         if not spent and breaker is None:  # circuit_breaker.enabled: false: the budget can only refuse
-            log.warning(
-                "request_id=%s route=%s fallback budget spent: the candidate's error is returned (%s)",
-                *(reply.request_id, route.name, reason),
-            )
+            if (more := self._logged.due((route.name, "budget"))) is not None:
+                log.warning(
+                    "request_id=%s route=%s fallback budget spent: the candidate's error is returned (%s)%s",
+                    *(reply.request_id, route.name, reason, more),
+                )
             self._no_fallback(request, candidate, breaker, reply, "budget")
-        log.info("request_id=%s route=%s fallback to base: %s: %s", *reply.context()[:2], reason, error)
+        if (more := self._logged.due((route.name, reason))) is not None:
+            log.info(
+                "request_id=%s route=%s fallback to base: %s: %s%s", *reply.context()[:2], reason, error, more
+            )
         self._fell_back(request, reply, reason, attempted=True)
         base: Attempt | None = None
         try:

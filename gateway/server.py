@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import signal
 import socket
@@ -15,6 +17,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
 from gateway.asgi import ASGIApp
+
+log = logging.getLogger("gateway.server")
 
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers, as nginx's large_client_header_buffers allows
 DEFAULT_HEAD_TIMEOUT_S = 30.0
@@ -152,6 +156,28 @@ class PortUnavailable(OSError):
     pass
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (0: any free port), or PortUnavailable naming the address: uvicorn's
+    own error for several workers said only "[Errno 98] Address already in use"."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = (
+                ": another process listens there; stop it, or choose another port (--port, CANARYGATE_PORT)"
+            )
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            hint = ": no interface of this machine has that address (--host, CANARYGATE_HOST)"
+        raise PortUnavailable(f"cannot listen on {where}: {exc.strerror}{hint}") from None
+    sock.set_inheritable(True)  # the workers of `serve --workers N` accept on it
+    return sock
+
+
 class ReloadingMultiprocess(Multiprocess):
     """uvicorn's supervisor, except that:
     - SIGHUP is passed to every worker, which reloads its policies in place and keeps its last good ones,
@@ -174,11 +200,18 @@ class ReloadingMultiprocess(Multiprocess):
 
 
 def run(config: uvicorn.Config) -> None:
-    if config.workers > 1:
-        sock = config.bind_socket()
-        ReloadingMultiprocess(config, sockets=[sock]).run()
-    else:
-        uvicorn.Server(config).run()
+    """Bound here, before any worker starts, so that a port in use is told once, with its address."""
+    sock = listen(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    where = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    log.info("listening on %s (%d worker%s)", where, config.workers, "s" * (config.workers > 1))
+    try:
+        if config.workers > 1:
+            ReloadingMultiprocess(config, sockets=[sock]).run()
+        else:
+            uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 class BackgroundServer:
@@ -193,16 +226,14 @@ class BackgroundServer:
         head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S,
         shutdown_idle_s: float = 0.0,
     ) -> None:
-        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self._sock.bind((host, port))
-        except OSError as exc:
-            self._sock.close()
-            raise PortUnavailable(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        self._sock = listen(host, port)
         self.host = host
         self.port = self._sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, **SERVER_OPTIONS)
+        # log_config None: uvicorn leaves the process's logging as it is (its own would close every handler
+        # already attached, the demo's log file among them)
+        config = uvicorn.Config(
+            app, log_level=log_level, log_config=None, timeout_graceful_shutdown=5, **SERVER_OPTIONS
+        )
         config.head_timeout_s = head_timeout_s  # type: ignore[attr-defined]  # read by the protocol
         config.shutdown_idle_s = shutdown_idle_s  # type: ignore[attr-defined]  # tests, demo: stop at once
         self._server = uvicorn.Server(config)

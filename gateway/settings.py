@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from gateway.logs import FORMATS, LEVELS
+
 N = TypeVar("N", int, float)
 
 
@@ -28,6 +30,7 @@ class Settings:
     watch_policies: bool = True
     readyz_probe_timeout_s: float = 1.0
     log_level: str = "info"
+    log_format: str = "text"  # or json: one object a line, for log pipelines
     metrics: bool = True
     redis_url: str | None = field(default=None, repr=False)  # may carry a password
     redis_prefix: str = "canarygate:"
@@ -53,7 +56,8 @@ class Settings:
             env_api_keys=frozenset(_env_keys(env)),
             watch_policies=_bool(env, "CANARYGATE_WATCH_POLICIES", True),
             readyz_probe_timeout_s=_float(env, "CANARYGATE_READYZ_PROBE_TIMEOUT_S", 1.0),
-            log_level=env.get("CANARYGATE_LOG_LEVEL", "info").lower(),
+            log_level=_choice(env, "CANARYGATE_LOG_LEVEL", "info", LEVELS),
+            log_format=_choice(env, "CANARYGATE_LOG_FORMAT", "text", FORMATS),
             metrics=_bool(env, "CANARYGATE_METRICS", True),
             redis_url=env.get("CANARYGATE_REDIS_URL") or None,
             redis_prefix=env.get("CANARYGATE_REDIS_PREFIX", "canarygate:"),
@@ -123,6 +127,13 @@ def _positive(env: Mapping[str, str], name: str, default: N, parse: Callable[[st
     if value <= 0:
         raise SettingsError(f"{name}: must be positive, got {value}")
     return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    raw = (env.get(name) or default).lower()
+    if raw not in allowed:
+        raise SettingsError(f"{name}: expected one of {', '.join(allowed)}, got {raw!r}")
+    return raw
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:

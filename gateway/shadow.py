@@ -15,6 +15,7 @@ from gateway.capacity import Capacity, Preempted
 from gateway.errors import GatewayError, same_way
 from gateway.evaluation.evaluations import Evaluations
 from gateway.ledger import Ledger
+from gateway.logs import LOG_EVERY_S, Every
 from gateway.mirror import Mirror, Mirrors, Observation, Pair, compare, pair_record
 from gateway.route import RouteArm
 from gateway.store.pairs import PairStore
@@ -26,7 +27,6 @@ from gateway.upstream import Call, CutShort, Upstream
 log = logging.getLogger("gateway.shadow")
 
 MIRROR_HEADER = "X-Canarygate-Mirror"
-LOG_EVERY_S = 10.0
 
 
 class Shadows:
@@ -44,7 +44,7 @@ class Shadows:
         self._evaluations = evaluations
         self._ledger = ledger
         self.capacity = capacity
-        self._logged: dict[str, tuple[float, int]] = {}  # route -> (last logged, failures left out since)
+        self._logged = Every(LOG_EVERY_S)  # by route
         self._tracing = tracing
         self._pairs = pairs
         self.mirrors = Mirrors(spawner)
@@ -52,13 +52,9 @@ class Shadows:
     def _log_failure(self, route: str, rid: str, error: GatewayError) -> None:
         """A failed shadow call, logged with its reason: at most one line per route every LOG_EVERY_S,
         with how many were left out since."""
-        now = time.monotonic()
-        last, quiet = self._logged.get(route, (-LOG_EVERY_S, 0))
-        if now - last < LOG_EVERY_S:
-            self._logged[route] = (last, quiet + 1)
+        more = self._logged.due(route)
+        if more is None:
             return
-        self._logged[route] = (now, 0)
-        more = f" ({quiet} more since the last such line)" if quiet else ""
         log.warning("request_id=%s route=%s shadow call failed: %s%s", rid, route, error.message, more)
 
     def start(self, request: Request, rid: str, kind: str) -> None:

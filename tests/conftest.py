@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -191,20 +192,11 @@ def serve(tmp_path: Path) -> Iterator[object]:
     def start(
         policy_dir: Path, *args: str, env: dict[str, str] | None = None
     ) -> tuple[subprocess.Popen[str], str]:
-        port = closed_port()
-        log = open(tmp_path / f"serve-{port}.log", "w+")  # noqa: SIM115 - closed with the process
+        # --port 0: the gateway binds a free port itself and says which in its first line (a port chosen
+        # here and closed could be taken before the gateway binds it)
+        log = open(tmp_path / f"serve-{len(processes)}.log", "w+")  # noqa: SIM115 - closed with the process
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "serve",
-                "--policies",
-                str(policy_dir),
-                "--port",
-                str(port),
-                *args,
-            ],
+            [sys.executable, "-m", "gateway", "serve", "--policies", str(policy_dir), "--port", "0", *args],
             cwd=REPO,
             env={**os.environ, **(env or {})},
             stdout=log,
@@ -213,7 +205,16 @@ def serve(tmp_path: Path) -> Iterator[object]:
         )
         process.log = log  # type: ignore[attr-defined]
         processes.append(process)
-        url = f"http://127.0.0.1:{port}"
+
+        def listening() -> str | None:
+            text = Path(log.name).read_text()
+            assert process.poll() is None, text
+            found = re.search(r"listening on (http://[0-9.]+:[0-9]+)", text)
+            return found.group(1) if found else None
+
+        wait_for(lambda: listening() is not None, timeout=30, message="gateway to listen")
+        url = listening()
+        assert url is not None
 
         def healthy() -> bool:
             assert process.poll() is None, Path(log.name).read_text()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import REPO, GatewayFactory, Sim, closed_port, policy_yaml, up, wait_for
 
@@ -232,3 +235,49 @@ def test_simulate_serves_with_per_model_knobs() -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_a_port_in_use_names_the_address(
+    tmp_path: Path, sims: tuple[Sim, Sim], workers: str
+) -> None:
+    (tmp_path / "chat.yaml").write_text(policy_yaml("chat", sims[0].url, None))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = canarygate("serve", "--policies", str(tmp_path), "--port", str(port), "--workers", workers)
+    assert result.returncode == 2, result.stderr
+    assert f"canarygate: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "choose another port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_logs_json_lines_for_log_pipelines(
+    sims: tuple[Sim, Sim],
+    serve,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """Every line one JSON object, uvicorn's own lines too; a rollout move and a reload each a line."""
+    policies = route_a_dir(tmp_path, sims[0])
+    process, url = serve(
+        policies,
+        "--log-format",
+        "json",
+        env={"CANARYGATE_ADMIN_TOKEN": "t", "CANARYGATE_WATCH_POLICIES": "false"},
+    )
+    assert httpx.post(f"{url}/admin/routes/route-a/pause", headers=ADMIN, timeout=10).status_code == 200
+    process.send_signal(signal.SIGHUP)
+    log = Path(process.log.name)  # type: ignore[attr-defined]
+    wait_for(lambda: "policies reloaded" in log.read_text(), message="the reload's line")
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert all(set(line) >= {"time", "level", "logger", "message"} for line in lines), lines
+    messages = [line["message"] for line in lines]
+    assert any(m.startswith("listening on http://127.0.0.1:") for m in messages), messages
+    assert any(line["logger"] == "uvicorn.error" for line in lines)  # uvicorn's lines, in the same format
+    assert any("route=route-a rollout state v2: paused" in m for m in messages), messages
+
+
+def test_a_log_format_the_gateway_does_not_know_is_refused() -> None:
+    result = canarygate("serve", env={"CANARYGATE_LOG_FORMAT": "yaml"})
+    assert result.returncode == 2
+    assert "CANARYGATE_LOG_FORMAT: expected one of text, json, got 'yaml'" in result.stderr

@@ -21,6 +21,7 @@ from gateway.capacity import Capacity, Preempted, Slots
 from gateway.errors import GatewayError, UpstreamTimeout
 from gateway.evaluation.prompts import BadVerdict, Verdict, read
 from gateway.lane import Lane, Limits, Work
+from gateway.logs import LOG_EVERY_S, Every
 from gateway.policy import Judge as JudgePolicy
 from gateway.policy import Timeouts
 from gateway.route import Bulkhead, RouteArm
@@ -36,7 +37,6 @@ OUTCOMES = (
 )  # fmt: skip
 # Refused before a call: the route's judge stopped (its settings changed), or none is configured.
 REFUSALS = ("stopped", "no_judge")
-LOG_EVERY_S = 10.0
 SETTLE_S = 0.25  # how long a slot shared with users stays spare before a judge call takes it
 
 
@@ -127,7 +127,7 @@ class Judge:
             else None
         )
         self._route = route
-        self._logged = (-LOG_EVERY_S, 0)
+        self._logged = Every(LOG_EVERY_S)
 
     def submit(self, work: Work, calls: int) -> str | None:
         """Queue a judging of `calls` calls; None when queued, else why it was refused."""
@@ -184,14 +184,9 @@ class Judge:
     def _failed(self, message: str) -> None:
         if self.breaker is not None:
             self.breaker.record(True)
-        now = time.monotonic()
-        last, quiet = self._logged
-        if now - last < LOG_EVERY_S:
-            self._logged = (last, quiet + 1)
-            return
-        self._logged = (now, 0)
-        more = f" ({quiet} more since the last such line)" if quiet else ""
-        log.warning("route=%s judge call failed: %s%s", self._route, message, more)
+        more = self._logged.due(None)
+        if more is not None:
+            log.warning("route=%s judge call failed: %s%s", self._route, message, more)
 
     def stop(self) -> None:
         self.lane.stop()
