@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import io
 import logging
+import os
 import random
 import sys
 import tempfile
@@ -22,18 +24,21 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import heldout
+from gateway import heldout, logs
 from gateway.agents import PLANS, run_agent
 from gateway.app import create_app
 from gateway.server import BackgroundServer
 from gateway.settings import Settings
 from gateway.simulator import Simulator
 from gateway.synth import Knobs
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 ROUTE = "assistant"
 DEMO_KEY = "demo-key"
@@ -322,7 +327,8 @@ def _ms(values: list[float], q: float) -> str:
 
 def _gates(snap: Snapshot) -> list[dict[str, Any]]:
     """The gates of the analysis (the sample-ratio check is shown among the controller's moves when it
-    holds the rollout)."""
+    holds the rollout). Once the controller has decided, the gates it decided on: a gate that failed reads
+    `fail`, whatever more answers in flight say since."""
     return [g for g in (snap.analysis or {}).get("gates", []) if not g["gate"].startswith("sample_ratio")]
 
 
@@ -339,6 +345,18 @@ def _gate_threshold(gate: dict[str, Any]) -> str:
     if gate["gate"].endswith("_ratio"):
         return f"<= x{gate['threshold']:g}"
     return f"<= {gate['threshold'] * 100:+.2f} pts"
+
+
+def _gate_against(gate: dict[str, Any]) -> str:
+    """value and limit in one cell, the sign between them saying which side of the limit it is:
+    `+5.03 > +1.00 pts`, `x0.64 <= x2`."""
+    value = gate.get("value")
+    ratio = gate["gate"].endswith("_ratio")
+    limit = f"x{gate['threshold']:g}" if ratio else f"{gate['threshold'] * 100:+.2f} pts"
+    if value is None:
+        return f"- (<= {limit})"
+    shown = f"x{value:.2f}" if ratio else f"{value * 100:+.2f}"
+    return f"{shown} {'<=' if value <= gate['threshold'] else '>'} {limit}"
 
 
 def _phase_line(snap: Snapshot) -> str:
@@ -367,9 +385,6 @@ def _arm_rows(snap: Snapshot, window_s: float = 5.0) -> list[list[str]]:
     for arm in ("base", "candidate"):
         mine = [s for s in recent if s.arm == arm]
         served = snap.traffic.total[arm]
-        primary = snap.validation.get((arm, "primary"), Counter())
-        shadow = snap.validation.get((arm, "mirror"), Counter())  # shadow calls
-        kinds = primary + shadow
         measured = None
         if snap.analysis is not None:
             side = "base" if arm == "base" else "candidate"
@@ -380,7 +395,7 @@ def _arm_rows(snap: Snapshot, window_s: float = 5.0) -> list[list[str]]:
                 f"{len(mine) / window_s:.0f}/s",
                 str(served),
                 _pct(measured["error_rate"]) if measured else "-",
-                ", ".join(f"{k} {n}" for k, n in kinds.most_common(3)) or "0",
+                ", ".join(f"{k} {n}" for k, n in _invalid(snap, arm).most_common(3)) or "0",
                 _ms([s.latency for s in mine], 0.5),
                 _ms([s.latency for s in mine], 0.99),
                 f"{_ms(ttfts := [s.ttft for s in mine if s.ttft is not None], 0.5)}/{_ms(ttfts, 0.99)}",
@@ -389,33 +404,53 @@ def _arm_rows(snap: Snapshot, window_s: float = 5.0) -> list[list[str]]:
     return rows
 
 
+def _invalid(snap: Snapshot, arm: str) -> Counter[str]:
+    """The arm's validation failures by kind: its answers' and its shadow calls'."""
+    return snap.validation.get((arm, "primary"), Counter()) + snap.validation.get((arm, "mirror"), Counter())
+
+
 ERRORS_FOOTNOTE = (
     "* errors: each arm's calls as the gateway counted them"
     " (in the mirror-only phase, the candidate's shadow calls)"
 )
+LATENCY_LEGEND = (
+    "latency above: as the simulated users' clients measured it, their own waiting included (every user, "
+    "both simulated servers and the gateway share this machine); the gates compare the gateway's own "
+    "measurements of each arm, which is why they read lower"
+)
+COMPACT_LATENCY_LEGEND = (
+    "latency above: as the users' clients measured it, their own waiting included; the gates compare the "
+    "gateway's own measurements of each arm, so they read lower"
+)
+CRITICAL_LEGEND = "! critical gate: judged every second, one failure rolls back at once"
 ARM_HEADER = ["arm", "rate", "served", "errors*", "validation failures", "p50 ms", "p99 ms", "TTFT p50/p99"]
 
 
-def _extras(snap: Snapshot) -> list[str]:
+def _extras(snap: Snapshot, compact: bool = False, width: int = 0) -> list[str]:
     lines = []
     fallbacks = sum(snap.fallbacks.values())
     if fallbacks:
         reasons = ", ".join(f"{k} {n}" for k, n in snap.fallbacks.most_common(3))
-        lines.append(f"fallbacks to base: {fallbacks} ({reasons}); users saw none of those failures")
-    if snap.agreement:
-        shown = ", ".join(
-            f"{check} {agree / total * 100:.0f}%"
-            for check, (agree, total) in sorted(snap.agreement.items())
-            if total
-        )
+        seen = "none seen by users" if compact else "users saw none of those failures"
+        lines.append(f"fallbacks to base: {fallbacks} ({reasons}); {seen}")
+    shown = ", ".join(
+        f"{check} {agree / total * 100:.0f}%"
+        for check, (agree, total) in sorted(snap.agreement.items())
+        if total
+    )
+    if shown:  # none before the first compared pair
         lines.append(f"mirror agreement (shadow vs base answer): {shown}")
-        if "tool_args" in snap.agreement:
+        if "tool_args" in shown:
             lines.append(
-                "  (tool_args asks for identical arguments: different checkpoints rarely match word for word)"
+                "  (tool_args: identical arguments, which different checkpoints rarely give)"
+                if compact
+                else "  (tool_args asks for identical arguments: different checkpoints rarely match word for "
+                "word)"
             )
     errors = snap.traffic.total["error"]
     if errors:
-        lines.append(f"client errors: {errors} (e.g. {snap.traffic.failures[0]})")
+        line = f"client errors: {errors} (e.g. {snap.traffic.failures[0]})"
+        lines.append(line if not compact or len(line) <= width else line[: width - 3] + "...")
     return lines
 
 
@@ -462,8 +497,121 @@ class PlainView:
             print(f"    {line}", flush=True)
 
 
+# Below this many columns, or when the full layout is taller than the terminal, the live view takes its
+# compact layout (an 80x40 terminal fits).
+FULL_COLUMNS = 120
+COLOURS = {"pass": "green", "fail": "bold red", "wait": "yellow"}
+
+
+def render(snap: Snapshot, title: str, width: int, height: int) -> RenderableType:
+    """The live view for a terminal of width x height: the full layout where it fits, else a compact one
+    that fits 80x40 (no column cut, the controller's newest move whole)."""
+    from rich import box
+    from rich.console import Console, Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    header = Text(_phase_line(snap), style="bold")
+    rows = _arm_rows(snap)
+    gates = _gates(snap)
+    history = snap.rollout.get("history", [])  # newest first
+    decided = (snap.analysis or {}).get("decided")
+    since = "as the controller decided" if decided else "since the rollout began"
+    measure = Console(width=width, height=height, file=io.StringIO(), color_system=None)
+    if width >= FULL_COLUMNS:
+        arms = Table(expand=True, title="what users were served (last 5 s)", title_justify="left")
+        for name in ARM_HEADER:
+            arms.add_column(name, justify="left" if name in ("arm", "validation failures") else "right")
+        for row in rows:
+            arms.add_row(*row)
+        table = Table(expand=True, title=f"gates: candidate vs base, {since}", title_justify="left")
+        for name in ("gate", "verdict", "value", "threshold", "samples base / candidate", "why"):
+            table.add_column(name)
+        for gate in gates:
+            table.add_row(
+                gate["gate"] + (" (critical)" if gate["critical"] else ""),
+                Text(gate["result"], style=COLOURS.get(gate["result"], "")),
+                _gate_value(gate),
+                _gate_threshold(gate),
+                f"{gate['n_base']} / {gate['n_candidate']}",
+                gate["reason"],
+            )
+        moves = Table(expand=True, show_header=False, title="controller", title_justify="left")
+        moves.add_column("move")
+        for move in reversed(history[:6]):
+            moves.add_row(f"{move['phase']} at {move['weight']:g}%: {move['reason']}")
+        extras = Text("\n".join([*_extras(snap), ERRORS_FOOTNOTE, LATENCY_LEGEND]))
+        full = Panel(Group(header, arms, table, moves, extras), title=title)
+        if len(measure.render_lines(full, pad=False)) <= height:
+            return full
+    # Compact: borderless tables, cells that never shrink below their text, validation failures and the
+    # gates' reasons left to the lines below (the failing gates' reasons are in the controller's move).
+    arms = Table(
+        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=True,
+        title="what users were served (last 5 s)", title_justify="left",
+    )  # fmt: skip
+    for name, justify in (
+        ("arm", "left"), ("rate", "right"), ("served", "right"), ("errors*", "right"),
+        ("p50/p99 ms", "right"), ("TTFT p50/p99", "right"), ("invalid", "right"),
+    ):  # fmt: skip
+        arms.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for arm, row in zip(("base", "candidate"), rows, strict=True):
+        arms.add_row(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            f"{row[5]}/{row[6]}",
+            row[7],
+            str(sum(_invalid(snap, arm).values())),
+        )
+    invalid = [
+        f"{arm} {', '.join(f'{k} {n}' for k, n in kinds.most_common(3))}"
+        for arm in ("base", "candidate")
+        if (kinds := _invalid(snap, arm))
+    ]
+    table = Table(
+        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=True,
+        title=f"gates: candidate vs base, {since}", title_justify="left",
+    )  # fmt: skip
+    table.add_column("gate", overflow="fold")  # a long name wraps; it is never cut
+    table.add_column("verdict", no_wrap=True)
+    table.add_column("value vs limit", justify="right", no_wrap=True)
+    table.add_column("base / cand.", justify="right", no_wrap=True)
+    for gate in gates:
+        table.add_row(
+            gate["gate"] + (" !" if gate["critical"] else ""),
+            Text(gate["result"], style=COLOURS.get(gate["result"], "")),
+            _gate_against(gate),
+            f"{gate['n_base']} / {gate['n_candidate']}",
+        )
+    said = [f"{m['phase']} at {m['weight']:g}%: {m['reason']}" for m in history[:4]]  # newest first
+    older = [m if len(m) <= width - 4 else m[: width - 7] + "..." for m in said[1:]]  # a line each
+    notes = [f"validation failures: {'; '.join(invalid)}"] if invalid else []
+    notes += _extras(snap, compact=True, width=width - 4)
+    legends = [ERRORS_FOOTNOTE, CRITICAL_LEGEND, COMPACT_LATENCY_LEGEND]
+
+    def panel(older: list[str], legends: list[str]) -> RenderableType:
+        controller = Text("controller (newest first)\n")
+        controller.append(said[0] if said else "-", style="bold")
+        controller.append("".join(f"\n{m}" for m in older))
+        return Panel(Group(header, arms, table, controller, Text("\n".join(notes + legends))), title=title)
+
+    # What does not fit goes, least needed first: older moves, then the legends. The newest move, which
+    # says why the rollout stands where it is, stays whole.
+    shown = panel(older, legends)
+    while len(measure.render_lines(shown, pad=False)) > height and (older or legends):
+        if older:
+            older = older[:-1]
+        else:
+            legends = legends[:-1]
+        shown = panel(older, legends)
+    return shown
+
+
 class LiveView:
-    """A terminal: rich's live display, redrawn four times a second."""
+    """A terminal: rich's live display, redrawn four times a second, in the layout its size allows."""
 
     def __init__(self, title: str) -> None:
         from rich.console import Console
@@ -481,38 +629,8 @@ class LiveView:
         self._live.__exit__(None, None, None)
 
     def update(self, snap: Snapshot) -> None:
-        from rich.console import Group
-        from rich.panel import Panel
-        from rich.table import Table
-        from rich.text import Text
-
-        arms = Table(expand=True, title="what users were served (last 5 s)", title_justify="left")
-        for name in ARM_HEADER:
-            arms.add_column(name, justify="left" if name in ("arm", "validation failures") else "right")
-        for row in _arm_rows(snap):
-            arms.add_row(*row)
-        gates = Table(
-            expand=True, title="gates: candidate vs base since the rollout began", title_justify="left"
-        )
-        for name in ("gate", "verdict", "value", "threshold", "samples base / candidate", "why"):
-            gates.add_column(name)
-        colours = {"pass": "green", "fail": "bold red", "wait": "yellow"}
-        for gate in _gates(snap):
-            gates.add_row(
-                gate["gate"] + (" (critical)" if gate["critical"] else ""),
-                Text(gate["result"], style=colours.get(gate["result"], "")),
-                _gate_value(gate),
-                _gate_threshold(gate),
-                f"{gate['n_base']} / {gate['n_candidate']}",
-                gate["reason"],
-            )
-        moves = Table(expand=True, show_header=False, title="controller", title_justify="left")
-        moves.add_column("move")
-        for move in reversed(snap.rollout.get("history", [])[:6]):
-            moves.add_row(f"{move['phase']} at {move['weight']:g}%: {move['reason']}")
-        header = Text(_phase_line(snap), style="bold")
-        extras = Text("\n".join([*_extras(snap), ERRORS_FOOTNOTE]))
-        self._live.update(Panel(Group(header, arms, gates, moves, extras), title=self.title))
+        size = self.console.size
+        self._live.update(render(snap, self.title, size.width, size.height))
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -585,14 +703,14 @@ def run_demo(
             )
         )
         settings = Settings(
-            policy_dir=work,
-            api_keys=frozenset({DEMO_KEY}),
-            admin_token=ADMIN_TOKEN,
-            watch_policies=False,
-            log_level="warning",
+            policy_dir=work, api_keys=frozenset({DEMO_KEY}), admin_token=ADMIN_TOKEN, watch_policies=False
         )
-        log_file = Path(tempfile.gettempdir()) / "canarygate-demo.log"
-        stack.enter_context(_logs_to(log_file))  # each fallback is logged: keep them off the live view
+        # The gateway's log at INFO (rollout moves, fallbacks, circuits), off the live view, in a file of
+        # this run's own: concurrent demos never write into one another's.
+        handle, name = tempfile.mkstemp(prefix=f"canarygate-demo-{scenario_name}-", suffix=".log")
+        os.close(handle)
+        log_file = Path(name)
+        stack.enter_context(_logs_to(log_file))
         gateway = stack.enter_context(BackgroundServer(create_app(settings), port=port))
         expect = scenario.expect.replace("_", " ")
         print(f"scenario {scenario_name}: the candidate {scenario.story}; expected: {expect}")
@@ -626,6 +744,7 @@ def run_demo(
         )
         for failure in traffic.failures[:3]:
             print(f"  client error: {failure}")
+        print(f"the gateway's log: {log_file}")
         expected = outcome == scenario.expect and traffic.total["error"] == 0
         print("as expected" if expected else f"NOT as expected: wanted {scenario.expect.replace('_', ' ')}")
         _next_steps(gateway.url, keep_serving)
@@ -668,15 +787,17 @@ async def _run(
 def _logs_to(path: Path) -> Iterator[None]:
     logger = logging.getLogger("gateway")
     handler = logging.FileHandler(path, mode="w")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    saved = logger.propagate
+    handler.setFormatter(logging.Formatter(logs.TEXT))
+    saved = logger.propagate, logger.level
     logger.addHandler(handler)
     logger.propagate = False
+    logger.setLevel(logging.INFO)
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        logger.propagate = saved
+        logger.propagate, level = saved
+        logger.setLevel(level)
         handler.close()
 
 
