@@ -8,8 +8,10 @@ import gc
 import hmac
 import logging
 import os
+import re
 import signal
 import threading
+import typing
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -20,11 +22,12 @@ import orjson
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from gateway import logs
+from gateway import endpoints, logs
 from gateway.analysis import ArmWindow, per_interval
 from gateway.apis import CLIENT_PATHS
 from gateway.asgi import (
@@ -53,6 +56,7 @@ from gateway.errors import (
 )
 from gateway.evaluation.evaluations import Evaluations
 from gateway.feedback import Assignments, Feedback, FeedbackIn
+from gateway.fields import invalid_fields
 from gateway.pins import Pins
 from gateway.proxy import Proxy
 from gateway.readiness import Readiness
@@ -63,6 +67,7 @@ from gateway.settings import Settings
 from gateway.stats import Recorder
 from gateway.store import StateUnavailable, Store
 from gateway.store.rollouts import RouteState, order, skewed
+from gateway.stored import ACTIONS as STORED_ACTIONS
 from gateway.stored import PREFIXES as STORED_PREFIXES
 from gateway.stored import StoredResponses
 from gateway.tasks import LoopLag, Spawner
@@ -358,6 +363,32 @@ def create_app(
     return app
 
 
+def _body_model(request: Request) -> type[BaseModel] | None:
+    """The pydantic model of the body the matched endpoint takes (for its fields' descriptions)."""
+    endpoint = request.scope.get("endpoint")
+    try:
+        hints = typing.get_type_hints(endpoint) if endpoint is not None else {}
+    except (NameError, TypeError):
+        return None
+    for hint in hints.values():
+        for option in (hint, *typing.get_args(hint)):
+            if isinstance(option, type) and issubclass(option, BaseModel):
+                return option
+    return None
+
+
+def _served(api: FastAPI) -> list[tuple[str, str]]:
+    """Every (method, path template) the gateway serves, for the hint of a 404."""
+    served = [("POST", path) for path in CLIENT_PATHS]
+    for action, methods in STORED_ACTIONS.items():
+        served += [(m, "/v1/responses/{response_id}" + (f"/{action}" if action else "")) for m in methods]
+    for route in api.routes:
+        if isinstance(route, APIRoute) and route.include_in_schema:
+            path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)  # {route:path} -> {route}
+            served += [(method, path) for method in route.methods or () if method != "HEAD"]
+    return served
+
+
 def _tag_request_id(send: Send, rid: str) -> Send:
     async def tagged(message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -406,7 +437,7 @@ def _api(services: Services) -> FastAPI:
         error: GatewayError
         where = f"{request.method} {request.url.path}"
         if exc.status_code == 404:
-            error = NotFound(f"no such endpoint: {where}; the API lives under /v1")
+            error = NotFound(endpoints.hint(request.method, request.url.path, _served(api)))
         elif exc.status_code == 405:
             error = MethodNotAllowed(f"method not allowed: {where}")
         else:
@@ -415,9 +446,7 @@ def _api(services: Services) -> FastAPI:
 
     @api.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return await gateway_error(request, InvalidRequest(f"{where}: {first.get('msg', 'invalid request')}"))
+        return await gateway_error(request, invalid_fields(exc.errors(), _body_model(request)))
 
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from gateway import logs
+from gateway import adminclient, logs
+from gateway.adminclient import AdminError
 from gateway.logs import FORMATS, LEVELS
 from gateway.server import PortUnavailable
 from gateway.settings import Settings, SettingsError
@@ -319,9 +320,10 @@ def _healthcheck(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    url = f"{args.url.rstrip('/')}/healthz"
-    if not url.startswith(("http://", "https://")):
-        print(f"canarygate healthcheck: {url}: not an http(s) URL", file=sys.stderr)
+    try:
+        url = f"{adminclient.gateway_root(args.url)}/healthz"
+    except AdminError as exc:
+        print(f"canarygate healthcheck: {exc}", file=sys.stderr)
         return 2
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as response:  # noqa: S310 - checked above
@@ -551,8 +553,9 @@ def _knob_type(default: object) -> Callable[[str], object]:
 def _admin_options(parser: argparse.ArgumentParser, *, reason: bool = False, json_flag: bool = True) -> None:
     parser.add_argument(
         "--url",
-        default=os.environ.get("CANARYGATE_URL", "http://127.0.0.1:8080"),
-        help="the gateway (env CANARYGATE_URL); the token comes from CANARYGATE_ADMIN_TOKEN",
+        default=os.environ.get("CANARYGATE_URL", adminclient.DEFAULT_URL),
+        help="the gateway, with or without /v1 (env CANARYGATE_URL); the token comes from "
+        "CANARYGATE_ADMIN_TOKEN",
     )
     if json_flag:
         parser.add_argument("--json", action="store_true", help="the gateway's JSON answer, for scripts")
@@ -560,34 +563,8 @@ def _admin_options(parser: argparse.ArgumentParser, *, reason: bool = False, jso
         parser.add_argument("--reason", help="why: kept in the route's history")
 
 
-class AdminError(Exception):
-    pass
-
-
 def _admin(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
-    """One admin API call; AdminError with a message for the user when it cannot be made or fails."""
-    import httpx
-
-    token = os.environ.get("CANARYGATE_ADMIN_TOKEN")
-    if not token:
-        raise AdminError("set CANARYGATE_ADMIN_TOKEN to the gateway's admin token")
-    try:
-        response = httpx.request(
-            method,
-            f"{args.url.rstrip('/')}{path}",
-            timeout=30,
-            headers={"Authorization": f"Bearer {token}"},
-            **kwargs,
-        )
-    except httpx.TransportError as exc:
-        raise AdminError(f"cannot reach {args.url}: {exc}") from None
-    if response.status_code != 200:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:200]
-        raise AdminError(f"{response.status_code}: {message}")
-    return response
+    return adminclient.call(args.url, method, path, **kwargs)
 
 
 def _run_admin(name: str, call: Callable[[], int]) -> int:

@@ -247,6 +247,16 @@ def test_cli_verbs_drive_the_admin_api(sims: tuple[Sim, Sim], make_gateway: Gate
     assert refused.returncode == 2 and "409" in refused.stderr and "not paused" in refused.stderr
     assert cli("rollback", "chat").returncode == 0
     assert arm_of(gw.url) == "base"
+    for base_url in (f"{gw.url}/v1", f"{gw.url}/v1/", f" {gw.url}/ "):  # users copy their clients' base_url
+        env["CANARYGATE_URL"] = base_url
+        shown = cli("status", "chat")
+        assert shown.returncode == 0 and "rolled_back" in shown.stdout, shown.stderr
+    env["CANARYGATE_URL"] = "gateway:8080"
+    wrong = cli("status")
+    assert (
+        wrong.returncode == 2 and "'gateway:8080' is not a gateway URL: give one like http://" in wrong.stderr
+    )
+    env["CANARYGATE_URL"] = gw.url
     env.pop("CANARYGATE_ADMIN_TOKEN")
     assert "CANARYGATE_ADMIN_TOKEN" in cli("status").stderr
     assert up(f"{gw.url}/healthz")

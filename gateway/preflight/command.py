@@ -11,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import quote
 
 import orjson
 
+from gateway import adminclient
 from gateway.preflight.run import Outcome
 
 FAILED_TO_RUN = 2
@@ -61,8 +63,8 @@ def add_parser(sub: Any, policies_option: Any) -> None:
     )
     parser.add_argument(
         "--admin-url",
-        default=os.environ.get("CANARYGATE_URL", "http://127.0.0.1:8080"),
-        help="with --record: the gateway (env CANARYGATE_URL)",
+        default=os.environ.get("CANARYGATE_URL", adminclient.DEFAULT_URL),
+        help="with --record: the gateway, with or without /v1 (env CANARYGATE_URL)",
     )
     parser.set_defaults(func=main)
 
@@ -205,25 +207,14 @@ def _print_summary(report: dict[str, Any], prefix: Path) -> None:
 
 def _record(args: argparse.Namespace, route: str, report: dict[str, Any]) -> int:
     """Attach the verdict to the route's rollout (POST /admin/routes/ROUTE/preflight)."""
-    import httpx
-
     from gateway.preflight.report import recorded
 
-    token = os.environ["CANARYGATE_ADMIN_TOKEN"]
-    url = f"{args.admin_url.rstrip('/')}/admin/routes/{route}/preflight"
     try:
-        response = httpx.post(
-            url, json=recorded(report), headers={"Authorization": f"Bearer {token}"}, timeout=30
+        response = adminclient.call(
+            args.admin_url, "POST", f"/admin/routes/{quote(route, safe='/')}/preflight", json=recorded(report)
         )
-    except httpx.TransportError as exc:
-        print(f"canarygate preflight: --record: cannot reach {args.admin_url}: {exc}", file=sys.stderr)
-        return FAILED_TO_RUN
-    if response.status_code != 200:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:200]
-        print(f"canarygate preflight: --record: {response.status_code}: {message}", file=sys.stderr)
+    except adminclient.AdminError as exc:
+        print(f"canarygate preflight: --record: {exc}", file=sys.stderr)
         return FAILED_TO_RUN
     print(f"recorded on {args.admin_url}: {response.json().get('message', '')}")
     return 0
