@@ -116,11 +116,11 @@ class SchemaChecks:
         """Compiles a schema in a worker (where it is kept for the checks); SchemaError if it does not."""
         reply = await self._ask(b"compile", schema.text, "")
         if reply is _TIMED_OUT:
-            raise SchemaError(f"{where} took longer than {self.timeout_s:g}s to compile; simplify it")
+            raise SchemaError(f"{where} took longer than {self.timeout_s:g}s to compile; simplify it", where)
         if reply is _FAILED:
             raise RuntimeError("the schema check worker failed")
         if reply is not None:
-            raise SchemaError(f"{where} is not a valid JSON Schema: {reply}")
+            raise SchemaError(f"{where} is not a valid JSON Schema: {reply}", where)
 
     async def _ask(self, op: bytes, text: bytes, instance: str) -> Any:
         request = orjson.dumps([op.decode(), text.decode(), instance])

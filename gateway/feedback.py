@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from gateway.errors import NotFound, Unavailable
 from gateway.route import Route
@@ -62,9 +63,17 @@ class FeedbackIn(BaseModel):
     @model_validator(mode="after")
     def _one_subject(self) -> FeedbackIn:
         if (self.request_id is None) == (self.trace_id is None):
-            raise ValueError("send either request_id (one answer) or trace_id (a whole trace), not both")
+            raise PydanticCustomError(
+                "one_subject",
+                "send either request_id (one answer) or trace_id (a whole trace), not both",
+                {"param": "request_id"},
+            )
         if self.route is not None and self.trace_id is None:
-            raise ValueError("route narrows a trace_id; a request_id already names its route")
+            raise PydanticCustomError(
+                "route_without_trace",
+                "route narrows a trace_id; a request_id already names its route",
+                {"param": "route"},
+            )
         return self
 
     def negative(self) -> bool:

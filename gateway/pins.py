@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import InvalidRequest, Unavailable
+from gateway.fields import wrong_type
 from gateway.route import Route, RouteArm
 from gateway.store import StateUnavailable
 from gateway.store.records import RecordStore, Ring
 from gateway.tasks import Spawner
+from gateway.validation import describe
 
 log = logging.getLogger("gateway.pins")
 
@@ -122,19 +124,26 @@ def _key(kind: str, ref: str, scope: str | None) -> str:
     return PIN_RECORD + hashlib.sha256(f"{kind}\x1f{scope or ''}\x1f{ref}".encode()).hexdigest()[:32]
 
 
+PREVIOUS = "previous_response_id"
+
+
 def references(payload: dict[str, Any]) -> tuple[str | None, str | None]:
     """(previous_response_id, conversation id) of a Responses request, each checked to be a string."""
-    previous = payload.get("previous_response_id")
-    if previous is not None and (not isinstance(previous, str) or not previous):
+    previous = payload.get(PREVIOUS)
+    if previous is not None and not isinstance(previous, str):
+        raise wrong_type(PREVIOUS, "a string", previous, "a response id")
+    if previous == "":
         raise InvalidRequest(
-            "'previous_response_id' must be a response id (a string)", param="previous_response_id"
+            "'previous_response_id' is empty: give a response id", param="previous_response_id"
         )
     conversation = payload.get("conversation")
     if isinstance(conversation, dict):
         conversation = conversation.get("id")
     if conversation is not None and (not isinstance(conversation, str) or not conversation):
         raise InvalidRequest(
-            "'conversation' must be a conversation id or {\"id\": <conversation id>}", param="conversation"
+            "'conversation' must be a conversation id (a string) or {\"id\": <conversation id>}, not "
+            f"{describe(conversation) if conversation != '' else 'an empty string'}",
+            param="conversation",
         )
     return previous, conversation
 

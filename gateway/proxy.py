@@ -51,6 +51,7 @@ from gateway.errors import (
 from gateway.evaluation.evaluations import Evaluations, evaluated
 from gateway.fallback import CIRCUIT_OPEN, Guards
 from gateway.feedback import TRACE_RECORD, Assignments
+from gateway.fields import wrong_type
 from gateway.ledger import Ledger
 from gateway.logs import LOG_EVERY_S, Every
 from gateway.pins import Pins, PreviousResponseUnknown, pinned_arm, references
@@ -589,12 +590,14 @@ class Proxy:
 
     def _route(self, payload: dict[str, Any]) -> Route:
         model = payload.get("model")
-        if not isinstance(model, str) or not model:
+        if model is None or model == "":
             raise InvalidRequest(
                 "'model' is required: set it to one of the routes listed by GET /v1/models",
                 code="missing_model",
                 param="model",
             )
+        if not isinstance(model, str):
+            raise wrong_type("model", "a string", model, "the name of a route listed by GET /v1/models")
         route = self._routes(model)
         if route is None:
             raise ModelNotFound(
@@ -613,7 +616,7 @@ class Proxy:
                 await self.checks.compile(schema, where)
                 self._schemas.add(schema)
         except SchemaError as exc:
-            raise InvalidRequest(str(exc), code="invalid_schema") from None
+            raise InvalidRequest(str(exc), code="invalid_schema", param=exc.param) from None
         except FieldError as exc:
             raise InvalidRequest(str(exc), param=exc.param) from None
         return rules
@@ -622,24 +625,30 @@ class Proxy:
 def _check_fields(payload: dict[str, Any], endpoint: str) -> None:
     stream = payload.get("stream")
     if stream is not None and not isinstance(stream, bool):
-        raise InvalidRequest("'stream' must be true or false", param="stream")
+        raise wrong_type("stream", "true or false", stream)
     if stream and endpoint == "embeddings":
         raise InvalidRequest("embeddings cannot be streamed; remove 'stream'", param="stream")
     field = REQUIRED_FIELD.get(endpoint)
     if field is not None and payload.get(field) in (None, "", []):
         raise InvalidRequest(f"'{field}' is required for this endpoint", code="missing_field", param=field)
     if endpoint in ("chat", "messages") and not isinstance(payload["messages"], list):
-        raise InvalidRequest("'messages' must be an array of message objects", param="messages")
+        raise wrong_type("messages", "an array", payload["messages"], "of message objects")
     if endpoint == "messages":
         limit = payload.get("max_tokens")
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        if limit is None:
             raise InvalidRequest(
-                "'max_tokens' is required by the Messages API: a positive integer", param="max_tokens"
+                "'max_tokens' is required by the Messages API: a positive integer",
+                code="missing_field",
+                param="max_tokens",
             )
+        if not isinstance(limit, int) or isinstance(limit, bool):
+            raise wrong_type("max_tokens", "an integer", limit, "1 or more")
+        if limit < 1:
+            raise InvalidRequest(f"'max_tokens' must be 1 or more, got {limit}", param="max_tokens")
     if endpoint == "responses":
         given = payload.get("input")
         if given is not None and not isinstance(given, str | list):
-            raise InvalidRequest("'input' must be text or an array of input items", param="input")
+            raise wrong_type("input", "a string or an array", given, "text, or input items")
 
 
 def _check_content_type(content_type: str | None) -> None:

@@ -29,7 +29,15 @@ class Failure:
 
 
 class SchemaError(ValueError):
-    """A schema that does not compile; the message says where it came from and why."""
+    """A schema that does not compile; the message says where it came from and why, param names the
+    request field that holds it."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+FORMAT_SCHEMA = "response_format.json_schema.schema"
 
 
 class FieldError(ValueError):
@@ -81,17 +89,18 @@ class Schema:
 
 def schema_text(schema: Any, where: str) -> bytes:
     if not isinstance(schema, dict | bool):
-        raise SchemaError(f"{where} must be a JSON Schema object, got {describe(schema)}")
+        raise SchemaError(f"{where} must be a JSON Schema object, got {describe(schema)}", where)
     try:
         # A copy: orjson's buffer is rounded up and never shrunk (a 57 KB schema held 507 KiB), and this
         # text is kept as long as the schema is cached.
         text = bytes(memoryview(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)))
     except TypeError as exc:
-        raise SchemaError(f"{where} cannot be read as JSON: {exc}") from None
+        raise SchemaError(f"{where} cannot be read as JSON: {exc}", where) from None
     if len(text) > MAX_SCHEMA_BYTES:
         raise SchemaError(
             f"{where} is {len(text)} bytes as JSON; the gateway validates schemas of at most "
-            f"{MAX_SCHEMA_BYTES} bytes"
+            f"{MAX_SCHEMA_BYTES} bytes",
+            where,
         )
     return text
 
@@ -106,7 +115,7 @@ def compile_validator(schema: Any, where: str) -> jsonschema_rs.Validator:
         return jsonschema_rs.validator_for(schema, retriever=_refuse_remote, pattern_options=PATTERNS)
     except (jsonschema_rs.ValidationError, ValueError) as exc:
         reason = str(exc).split("\n", 1)[0]
-        raise SchemaError(f"{where} is not a valid JSON Schema: {reason}") from None
+        raise SchemaError(f"{where} is not a valid JSON Schema: {reason}", where) from None
 
 
 def _has_refs(text: bytes) -> bool:
@@ -252,7 +261,9 @@ def _chat_format(request: Mapping[str, Any]) -> tuple[Any, str, str] | None:
     assert isinstance(fmt, dict)
     spec = fmt.get("json_schema")
     if not isinstance(spec, dict) or "schema" not in spec:
-        raise SchemaError("response_format.json_schema.schema is required for type json_schema")
+        raise SchemaError(
+            "response_format.json_schema.schema is required for type json_schema", FORMAT_SCHEMA
+        )
     return spec["schema"], "response_format.json_schema.schema", "response_format"
 
 
@@ -267,7 +278,7 @@ def _responses_format(request: Mapping[str, Any]) -> tuple[Any, str, str] | None
         return None
     assert isinstance(fmt, dict)
     if "schema" not in fmt:
-        raise SchemaError("text.format.schema is required for type json_schema")
+        raise SchemaError("text.format.schema is required for type json_schema", "text.format.schema")
     return fmt["schema"], "text.format.schema", "text.format"
 
 
@@ -278,7 +289,9 @@ def _messages_format(request: Mapping[str, Any]) -> tuple[Any, str, str] | None:
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
         return None
     if "schema" not in fmt:
-        raise SchemaError("output_config.format.schema is required for type json_schema")
+        raise SchemaError(
+            "output_config.format.schema is required for type json_schema", "output_config.format.schema"
+        )
     return fmt["schema"], "output_config.format.schema", "output_config.format"
 
 
@@ -299,7 +312,7 @@ def _declared(
     a tool's (name, schema, where the schema is under the tool), or None for tools that are not checked
     (hosted or server tools: nothing to check them against)."""
     if not isinstance(declared, list):
-        raise SchemaError(f"{field} must be an array")
+        raise SchemaError(f"{field} must be an array, not {describe(declared)}", field)
     tools: dict[str, Schema | None] = {}
     for index, tool in enumerate(declared):
         found = schema_of(tool) if isinstance(tool, dict) else None
