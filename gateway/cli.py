@@ -89,8 +89,17 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=3.0, help="seconds")
     health.set_defaults(func=_healthcheck)
 
-    check = sub.add_parser("check", help="validate policy files; exit 2 when any is invalid")
-    check.add_argument("policies", type=Path, nargs="?", default=Path("policies"))
+    check = sub.add_parser(
+        "check",
+        help="validate policy files and directories; every problem, each with its line; exit 2 if any",
+    )
+    check.add_argument(
+        "policies",
+        type=Path,
+        nargs="*",
+        default=[Path("policies")],
+        help="files and directories (default policies)",
+    )
     check.add_argument(
         "--strict", action="store_true", help="treat unset api_key_env variables as errors (as serve does)"
     )
@@ -341,18 +350,35 @@ def _healthcheck(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from gateway.loader import load_dir
+    """Every file given, and every policy file of every directory given, read in one pass."""
+    from gateway.loader import Problem, load_files, policy_files
 
-    routes, problems = load_dir(args.policies, require_secrets=args.strict)
+    files: list[Path] = []
+    problems: list[Problem] = []
+    for given in args.policies:
+        if given.is_dir():
+            found = policy_files(given)
+            files += found
+            if not found:
+                problems.append(Problem(given, None, "", "holds no policy files (*.yaml or *.yml)"))
+        elif given.is_file():
+            files.append(given)
+        else:
+            problems.append(Problem(given, None, "", "no such file or directory"))
+    routes, loaded = load_files(list(dict.fromkeys(files)), require_secrets=args.strict)
+    problems += loaded
     for problem in problems:
         print(problem)
     errors = [p for p in problems if p.severity == "error"]
-    if errors:
-        print(f"{len(errors)} problem(s); fix them before serving", file=sys.stderr)
-        return 2
     for route in routes.values():
+        if any(p.file == route.source for p in errors):
+            continue
         candidate = f"{route.candidate.model} at {route.weight:g}%" if route.candidate else "none"
         print(f"ok  {route.name:<28} base={route.base.model}  candidate={candidate}  ({route.source.name})")
+    if errors:
+        bad = len({p.file for p in errors})
+        print(f"{len(errors)} problem(s) in {bad} file(s); fix them before serving", file=sys.stderr)
+        return 2
     return 0
 
 

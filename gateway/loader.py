@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy as copy_module
 import difflib
 import os
 import re
@@ -14,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from gateway.policy import Policy
+from gateway.policy import Policy, exclusive_problems
 from gateway.route import Route, compile_policy
 
 Severity = Literal["error", "warning"]
@@ -48,61 +49,184 @@ def load_dir(
     directory: Path, environ: Mapping[str, str] | None = None, *, require_secrets: bool = True
 ) -> tuple[dict[str, Route], list[Problem]]:
     """Load and compile every *.yaml / *.yml policy; problems of severity error make the set unusable."""
-    env = os.environ if environ is None else environ
     if not directory.is_dir():
         return {}, [Problem(directory, None, "", "is not a directory of policy files")]
-    files = sorted(
-        p for p in directory.iterdir() if p.suffix in {".yaml", ".yml"} and not p.name.startswith(".")
-    )
+    files = policy_files(directory)
     if not files:
         return {}, [Problem(directory, None, "", "holds no policy files (*.yaml or *.yml)")]
+    return load_files(files, environ, require_secrets=require_secrets)
+
+
+def policy_files(directory: Path) -> list[Path]:
+    return sorted(
+        p for p in directory.iterdir() if p.suffix in {".yaml", ".yml"} and not p.name.startswith(".")
+    )
+
+
+def load_files(
+    files: list[Path], environ: Mapping[str, str] | None = None, *, require_secrets: bool = True
+) -> tuple[dict[str, Route], list[Problem]]:
+    """Every problem of every file, each with its line: a file with problems does not stop the others."""
+    env = os.environ if environ is None else environ
     routes: dict[str, Route] = {}
     problems: list[Problem] = []
     for file in files:
-        policy, file_problems = load_file(file)
+        policy, node, file_problems = _load(file)
         problems.extend(file_problems)
         if policy is None:
             continue
         if policy.route in routes:
             first = routes[policy.route].source
-            problems.append(Problem(file, None, "route", f"{policy.route!r} is already defined in {first}"))
+            where = _line(node, ("route",))
+            problems.append(Problem(file, where, "route", f"{policy.route!r} is already defined in {first}"))
             continue
         preflight = policy.rollout.preflight
         if preflight is not None and preflight.dataset is not None:
             dataset = file.parent / preflight.dataset
             if not dataset.is_file():
                 why = f"{dataset}: no such file (the held-out set, relative to the policy file)"
-                problems.append(Problem(file, None, "rollout.preflight.dataset", why))
+                line = _line(node, ("rollout", "preflight", "dataset"))
+                problems.append(Problem(file, line, "rollout.preflight.dataset", why))
                 continue
         route, missing = compile_policy(policy, file, env)
         severity: Severity = "error" if require_secrets else "warning"
-        problems.extend(Problem(file, None, path, msg, severity) for path, msg in missing)
+        problems.extend(
+            Problem(file, _line(node, _parts(path)), path, msg, severity) for path, msg in missing
+        )
         routes[policy.route] = route
     return routes, problems
 
 
 def load_file(file: Path) -> tuple[Policy | None, list[Problem]]:
+    policy, _, problems = _load(file)
+    return policy, problems
+
+
+def _load(file: Path) -> tuple[Policy | None, yaml.Node | None, list[Problem]]:
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        return None, [Problem(file, None, "", f"cannot be read: {exc}")]
+        return None, None, [Problem(file, None, "", f"cannot be read: {exc}")]
     try:
         node, data = _parse(text)
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
-        return None, [Problem(file, line, "", f"is not valid YAML: {exc.problem}")]
+        return None, None, [Problem(file, line, "", f"is not valid YAML: {exc.problem}")]
     except _DuplicateKey as exc:
-        return None, [Problem(file, exc.line, exc.path, "is defined twice in the same mapping")]
+        return None, None, [Problem(file, exc.line, exc.path, "is defined twice in the same mapping")]
     except _TooLarge as exc:
         message = f"too many aliases: the file expands past {MAX_NODES} YAML nodes (an alias bomb?)"
-        return None, [Problem(file, exc.line, "", message)]
+        return None, None, [Problem(file, exc.line, "", message)]
     if not isinstance(data, dict):
-        return None, [Problem(file, 1, "", "must be a mapping with at least `route` and `arms.base`")]
+        return None, node, [Problem(file, 1, "", "must be a mapping with at least `route` and `arms.base`")]
     try:
-        return Policy.model_validate(data), []
+        return Policy.model_validate(data), node, []
     except ValidationError as exc:
-        problems = [_problem(file, node, err) for err in exc.errors()]
-        return None, sorted(problems, key=lambda p: p.line or 0)
+        errors = _every_error(data, exc)
+    problems = [_problem(file, node, err) for err in errors]
+    for written, said in exclusive_problems(data):
+        loc, message = _at_named_field(node, (), said)  # told as the section's own check tells it
+        if not loc:
+            loc, message = written, said
+        if not any((p.path, p.message) == (_dotted(loc), message) for p in problems):
+            problems.append(Problem(file, _line(node, loc), _dotted(loc), message))
+    return None, node, sorted(problems, key=lambda p: p.line or 0)
+
+
+# A check of a whole section (a model validator) runs only once every field in it is valid, and a check of
+# the whole policy only once every section is: one pass would tell a problem, and the next pass the one
+# behind it. Each further pass leaves out the fields already found wrong, so that the checks behind them
+# run; a problem they find about a field left out is not one (it was there, only wrong).
+MAX_PASSES = 4
+
+
+def _every_error(data: dict[str, Any], first: ValidationError) -> list[Any]:
+    errors = list(first.errors())
+    seen = {(tuple(e["loc"]), e["msg"]) for e in errors}
+    left_out: list[tuple[PathPart, ...]] = []
+    named: set[str] = set()  # the fields left out, and those an unknown field was likely meant to be
+    current = data
+    for _ in range(MAX_PASSES - 1):
+        paths = [p for p in (_data_path(current, e["loc"]) for e in errors) if p and p not in left_out]
+        if not paths:
+            break
+        left_out += paths
+        named |= {str(p[-1]) for p in paths} | {m for e in errors if (m := _meant(e)) is not None}
+        current = _without(data, left_out)
+        try:
+            Policy.model_validate(current)
+            break
+        except ValidationError as exc:
+            new = [
+                e
+                for e in exc.errors()
+                if (tuple(e["loc"]), e["msg"]) not in seen and not _about(e, left_out, named)
+            ]
+        if not new:
+            break
+        seen |= {(tuple(e["loc"]), e["msg"]) for e in new}
+        errors += new
+    return errors
+
+
+def _meant(error: Mapping[str, Any]) -> str | None:
+    """For an unknown field, the known one it is closest to (what it was likely meant to be)."""
+    if error["type"] != "extra_forbidden":
+        return None
+    loc = tuple(error["loc"])
+    model = _model_at(loc[:-1])
+    allowed = [field.alias or name for name, field in model.model_fields.items()] if model else []
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    return close[0] if close else None
+
+
+def _data_path(data: Any, loc: Any) -> tuple[PathPart, ...] | None:
+    """The error's location as keys of mappings in the data (a field to leave out: for an item of a list,
+    the list's field, since leaving the item out would renumber the items after it); None for the whole
+    document."""
+    path: list[PathPart] = []
+    node = data
+    for part in loc:
+        if not _holds(node, part):
+            break
+        path.append(part)
+        node = node[part]
+    while path and isinstance(path[-1], int):  # an item of a list: the list's field is left out
+        path.pop()
+    return tuple(path) or None
+
+
+def _holds(node: Any, part: PathPart) -> bool:
+    if isinstance(node, dict):
+        return part in node
+    return isinstance(node, list) and isinstance(part, int) and part < len(node)
+
+
+def _without(data: Any, paths: list[tuple[PathPart, ...]]) -> Any:
+    copy = copy_module.deepcopy(data)
+    for path in paths:
+        node = copy
+        for part in path[:-1]:
+            node = node[part]
+        node.pop(path[-1], None)
+    return copy
+
+
+def _about(error: Mapping[str, Any], left_out: list[tuple[PathPart, ...]], named: set[str]) -> bool:
+    """A problem at or under a field left out, or one whose message names such a field."""
+    loc = tuple(error["loc"])
+    if any(loc[: len(path)] == path for path in left_out):
+        return True
+    message = str(error.get("msg", ""))
+    return any(re.search(rf"\b{re.escape(name)}\b", message) for name in named)
+
+
+def _parts(path: str) -> tuple[PathPart, ...]:
+    """`arms.base.api_key_env`, `evaluators[2].name` as the parts of a location."""
+    parts: list[PathPart] = []
+    for word in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        parts.append(int(word[1:-1]) if word.startswith("[") else word)
+    return tuple(parts)
 
 
 class PolicyYAMLLoader(yaml.SafeLoader):
@@ -175,8 +299,24 @@ def _problem(file: Path, root: yaml.Node | None, err: Mapping[str, Any]) -> Prob
         value = err.get("input")
         if isinstance(value, str | int | float | bool) and kind != "value_error":
             message += f" (got {value!r})"
+        if kind == "value_error":
+            loc, message = _at_named_field(root, loc, message)
     line = _line(root, loc, stop_at_parent=kind == "missing")
     return Problem(file, line, _dotted(loc), message)
+
+
+def _at_named_field(
+    root: yaml.Node | None, loc: tuple[PathPart, ...], message: str
+) -> tuple[tuple[PathPart, ...], str]:
+    """A check of a whole section that begins by naming the field it is about ("mirror.percent is above
+    0 but ...") is told at that field, with its line."""
+    named = re.match(r"[a-z_]+(?:\.[a-z_]+)+\b", message)
+    if named is None:
+        return loc, message
+    field = (*loc, *_parts(named[0]))
+    if _line(root, field, exact=True) is None:
+        return loc, message
+    return field, message[named.end() :].lstrip()
 
 
 def _unknown_field(loc: tuple[PathPart, ...]) -> str:
@@ -225,8 +365,11 @@ def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _line(root: yaml.Node | None, loc: tuple[PathPart, ...], *, stop_at_parent: bool) -> int | None:
-    """Line of the deepest YAML node on the error's path (for a missing field: its parent mapping)."""
+def _line(
+    root: yaml.Node | None, loc: tuple[PathPart, ...], *, stop_at_parent: bool = False, exact: bool = False
+) -> int | None:
+    """Line of the deepest YAML node on the error's path (for a missing field: its parent mapping); exact:
+    None unless the whole path is in the file."""
     if root is None:
         return None
     node = root
@@ -235,13 +378,13 @@ def _line(root: yaml.Node | None, loc: tuple[PathPart, ...], *, stop_at_parent: 
         if isinstance(node, yaml.MappingNode):
             entry = next(((k, v) for k, v in node.value if k.value == part), None)
             if entry is None:
-                break
+                return None if exact else int(node.start_mark.line) + 1
             key, value = entry
             node = key if index == len(parts) - 1 else value
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             node = node.value[part]
         else:
-            break
+            return None if exact else int(node.start_mark.line) + 1
     return int(node.start_mark.line) + 1
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import ssl
+from collections.abc import Mapping
 from itertools import pairwise
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -746,6 +747,41 @@ class Preflight(Strict):
         return Gates.model_construct(**kept)
 
 
+BOTH_MODES = "set either weight (manual mode) or steps (automatic mode), not both"
+SHADOW_NEEDS_STEPS = "shadow_first needs steps"
+STEPS_NEED_CANDIDATE = "rollout.steps needs arms.candidate"
+COHORTS_NEEDED = "rollout.cohorts and rollout.segments need cohorts (source and values)"
+# Fields that cannot be set together, or one without the other, told whatever their values: the loader
+# checks them on the file as written, so that a wrong value in one does not hide them (the models' own
+# checks say the same, in the same words, once the values are right).
+# (field, other field, together: True when both set is wrong, False when one without the other is)
+EXCLUSIVE: list[tuple[str, str, bool, str]] = [
+    ("rollout.steps", "rollout.weight", True, BOTH_MODES),
+    ("rollout.shadow_first", "rollout.steps", False, SHADOW_NEEDS_STEPS),
+    ("rollout.steps", "arms.candidate", False, STEPS_NEED_CANDIDATE),
+    ("rollout.cohorts", "cohorts", False, COHORTS_NEEDED),
+    ("rollout.segments", "cohorts", False, COHORTS_NEEDED),
+]
+
+
+def exclusive_problems(data: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """(location, message) for each EXCLUSIVE rule the policy as written breaks."""
+    found: list[tuple[tuple[str, ...], str]] = []
+    for field, other, together, message in EXCLUSIVE:
+        if _present(data, field) and _present(data, other) == together:
+            found.append((tuple(field.split(".")), message))
+    return found
+
+
+def _present(data: Mapping[str, Any], dotted: str) -> bool:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or node.get(part) is None:
+            return False
+        node = node[part]
+    return True
+
+
 class Rollout(Strict):
     weight: float = Field(
         default=0, ge=0, le=100, description="Manual mode: percent of units served by the candidate"
@@ -785,9 +821,9 @@ class Rollout(Strict):
     @model_validator(mode="after")
     def _one_mode(self) -> Rollout:
         if self.steps is not None and "weight" in self.model_fields_set:
-            raise ValueError("set either weight (manual mode) or steps (automatic mode), not both")
+            raise ValueError(BOTH_MODES)
         if self.steps is None and "shadow_first" in self.model_fields_set:
-            raise ValueError("shadow_first needs steps")
+            raise ValueError(SHADOW_NEEDS_STEPS)
         if self.steps is None and self.preflight is not None and self.preflight.dataset is not None:
             raise ValueError(
                 "preflight.dataset needs steps: the pre-flight phase is an automatic rollout's; in manual "
@@ -827,7 +863,7 @@ class Policy(Strict):
             if self.rollout.weight > 0:
                 raise ValueError("rollout.weight is above 0 but arms.candidate is not defined")
             if self.rollout.steps is not None:
-                raise ValueError("rollout.steps needs arms.candidate")
+                raise ValueError(STEPS_NEED_CANDIDATE)
             if self.mirror.percent > 0:
                 raise ValueError("mirror.percent is above 0 but arms.candidate is not defined")
             if self.mirror.noise_floor_percent > 0:
@@ -836,7 +872,7 @@ class Policy(Strict):
                 raise ValueError("assignment.allow_override_header needs arms.candidate")
         targeting = self.rollout.cohorts
         if (targeting is not None or self.rollout.segments is not None) and self.cohorts is None:
-            raise ValueError("rollout.cohorts and rollout.segments need cohorts (source and values)")
+            raise ValueError(COHORTS_NEEDED)
         if targeting is not None and self.cohorts is not None:
             known = set(self.cohorts.names())
             for name in [*(targeting.include or []), *targeting.exclude]:

@@ -281,3 +281,33 @@ def test_a_log_format_the_gateway_does_not_know_is_refused() -> None:
     result = canarygate("serve", env={"CANARYGATE_LOG_FORMAT": "yaml"})
     assert result.returncode == 2
     assert "CANARYGATE_LOG_FORMAT: expected one of text, json, got 'yaml'" in result.stderr
+
+
+def test_check_takes_files_and_directories_and_tells_every_problem_at_once(tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "a.yaml").write_text("route: a\narms:\n  base: {url: http://b/v1, model: m}\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        "route: b\narms:\n  base: {url: http://b/v1, model: m}\n  candidate: {url: http://c/v1, model: c}\n"
+        "rollout:\n  weight: 10\n  steps: [50, 10]\nmirror: {percent: lots}\n"
+    )
+    again = tmp_path / "again.yml"
+    again.write_text("# route a, a second time\nroute: a\narms:\n  base: {url: http://b/v1, model: m}\n")
+    one = canarygate("check", str(good / "a.yaml"))
+    assert one.returncode == 0 and "ok  a " in one.stdout, one.stdout + one.stderr
+    every = canarygate("check", str(good), str(broken), str(again), str(tmp_path / "nowhere"))
+    assert every.returncode == 2
+    lines = every.stdout.splitlines()
+    assert f"{tmp_path / 'nowhere'}: no such file or directory" in lines
+    assert f"{broken}:7: rollout.steps: must increase step by step, got [50.0, 10.0]" in lines
+    assert (
+        f"{broken}:7: rollout.steps: set either weight (manual mode) or steps (automatic mode), not both"
+        in lines
+    )
+    assert any(
+        line.startswith(f"{broken}:8: mirror.percent: Input should be a valid number") for line in lines
+    )
+    assert f"{again}:2: route: 'a' is already defined in {good / 'a.yaml'}" in lines
+    assert "ok  a " in every.stdout  # the good file is still said to be good
+    assert "5 problem(s) in 3 file(s)" in every.stderr  # (the missing path counts as a file)

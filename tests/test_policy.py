@@ -82,7 +82,7 @@ def test_missing_field_points_at_its_parent(tmp_path: Path) -> None:
         (VALID.replace("http://base:8000/v1/", "ftp://base/v1"), "arms.base.url", "http:// or https://"),
         (VALID.replace("http://base:8000/v1/", "http://u:p@base/v1"), "arms.base.url", "credentials"),
         (VALID.replace("connect_s: 1", "connect_s: 100"), "timeouts", "cannot exceed total_s"),
-        (VALID.replace("first_token_s: 3", "first_token_s: 90"), "", "arms.candidate.timeouts"),
+        (VALID.replace("first_token_s: 3", "first_token_s: 90"), "arms.candidate.timeouts", "merged with"),
         (VALID.replace("route: chat", "route: 'two words'"), "route", "not a route name"),
         (VALID + "assignment: {sticky_keys: [cookie:x]}\n", "assignment.sticky_keys", "header:NAME"),
         (
@@ -207,3 +207,64 @@ def test_every_policy_example_in_the_readme_loads(tmp_path: Path) -> None:
     routes, problems = load_dir(tmp_path, {"BASE_KEY": "sk-test", "JUDGE_KEY": "sk-judge"})
     assert problems == []
     assert len(routes) == len(examples)
+
+
+def test_every_problem_of_a_file_in_one_pass(tmp_path: Path) -> None:
+    """Checks of a section or of the whole policy wait for valid fields in pydantic; the loader still
+    tells them in the same pass (steps and weight both set beside a steps error; a route-level check
+    beside a wrong timeout), each with its line."""
+    path = write(
+        tmp_path,
+        "p.yaml",
+        "route: r\n"
+        "arms:\n"
+        "  base: {url: http://b/v1, model: m}\n"
+        "timeouts: {connect_s: soon}\n"
+        "mirror: {percent: 5}\n"
+        "rollout:\n"
+        "  weight: 10\n"
+        "  steps: [5, 1]\n",
+    )
+    _, problems = load_file(path)
+    said = {(p.line, p.path, p.message.split(" (got")[0]) for p in problems}
+    assert said == {
+        (4, "timeouts.connect_s", "Input should be a valid number, unable to parse string as a number"),
+        (5, "mirror.percent", "is above 0 but arms.candidate is not defined"),
+        (7, "rollout.weight", "is above 0 but arms.candidate is not defined"),
+        (8, "rollout.steps", "must increase step by step, got [5.0, 1.0]"),
+        (8, "rollout.steps", "set either weight (manual mode) or steps (automatic mode), not both"),
+        (8, "rollout.steps", "needs arms.candidate"),
+    }, problems
+
+
+@pytest.mark.parametrize(
+    ("change", "only"),
+    [
+        (("  candidate:", "  canddate:"), "arms.canddate"),  # not also "weight above 0 without candidate"
+        (("rollout: {weight: 12.5}", "rollout: {weight: lots}"), "rollout.weight"),
+        (("rollout: {weight: 12.5}", "rollout: {steps: [0]}"), "rollout.steps[0]"),
+    ],
+)
+def test_a_wrong_field_is_told_once_and_not_again_as_missing(
+    tmp_path: Path, change: tuple[str, str], only: str
+) -> None:
+    """A field left out for the next pass is not then told missing, nor as what its absence implies."""
+    path = write(tmp_path, "p.yaml", VALID.replace(*change))
+    _, problems = load_file(path)
+    assert [p.path for p in problems] == [only], problems
+
+
+def test_directory_problems_have_lines(tmp_path: Path) -> None:
+    (tmp_path / "held.jsonl").write_text("")
+    write(tmp_path, "a.yaml", VALID)
+    write(tmp_path, "b.yaml", "# the same route again\n" + VALID)
+    write(
+        tmp_path,
+        "c.yaml",
+        VALID.replace("route: chat", "route: other").replace(
+            "rollout: {weight: 12.5}", "rollout:\n  steps: [50, 100]\n  preflight: {dataset: gone.jsonl}"
+        ),
+    )
+    _, problems = load_dir(tmp_path, {})
+    lines = {(p.file.name, p.path): p.line for p in problems}
+    assert lines == {("b.yaml", "route"): 2, ("c.yaml", "rollout.preflight.dataset"): 8}, problems

@@ -532,4 +532,4 @@ def test_a_policy_s_pre_flight_mistakes_are_named(tmp_path: Path, sims: tuple[Si
     text = policy_yaml("chat", base.url, candidate.url) + "  preflight: {dataset: x.jsonl}\n"
     (manual / "chat.yaml").write_text(text)
     result = canarygate("check", str(manual))
-    assert result.returncode == 2 and "preflight.dataset needs steps" in result.stdout, result.stdout
+    assert result.returncode == 2 and "rollout.preflight.dataset: needs steps" in result.stdout, result.stdout
