@@ -463,6 +463,8 @@ def check_completion(body: Any, rules: Rules, later: list[Deferred] | None = Non
         text = choice.get("text")
         if text is not None and not isinstance(text, str):
             return _malformed(f"choices[{position}].text", "a string", text)
+        if not rules.json_object:
+            continue  # text was not asked to be JSON: nothing more to hold it to
         failure = _check_content(text, rules, f"choices[{position}].text", later)
         if failure is not None:
             return failure

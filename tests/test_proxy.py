@@ -252,3 +252,24 @@ def test_gateway_api_keys(sims: tuple[Sim, Sim], make_gateway: GatewayFactory) -
     assert ok.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}]).choices
     assert [m.id for m in ok.models.list()] == ["chat"]
     assert httpx.get(f"{gw.url}/healthz").status_code == 200  # probes need no key
+
+
+def test_plain_text_completions_are_served_by_the_candidate_and_never_held_to_json(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory
+) -> None:
+    """/v1/completions answers are text: only a request that asks for JSON holds them to it. (Every text
+    completion used to fail json_parse: the candidate's always fell back, the base's counted as invalid.)"""
+    from tests.test_metrics import scrape, value
+
+    gw = make_gateway({"chat": policy_yaml("chat", sims[0].url, sims[1].url, weight=100)})
+    for stream in (False, True):
+        for _ in range(3):
+            reply = gw.post("/v1/completions", json={"model": "chat", "prompt": "hi", "stream": stream})
+            assert reply.status_code == 200, reply.text
+            assert reply.headers["x-canarygate-arm"] == "candidate"
+            assert "x-canarygate-fallback" not in reply.headers
+    samples = scrape(gw.url)
+    assert value(samples, "canarygate_validation_failures_total", route="chat") == 0
+    asked = {"model": "chat", "prompt": "hi", "response_format": {"type": "json_object"}}
+    reply = gw.post("/v1/completions", json=asked)  # asked for JSON: the simulator's text is not
+    assert reply.headers.get("x-canarygate-fallback") == "json_parse", reply.headers
