@@ -206,3 +206,60 @@ def _messages_usage(usage: Any) -> dict[str, Any] | None:
     if isinstance(read, int):
         out["prompt_tokens_details"] = {"cached_tokens": read}
     return out
+
+
+# Where an answer names its model, in every API: chat, completions and embeddings at the top, and a
+# Responses answer too; a Responses stream's events under "response", a Messages stream's message_start
+# under "message". (Nowhere else: a tool's input, an object in the Messages API, may hold a "model" key.)
+_MODEL_HOLDERS = ("response", "message")
+_MODEL_KEY = re.compile(rb'"model"\s*:')
+
+
+def renamed(body: bytes, name: str) -> bytes:
+    """An answer's JSON with `model` saying name (answer_model: route); anything else as it was."""
+    if _MODEL_KEY.search(body) is None:  # an error, an answer without it: as it is, unparsed
+        return body
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    return orjson.dumps(answer) if _rename(answer, name) else body
+
+
+def renamed_events(data: bytes, name: str) -> bytes:
+    """Whole SSE events with each data event's `model` saying name; an event cut short at the end (past the
+    relay's bound, or the stream's last bytes) passes as it is."""
+    if _MODEL_KEY.search(data) is None:
+        return data
+    out: list[bytes] = []
+    for event in re.split(rb"(\r\n\r\n|\n\n)", data):
+        if event.startswith((b"data:", b"event:")) and _MODEL_KEY.search(event) is not None:
+            lines = event.split(b"\n")
+            for index, line in enumerate(lines):
+                if line.startswith(b"data:"):
+                    payload = line[5:].strip()
+                    try:
+                        parsed = orjson.loads(payload)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if _rename(parsed, name):
+                        tail = b"\r" if line.endswith(b"\r") else b""
+                        lines[index] = b"data: " + orjson.dumps(parsed) + tail
+            event = b"\n".join(lines)
+        out.append(event)
+    return b"".join(out)
+
+
+def _rename(answer: Any, name: str) -> bool:
+    if not isinstance(answer, dict):
+        return False
+    changed = False
+    if isinstance(answer.get("model"), str):
+        answer["model"] = name
+        changed = True
+    for holder in _MODEL_HOLDERS:
+        inner = answer.get(holder)
+        if isinstance(inner, dict) and isinstance(inner.get("model"), str):
+            inner["model"] = name
+            changed = True
+    return changed

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
 from typing import Any
 
-from gateway.apis import error_body, error_event
+from gateway.apis import error_body, error_event, renamed, renamed_events
 from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout
 
 Scope = MutableMapping[str, Any]
@@ -90,8 +90,8 @@ class Reply:
     """Writes one response; remembers whether it started so a late error becomes an SSE error event."""
 
     __slots__ = (
-        "api", "arm", "client_request_id", "fallback", "fallback_denied", "finished", "request_id", "route",
-        "send", "started", "status",
+        "api", "arm", "client_request_id", "fallback", "fallback_denied", "finished", "model", "request_id",
+        "route", "send", "started", "status",
     )  # fmt: skip
 
     def __init__(self, send: Send, request_id: str, client_request_id: str | None = None) -> None:
@@ -106,6 +106,7 @@ class Reply:
         self.finished = False
         self.status = 499  # until a response starts: the client closed the request (nginx's convention)
         self.api: str | None = None  # the API the client speaks, which its errors are told in
+        self.model: str | None = None  # answer_model: route: what `model` says in the answer
 
     def context(self) -> tuple[str, str | None, str | None]:
         """(request id, route, arm): what every log line about this request carries (the request id with
@@ -138,6 +139,8 @@ class Reply:
         content_type: bytes = JSON,
         extra: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
+        if self.model is not None and 200 <= status < 300:
+            body = renamed(body, self.model)
         headers = self.headers(content_type, extra)
         headers.append((b"content-length", str(len(body)).encode()))
         self.started = True
@@ -153,6 +156,8 @@ class Reply:
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def chunk(self, data: bytes) -> None:
+        if self.model is not None:
+            data = renamed_events(data, self.model)
         await self.send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def end_stream(self) -> None:

@@ -847,6 +847,12 @@ class Policy(Strict):
     mirror: Mirror = Field(default_factory=Mirror)
     cohorts: Cohorts | None = Field(default=None, description="Group requests for metrics, targeting, gates")
     evaluation: Evaluation = Field(default_factory=Evaluation)
+    answer_model: Literal["upstream", "route"] = Field(
+        default="upstream",
+        description="What `model` in an answer says: the model that answered, as its server names it "
+        "(which tells the arm), or the route's name, as the client sent it (blind: which arm answered is "
+        "only in the x-canarygate-arm header)",
+    )
 
     @field_validator("route")
     @classmethod

@@ -147,6 +147,7 @@ class Proxy:
             payload = body.payload
             route = self._route(payload)
             reply.route = route.name
+            reply.model = route.answer_model
             if span is not None:
                 self._tracing.name_route(span, endpoint, route.name, payload)
             lacking = route.lacking(endpoint)

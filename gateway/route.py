@@ -104,6 +104,7 @@ class Route:
     rollout_key: str  # which rollout this is (see rollout_key())
     source: Path
     policy: Policy
+    answer_model: str | None = None  # answer_model: route: the name `model` says in answers
 
     def arm(self, name: ArmName) -> RouteArm:
         if name == "candidate" and self.candidate is not None:
@@ -197,6 +198,7 @@ def compile_policy(
         rollout_key=rollout_key(policy, salt),
         source=source,
         policy=policy,
+        answer_model=policy.route if policy.answer_model == "route" else None,
     )
     return route, missing
 

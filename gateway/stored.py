@@ -89,7 +89,7 @@ class StoredResponses:
                     code="response_not_found",
                 )
             arm = pinned_arm(pin, route, response_id, "response")
-            reply.route, reply.arm = route.name, arm.name
+            reply.route, reply.arm, reply.model = route.name, arm.name, route.answer_model
             target = f"/responses/{quote(response_id, safe='')}" + (f"/{action}" if action else "")
             query = scope.get("query_string", b"").decode("latin-1")
             url = URL(arm.url + target + (f"?{query}" if query else ""), encoded=True)
