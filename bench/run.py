@@ -29,11 +29,14 @@ answers in each API's shape (nginx): chat completions, the Responses API, the Me
 against its direct call, so the gateway's added p50 per API is measured in one run; targets: each API
 within 0.15 ms of chat's added p50 and at 75% of its req/s.
 
+naming suite: a route with answer_model: route (each answer's model renamed to the route's) against the same
+route without, non-streamed and streamed, alternating.
+
 traces suite: the same requests with and without a trace key (body:user, 1000 traces open at once), each
 a step of its trace in the first: the step's index, its sums, and the traces ending once a second.
 
-Usage: python bench/run.py [--suite all|client|proxy|validation|mirror|evaluation|telemetry|traces|apis]
-       [--duration 6]
+Usage: python bench/run.py [--suite all|client|proxy|validation|mirror|evaluation|telemetry|traces|apis
+       |naming] [--duration 6]
 """
 
 from __future__ import annotations
@@ -411,7 +414,12 @@ def apis_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[list
 
 
 def on_off(
-    ports: dict[str, int], duration: float, work: Path, what: str, routes: dict[str, str]
+    ports: dict[str, int],
+    duration: float,
+    work: Path,
+    what: str,
+    routes: dict[str, str],
+    stream: bool = False,
 ) -> tuple[list[str], dict[str, dict[str, float]], float, float]:
     """The same requests to two routes of one gateway, "off" and the feature's label: the table's rows,
     each route's better round, the added p50 and the share of "off"'s throughput kept."""
@@ -422,7 +430,7 @@ def on_off(
     print(f"{what}:")
     targets = {}
     for label, model in routes.items():
-        body = {"model": model, "messages": PROMPT}
+        body = {"model": model, "messages": PROMPT, **({"stream": True} if stream else {})}
         targets[label] = Target(
             f"{what}-{label}", f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions", body
         )
@@ -472,6 +480,25 @@ def evaluation_suite(ports: dict[str, int], duration: float, work: Path) -> tupl
     rows.append(f"\njudge calls during the runs: {', '.join(f'{k} {v:.0f}' for k, v in calls.items() if v)}")
     errors = sum(r["errors"] for r in results.values())
     return rows, added <= 0.3 and share >= 0.5 and errors == 0 and calls.get("ok", 0) > 0
+
+
+def naming_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[list[str], bool]:
+    """answer_model: route (every answer's model renamed to the route's: a JSON parse and dump per answer,
+    or per stream event) against the same route answering as the upstream named it."""
+    rows: list[str] = []
+    ok = True
+    for stream, kind in ((False, "json"), (True, "sse")):
+        named = {"model": f"bench-{kind}-named", "messages": PROMPT, "stream": stream}
+        said = httpx.post(f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions", json=named, timeout=10)
+        names = set(re.findall(r'"model":\s*"([^"]*)"', said.text))
+        assert names == {f"bench-{kind}-named"}, f"answer_model ({kind}): not renamed: {said.text[:300]}"
+        table, results, added, share = on_off(
+            ports, duration, work, f"answer_model ({kind})",
+            {"off": f"bench-{kind}-upstream", "route": f"bench-{kind}-named"}, stream,
+        )  # fmt: skip
+        rows += table if not rows else ["", *table]
+        ok &= added <= 0.2 and share >= 0.8 and sum(r["errors"] for r in results.values()) == 0
+    return rows, ok
 
 
 def traces_suite(ports: dict[str, int], duration: float, work: Path) -> tuple[list[str], bool]:
@@ -606,6 +633,7 @@ SUITES = {
     "telemetry": telemetry_suite,
     "traces": traces_suite,
     "apis": apis_suite,
+    "naming": naming_suite,
 }
 
 
@@ -666,6 +694,13 @@ def main() -> int:
                 .replace("model: fixed-base}", "model: fixed-base, apis: [responses, messages]}")
                 .replace("model: fixed-candidate}", "model: fixed-candidate, apis: [responses, messages]}")
             )
+        for kind in ("json", "sse"):
+            for mode, extra in (("upstream", ""), ("named", "answer_model: route")):
+                (policies / f"{kind}-{mode}.yaml").write_text(
+                    POLICY.format(
+                        route=f"bench-{kind}-{mode}", port=ports["nginx"], kind=kind, weight=0, extra=extra
+                    )
+                )
         (policies / "plain.yaml").write_text(
             POLICY.format(route="bench-plain", port=ports["nginx"], kind="json", weight=0, extra="")
         )

@@ -213,6 +213,9 @@ def _messages_usage(usage: Any) -> dict[str, Any] | None:
 # under "message". (Nowhere else: a tool's input, an object in the Messages API, may hold a "model" key.)
 _MODEL_HOLDERS = ("response", "message")
 _MODEL_KEY = re.compile(rb'"model"\s*:')
+# The key and its string value; in JSON text a quote inside a string is escaped, so `"model"` followed by
+# a colon is always a key, never part of a string.
+_MODEL_VALUE = re.compile(rb'("model"\s*:\s*)"(?:[^"\\]|\\.)*"')
 
 
 def renamed(body: bytes, name: str) -> bytes:
@@ -227,27 +230,13 @@ def renamed(body: bytes, name: str) -> bytes:
 
 
 def renamed_events(data: bytes, name: str) -> bytes:
-    """Whole SSE events with each data event's `model` saying name; an event cut short at the end (past the
-    relay's bound, or the stream's last bytes) passes as it is."""
+    """SSE events with every `"model": "..."` key's value saying name. In a stream of any of the APIs that
+    key is only where the API names its model (a Messages tool input arrives as a string of partial JSON,
+    in which quotes are escaped, so no key in it matches): no event needs parsing."""
     if _MODEL_KEY.search(data) is None:
         return data
-    out: list[bytes] = []
-    for event in re.split(rb"(\r\n\r\n|\n\n)", data):
-        if event.startswith((b"data:", b"event:")) and _MODEL_KEY.search(event) is not None:
-            lines = event.split(b"\n")
-            for index, line in enumerate(lines):
-                if line.startswith(b"data:"):
-                    payload = line[5:].strip()
-                    try:
-                        parsed = orjson.loads(payload)
-                    except orjson.JSONDecodeError:
-                        continue
-                    if _rename(parsed, name):
-                        tail = b"\r" if line.endswith(b"\r") else b""
-                        lines[index] = b"data: " + orjson.dumps(parsed) + tail
-            event = b"\n".join(lines)
-        out.append(event)
-    return b"".join(out)
+    value = orjson.dumps(name)
+    return _MODEL_VALUE.sub(lambda found: found[1] + value, data)
 
 
 def _rename(answer: Any, name: str) -> bool:

@@ -105,15 +105,19 @@ def test_renaming_touches_only_where_an_answer_names_its_model() -> None:
         b'{"id":"msg_1","model":"r","content":[{"type":"tool_use","id":"t","name":"pick",'
         b'"input":{"model":"gpt-x"}}]}'
     )
+    # In a stream, a tool's input arrives as a string of partial JSON: its quotes are escaped.
     events = (
         b'event: message_start\ndata: {"type":"message_start","message":{"model":"ckpt-7"}}\n\n'
-        b'event: content_block_start\r\ndata: {"type":"content_block_start","content_block":'
-        b'{"type":"tool_use","input":{"model":"gpt-x"}}}\r\n\r\n'
+        b'event: content_block_delta\r\ndata: {"type":"content_block_delta","delta":'
+        b'{"type":"input_json_delta","partial_json":"{\\"model\\": \\"gpt-x\\"}"}}\r\n\r\n'
+        b'data: {"id":"c","model" : "ckpt-\\"7\\"","choices":[]}\n\n'
         b"data: [DONE]\n\n"
         b'data: {"model":"ckpt'  # cut short: passes as it is
     )
     out = renamed_events(events, "r")
-    assert b'"message":{"model":"r"}' in out and b'"input":{"model":"gpt-x"}' in out
+    assert b'"message":{"model":"r"}' in out
+    assert b'"partial_json":"{\\"model\\": \\"gpt-x\\"}"' in out
+    assert b'"model" : "r","choices"' in out  # a value with escaped quotes, replaced whole
     assert out.endswith(b'data: [DONE]\n\ndata: {"model":"ckpt') and b"\r\n\r\n" in out
     assert renamed(b'{"error":{"message":"no"}}', "r") == b'{"error":{"message":"no"}}'
     assert renamed(b"not json", "r") == b"not json"
