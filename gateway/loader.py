@@ -145,28 +145,42 @@ def _every_error(data: dict[str, Any], first: ValidationError) -> list[Any]:
     seen = {(tuple(e["loc"]), e["msg"]) for e in errors}
     left_out: list[tuple[PathPart, ...]] = []
     named: set[str] = set()  # the fields left out, and those an unknown field was likely meant to be
-    current = data
+    current, fresh = data, errors  # the data the last pass validated, and what it found
     for _ in range(MAX_PASSES - 1):
-        paths = [p for p in (_data_path(current, e["loc"]) for e in errors) if p and p not in left_out]
+        paths = [p for e in fresh if (p := _data_path(current, _subject(e, current))) and p not in left_out]
         if not paths:
             break
         left_out += paths
-        named |= {str(p[-1]) for p in paths} | {m for e in errors if (m := _meant(e)) is not None}
+        named |= {str(p[-1]) for p in paths} | {m for e in fresh if (m := _meant(e)) is not None}
         current = _without(data, left_out)
         try:
             Policy.model_validate(current)
             break
         except ValidationError as exc:
-            new = [
+            fresh = [
                 e
                 for e in exc.errors()
                 if (tuple(e["loc"]), e["msg"]) not in seen and not _about(e, left_out, named)
             ]
-        if not new:
+        if not fresh:
             break
-        seen |= {(tuple(e["loc"]), e["msg"]) for e in new}
-        errors += new
+        seen |= {(tuple(e["loc"]), e["msg"]) for e in fresh}
+        errors += fresh
     return errors
+
+
+def _subject(error: Mapping[str, Any], data: Any) -> tuple[PathPart, ...]:
+    """Where the error is: its location, or for a check of a whole section that names the field it is
+    about first ("rollout.weight is above 0 but ..."), that field when the data has it."""
+    loc = tuple(error["loc"])
+    named = _NAMED.match(str(error.get("msg", "")).removeprefix("Value error, "))
+    if error["type"] != "value_error" or named is None:
+        return loc
+    field = (*loc, *_parts(named[0]))
+    return field if _data_path(data, field) == field else loc
+
+
+_NAMED = re.compile(r"[a-z_]+(?:\.[a-z_]+)+\b")  # a field's dotted path at the start of a message
 
 
 def _meant(error: Mapping[str, Any]) -> str | None:
@@ -310,7 +324,7 @@ def _at_named_field(
 ) -> tuple[tuple[PathPart, ...], str]:
     """A check of a whole section that begins by naming the field it is about ("mirror.percent is above
     0 but ...") is told at that field, with its line."""
-    named = re.match(r"[a-z_]+(?:\.[a-z_]+)+\b", message)
+    named = _NAMED.match(message)
     if named is None:
         return loc, message
     field = (*loc, *_parts(named[0]))

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
-from gateway.loader import load_dir, load_file
+from gateway.loader import PolicyYAMLLoader, load_dir, load_file
 from gateway.route import Route
 
 REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
@@ -268,3 +269,46 @@ def test_directory_problems_have_lines(tmp_path: Path) -> None:
     _, problems = load_dir(tmp_path, {})
     lines = {(p.file.name, p.path): p.line for p in problems}
     assert lines == {("b.yaml", "route"): 2, ("c.yaml", "rollout.preflight.dataset"): 8}, problems
+
+
+def _leaves(node: object, path: tuple[object, ...] = ()) -> list[tuple[tuple[object, ...], object]]:
+    if isinstance(node, dict):
+        return [leaf for key, value in node.items() for leaf in _leaves(value, (*path, key))]
+    if isinstance(node, list):
+        return [leaf for index, value in enumerate(node) for leaf in _leaves(value, (*path, index))]
+    return [(path, node)]
+
+
+def test_one_wrong_value_is_one_problem_in_every_example_policy(tmp_path: Path) -> None:
+    """Every number and boolean of every example policy (policies/ and the README's), made a word in turn:
+    each time, the problems found are about that field only. Leaving wrong fields out to run the checks
+    behind them must never invent a problem elsewhere."""
+    import yaml
+
+    readme = (REPO_POLICIES.parent / "README.md").read_text()
+    texts = [p.read_text() for p in sorted(REPO_POLICIES.glob("*.yaml"))]
+    texts += [
+        e for e in re.findall(r"```yaml\n(.*?)```", readme, re.S) if not re.search(r"^policies:", e, re.M)
+    ]
+    tried = 0
+    for text in texts:
+        data = yaml.load(text, Loader=PolicyYAMLLoader)  # a safe loader, with YAML 1.2 booleans
+        for path, value in _leaves(data):
+            if not isinstance(value, int | float) or "dataset" in path:
+                continue
+            broken = json.loads(json.dumps(data))
+            node = broken
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = "oops"
+            file = tmp_path / "p.yaml"
+            file.write_text(yaml.safe_dump(broken))
+            _, problems = load_file(file)
+            dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+            assert problems, dotted
+            assert all(dotted.startswith(p.path) or p.path.startswith(dotted) for p in problems), (
+                dotted,
+                [str(p) for p in problems],
+            )
+            tried += 1
+    assert tried > 100
