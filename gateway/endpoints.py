@@ -27,6 +27,9 @@ NOT_SERVED = {
     "/v1/messages/count_tokens": "token counting",
     "/v1/messages/batches": "message batches",
 }
+# Paths longer than this get no "did you mean" (the request head may be 64 KiB; comparing costs time on the
+# serving loop in proportion to the path's length times the endpoints'): no endpoint is near one anyway.
+MATCHED = 120
 ROOT_ONLY = ("/admin", "/metrics", "/healthz", "/readyz")  # at the gateway's root, never under /v1
 
 
@@ -47,7 +50,7 @@ def hint(method: str, path: str, endpoints: Iterable[tuple[str, str]]) -> str:
         if unserved == "conversations":
             said += " (a conversation made at the model server is followed through the gateway by its id)"
         return said
-    near = nearest(method, path, known)
+    near = nearest(method, path[:MATCHED], known) if len(path) <= MATCHED else None
     if near is not None:
         return f"no such endpoint: {where}; did you mean {near[0]} {near[1]}?"
     return (
