@@ -16,6 +16,7 @@ from gateway.asgi import Reply
 from gateway.body import Body
 from gateway.checks import SchemaChecks
 from gateway.errors import GatewayError, InvalidOutput, UpstreamError, UpstreamTimeout
+from gateway.logs import Every
 from gateway.mirror import Observation, Pair
 from gateway.route import Route, RouteArm
 from gateway.routing import ANONYMOUS, Unit
@@ -268,10 +269,13 @@ class Attempt:
             self.validation if self.invalid else None,
         )
 
-    def judge(self, failure: Failure | None, reply: Reply, *, released: bool = False) -> InvalidOutput | None:
+    def judge(
+        self, failure: Failure | None, reply: Reply, logged: Every, *, released: bool = False
+    ) -> InvalidOutput | None:
         """Record the verdict. Returns InvalidOutput for a kind enforced here on an answer not yet released
         (the caller withholds it: the attempt failed); any other failure, and every failure of an answer
-        already released (passthrough streams), is counted, logged and let through."""
+        already released (passthrough streams), is counted, logged (at most once per route, arm and kind
+        every `logged.seconds`) and let through."""
         if failure is None:
             self.validation = "ok"
             return None
@@ -282,12 +286,15 @@ class Attempt:
         enforced = failure.kind in self.enforce
         if enforced and not released:
             return invalid
-        log.info(
-            "request_id=%s route=%s arm=%s output failed validation (%s), returned unchanged: %s",
-            *reply.context(),
-            invalid.kind,
-            invalid.detail,
-        )
+        more = logged.due((reply.route, reply.arm, invalid.kind))
+        if more is not None:
+            log.info(
+                "request_id=%s route=%s arm=%s output failed validation (%s), returned unchanged: %s%s",
+                *reply.context(),
+                invalid.kind,
+                invalid.detail,
+                more,
+            )
         return None
 
 

@@ -108,7 +108,7 @@ class Proxy:
     ) -> None:
         self._routes = routes
         self._pins = pins
-        self._logged = Every(LOG_EVERY_S)  # fallbacks: by route and reason
+        self.logged = Every(LOG_EVERY_S)  # lines that would come with every request, by what they say
         self._stats = stats
         self._assignments = assignments
         self._upstream = upstream
@@ -220,7 +220,8 @@ class Proxy:
             await reply.error(exc)
         except ClientGone as exc:
             failure = exc
-            log.info("request_id=%s route=%s arm=%s client disconnected", *reply.context())
+            if (more := self.logged.due((reply.route, "disconnected"))) is not None:
+                log.info("request_id=%s route=%s arm=%s client disconnected%s", *reply.context(), more)
         except Exception as exc:
             failure = exc
             log.exception("request_id=%s route=%s arm=%s internal error", *reply.context())
@@ -317,13 +318,13 @@ class Proxy:
         budget = self.guards.budget(route)
         spent = budget.try_spend()
         if not spent and breaker is None:  # circuit_breaker.enabled: false: the budget can only refuse
-            if (more := self._logged.due((route.name, "budget"))) is not None:
+            if (more := self.logged.due((route.name, "budget"))) is not None:
                 log.warning(
                     "request_id=%s route=%s fallback budget spent: the candidate's error is returned (%s)%s",
                     *(reply.request_id, route.name, reason, more),
                 )
             self._no_fallback(request, candidate, breaker, reply, "budget")
-        if (more := self._logged.due((route.name, reason))) is not None:
+        if (more := self.logged.due((route.name, reason))) is not None:
             log.info(
                 "request_id=%s route=%s fallback to base: %s: %s%s", *reply.context()[:2], reason, error, more
             )
@@ -481,7 +482,7 @@ class Proxy:
         if request.endpoint != "embeddings":  # without rules, the answer's shape is still checked
             failure = await request.check(answer)
             if failure is not None or request.rules is not None:
-                invalid = attempt.judge(failure, reply)
+                invalid = attempt.judge(failure, reply, self.logged)
                 if invalid is not None:
                     raise invalid
         self._pin(request, attempt)
@@ -528,7 +529,7 @@ class Proxy:
                 attempt.accumulated = as_chat(api, answer)
                 if request.rules is not None:
                     failure = await request.check(answer, accumulator.malformed)
-                    return attempt.judge(failure, reply, released=True)
+                    return attempt.judge(failure, reply, self.logged, released=True)
             return None
         finally:
             resp.close()
@@ -577,7 +578,7 @@ class Proxy:
             attempt.answered(answer if request.endpoint in TRANSLATED else last_event(data))
             attempt.accumulated = as_chat(request.endpoint, answer)
             failure = await request.check(answer, accumulator.malformed)
-            invalid = attempt.judge(failure, reply)
+            invalid = attempt.judge(failure, reply, self.logged)
             if invalid is not None:
                 raise invalid
             self._pin(request, attempt)

@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from gateway.logs import Every
 from tests.conftest import (
     BASE_MODEL,
     CANDIDATE_MODEL,
@@ -23,6 +24,7 @@ from tests.conftest import (
     policy_yaml,
     wait_for,
 )
+from tests.test_metrics import scrape, value
 
 SCHEMA = {
     "type": "object",
@@ -226,6 +228,7 @@ def test_base_failures_pass_through(
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway")
     gw = make_gateway(canary(sims, weight=0))
+    gw.app.services.proxy.logged = Every(10.0, clock=lambda: 0.0)  # however slow the machine: within 10 s
     sims[0].set_knobs(error_rate=1, error_status=503)
     with pytest.raises(openai.InternalServerError) as failed:
         ask(gw, False)
@@ -243,7 +246,12 @@ def test_base_failures_pass_through(
     recorded = [
         r for r in caplog.records if "arm=base output failed validation (json_parse)" in r.getMessage()
     ]
-    assert len(recorded) == 2
+    assert len(recorded) == 1  # a line per route, arm and kind every 10 s; the metric counts each one
+    samples = scrape(gw.url)
+    assert (
+        value(samples, "canarygate_validation_failures_total", route="chat", arm="base", kind="json_parse")
+        == 2
+    )
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
@@ -379,3 +387,33 @@ def test_candidate_model_never_leaks_in_a_fallback_stream(
     ) as response:
         body = response.read().decode()
     assert CANDIDATE_MODEL not in body and BASE_MODEL in body
+
+
+def test_fallbacks_are_logged_once_per_reason_every_ten_seconds(
+    sims: tuple[Sim, Sim], make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At INFO, a failing candidate at 10% of a busy route would write a line per request: one a route and
+    reason every 10 s, saying how many were left out; the metric counts them all."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    sims[1].set_knobs(error_rate=1, error_status=500)
+    extra = "fallback: {budget: {ratio: 1, min_per_window: 100}, circuit_breaker: {enabled: false}}"
+    gw = make_gateway(canary(sims, extra=extra))
+    gw.app.services.proxy.logged = Every(10.0, clock=lambda: 0.0)  # however slow the machine: within 10 s
+    for _ in range(12):
+        assert_valid_base_answer(ask(gw, False), "http_5xx", {})
+    lines = [r.getMessage() for r in caplog.records if "fallback to base: http_5xx" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert value(scrape(gw.url), "canarygate_fallbacks_total", reason="http_5xx") == 12
+
+
+def test_a_line_every_ten_seconds_says_how_many_were_left_out() -> None:
+    now = [100.0]
+    every = Every(10.0, clock=lambda: now[0])
+    assert every.due("a") == ""  # the first is written
+    assert every.due("a") is None and every.due("a") is None  # then left out, and counted
+    assert every.due("b") == ""  # another key has its own
+    now[0] += 9.9
+    assert every.due("a") is None
+    now[0] += 0.2
+    assert every.due("a") == " (3 more since the last such line)"
+    assert every.due("a") is None
