@@ -432,12 +432,16 @@ def _api(services: Services) -> FastAPI:
         log_error(exc, request.state.request_id)
         return Response(exc.body(), status_code=exc.status_code(), media_type="application/json")
 
+    served: list[tuple[str, str]] = []  # (method, path template) of every endpoint, for a 404's hint
+
     @api.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         error: GatewayError
         where = f"{request.method} {request.url.path}"
         if exc.status_code == 404:
-            error = NotFound(endpoints.hint(request.method, request.url.path, _served(api)))
+            if not served:  # every route is in by the first request
+                served.extend(_served(api))
+            error = NotFound(endpoints.hint(request.method, request.url.path, served))
         elif exc.status_code == 405:
             error = MethodNotAllowed(f"method not allowed: {where}")
         else:

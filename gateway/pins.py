@@ -133,9 +133,7 @@ def references(payload: dict[str, Any]) -> tuple[str | None, str | None]:
     if previous is not None and not isinstance(previous, str):
         raise wrong_type(PREVIOUS, "a string", previous, "a response id")
     if previous == "":
-        raise InvalidRequest(
-            "'previous_response_id' is empty: give a response id", param="previous_response_id"
-        )
+        raise InvalidRequest(f"'{PREVIOUS}' is empty: give a response id", param=PREVIOUS)
     conversation = payload.get("conversation")
     if isinstance(conversation, dict):
         conversation = conversation.get("id")

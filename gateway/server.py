@@ -165,7 +165,7 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        where = address(host, port)
         hint = ""
         if exc.errno == errno.EADDRINUSE:
             hint = (
@@ -176,6 +176,10 @@ def listen(host: str, port: int) -> socket.socket:
         raise PortUnavailable(f"cannot listen on {where}: {exc.strerror}{hint}") from None
     sock.set_inheritable(True)  # the workers of `serve --workers N` accept on it
     return sock
+
+
+def address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ReloadingMultiprocess(Multiprocess):
@@ -202,9 +206,8 @@ class ReloadingMultiprocess(Multiprocess):
 def run(config: uvicorn.Config) -> None:
     """Bound here, before any worker starts, so that a port in use is told once, with its address."""
     sock = listen(config.host, config.port)
-    host, port = sock.getsockname()[:2]
-    where = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    log.info("listening on %s (%d worker%s)", where, config.workers, "s" * (config.workers > 1))
+    where = address(*sock.getsockname()[:2])
+    log.info("listening on http://%s (%d worker%s)", where, config.workers, "s" * (config.workers > 1))
     try:
         if config.workers > 1:
             ReloadingMultiprocess(config, sockets=[sock]).run()
