@@ -341,22 +341,24 @@ def _gate_value(gate: dict[str, Any]) -> str:
     return f"{value * 100:+.2f} pts"
 
 
-def _gate_threshold(gate: dict[str, Any]) -> str:
+def _limit(gate: dict[str, Any]) -> str:
     if gate["gate"].endswith("_ratio"):
-        return f"<= x{gate['threshold']:g}"
-    return f"<= {gate['threshold'] * 100:+.2f} pts"
+        return f"x{gate['threshold']:g}"
+    return f"{gate['threshold'] * 100:+.2f} pts"
+
+
+def _gate_threshold(gate: dict[str, Any]) -> str:
+    return f"<= {_limit(gate)}"
 
 
 def _gate_against(gate: dict[str, Any]) -> str:
     """value and limit in one cell, the sign between them saying which side of the limit it is:
-    `+5.03 > +1.00 pts`, `x0.64 <= x2`."""
+    `+5.03 > +1.00 pts`, `x0.64 <= x2` (the unit once: gate names need the width)."""
     value = gate.get("value")
-    ratio = gate["gate"].endswith("_ratio")
-    limit = f"x{gate['threshold']:g}" if ratio else f"{gate['threshold'] * 100:+.2f} pts"
     if value is None:
-        return f"- (<= {limit})"
-    shown = f"x{value:.2f}" if ratio else f"{value * 100:+.2f}"
-    return f"{shown} {'<=' if value <= gate['threshold'] else '>'} {limit}"
+        return f"- (<= {_limit(gate)})"
+    shown = _gate_value(gate).removesuffix(" pts")
+    return f"{shown} {'<=' if value <= gate['threshold'] else '>'} {_limit(gate)}"
 
 
 def _phase_line(snap: Snapshot) -> str:
