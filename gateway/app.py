@@ -440,7 +440,7 @@ def _api(services: Services) -> FastAPI:
         where = f"{request.method} {request.url.path}"
         if exc.status_code == 404:
             if not served:  # every route is in by the first request
-                served.extend(_served(api))
+                served.extend(sorted(set(_served(api))))  # in one order: ties resolve alike
             error = NotFound(endpoints.hint(request.method, request.url.path, served))
         elif exc.status_code == 405:
             error = MethodNotAllowed(f"method not allowed: {where}")

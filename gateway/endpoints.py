@@ -5,7 +5,7 @@ Anthropic's the gateway does not serve, a misspelt path: each gets its own hint.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from gateway.apis import CLIENT_PATHS
 
@@ -33,10 +33,9 @@ MATCHED = 120
 ROOT_ONLY = ("/admin", "/metrics", "/healthz", "/readyz")  # at the gateway's root, never under /v1
 
 
-def hint(method: str, path: str, endpoints: Iterable[tuple[str, str]]) -> str:
+def hint(method: str, path: str, known: Sequence[tuple[str, str]]) -> str:
     """The 404's message for `method path`, given every (method, path template) served."""
     where = f"{method} {path[:200]}"
-    known = sorted(set(endpoints))
     if path.startswith("/v1/") and path[3:].startswith(ROOT_ONLY):
         return (
             f"no such endpoint: {where}; did you mean {method} {path[3:200]}? The admin API, /metrics and "
@@ -50,7 +49,7 @@ def hint(method: str, path: str, endpoints: Iterable[tuple[str, str]]) -> str:
         if unserved == "conversations":
             said += " (a conversation made at the model server is followed through the gateway by its id)"
         return said
-    near = nearest(method, path[:MATCHED], known) if len(path) <= MATCHED else None
+    near = nearest(method, path, known) if len(path) <= MATCHED else None
     if near is not None:
         return f"no such endpoint: {where}; did you mean {near[0]} {near[1]}?"
     return (
@@ -59,7 +58,7 @@ def hint(method: str, path: str, endpoints: Iterable[tuple[str, str]]) -> str:
     )
 
 
-def nearest(method: str, path: str, known: list[tuple[str, str]]) -> tuple[str, str] | None:
+def nearest(method: str, path: str, known: Sequence[tuple[str, str]]) -> tuple[str, str] | None:
     """The served endpoint whose path reads most like this one (a template's {parameters} take this
     path's segments at their places), preferring the same method; None when none is close."""
     segments = path.strip("/").split("/")

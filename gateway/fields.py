@@ -80,15 +80,16 @@ def _param(loc: Sequence[str | int]) -> str | None:
     parts = list(loc)
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:]
+    named = next((i for i, p in enumerate(parts) if isinstance(p, str) and not _FIELD.match(p)), len(parts))
+    return dotted(parts[:named]) or None  # literal['up','down'], function-after[...]: a union member
+
+
+def dotted(loc: Sequence[str | int]) -> str:
+    """A location as a field path: `evaluators[2].name`."""
     out = ""
-    for part in parts:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif _FIELD.match(part):
-            out += f".{part}" if out else part
-        else:  # literal['up','down'], function-after[...]: the union member, not a field
-            break
-    return out or None
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def _description(model: type[BaseModel] | None, field: str) -> str | None:

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from gateway.fields import dotted
 from gateway.policy import Policy, exclusive_problems
 from gateway.route import Route, compile_policy
 
@@ -128,8 +129,8 @@ def _load(file: Path) -> tuple[Policy | None, yaml.Node | None, list[Problem]]:
         loc, message = _at_named_field(node, (), said)  # told as the section's own check tells it
         if not loc:
             loc, message = written, said
-        if not any((p.path, p.message) == (_dotted(loc), message) for p in problems):
-            problems.append(Problem(file, _line(node, loc), _dotted(loc), message))
+        if not any((p.path, p.message) == (dotted(loc), message) for p in problems):
+            problems.append(Problem(file, _line(node, loc), dotted(loc), message))
     return None, node, sorted(problems, key=lambda p: p.line or 0)
 
 
@@ -293,7 +294,7 @@ def _check_duplicates(node: yaml.Node, path: tuple[PathPart, ...], budget: list[
         for key, value in node.value:
             here = (*path, key.value)
             if key.value in seen:
-                raise _DuplicateKey(_dotted(here), key.start_mark.line + 1)
+                raise _DuplicateKey(dotted(here), key.start_mark.line + 1)
             seen.add(key.value)
             _check_duplicates(value, here, budget)
     elif isinstance(node, yaml.SequenceNode):
@@ -316,7 +317,7 @@ def _problem(file: Path, root: yaml.Node | None, err: Mapping[str, Any]) -> Prob
         if kind == "value_error":
             loc, message = _at_named_field(root, loc, message)
     line = _line(root, loc, stop_at_parent=kind == "missing")
-    return Problem(file, line, _dotted(loc), message)
+    return Problem(file, line, dotted(loc), message)
 
 
 def _at_named_field(
@@ -400,10 +401,3 @@ def _line(
         else:
             return None if exact else int(node.start_mark.line) + 1
     return int(node.start_mark.line) + 1
-
-
-def _dotted(loc: tuple[PathPart, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
